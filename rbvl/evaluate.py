@@ -1,0 +1,122 @@
+"""Per-domain eval loss on the manifest's eval shards, and the mixture loss weighted by the target q.
+
+    rbvl eval runs/demo_tiny_rnb                       # newest checkpoint of a run
+    rbvl compare demo/runs/stratified demo/runs/rnb    # final per-domain eval losses side by side
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rbvl.metrics import read_metrics
+
+
+@torch.no_grad()
+def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None) -> dict:
+    """Token-averaged loss per domain, and Σ_d q_d · loss_d (q = target, uniform when None).
+
+    Under DDP each rank takes every world_size-th batch of each domain and the sums are all-reduced.
+    """
+    from rbvl.data import iter_eval_batches
+
+    was_training = model.training
+    model.eval()
+    device = dist.device if dist is not None else next(model.parameters()).device
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    m = len(domains.names)
+    sums = torch.zeros(2, m, dtype=torch.float64, device=device)  # (loss sum, tokens) per domain
+    for d in range(m):
+        batches = iter_eval_batches(domains, d, eval_cfg.batch_size, collator, max_samples=eval_cfg.max_samples)
+        for i, batch in enumerate(batches):
+            if i % world != rank:
+                continue
+            inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k not in _NOT_INPUTS}
+            logits = model(**inputs).logits
+            labels = inputs["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+            )
+            sums[0, d] += loss.double()
+            sums[1, d] += (labels != -100).sum()
+    if dist is not None:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    loss_sum, tokens = sums.cpu()
+    per_domain = [(s / t).item() if t > 0 else None for s, t in zip(loss_sum, tokens)]
+    q = torch.full((m,), 1.0 / m, dtype=torch.float64) if target is None else torch.as_tensor(target).double()
+    seen = torch.tensor([x is not None for x in per_domain])
+    weights = q * seen
+    values = torch.tensor([x if x is not None else 0.0 for x in per_domain], dtype=torch.float64)
+    mixture = (weights * values).sum() / weights.sum() if weights.sum() > 0 else torch.tensor(float("nan"))
+    return {"loss": mixture.item(), "loss_per_domain": per_domain, "tokens_per_domain": tokens.tolist()}
+
+
+_NOT_INPUTS = {"domain_ids", "index", "has_image"}
+
+
+def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: int = 0) -> dict:
+    """Load a run's newest checkpoint (or the checkpoint folder given) and print its per-domain eval loss."""
+    from peft import PeftModel
+
+    from rbvl import checkpoint as ckpt
+    from rbvl.config import load_config
+    from rbvl.data import Collator, load_domains
+    from rbvl.model import load_model
+
+    path = Path(run_dir)
+    if not (path / ckpt.STATE).exists():
+        found = ckpt.latest(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {path}")
+        path = found
+    cfg = load_config(path / "config.yaml", [f"eval.max_samples={max_samples}"])
+    model, processor = load_model(cfg.model, seed=cfg.seed)
+    if (path / "adapter_config.json").exists():
+        model = PeftModel.from_pretrained(model, path)
+    domains = load_domains(manifest or cfg.manifest)
+    collator = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+    result = evaluate_domains(model, domains, collator, cfg.eval, target=domains.eval_distribution)
+    print(f"{path}: mixture eval loss {result['loss']:.4f}")
+    for name, loss in zip(domains.names, result["loss_per_domain"]):
+        print(f"  {name:16s} {'-' if loss is None else f'{loss:.4f}'}")
+    return result
+
+
+def compare_runs(run_dirs: list[str]) -> str:
+    """A table of each run's final per-domain eval losses (from metrics.jsonl), best per row marked with *."""
+    finals = []
+    for run in run_dirs:
+        evals = read_metrics(run, "eval")
+        if not evals:
+            raise FileNotFoundError(f"{run}: no eval results in metrics.jsonl (did the run finish?)")
+        finals.append(evals[-1])
+    names = _domain_names(run_dirs[0], len(finals[0]["loss_per_domain"]))
+    labels = [Path(r).name for r in run_dirs]
+    width = max(12, *(len(x) for x in labels)) + 2
+    lines = [f"{'domain':18s}" + "".join(f"{x:>{width}s}" for x in labels)]
+    rows = [(n, [f["loss_per_domain"][i] for f in finals]) for i, n in enumerate(names)]
+    rows.append(("mixture (q)", [f["loss"] for f in finals]))
+    for name, values in rows:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        best = min(finite) if finite else None
+        cells = "".join(
+            f"{'-':>{width}s}" if v is None else f"{(f'{v:.4f}' + ('*' if v == best and len(finite) > 1 else ' ')):>{width}s}"
+            for v in values
+        )
+        lines.append(f"{name:18s}{cells}")
+    lines.append(f"(steps: {', '.join(str(f['step']) for f in finals)}; plots in each run folder: *.png)")
+    return "\n".join(lines)
+
+
+def _domain_names(run_dir: str, m: int) -> list[str]:
+    try:
+        from rbvl.config import load_config
+        from rbvl.data import load_domains
+
+        cfg = load_config(Path(run_dir) / "config.yaml")
+        return load_domains(cfg.manifest).names
+    except Exception:  # noqa: BLE001 - the table still reads with plain indices
+        return [f"domain_{i}" for i in range(m)]
