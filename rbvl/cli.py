@@ -173,6 +173,12 @@ def _is_user_error(e: Exception) -> bool:
     except ImportError:
         pass
     try:
+        from rbvl.checkpoint import CheckpointError
+
+        user_errors += (CheckpointError,)
+    except ImportError:
+        pass
+    try:
         from rbvl.data import DataError
 
         user_errors += (DataError,)

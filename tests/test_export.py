@@ -1,0 +1,51 @@
+"""`rbvl export CHECKPOINT --merge OUT`: a standalone model whose logits equal the adapter's."""
+
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from rbvl.config import dump_config, load_config
+from rbvl.model import apply_lora, load_model
+from test_model import batch
+
+
+def fake_checkpoint(path):
+    cfg = load_config("recipes/demo_tiny_rnb.yaml", ["lora.lora_dropout=0.0"])
+    model, processor = load_model(cfg.model, seed=cfg.seed)
+    model = apply_lora(model, cfg.lora)
+    with torch.no_grad():  # as if trained: adapters and the modules_to_save copies move
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    dump_config(cfg, path / "config.yaml")
+    return model.eval(), processor
+
+
+def test_merged_logits_equal_adapter_logits(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoint-7"
+    model, processor = fake_checkpoint(ckpt)
+    inputs = batch(processor)
+    inputs.pop("labels")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+
+    r = subprocess.run([sys.executable, "-m", "rbvl.cli", "export", str(ckpt), "--merge", str(tmp_path / "merged")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+    proc = AutoProcessor.from_pretrained(tmp_path / "merged")
+    prompt = proc.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True)
+    out = merged.generate(**proc(text=[prompt], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 1
+
+    again = subprocess.run([sys.executable, "-m", "rbvl.cli", "export", str(ckpt), "--merge", str(tmp_path / "merged")],
+                           capture_output=True, text=True)
+    assert again.returncode != 0 and "not empty" in again.stderr and again.stderr.count("\n") == 1

@@ -1,0 +1,96 @@
+"""`rbvl train` end to end on the tiny model: the run folder, Balance moving p, exact resume, the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from rbvl.config import load_config
+from rbvl.metrics import read_metrics
+from rbvl.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def config(tmp_path, manifest, *overrides):
+    return load_config(
+        "recipes/demo_tiny_rnb.yaml",
+        [
+            f"manifest={manifest}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=20",
+            "train.batch_size=6",
+            "balance.update_every=5",
+            "balance.warmup_steps=0",
+            "balance.lam=10",
+            "eval.every=10",
+            "train.log_every=5",
+            "train.save_every=10",
+            "data.num_workers=0",
+            "logging.progress=false",
+            *overrides,
+        ],
+    )
+
+
+def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
+    summary = train(config(tmp_path, tiny_manifest))
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "proportions.png", "eval_loss.png", "gram.png", "base_model"):
+        assert (run / name).exists(), name
+    assert list((run / "tensorboard").iterdir()), "TensorBoard events"
+    ck = run / "checkpoint-20"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "trainer_state.pt", "rbvl_state.json"):
+        assert (ck / name).exists(), name
+    assert (run / "checkpoint-10").exists()
+    state = json.loads((ck / "rbvl_state.json").read_text())
+    assert len(state["balance"]["history"]) == 4  # updates at steps 5, 10, 15, 20
+
+    balance = read_metrics(run, "balance")
+    assert [r["step"] for r in balance] == [5, 10, 15, 20]
+    p = balance[-1]["p"]
+    assert abs(sum(p) - 1) < 1e-6 and min(p) >= 0
+    assert max(abs(x - 1 / 3) for x in p) > 0.02, f"p stayed uniform: {p}"
+    evals = read_metrics(run, "eval")
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(x is not None for x in evals[-1]["loss_per_domain"])
+    assert summary["eval"]["loss"] == evals[-1]["loss"]
+
+
+def test_resume_is_exact(tmp_path, tiny_manifest):
+    full = train(config(tmp_path / "a", tiny_manifest))
+    # A run that stopped after checkpoint-10: same config, resumed to the end.
+    run_b = tmp_path / "b" / "run"
+    run_b.mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "run" / "checkpoint-10", run_b / "checkpoint-10")
+    resumed = train(config(tmp_path / "b", tiny_manifest, "resume=true"))
+    assert resumed["proportions"] == full["proportions"]
+    assert resumed["eval"]["loss_per_domain"] == full["eval"]["loss_per_domain"]
+    a = [r["loss"] for r in read_metrics(tmp_path / "a" / "run", "train") if r["step"] > 10]
+    b = [r["loss"] for r in read_metrics(run_b, "train") if r["step"] > 10]
+    assert a == b
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest):
+    cfg = config(tmp_path, tiny_manifest, "max_steps=2", "train.save_every=0", "eval.every=0")
+    train(cfg)
+    with pytest.raises(Exception, match="already holds a run"):
+        train(cfg)
+
+
+def test_cli_train_stratified(tmp_path, tiny_manifest):
+    r = subprocess.run(
+        [sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_stratified.yaml", f"manifest={tiny_manifest}",
+         f"output_dir={tmp_path / 'run'}", "max_steps=4", "train.batch_size=4", "logging.progress=false",
+         "data.num_workers=1"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "eval @ 4" in r.stdout + r.stderr
+    assert not read_metrics(tmp_path / "run", "balance"), "stratified never updates p"
+    bad = subprocess.run([sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_rnb.yaml",
+                          f"manifest={tmp_path / 'nope.json'}", f"output_dir={tmp_path / 'r2'}"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "nope.json" in bad.stderr
