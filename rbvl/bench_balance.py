@@ -117,10 +117,14 @@ def run(args) -> dict:
     print(f"  step time, balance off   {result['step_ms_off']:9.2f} ms (median of {args.steps})")
     print(f"  step time, balance on    {result['step_ms_on']:9.2f} ms")
     print(f"  wall-clock overhead      {100 * result['wallclock_overhead']:+9.3f} %  (on/off - 1)")
-    print(f"  Gram + update, every K   {result['update_ms_every_K']:9.2f} ms  "
-          f"({100 * update_time / (K * off_med):.4f} % of K steps)")
-    print(f"  FLOPs: step {step_flops:.3e}; tracking {100 * result['tracking_flops_fraction']:.4f} %, "
-          f"Gram+update {100 * result['update_flops_fraction']:.6f} %, total {100 * result['total_flops_fraction']:.4f} %")
+    print(
+        f"  Gram + update, every K   {result['update_ms_every_K']:9.2f} ms  "
+        f"({100 * update_time / (K * off_med):.4f} % of K steps)"
+    )
+    print(
+        f"  FLOPs: step {step_flops:.3e}; tracking {100 * result['tracking_flops_fraction']:.4f} %, "
+        f"Gram+update {100 * result['update_flops_fraction']:.6f} %, total {100 * result['total_flops_fraction']:.4f} %"
+    )
     return result
 
 

@@ -1,11 +1,11 @@
 """Checkpoints: written atomically (a temp folder, then one rename), resumed exactly.
 
-    RUN_DIR/checkpoint-N/
-        adapter_config.json, adapter_model.safetensors   PEFT adapter (projector included via modules_to_save)
-        processor / tokenizer files                      so the adapter loads and generates on its own
-        config.yaml                                      the resolved run config
-        trainer_state.pt                                 trainable weights, optimizer, scheduler, step, RNG, tracker
-        rbvl_state.json                                  stream state (cursors, schedule) and Balance state (p history)
+RUN_DIR/checkpoint-N/
+    adapter_config.json, adapter_model.safetensors   PEFT adapter (projector included via modules_to_save)
+    processor / tokenizer files                      so the adapter loads and generates on its own
+    config.yaml                                      the resolved run config
+    trainer_state.pt                                 trainable weights, optimizer, scheduler, step, RNG, tracker
+    rbvl_state.json                                  stream state (cursors, schedule) and Balance state (p history)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Per-domain eval loss on the manifest's eval shards, and the mixture loss weighted by the target q.
 
-    rbvl eval runs/demo_tiny_rnb                       # newest checkpoint of a run
-    rbvl compare demo/runs/stratified demo/runs/rnb    # final per-domain eval losses side by side
+rbvl eval runs/demo_tiny_rnb                       # newest checkpoint of a run
+rbvl compare demo/runs/stratified demo/runs/rnb    # final per-domain eval losses side by side
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def compare_runs(run_dirs: list[str]) -> str:
         finite = [v for v in values if v is not None and math.isfinite(v)]
         best = min(finite) if finite else None
         cells = "".join(
-            f"{'-':>{width}s}" if v is None else f"{(f'{v:.4f}' + ('*' if v == best and len(finite) > 1 else ' ')):>{width}s}"
+            f"{'-':>{width}s}"
+            if v is None
+            else f"{(f'{v:.4f}' + ('*' if v == best and len(finite) > 1 else ' ')):>{width}s}"
             for v in values
         )
         lines.append(f"{name:18s}{cells}")

@@ -1,8 +1,8 @@
 """Merge a LoRA checkpoint into its base model and save a standalone model + processor.
 
-    rbvl export runs/demo_tiny_rnb/checkpoint-300 --merge exported/demo
-    # then, without rbvl or PEFT:
-    AutoModelForImageTextToText.from_pretrained("exported/demo"); AutoProcessor.from_pretrained("exported/demo")
+rbvl export runs/demo_tiny_rnb/checkpoint-300 --merge exported/demo
+# then, without rbvl or PEFT:
+AutoModelForImageTextToText.from_pretrained("exported/demo"); AutoProcessor.from_pretrained("exported/demo")
 """
 
 from __future__ import annotations

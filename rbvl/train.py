@@ -165,13 +165,16 @@ def train(cfg: RunConfig) -> dict:
                     counts=info.get("counts"),
                     degenerate=info.get("degenerate"),
                     applies_from_batch=last_index + 1 + stream.lag,
+                    p_rank_spread=dist.spread(balancer.proportions),  # 0 when every rank holds the same p
                 )
 
         # ----------------------------------------------------------------------------------------------------- log
         if step % cfg.train.log_every == 0 or step == cfg.max_steps:
             row = window.pop(dist)
             now = time.perf_counter()
-            row.update(lr=scheduler.get_last_lr()[0], p=schedule.current(), step_time=(now - t_last) / cfg.train.log_every)
+            row.update(
+                lr=scheduler.get_last_lr()[0], p=schedule.current(), step_time=(now - t_last) / cfg.train.log_every
+            )
             row.update(collator.pop_counts())
             t_last = now
             metrics.log("train", step, **row)
@@ -311,6 +314,16 @@ class Distributed:
         if self.enabled:
             torch.distributed.all_reduce(tensor)
         return tensor
+
+    def spread(self, values) -> float:
+        """Largest difference of `values` between any two ranks (0.0 on one process)."""
+        if not self.enabled:
+            return 0.0
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
+        hi, lo = t.clone(), t.clone()
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        return (hi - lo).abs().max().item()
 
     def barrier(self) -> None:
         if self.enabled:

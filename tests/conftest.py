@@ -43,17 +43,30 @@ def write_tiny_manifest(root, n_domains: int = 3, n_train: int = 24, n_eval: int
             name = rng.choice(sorted(colours))
             buf = io.BytesIO()
             Image.new("RGB", (32, 32), colours[name]).save(buf, format="PNG")
-            conv = [{"role": "user", "content": "<image>\nWhat colour is this?"}, {"role": "assistant", "content": name}]
+            conv = [
+                {"role": "user", "content": "<image>\nWhat colour is this?"},
+                {"role": "assistant", "content": name},
+            ]
             out = {"__key__": key, "png": buf.getvalue()}
         elif d == 1:
             a, b = rng.randint(0, 9), rng.randint(0, 9)
             conv = [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
             out = {"__key__": key}
         else:
-            conv = [{"role": "user", "content": f"Say the word number {d}."}, {"role": "assistant", "content": "yes" * d}]
+            conv = [
+                {"role": "user", "content": f"Say the word number {d}."},
+                {"role": "assistant", "content": "yes" * d},
+            ]
             out = {"__key__": key}
         out["json"] = json.dumps(
-            {"id": key, "conversation": conv, "label": f"label{d}", "cluster": d, "distance": 0.0, "text": conv[0]["content"]}
+            {
+                "id": key,
+                "conversation": conv,
+                "label": f"label{d}",
+                "cluster": d,
+                "distance": 0.0,
+                "text": conv[0]["content"],
+            }
         ).encode()
         return out
 

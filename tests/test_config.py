@@ -29,8 +29,15 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
 
 
 def test_override_values_are_yaml(tmp_path):
-    cfg = load_config(None, ["lora.target_modules=[q_proj, v_proj]", "resume=true", "mixing.strategy=manual",
-                             "mixing.weights={cluster_000: 2, cluster_001: 1}"])
+    cfg = load_config(
+        None,
+        [
+            "lora.target_modules=[q_proj, v_proj]",
+            "resume=true",
+            "mixing.strategy=manual",
+            "mixing.weights={cluster_000: 2, cluster_001: 1}",
+        ],
+    )
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.resume is True
     assert cfg.mixing.weights == {"cluster_000": 2.0, "cluster_001": 1.0}
@@ -43,7 +50,10 @@ def test_override_values_are_yaml(tmp_path):
         (["max_step=3"], "unknown key 'max_step' (did you mean 'max_steps'?)"),
         (["lora.r=eight"], "lora.r: expected int, got 'eight'"),
         (["resume=maybe"], "resume: expected bool"),
-        (["mixing.strategy=rbn"], "mixing.strategy: 'rbn' is not one of stratified, natural, manual, rnb (did you mean 'rnb'?)"),
+        (
+            ["mixing.strategy=rbn"],
+            "mixing.strategy: 'rbn' is not one of stratified, natural, manual, rnb (did you mean 'rnb'?)",
+        ),
         (["balance.update_every=0"], "balance.update_every must be positive"),
         (["max_steps"], "is not key=value"),
         (["train.precision=fp8"], "train.precision"),

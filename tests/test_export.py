@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 import torch
+from test_model import batch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from rbvl.config import dump_config, load_config
 from rbvl.model import apply_lora, load_model
-from test_model import batch
 
 
 def fake_checkpoint(path):
@@ -16,7 +16,7 @@ def fake_checkpoint(path):
     model, processor = load_model(cfg.model, seed=cfg.seed)
     model = apply_lora(model, cfg.lora)
     with torch.no_grad():  # as if trained: adapters and the modules_to_save copies move
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.02 * torch.randn_like(p))
     model.save_pretrained(path)
@@ -33,8 +33,11 @@ def test_merged_logits_equal_adapter_logits(tmp_path):
     with torch.no_grad():
         expected = model(**inputs).logits
 
-    r = subprocess.run([sys.executable, "-m", "rbvl.cli", "export", str(ckpt), "--merge", str(tmp_path / "merged")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "rbvl.cli", "export", str(ckpt), "--merge", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -46,6 +49,9 @@ def test_merged_logits_equal_adapter_logits(tmp_path):
     out = merged.generate(**proc(text=[prompt], return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 1
 
-    again = subprocess.run([sys.executable, "-m", "rbvl.cli", "export", str(ckpt), "--merge", str(tmp_path / "merged")],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "rbvl.cli", "export", str(ckpt), "--merge", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode != 0 and "not empty" in again.stderr and again.stderr.count("\n") == 1

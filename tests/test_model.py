@@ -12,8 +12,10 @@ from rbvl.model import apply_lora, load_model, save_base, tiny_processor, traina
 
 def batch(processor):
     conversations = [
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What digit is this?"}]},
-         {"role": "assistant", "content": "7"}],
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What digit is this?"}]},
+            {"role": "assistant", "content": "7"},
+        ],
         [{"role": "user", "content": "What is 4 + 5?"}, {"role": "assistant", "content": "4 + 5 = 9."}],
     ]
     texts = [processor.apply_chat_template(c, tokenize=False) for c in conversations]
@@ -73,8 +75,12 @@ def test_bare_names_would_hit_the_vision_tower():
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     model, processor = load_model(ModelConfig(), seed=0)
     # A random base model: as in the demo recipe, the head trains in full beside the adapters.
-    lora = LoraConfig(r=8, lora_dropout=0.0, modules_to_save=["multi_modal_projector", "lm_head"],
-                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    lora = LoraConfig(
+        r=8,
+        lora_dropout=0.0,
+        modules_to_save=["multi_modal_projector", "lm_head"],
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    )
     model = apply_lora(model, lora)
     inputs = batch(processor)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -96,7 +102,7 @@ def test_adapter_save_reload_gives_identical_logits_and_generates(tmp_path):
     save_base(base, processor, tmp_path / "base")
     model = apply_lora(base, LoraConfig(r=4, lora_dropout=0.0))
     with torch.no_grad():  # move the adapter and projector away from their initial values
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     model.eval()

@@ -42,7 +42,13 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
         assert (run / name).exists(), name
     assert list((run / "tensorboard").iterdir()), "TensorBoard events"
     ck = run / "checkpoint-20"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "trainer_state.pt", "rbvl_state.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "config.yaml",
+        "trainer_state.pt",
+        "rbvl_state.json",
+    ):
         assert (ck / name).exists(), name
     assert (run / "checkpoint-10").exists()
     state = json.loads((ck / "rbvl_state.json").read_text())
@@ -82,15 +88,36 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest):
 
 def test_cli_train_stratified(tmp_path, tiny_manifest):
     r = subprocess.run(
-        [sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_stratified.yaml", f"manifest={tiny_manifest}",
-         f"output_dir={tmp_path / 'run'}", "max_steps=4", "train.batch_size=4", "logging.progress=false",
-         "data.num_workers=1"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "rbvl.cli",
+            "train",
+            "recipes/demo_tiny_stratified.yaml",
+            f"manifest={tiny_manifest}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=4",
+            "train.batch_size=4",
+            "logging.progress=false",
+            "data.num_workers=1",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "eval @ 4" in r.stdout + r.stderr
     assert not read_metrics(tmp_path / "run", "balance"), "stratified never updates p"
-    bad = subprocess.run([sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_rnb.yaml",
-                          f"manifest={tmp_path / 'nope.json'}", f"output_dir={tmp_path / 'r2'}"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rbvl.cli",
+            "train",
+            "recipes/demo_tiny_rnb.yaml",
+            f"manifest={tmp_path / 'nope.json'}",
+            f"output_dir={tmp_path / 'r2'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "nope.json" in bad.stderr

@@ -1,0 +1,60 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: DDP + GradientTracker on the tiny model.
+
+Each rank takes its half of one fixed batch; after `tracker.sync()` rank 0 saves the domain gradients, which must
+equal those of one process that sees the whole batch.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from rbvl.balance import GradientTracker
+from torch.nn.parallel import DistributedDataParallel
+
+from rbvl.config import LoraConfig, ModelConfig
+from rbvl.model import apply_lora, load_model
+
+
+def fixed_batch(processor, n=8):
+    texts, domains = [], []
+    for i in range(n):
+        conv = [
+            {"role": "user", "content": f"What is {i} + {i % 3}?"},
+            {"role": "assistant", "content": f"{i + i % 3}"},
+        ]
+        texts.append(processor.apply_chat_template(conv, tokenize=False))
+        domains.append(i % 3)
+    inputs = processor(text=texts, padding="max_length", max_length=40, return_tensors="pt")
+    labels = inputs["input_ids"].clone()
+    labels[inputs["attention_mask"] == 0] = -100
+    return dict(inputs, labels=labels), torch.tensor(domains)
+
+
+def domain_grads(rank: int, world: int) -> torch.Tensor:
+    model, processor = load_model(ModelConfig(), seed=0)
+    model = apply_lora(model, LoraConfig(r=4, lora_dropout=0.0))
+    inputs, domains = fixed_batch(processor)
+    tracker = GradientTracker(model, 3, params="lora")
+    share = slice(rank * len(domains) // world, (rank + 1) * len(domains) // world)
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    tracker.set_domains(domains[share])
+    wrapped(**{k: v[share] for k, v in inputs.items()}).loss.backward()
+    tracker.sync()
+    return tracker.domain_grads(), tracker.counts.clone()
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    if len(sys.argv) > 2 and sys.argv[2] == "single":
+        grads, counts = domain_grads(0, 1)
+        torch.save({"grads": grads, "counts": counts}, out)
+        sys.exit(0)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grads, counts = domain_grads(rank, world)
+    gathered = [torch.zeros_like(grads) for _ in range(world)]
+    dist.all_gather(gathered, grads)
+    if rank == 0:
+        torch.save({"grads": grads, "counts": counts, "all_ranks": gathered}, out)
+    dist.barrier()
+    dist.destroy_process_group()
