@@ -48,7 +48,6 @@ def train(cfg: RunConfig) -> dict:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.seed + dist.rank)
 
     # --------------------------------------------------------------------------------------------------------- data
     domains = load_domains(cfg.manifest)
@@ -60,7 +59,9 @@ def train(cfg: RunConfig) -> dict:
     model, processor = load_model(cfg.model, seed=cfg.seed)
     if cfg.model.name == TINY and dist.is_main:
         save_base(model, processor, run_dir / "base_model")  # so the adapter reloads without rbvl
+    torch.manual_seed(cfg.seed)  # adapters start the same on every rank and for every world size
     model = apply_lora(model, cfg.lora)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between ranks, as their data does
     if cfg.model.name == TINY and hasattr(model, "peft_config"):
         model.peft_config["default"].base_model_name_or_path = str((run_dir / "base_model").resolve())
     model.to(dist.device)
@@ -175,7 +176,7 @@ def train(cfg: RunConfig) -> dict:
             row.update(
                 lr=scheduler.get_last_lr()[0], p=schedule.current(), step_time=(now - t_last) / cfg.train.log_every
             )
-            row.update(collator.pop_counts())
+            row.update(stream.pop_counts())
             t_last = now
             metrics.log("train", step, **row)
             progress.set_postfix(loss=f"{row['loss']:.3f}", p=" ".join(f"{x:.2f}" for x in schedule.current()))
@@ -303,7 +304,8 @@ class Distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # A batch without images leaves the vision tower and projector out of the graph.
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def no_sync(self, ddp_model, sync: bool):
         if self.enabled and not sync:

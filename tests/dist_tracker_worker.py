@@ -32,13 +32,26 @@ def fixed_batch(processor, n=8):
 
 def domain_grads(rank: int, world: int) -> torch.Tensor:
     model, processor = load_model(ModelConfig(), seed=0)
+    torch.manual_seed(0)  # the adapters' initialisation: the same in every process
     model = apply_lora(model, LoraConfig(r=4, lora_dropout=0.0))
+    with torch.no_grad():  # lora_B starts at zero; move it so lora_A has gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
     inputs, domains = fixed_batch(processor)
     tracker = GradientTracker(model, 3, params="lora")
     share = slice(rank * len(domains) // world, (rank + 1) * len(domains) // world)
     wrapped = DistributedDataParallel(model) if world > 1 else model
     tracker.set_domains(domains[share])
-    wrapped(**{k: v[share] for k, v in inputs.items()}).loss.backward()
+    # A loss with one normaliser for the whole batch, so the ranks' parts add up to the one-process loss
+    # (DDP averages gradients over ranks, hence the factor `world`).
+    labels = inputs["labels"]
+    n_tokens = (labels[:, 1:] != -100).sum()
+    logits = wrapped(input_ids=inputs["input_ids"][share], attention_mask=inputs["attention_mask"][share]).logits
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[share][:, 1:], ignore_index=-100, reduction="sum"
+    )
+    (ce * world / n_tokens).backward()
     tracker.sync()
     return tracker.domain_grads(), tracker.counts.clone()
 

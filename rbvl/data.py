@@ -1,0 +1,479 @@
+"""The mixture stream: regrouped domains drawn by proportions p that change during training, resumable exactly.
+
+    domains = load_domains("shards/manifest.json")
+    schedule = ProportionSchedule(len(domains), initial=p0)            # shared memory: workers see new p
+    stream = MixtureStream(domains, schedule, batch_size=8, collate=Collator(processor), num_workers=2)
+    loader = DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2)
+    for batch in loader:
+        stream.consumed(batch)                                        # advance the resumable state
+        ...
+        schedule.publish(p_new, after_batch=batch["index"])          # applies from batch index + 1 + stream.lag
+
+How p reaches the data, and why resume is exact. Micro-batches carry a running index i (per rank). The domains of
+batch i's samples are drawn with an RNG seeded by (seed, rank, i) from p_i, the newest p published with
+`applies_from` ≤ i. A p published after batch c applies from batch c + 1 + lag, where lag = num_workers ×
+prefetch_factor (0 without workers): a DataLoader never has more than that many batches requested ahead, so when a
+worker starts batch i every update that applies to it is already in shared memory. The draw never depends on timing,
+and a resumed run draws what the first run drew. With grad_accum micro-batches per step, an update reaches the data
+lag / grad_accum optimizer steps later.
+
+Who reads what. With W workers the DataLoader asks them round-robin, so batch i comes from slot i mod W; each
+(rank, slot) is a reader with one sample iterator per domain. A domain's shards are split across readers
+(shards[k::n_readers]); a domain with fewer shards than readers is split by sample index instead. Readers are
+disjoint and together cover each domain once per epoch; at the end of its share a reader starts a new epoch with a
+new shard order (domains never run dry). The main process counts what each reader handed out per domain; on resume
+the readers replay their seeded sequences and skip that many samples (without decoding them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class DataError(ValueError):
+    """A manifest, shard set or mixing setting that cannot be used; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The manifest's domains
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Domain:
+    name: str
+    train_shards: list[str]
+    n_train: int
+    eval_shards: list[str] = field(default_factory=list)
+    n_eval: int = 0
+
+
+@dataclass
+class Domains:
+    domains: list[Domain]
+    eval_distribution: list[float] | None
+    root: Path
+    manifest: dict
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    def __len__(self) -> int:
+        return len(self.domains)
+
+
+def load_domains(manifest_path: str | Path) -> Domains:
+    """Read and check a regroup manifest.json; shard paths are relative to its folder."""
+    path = Path(manifest_path)
+    if not str(manifest_path):
+        raise DataError("no manifest given: set manifest=path/to/manifest.json (written by rbvl-regroup)")
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path} (run rbvl-regroup first; the manifest is written last)")
+    try:
+        manifest = json.loads(path.read_text())
+        clusters = manifest["clusters"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a regroup manifest ({e})") from None
+    root = path.parent
+    domains = []
+    for c in clusters:
+        train = [str(root / s) for s in c.get("train_shards", [])]
+        evals = [str(root / s) for s in c.get("eval_shards", [])]
+        for shard in train + evals:
+            if not Path(shard).is_file():
+                raise DataError(f"{path}: shard listed but missing: {shard}")
+        if not train or c.get("n_train", 0) == 0:
+            raise DataError(f"{path}: domain {c.get('name')} has no training samples")
+        domains.append(Domain(c["name"], train, int(c["n_train"]), evals, int(c.get("n_eval", 0))))
+    q = manifest.get("eval_distribution") or None
+    if q is not None and (len(q) != len(domains) or sum(q) <= 0):
+        raise DataError(f"{path}: eval_distribution has {len(q)} entries for {len(domains)} domains")
+    return Domains(domains, q, root, manifest)
+
+
+def initial_proportions(strategy: str, domains: Domains, weights: dict | None = None) -> list[float]:
+    """p at step 0: uniform (`stratified`, `rnb`), by size (`natural`), or from named weights (`manual`)."""
+    m = len(domains)
+    if strategy in ("stratified", "rnb"):
+        p = np.ones(m)
+    elif strategy == "natural":
+        p = np.array([d.n_train for d in domains.domains], dtype=float)
+    elif strategy == "manual":
+        p = np.zeros(m)
+        for key, w in (weights or {}).items():
+            index = _domain_index(str(key), domains.names)
+            p[index] = float(w)
+        if p.sum() <= 0:
+            raise DataError("mixing.weights give every domain weight 0")
+    else:
+        raise DataError(f"unknown mixing strategy {strategy!r}")
+    return (p / p.sum()).tolist()
+
+
+def _domain_index(key: str, names: list[str]) -> int:
+    if key in names:
+        return names.index(key)
+    if key.isdigit() and int(key) < len(names):
+        return int(key)
+    raise DataError(f"mixing.weights names unknown domain '{key}' (domains: {', '.join(names)})")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Proportions in shared memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ProportionSchedule:
+    """Published p's with the batch index each applies from, in shared memory so DataLoader workers see them."""
+
+    def __init__(self, n_domains: int, initial: list[float] | None = None, capacity: int = 4096):
+        self.m, self.capacity, self.lag = n_domains, capacity, 0
+        self.table = torch.zeros(capacity + 1, n_domains, dtype=torch.float64).share_memory_()  # (updates, m)
+        self.applies_from = torch.zeros(capacity + 1, dtype=torch.long).share_memory_()
+        self.count = torch.ones(1, dtype=torch.long).share_memory_()
+        self.table[0] = torch.as_tensor(initial if initial is not None else [1.0 / n_domains] * n_domains)
+
+    def publish(self, p, after_batch: int) -> int:
+        """Make `p` apply from batch `after_batch + 1 + lag`; returns that index."""
+        n = int(self.count.item())
+        if n > self.capacity:
+            raise DataError(f"more than {self.capacity} proportion updates; raise ProportionSchedule capacity")
+        start = int(after_batch) + 1 + self.lag
+        self.table[n] = torch.as_tensor(p, dtype=torch.float64)
+        self.applies_from[n] = start
+        self.count[0] = n + 1  # written last: a reader never sees a half-written row
+        return start
+
+    def at(self, batch_index: int) -> np.ndarray:
+        n = int(self.count.item())
+        eligible = (self.applies_from[:n] <= batch_index).nonzero().flatten()
+        p = self.table[int(eligible[-1])].numpy()
+        return p / p.sum()
+
+    def current(self) -> list[float]:
+        return self.table[int(self.count.item()) - 1].tolist()
+
+    def state_dict(self) -> dict:
+        n = int(self.count.item())
+        return {"p": self.table[:n].tolist(), "applies_from": self.applies_from[:n].tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = len(state["p"])
+        self.table[:n] = torch.tensor(state["p"], dtype=torch.float64)
+        self.applies_from[:n] = torch.tensor(state["applies_from"], dtype=torch.long)
+        self.count[0] = n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading one domain's shards
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_shard(path: str) -> Iterator[dict]:
+    """Raw samples of one tar ({"__key__", "json": bytes, "png": bytes, ...}), in file order, nothing decoded."""
+    from webdataset import tariterators
+
+    yield from tariterators.tarfile_samples([{"url": path}])
+
+
+def domain_samples(shards: list[str], reader: int, n_readers: int, seed: int, domain: int, shuffle_buffer: int):
+    """Endless raw samples of one domain for one reader: its disjoint share, reshuffled every epoch."""
+    if len(shards) >= n_readers:
+        mine, keep = shards[reader::n_readers], None
+    else:
+        mine, keep = shards, reader
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, domain, reader, epoch])
+        order = [mine[i] for i in rng.permutation(len(mine))] if keep is None else mine
+        produced = 0
+        buffer: list[dict] = []
+        index = 0
+        for shard in order:
+            for sample in read_shard(shard):
+                index += 1
+                if keep is not None and (index - 1) % n_readers != keep:
+                    continue
+                produced += 1
+                if shuffle_buffer <= 1:
+                    yield sample
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= shuffle_buffer:
+                    yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+        if produced == 0:
+            if keep is None or index == 0:
+                raise DataError(f"domain {domain}: its shards hold no samples ({shards[0]} ...)")
+            keep = None  # fewer samples than readers: this reader shares the whole (tiny) domain
+            mine = shards
+        epoch += 1
+
+
+def decode(sample: dict) -> dict:
+    """A raw shard sample → {"id", "conversation", "image": PIL RGB or None}."""
+    from PIL import Image
+
+    meta = json.loads(sample["json"])
+    image = None
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+            break
+    return {"id": meta.get("id", sample["__key__"]), "conversation": meta["conversation"], "image": image}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stream
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MixtureStream(IterableDataset):
+    """Collated micro-batches whose samples' domains are drawn from the schedule's p (see the module docstring)."""
+
+    def __init__(
+        self,
+        domains: Domains,
+        schedule: ProportionSchedule,
+        batch_size: int,
+        collate,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        shuffle_buffer: int = 100,
+    ):
+        self.domains, self.schedule, self.batch_size, self.collate = domains, schedule, batch_size, collate
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.slots = max(1, num_workers)
+        self.lag = num_workers * prefetch_factor
+        schedule.lag = self.lag
+        self.next_batch = 0  # index of the next batch the main process will receive
+        self.cursors = {r: [0] * len(domains) for r in range(rank * self.slots, (rank + 1) * self.slots)}
+        self.counts = {"truncated": 0, "dropped": 0}
+
+    # -- main process ---------------------------------------------------------------------------------------------
+
+    def consumed(self, batch: dict) -> None:
+        """Record that `batch` reached the training loop (pops the stream's bookkeeping keys from it)."""
+        reader = int(batch.pop("reader"))
+        drawn = batch.pop("drawn").tolist()
+        for d, n in enumerate(drawn):
+            self.cursors[reader][d] += n
+        for key in self.counts:
+            self.counts[key] += int(batch.pop(key, 0))
+        self.next_batch = int(batch["index"]) + 1
+
+    def pop_counts(self) -> dict:
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return counts
+
+    def state_dict(self) -> dict:
+        return {
+            "next_batch": self.next_batch,
+            "cursors": {str(k): v for k, v in self.cursors.items()},
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "schedule": self.schedule.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_workers"] != self.num_workers or state["world_size"] != self.world_size:
+            raise DataError(
+                f"the stream was saved with num_workers={state['num_workers']}, world_size={state['world_size']}; "
+                f"this run has num_workers={self.num_workers}, world_size={self.world_size}: an exact resume needs "
+                "the same layout"
+            )
+        self.next_batch = int(state["next_batch"])
+        self.cursors = {int(k): list(v) for k, v in state["cursors"].items()}
+        self.schedule.load_state_dict(state["schedule"])
+
+    # -- workers --------------------------------------------------------------------------------------------------
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = (self.next_batch + worker) % self.slots
+        reader = self.rank * self.slots + slot
+        n_readers = self.world_size * self.slots
+        sources = []
+        for d, domain in enumerate(self.domains.domains):
+            it = domain_samples(domain.train_shards, reader, n_readers, self.seed, d, self.shuffle_buffer)
+            for _ in range(self.cursors[reader][d]):  # resume: skip what was handed out, undecoded
+                next(it)
+            sources.append(it)
+        m = len(sources)
+        index = self.next_batch + worker
+        while True:
+            rng = np.random.default_rng([self.seed, self.rank, index])
+            drawn = np.zeros(m, dtype=np.int64)
+            truncated = dropped = 0
+            batch = None
+            while batch is None:  # a batch whose samples were all too long is drawn again
+                ids = rng.choice(m, size=self.batch_size, p=self.schedule.at(index))
+                np.add.at(drawn, ids, 1)
+                samples = [decode(next(sources[d])) for d in ids]
+                batch, stats = self.collate(samples, ids.tolist())
+                truncated += stats["truncated"]
+                dropped += stats["dropped"]
+            batch.update(
+                index=index, reader=reader, drawn=torch.from_numpy(drawn), truncated=truncated, dropped=dropped
+            )
+            yield batch
+            index += self.slots
+
+
+def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_samples: int = 0):
+    """Domain d's eval shards, in order, once, as collated batches."""
+    samples = []
+    seen = 0
+    for shard in domains.domains[d].eval_shards:
+        for raw in read_shard(shard):
+            if max_samples and seen >= max_samples:
+                break
+            seen += 1
+            samples.append(decode(raw))
+            if len(samples) == batch_size:
+                batch, _ = collate(samples, [d] * len(samples))
+                samples = []
+                if batch is not None:
+                    yield batch
+    if samples:
+        batch, _ = collate(samples, [d] * len(samples))
+        if batch is not None:
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collate
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Collator:
+    """Conversations → model inputs with the processor's chat template; loss only on assistant turns.
+
+    Over-long samples (more than `max_length` tokens, image tokens included): `truncate` keeps the first max_length
+    tokens unless that would cut the image-token run (the model would then see fewer image tokens than image
+    features), in which case the sample is dropped; `drop` drops every over-long sample. Both are counted.
+    """
+
+    def __init__(self, processor, max_length: int = 512, overlong: str = "truncate"):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length, self.overlong = max_length, overlong
+        self.image_token = getattr(processor, "image_token", "<image>")
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def __call__(self, samples: list[dict], domain_ids: list[int]):
+        """Returns (batch or None when every sample was dropped, {"truncated": n, "dropped": n})."""
+        messages = [to_messages(s["conversation"]) for s in samples]
+        texts = [self._render(msg) for msg in messages]
+        images = [s["image"] for s in samples if s["image"] is not None]
+        kwargs = {"images": images} if images else {}
+        enc = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+        rows, labels, keep = [], [], []
+        truncated = dropped = 0
+        for i in range(len(samples)):
+            ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+            label = self._labels(ids, messages[i])
+            if len(ids) > self.max_length:
+                image_pos = (ids == self.image_token_id).nonzero().flatten() if self.image_token_id is not None else []
+                cuts_image = len(image_pos) and int(image_pos[-1]) >= self.max_length
+                if self.overlong == "drop" or cuts_image:
+                    dropped += 1
+                    continue
+                ids, label = ids[: self.max_length], label[: self.max_length]
+                truncated += 1
+            rows.append(ids)
+            labels.append(label)
+            keep.append(i)
+        if not keep:
+            return None, {"truncated": truncated, "dropped": dropped}
+        width = max(len(r) for r in rows)
+        batch = {
+            "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+            "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+        }
+        for j, (ids, label) in enumerate(zip(rows, labels)):
+            batch["input_ids"][j, : len(ids)] = ids
+            batch["attention_mask"][j, : len(ids)] = 1
+            batch["labels"][j, : len(ids)] = label
+        has_image = torch.tensor([samples[i]["image"] is not None for i in keep])
+        if images:  # pixel_values rows follow the samples that have an image, in order
+            image_row = {i: r for r, i in enumerate(i for i, s in enumerate(samples) if s["image"] is not None)}
+            kept_images = [image_row[i] for i in keep if i in image_row]
+            if kept_images:
+                batch["pixel_values"] = enc["pixel_values"][kept_images]
+                if "image_sizes" in enc:
+                    batch["image_sizes"] = enc["image_sizes"][kept_images]
+        batch["has_image"] = has_image
+        batch["domain_ids"] = torch.tensor([domain_ids[i] for i in keep], dtype=torch.long)
+        return batch, {"truncated": truncated, "dropped": dropped}
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _labels(self, ids: torch.Tensor, messages: list[dict]) -> torch.Tensor:
+        """-100 except on the assistant turns' tokens (their end-of-turn token included).
+
+        Works for any chat template: for each assistant turn, the tokens of the conversation rendered up to the
+        turn's start (with the generation prompt) and up to its end bound the turn in the full token sequence.
+        """
+        label = torch.full_like(ids, -100)
+        n_image = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
+        for j, msg in enumerate(messages):
+            if msg["role"] != "assistant":
+                continue
+            start = _common_prefix(self._tokens(self._render(messages[:j], True), n_image), ids)
+            end = _common_prefix(self._tokens(self._render(messages[: j + 1]), n_image), ids)
+            label[start:end] = ids[start:end]
+        return label
+
+    def _tokens(self, text: str, n_image: int) -> torch.Tensor:
+        if n_image:  # the processor expands each image placeholder into its image tokens: do the same
+            text = text.replace(self.image_token, self.image_token * n_image, 1)
+        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0]) if len(diff) else n
+
+
+def to_messages(conversation: list[dict]) -> list[dict]:
+    """rbvl turns (`<image>` in the text) → chat-template messages with typed content parts."""
+    messages = []
+    for turn in conversation:
+        text = turn["content"]
+        if "<image>" not in text:
+            parts = [{"type": "text", "text": text}]
+        else:
+            parts = []
+            for k, piece in enumerate(text.split("<image>")):
+                if k:
+                    parts.append({"type": "image"})
+                piece = piece.strip("\n") if k else piece
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+        messages.append({"role": turn["role"], "content": parts})
+    return messages
