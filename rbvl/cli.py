@@ -23,7 +23,12 @@ class CliError(RuntimeError):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        args = parser.parse_args(argv[:2])
+        args.rest = argv[2:]  # the benchmark parses its own options
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -38,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rbvl: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+BENCHMARKS = {
+    "regroup": ("rbvl.regroup.bench", "regroup pipeline throughput vs raw encode_image; k-means times"),
+    "balance": ("rbvl.bench_balance", "training step time with Balance on vs off; analytic FLOPs"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(metavar="WHAT")
-    for name, module, text in (
-        ("regroup", "rbvl.regroup.bench", "regroup pipeline throughput vs raw encode_image; k-means times"),
-        ("balance", "rbvl.bench_balance", "training step time with Balance on vs off; analytic FLOPs"),
-    ):
+    for name, (module, text) in BENCHMARKS.items():
         # The benchmark modules import torch and friends: build their options only when they run.
         p = bench_sub.add_parser(name, help=text, description=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
