@@ -231,7 +231,7 @@ def update_proportions_with_info(G, q=None, lam: float = 3.0, *, prev=None, floo
 
     Degenerate cases keep p finite and on the simplex: a non-finite G or ‖G q‖ = 0 (nothing of the target was
     seen) keeps `prev` (uniform when None) and says so; an unseen domain has a zero row in G, so its score is 0
-    and it keeps a defined share. `floor` lifts every p_i to at least `floor` (then renormalises); `smoothing` s
+    and it keeps a defined share. `floor` makes p ← floor + (1 − m · floor) · p, so every p_i ≥ floor; `smoothing` s
     gives (1 − s) · p_new + s · prev. Both are off by default, as in the paper.
     """
     G = torch.as_tensor(G, dtype=torch.float64)
@@ -257,8 +257,9 @@ def update_proportions_with_info(G, q=None, lam: float = 3.0, *, prev=None, floo
     p = torch.softmax(lam * gq / norm, dim=0)
     if smoothing > 0 and prev is not None:
         p = (1 - smoothing) * p + smoothing * torch.as_tensor(prev, dtype=torch.float64)
-    if floor > 0:
-        p = torch.clamp(p, min=min(floor, 1.0 / m))
+    if floor > 0:  # p_i ≥ floor for every i: a floor's worth of uniform mass, the rest as computed
+        floor = min(floor, 1.0 / m)
+        p = floor + (1 - m * floor) * p / p.sum()
     return p / p.sum(), info
 
 

@@ -4,9 +4,9 @@ disjoint, resume is exact, and labels cover exactly the assistant turns."""
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_manifest
 from torch.utils.data import DataLoader
 
-from conftest import write_tiny_manifest
 from rbvl.data import (
     Collator,
     DataError,
@@ -34,8 +34,15 @@ def domains(tmp_path_factory):
 
 def make_stream(domains, processor, p0, workers=0, batch_size=8, seed=0, **kw):
     schedule = ProportionSchedule(len(domains), initial=p0)
-    stream = MixtureStream(domains, schedule, batch_size=batch_size, collate=Collator(processor, max_length=128),
-                           seed=seed, num_workers=workers, **kw)
+    stream = MixtureStream(
+        domains,
+        schedule,
+        batch_size=batch_size,
+        collate=Collator(processor, max_length=128),
+        seed=seed,
+        num_workers=workers,
+        **kw,
+    )
     return stream, schedule
 
 
@@ -50,8 +57,9 @@ def counts_within(observed, p, n):
     return np.all(np.abs(observed - expected) <= 4.5 * sd + 1e-9)
 
 
-@pytest.mark.parametrize("strategy, weights", [("stratified", None), ("natural", None),
-                                               ("manual", {"cluster_000": 3, "cluster_002": 1})])
+@pytest.mark.parametrize(
+    "strategy, weights", [("stratified", None), ("natural", None), ("manual", {"cluster_000": 3, "cluster_002": 1})]
+)
 def test_domain_frequencies_follow_p(domains, processor, strategy, weights):
     p0 = initial_proportions(strategy, domains, weights)
     stream, _ = make_stream(domains, processor, p0)
@@ -140,11 +148,22 @@ def test_collate_labels_only_assistant_turns(processor):
 
     collate = Collator(processor, max_length=256)
     samples = [
-        {"conversation": [{"role": "user", "content": "<image>\nWhat digit?"}, {"role": "assistant", "content": "7"},
-                          {"role": "user", "content": "Odd or even?"}, {"role": "assistant", "content": "odd"}],
-         "image": Image.new("RGB", (32, 32))},
-        {"conversation": [{"role": "user", "content": "What is 4 + 5?"}, {"role": "assistant", "content": "4 + 5 = 9."}],
-         "image": None},
+        {
+            "conversation": [
+                {"role": "user", "content": "<image>\nWhat digit?"},
+                {"role": "assistant", "content": "7"},
+                {"role": "user", "content": "Odd or even?"},
+                {"role": "assistant", "content": "odd"},
+            ],
+            "image": Image.new("RGB", (32, 32)),
+        },
+        {
+            "conversation": [
+                {"role": "user", "content": "What is 4 + 5?"},
+                {"role": "assistant", "content": "4 + 5 = 9."},
+            ],
+            "image": None,
+        },
     ]
     batch, stats = collate(samples, [1, 0])
     assert stats == {"truncated": 0, "dropped": 0}
@@ -166,8 +185,18 @@ def test_collate_works_with_another_chat_template(processor):
         "{% endfor %} [/INST]{% else %} {% for p in m['content'] %}{{ p['text'] }}{% endfor %}</s>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{% endif %}"
     )
-    batch, _ = Collator(other)([{"conversation": [{"role": "user", "content": "Hi there"},
-                                                  {"role": "assistant", "content": "hello friend"}], "image": None}], [0])
+    batch, _ = Collator(other)(
+        [
+            {
+                "conversation": [
+                    {"role": "user", "content": "Hi there"},
+                    {"role": "assistant", "content": "hello friend"},
+                ],
+                "image": None,
+            }
+        ],
+        [0],
+    )
     row = batch["labels"][0]
     assert "hello friend" in other.tokenizer.decode(row[row != -100])
     assert "Hi there" not in other.tokenizer.decode(row[row != -100])
@@ -178,9 +207,17 @@ def test_overlong_rules(processor):
 
     long_text = "What is this digit? " * 30
     samples = [
-        {"conversation": [{"role": "user", "content": long_text}, {"role": "assistant", "content": "7"}], "image": None},
-        {"conversation": [{"role": "user", "content": "<image>\n" + long_text}, {"role": "assistant", "content": "7"}],
-         "image": Image.new("RGB", (32, 32))},
+        {
+            "conversation": [{"role": "user", "content": long_text}, {"role": "assistant", "content": "7"}],
+            "image": None,
+        },
+        {
+            "conversation": [
+                {"role": "user", "content": "<image>\n" + long_text},
+                {"role": "assistant", "content": "7"},
+            ],
+            "image": Image.new("RGB", (32, 32)),
+        },
         {"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}], "image": None},
     ]
     batch, stats = Collator(processor, max_length=40, overlong="truncate")(samples, [0, 1, 2])
