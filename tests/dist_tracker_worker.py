@@ -8,9 +8,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-from rbvl.balance import GradientTracker
 from torch.nn.parallel import DistributedDataParallel
 
+from rbvl.balance import GradientTracker
 from rbvl.config import LoraConfig, ModelConfig
 from rbvl.model import apply_lora, load_model
 

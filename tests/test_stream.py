@@ -64,7 +64,7 @@ def test_domain_frequencies_follow_p(domains, processor, strategy, weights):
     p0 = initial_proportions(strategy, domains, weights)
     stream, _ = make_stream(domains, processor, p0)
     observed = np.zeros(3)
-    for i, batch in zip(range(60), loader(stream, 0)):
+    for _, batch in zip(range(60), loader(stream, 0)):
         stream.consumed(batch)
         observed += np.bincount(batch["domain_ids"].numpy(), minlength=3)
     assert counts_within(observed, p0, observed.sum()), (observed, p0)

@@ -1,0 +1,246 @@
+"""`rbvl bench regroup`: Regroup's embedding throughput against the model's raw encode speed, and k-means times.
+
+    rbvl bench regroup                                          # tiny open_clip config, 32 px
+    rbvl bench regroup --embedder open_clip:ViT-B-32 --n 128    # random-init ViT-B-32 at 224 px: encode dominates
+    python -m rbvl.regroup.bench --kmeans-sizes 10000,100000,1000000
+
+Pipeline throughput is the whole path (read LLaVA JSON + decode + preprocess in DataLoader workers + encode + write
+the memmap), over a generated folder of real photos (scikit-image / scikit-learn samples, cropped and resized,
+written as JPEG and PNG). Raw throughput is `encode_image` on pre-made tensors of the same batch size. The two are
+measured alternately in one process, `--repeats` times each; the ratio of the medians is the figure of merit.
+With `--combine mean` the raw side also runs `encode_text` on pre-made tokens, so both sides do the same model work.
+K-means: fit + assign on N × d Gaussian blobs (MiniBatchKMeans above `--minibatch-above`, as in Regroup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedder", default="open_clip:rbvl-tiny", help="open_clip embedder (random init when no tag)")
+    p.add_argument("--combine", default="image", choices=["image", "mean", "concat"], help="what the pipeline encodes")
+    p.add_argument("--n", type=int, default=0, help="images per measured run (default: 2048 tiny, 128 otherwise)")
+    p.add_argument("--batch-size", type=int, default=64, help="encode batch size (both sides)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    p.add_argument("--repeats", type=int, default=3, help="alternating measurements of each side")
+    p.add_argument("--image-size", type=int, default=256, help="side of the generated photos (before preprocess)")
+    p.add_argument("--kmeans-sizes", default="10000,100000", help="N values for the k-means timing ('' to skip)")
+    p.add_argument("--kmeans-dim", type=int, default=512, help="d of the synthetic embeddings")
+    p.add_argument("--kmeans-k", type=int, default=32, help="clusters for the k-means timing")
+    p.add_argument("--minibatch-above", type=int, default=50_000, help="MiniBatchKMeans above this N")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the main process (0 = default)")
+    p.add_argument("--skip-embed", action="store_true", help="only time k-means")
+
+
+# ---------------------------------------------------------------- input
+
+
+def make_photo_dataset(folder: Path, n: int, size: int = 256, seed: int = 0) -> Path:
+    """n real-looking images (random crops of shipped sample photos), half JPEG half PNG, plus a LLaVA JSON."""
+    from PIL import Image
+
+    photos = _sample_photos()
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        src = photos[i % len(photos)]
+        h, w = src.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        im = Image.fromarray(src[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
+        name = f"img{i:06d}." + ("jpg" if i % 2 == 0 else "png")
+        im.save(folder / "images" / name, **({"quality": 90} if name.endswith("jpg") else {}))
+        question = ["Describe the image.", "What is in this picture?", "What colours do you see?"][i % 3]
+        rows.append(
+            {
+                "id": f"b{i:06d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": "A photo."},
+                ],
+            }
+        )
+    (folder / "llava.json").write_text(json.dumps(rows))
+    return folder / "llava.json"
+
+
+def _sample_photos() -> list[np.ndarray]:
+    """RGB uint8 photos that ship with scikit-image and scikit-learn."""
+    photos = []
+    try:
+        import skimage.data as sd
+
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field"):
+            try:
+                img = getattr(sd, name)()
+            except Exception:  # noqa: BLE001 - a missing optional sample is fine
+                continue
+            if img.ndim == 3 and img.shape[2] == 3:
+                photos.append(img)
+    except ImportError:
+        pass
+    from sklearn.datasets import load_sample_images
+
+    photos += list(load_sample_images().images)
+    return photos
+
+
+# ---------------------------------------------------------------- embedding throughput
+
+
+def _pipeline_run(json_path: Path, embedder, cache: Path, args) -> float:
+    """Records per second of read + decode + preprocess + encode + memmap write."""
+    from rbvl.records import ReadOptions, Record, read_records
+    from rbvl.regroup.embed import embed_records
+
+    t0 = time.perf_counter()
+    opts = ReadOptions(image_root=str(json_path.parent / "images"))
+    records = [r for r in read_records([str(json_path)], opts) if isinstance(r, Record)]
+    _, errors, _ = embed_records(
+        records, embedder, cache, args.batch_size, args.num_workers, chunk_size=4096, resume=False, progress=False
+    )
+    assert not errors, errors
+    return len(records) / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def _raw_run(embedder, n: int, batch_size: int, images: torch.Tensor, tokens: torch.Tensor | None) -> float:
+    """Images per second of `encode_image` (+ `encode_text` when the pipeline encodes text) on ready tensors."""
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        b = min(batch_size, n - done)
+        embedder.model.encode_image(images[:b])
+        if tokens is not None:
+            embedder.model.encode_text(tokens[:b])
+        done += b
+    return n / (time.perf_counter() - t0)
+
+
+def bench_embedding(args) -> dict:
+    from rbvl.regroup.embed import load_embedder
+
+    embedder = load_embedder(args.embedder, args.combine, seed=0)
+    n = args.n or (2048 if "rbvl-tiny" in args.embedder else 128)
+    size = embedder.image_size
+    images = torch.randn(args.batch_size, 3, size, size)  # (B, 3, S, S)
+    tokens = embedder.tokenizer(["What is in this picture?"] * args.batch_size) if args.combine != "image" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = make_photo_dataset(Path(tmp) / "data", n, args.image_size)
+        _pipeline_run(json_path, embedder, Path(tmp) / "cache", args)  # warm-up: page cache, lazy init
+        _raw_run(embedder, args.batch_size, args.batch_size, images, tokens)
+        pipe, raw = [], []
+        for _ in range(args.repeats):  # alternate, so drift in machine speed hits both sides alike
+            pipe.append(_pipeline_run(json_path, embedder, Path(tmp) / "cache", args))
+            raw.append(_raw_run(embedder, n, args.batch_size, images, tokens))
+    result = {
+        "embedder": args.embedder,
+        "combine": args.combine,
+        "image_size": size,
+        "n": n,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "pipeline_rec_s": statistics.median(pipe),
+        "raw_rec_s": statistics.median(raw),
+    }
+    result["ratio"] = result["pipeline_rec_s"] / result["raw_rec_s"]
+    print(
+        f"embedding  {args.embedder} (combine {args.combine}, {size}px, batch {args.batch_size}, "
+        f"{args.num_workers} workers, n={n}, median of {args.repeats})\n"
+        f"  pipeline (read+decode+preprocess+encode+memmap) {result['pipeline_rec_s']:9.1f} rec/s\n"
+        f"  raw encode on ready tensors                     {result['raw_rec_s']:9.1f} rec/s\n"
+        f"  ratio {result['ratio']:.3f}   (goal >= 0.9)"
+    )
+    return result
+
+
+# ---------------------------------------------------------------- k-means
+
+
+def blobs(n: int, d: int, centers: int, seed: int = 0) -> np.ndarray:
+    """(n, d) float32 Gaussian blobs around `centers` random unit centres, built in chunks (1M × 512 is 2 GB)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d)).astype(np.float32)  # (centers, d)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        x[s : s + m] = c[rng.integers(0, centers, m)] + 0.05 * rng.standard_normal((m, d), dtype=np.float32)
+    return x
+
+
+def bench_kmeans(args) -> list[dict]:
+    from rbvl.regroup.cluster import assign, fit_kmeans, silhouette
+
+    rows = []
+    sizes = [int(s) for s in str(args.kmeans_sizes).split(",") if s.strip()]
+    for n in sizes:
+        x = blobs(n, args.kmeans_dim, args.kmeans_k)
+        t0 = time.perf_counter()
+        km = fit_kmeans(x, args.kmeans_k, seed=0, minibatch_above=args.minibatch_above)
+        t_fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        labels, _ = assign(x, km.cluster_centers_.astype(np.float32))
+        t_assign = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sil = silhouette(x, labels, seed=0)
+        t_sil = time.perf_counter() - t0
+        algo = "MiniBatchKMeans" if n > args.minibatch_above else "KMeans"
+        rows.append(
+            {
+                "n": n,
+                "d": args.kmeans_dim,
+                "k": args.kmeans_k,
+                "algorithm": algo,
+                "fit_s": t_fit,
+                "assign_s": t_assign,
+                "silhouette_s": t_sil,
+                "silhouette": sil,
+            }
+        )
+        del x
+    print(f"k-means  (d={args.kmeans_dim}, k={args.kmeans_k})")
+    print(f"  {'N':>9}  {'algorithm':16} {'fit s':>8} {'assign s':>9} {'silhouette s':>13} {'silhouette':>10}")
+    for r in rows:
+        print(
+            f"  {r['n']:>9}  {r['algorithm']:16} {r['fit_s']:8.2f} {r['assign_s']:9.2f} {r['silhouette_s']:13.2f} "
+            f"{r['silhouette'] or float('nan'):10.3f}"
+        )
+    return rows
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result: dict = {}
+    if not args.skip_embed:
+        result["embedding"] = bench_embedding(args)
+    if args.kmeans_sizes:
+        result["kmeans"] = bench_kmeans(args)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="rbvl bench regroup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    run(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Regroup end to end: read → embed → cluster (k by silhouette) → assign eval → write shards, report, manifest.
+
+    from rbvl.regroup import RegroupOptions, regroup
+    manifest = regroup(RegroupOptions(input=["data/llava.json"], image_root="data/images", out="shards/",
+                                      embedder="open_clip:rbvl-tiny", k="4,8"))
+
+Every record that enters leaves in exactly one shard or in rejects.jsonl with its reason; the manifest's counts
+say so (in = written + rejected, train and eval separately).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import numpy as np
+
+import rbvl
+from rbvl.records import ReadOptions, Record, Reject, read_records
+from rbvl.regroup import cluster as C
+from rbvl.regroup import report
+from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
+from rbvl.regroup.errors import RegroupError
+from rbvl.regroup.options import RegroupOptions
+from rbvl.regroup.write import cluster_name, prepare_out, save_centroids, write_manifest, write_rejects, write_shards
+
+
+def read_split(paths: list[str], opts: RegroupOptions) -> tuple[list[Record], list[Reject], int]:
+    """All records and rejects of one split, and how many items came in."""
+    read_opts = ReadOptions(
+        format=opts.format,
+        image_root=opts.image_root,
+        preset=opts.preset,
+        text_fields=opts.text_fields,
+        label_field=opts.label_field,
+    )
+    records, rejects = [], []
+    for item in read_records(paths, read_opts):
+        (rejects if isinstance(item, Reject) else records).append(item)
+    return records, rejects, len(records) + len(rejects)
+
+
+def regroup(opts: RegroupOptions) -> dict:
+    """Run Regroup with `opts` and return the manifest (also written to OUT/manifest.json, last).
+
+    Raises:
+        RegroupError: bad options, no usable records, k larger than N, an existing output without overwrite.
+        RecordsError: fatal input problems found by the reader.
+    """
+    opts.validate()
+    ks = C.parse_k(opts.k)
+    check_embedder_name(opts.embedder)  # a typo fails before any reading
+    out = prepare_out(opts.out, opts.overwrite)
+    timings: dict[str, float] = {}
+
+    # ---- read
+    t0 = time.perf_counter()
+    train, rejects_train, n_in_train = read_split(opts.input, opts)
+    evals, rejects_eval, n_in_eval = read_split(opts.eval, opts) if opts.eval else ([], [], 0)
+    train_ids = {r.id for r in train}
+    kept = []
+    for r in evals:
+        if r.id in train_ids:
+            rejects_eval.append(Reject(r.id, _source(r, "eval"), "duplicate_id", "id also in the train set"))
+        else:
+            kept.append(r)
+    evals = kept
+    if not train:
+        raise RegroupError(f"no usable train records in {', '.join(opts.input)} ({len(rejects_train)} rejected)")
+    if max(ks) > len(train):
+        raise RegroupError(f"k={max(ks)} is larger than the number of usable train records ({len(train)})")
+    timings["read_s"] = time.perf_counter() - t0
+
+    # ---- embed (train rows, then eval rows, one cache)
+    t0 = time.perf_counter()
+    embedder = load_embedder(opts.embedder, opts.combine, opts.seed, opts.device)
+    everything = train + evals
+    emb, errors, embed_stats = embed_records(
+        everything,
+        embedder,
+        out / ".cache",
+        batch_size=opts.batch_size,
+        num_workers=opts.num_workers,
+        chunk_size=opts.chunk_size,
+        resume=opts.resume,
+        key_extra=f"seed={opts.seed}",
+        progress=opts.progress,
+    )
+    timings["embed_s"] = time.perf_counter() - t0
+    ok = np.ones(len(everything), dtype=bool)
+    for row, err in errors.items():
+        ok[row] = False
+        rec = everything[row]
+        split_rejects = rejects_train if row < len(train) else rejects_eval
+        split_rejects.append(
+            Reject(rec.id, _source(rec, "train" if row < len(train) else "eval"), "unreadable_image", err)
+        )
+    train_rows = np.flatnonzero(ok[: len(train)])
+    eval_rows = len(train) + np.flatnonzero(ok[len(train) :])
+    train = [everything[i] for i in train_rows]
+    evals = [everything[i] for i in eval_rows]
+    if not train:
+        raise RegroupError("no usable train records: every image failed to decode")
+
+    # ---- cluster train, assign eval
+    t0 = time.perf_counter()
+    x_train = np.asarray(emb[train_rows], dtype=np.float32)  # (N, d)
+    x_eval = np.asarray(emb[eval_rows], dtype=np.float32)  # (N_eval, d)
+    cl = C.cluster(x_train, ks, opts.seed, opts.minibatch_above, opts.silhouette_sample, opts.progress)
+    eval_labels, eval_dist = C.assign(x_eval, cl.centroids) if len(evals) else (np.zeros(0, int), np.zeros(0))
+    train_labels_src = [r.label for r in train]
+    labels = C.label_metrics(x_train, cl.labels, train_labels_src, opts.seed, opts.silhouette_sample)
+    timings["cluster_s"] = time.perf_counter() - t0
+
+    # ---- write shards, rejects, centroids
+    t0 = time.perf_counter()
+    w_train, late = write_shards(out, "train", train, cl.labels, cl.distances, opts.maxcount, opts.progress)
+    rejects_train += late
+    w_eval, late = write_shards(out, "eval", evals, eval_labels, eval_dist, opts.maxcount, opts.progress)
+    rejects_eval += late
+    write_rejects(out, {"train": rejects_train, "eval": rejects_eval})
+    centroids = save_centroids(out, cl.centroids)
+    timings["write_s"] = time.perf_counter() - t0
+
+    # ---- manifest (last)
+    tops = C.top_labels(cl.labels, train_labels_src, cl.k)
+    examples = report.examples_per_cluster(train, cl.labels, cl.distances, cl.k)
+    clusters = []
+    for c in range(cl.k):
+        train_shards, sizes = w_train.shards(c)
+        eval_shards, eval_sizes = w_eval.shards(c)
+        clusters.append(
+            {
+                "id": c,
+                "name": cluster_name(c),
+                "train_shards": train_shards,
+                "n_train": int(sum(sizes)),
+                "eval_shards": eval_shards,
+                "n_eval": int(sum(eval_sizes)),
+                "shard_sizes": sizes,
+                "eval_shard_sizes": eval_sizes,
+                "top_labels": tops[c],
+                "examples": examples[c],
+            }
+        )
+    n_written_train = sum(c["n_train"] for c in clusters)
+    n_written_eval = sum(c["n_eval"] for c in clusters)
+    counts = {
+        "train": {"in": n_in_train, "written": n_written_train, "rejected": len(rejects_train)},
+        "eval": {"in": n_in_eval, "written": n_written_eval, "rejected": len(rejects_eval)},
+    }
+    for split, cnt in counts.items():
+        if cnt["in"] != cnt["written"] + cnt["rejected"]:  # a bug, not a user error: say it loudly
+            raise AssertionError(f"{split} counts do not add up: {cnt}")
+    manifest = {
+        "format": "rbvl-regroup/1",
+        "tool_version": rbvl.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "embedder": embedder.manifest_entry(),
+        "input": {"train": list(opts.input), "eval": list(opts.eval), "format": _input_format(train, opts)},
+        "k": cl.k,
+        "sweep": cl.sweep,
+        "centroids": centroids,
+        "clusters": clusters,
+        "eval_distribution": C.distribution(eval_labels, cl.k),
+        "train_distribution": C.distribution(cl.labels, cl.k),
+        "labels": labels,
+        "counts": counts,
+        "seed": opts.seed,
+        "clustering": {
+            "algorithm": "MiniBatchKMeans" if len(train) > opts.minibatch_above else "KMeans",
+            "metric": "euclidean on L2-normalised embeddings",
+        },
+        "rejects": "rejects.jsonl",
+    }
+    report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
+    write_manifest(out, manifest)
+    report.print_summary(manifest, {**timings, **embed_stats}, out)
+    return manifest
+
+
+def _source(rec: Record, split: str) -> str:
+    meta = getattr(rec, "meta", None) or {}
+    return str(meta.get("source") or getattr(rec, "source", None) or split)
+
+
+def _input_format(records: list[Record], opts: RegroupOptions) -> str | None:
+    if opts.format:
+        return opts.format
+    meta = getattr(records[0], "meta", None) or {}
+    fmt = meta.get("format")
+    if fmt:
+        return fmt
+    suffix = Path(opts.input[0]).suffix.lower()
+    return {".json": "llava", ".tar": "webdataset", ".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix)

