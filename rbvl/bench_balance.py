@@ -44,11 +44,8 @@ def run(args) -> dict:
     if args.hidden:
         from transformers import AutoModelForImageTextToText
 
-        config = tiny_config(processor, hidden_size=args.hidden, n_layers=args.layers)
-        config.text_config.num_attention_heads = max(4, args.hidden // 64)
-        config.text_config.num_key_value_heads = config.text_config.num_attention_heads
-        config.text_config.intermediate_size = 4 * args.hidden
-        config.text_config.vocab_size = 32000
+        # A Llama-style language model (head dim 64, MLP 4×, vocab 32k) behind the tiny vision tower.
+        config = tiny_config(processor, args.hidden, args.layers, n_heads=max(4, args.hidden // 64), vocab_size=32000)
         model = AutoModelForImageTextToText.from_config(config)
         cfg.lora = LoraConfig()  # a pretrained base: rbvl's default adapters (attention of the language model)
     model = apply_lora(model, cfg.lora)

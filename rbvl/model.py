@@ -184,7 +184,7 @@ def tiny_processor(image_size: int = 32, patch_size: int = 8):
     )
 
 
-def tiny_config(processor, hidden_size: int = 64, n_layers: int = 2):
+def tiny_config(processor, hidden_size: int = 64, n_layers: int = 2, n_heads: int = 4, vocab_size: int | None = None):
     """A LLaVA config: 2-layer Llama text model, 2-layer CLIP vision tower on 32 px images (16 image tokens)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -201,11 +201,11 @@ def tiny_config(processor, hidden_size: int = 64, n_layers: int = 2):
     )
     text = LlamaConfig(
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=2 * hidden_size if hidden_size <= 64 else 4 * hidden_size,
         num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
+        num_attention_heads=n_heads,
+        num_key_value_heads=max(1, n_heads // 2) if hidden_size <= 64 else n_heads,
+        vocab_size=vocab_size or len(tok),
         max_position_embeddings=1024,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
