@@ -65,6 +65,14 @@ class GradientTracker:
         self._sample_domains: torch.Tensor | None = None  # (B,)
         self._image_domains: torch.Tensor | None = None  # (n_images,)
         self._handles = [mod.register_forward_hook(self._make_hook(i)) for i, (_, mod) in enumerate(self.modules)]
+        self._modules_trainable = [mod.weight.requires_grad for _, mod in self.modules]
+        self._handles += [
+            mod.weight.register_hook(self._make_weight_hook(i))
+            for i, (_, mod) in enumerate(self.modules)
+            if mod.weight.requires_grad
+        ]
+        self._calls = [0] * len(self.modules)  # forward calls that will see a backward, this micro-batch
+        self._pending: dict[int, tuple[int, torch.Tensor]] = {}  # index → (skipped domain, sum of the others)
 
     # -- public API -----------------------------------------------------------------------------------------------
 
@@ -74,6 +82,8 @@ class GradientTracker:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.m):
             raise ValueError(f"domain ids must lie in [0, {self.m}), got {ids.tolist()}")
         self._sample_domains = ids
+        self._calls = [0] * len(self.modules)
+        self._pending.clear()
         self._image_domains = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten()
         if self.enabled:
             self.counts += torch.bincount(ids, minlength=self.m).double()
@@ -121,8 +131,18 @@ class GradientTracker:
         return sum(mod.weight.numel() for _, mod in self.modules)
 
     def flops_per_token(self) -> int:
-        """Extra FLOPs per token: one domain-split weight-gradient product (2 · in · out) per tracked layer."""
+        """Upper bound of the extra FLOPs per token: a domain-split weight-gradient product (2 · in · out) per layer."""
         return sum(2 * mod.weight.numel() for _, mod in self.modules)
+
+    def flops(self, domain_ids, tokens_per_sample: int) -> int:
+        """Extra FLOPs of one micro-batch: trainable layers skip the largest domain (read off autograd's gradient)."""
+        ids = torch.as_tensor(domain_ids).flatten()
+        largest = int(torch.bincount(ids).max()) if ids.numel() else 0
+        total = 0
+        for (_, mod), trainable in zip(self.modules, self._modules_trainable, strict=True):
+            samples = ids.numel() - largest if trainable else ids.numel()
+            total += 2 * mod.weight.numel() * samples * tokens_per_sample
+        return total
 
     def state_dict(self) -> dict:
         return {
@@ -146,6 +166,7 @@ class GradientTracker:
                 return
             a = args[0].detach()  # (B, T, in) or (N, in): the layer's input, after LoRA's dropout
             domains = self._domains_for(a.shape[0], self.modules[index][0])
+            self._calls[index] += 1
 
             def grad_hook(delta):  # delta: (B, T, out), the gradient of the loss w.r.t. this layer's output
                 self._accumulate(index, a, delta, domains)
@@ -153,6 +174,15 @@ class GradientTracker:
             output.register_hook(grad_hook)
 
         return forward_hook
+
+    def _make_weight_hook(self, index: int):
+        def weight_hook(grad):  # this backward's gradient of the whole weight, before it is added to .grad
+            pending = self._pending.pop(index, None)
+            if pending is not None:
+                skipped, partial = pending
+                self.sums[index][skipped] += grad.float() - partial
+
+        return weight_hook
 
     def _domains_for(self, batch_dim: int, name: str) -> torch.Tensor:
         if self._sample_domains is None:
@@ -169,13 +199,27 @@ class GradientTracker:
 
     @torch.no_grad()
     def _accumulate(self, index: int, a: torch.Tensor, delta: torch.Tensor, domains: torch.Tensor) -> None:
+        """Add each domain's δᵀa. When autograd computes this weight's gradient anyway (a trainable weight used once
+        in the micro-batch), the largest domain's part is that gradient minus the others: it costs nothing."""
         acc = self.sums[index]  # (m, out, in)
         domains = domains.to(a.device)
-        for d in torch.unique(domains).tolist():
+        present, sizes = torch.unique(domains, return_counts=True)
+        skipped = None
+        if self._modules_trainable[index] and self._calls[index] == 1:
+            skipped = int(present[sizes.argmax()])
+        partial = torch.zeros_like(acc[0]) if skipped is not None else None
+        for d in present.tolist():
+            if d == skipped:
+                continue
             rows = (domains == d).nonzero().flatten()
             a_d = a.index_select(0, rows).reshape(-1, a.shape[-1]).float()  # (n_d · T, in)
             delta_d = delta.index_select(0, rows).reshape(-1, delta.shape[-1]).float()  # (n_d · T, out)
-            acc[d] += delta_d.T @ a_d
+            part = delta_d.T @ a_d  # (out, in)
+            acc[d] += part
+            if partial is not None:
+                partial += part
+        if skipped is not None:
+            self._pending[index] = (skipped, partial)
 
 
 def select_modules(model: nn.Module, params: str | Sequence[str]) -> list[tuple[str, nn.Linear]]:

@@ -54,7 +54,7 @@ def run(args) -> dict:
     m = args.domains
     input_ids = torch.randint(10, vocab, (args.batch, args.seq))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
-    domain_ids = torch.arange(args.batch) % m
+    domain_ids = torch.randint(0, m, (args.batch,), generator=torch.Generator().manual_seed(1))  # as p = uniform draws
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     tracker = GradientTracker(model, m, params=params)
 
@@ -75,8 +75,7 @@ def run(args) -> dict:
         model(**inputs).loss.backward()
     opt.zero_grad(set_to_none=True)
     step_flops = counter.get_total_flops()
-    tokens = args.batch * args.seq
-    track_flops = tracker.flops_per_token() * tokens
+    track_flops = tracker.flops(domain_ids, args.seq)
     P = tracker.n_params
     update_flops = 2 * m * m * P + 4 * m * m  # Gram (m² dot products of length P), then G q and the softmax
     K = cfg.balance.update_every
@@ -98,6 +97,7 @@ def run(args) -> dict:
 
     on_med, off_med = statistics.median(on), statistics.median(off)
     result = {
+        "domain_ids": domain_ids.tolist(),
         "shape": f"hidden={model.config.text_config.hidden_size} layers={model.config.text_config.num_hidden_layers} "
         f"seq={args.seq} batch={args.batch} m={m} params={params}",
         "tracked_params": P,
@@ -110,7 +110,7 @@ def run(args) -> dict:
         "update_flops_fraction": update_flops / (K * step_flops),
         "total_flops_fraction": (track_flops + update_flops / K) / step_flops,
     }
-    print(f"rbvl bench balance — {result['shape']}, tracked {P:,} params, K={K}")
+    print(f"rbvl bench balance — {result['shape']}, tracked {P:,} params, K={K}, batch domains {domain_ids.tolist()}")
     print(f"  step time, balance off   {result['step_ms_off']:9.2f} ms (median of {args.steps})")
     print(f"  step time, balance on    {result['step_ms_on']:9.2f} ms")
     print(f"  wall-clock overhead      {100 * result['wallclock_overhead']:+9.3f} %  (on/off - 1)")
