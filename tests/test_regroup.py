@@ -135,7 +135,7 @@ def test_webdataset_input(tmp_path):
             buf = io.BytesIO()
             Image.new("RGB", (32, 32), (i * 15, 100, 200 - i * 10)).save(buf, format="PNG")
             conv = [
-                {"role": "user", "content": "<image>\nWhat is shown?"},
+                {"role": "user", "content": ("<image>\n" if i % 4 else "") + "What is shown?"},
                 {"role": "assistant", "content": "a square"},
             ]
             sample = {"__key__": f"s{i:03d}", "json": {"id": f"s{i:03d}", "conversation": conv, "label": f"l{i % 2}"}}
