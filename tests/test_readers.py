@@ -1,0 +1,145 @@
+"""Readers: each input format becomes Records, every bad record a Reject with its reason and source."""
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from rbvl.records import ReadOptions, Record, RecordsError, Reject, check_image, read_records, sanitize_key
+
+
+def png(color=(10, 20, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def turns(q, a, image=False):
+    return [{"from": "human", "value": ("<image>\n" if image else "") + q}, {"from": "gpt", "value": a}]
+
+
+def split(items):
+    items = list(items)
+    return [i for i in items if isinstance(i, Record)], [i for i in items if isinstance(i, Reject)]
+
+
+def test_llava_json_and_every_reason(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    rows = [
+        {"id": "ok.1", "image": "a.png", "conversations": turns("What?", "A", True), "domain": "d1"},
+        {"id": "text", "conversations": turns("Hi?", "yo"), "domain": "d2"},
+        {"id": "missing", "image": "nope.png", "conversations": turns("Q?", "A", True)},
+        {"id": "empty", "conversations": []},
+        {"id": "blank", "conversations": [{"from": "human", "value": " "}, {"from": "gpt", "value": ""}]},
+        {"id": "noanswer", "conversations": [{"from": "human", "value": "Q?"}]},
+        {"id": "badrole", "conversations": [{"from": "robot", "value": "Q?"}, {"from": "gpt", "value": "A"}]},
+        {"id": "twoplaceholders", "image": "a.png", "conversations": turns("<image> twice?", "A", True)},
+        {"id": "placeholder_no_image", "conversations": turns("Q?", "A", True)},
+        {"id": "two", "images": ["a.png", "a.png"], "conversations": turns("Q?", "A", True)},
+        {"id": "text", "conversations": turns("again", "b")},
+        {"conversations": turns("no id", "b")},
+    ]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows))
+    records, rejects = split(read_records([str(path)]))
+    assert [r.id for r in records] == ["ok.1", "text"]
+    ok = records[0]
+    assert ok.conversation[0] == {"role": "user", "content": "<image>\nWhat?"} and ok.label == "d1"
+    assert ok.text == "What?" and ok.image is None and ok.load_image() == (png(), "png")
+    assert records[1].load_image() is None
+    reasons = {r.id: r.reason for r in rejects}
+    assert reasons == {
+        "missing": "missing_image",
+        "empty": "empty_conversation",
+        "blank": "empty_conversation",
+        "noanswer": "malformed_conversation",
+        "badrole": "malformed_conversation",
+        "twoplaceholders": "image_placeholder_mismatch",
+        "placeholder_no_image": "image_placeholder_mismatch",
+        "two": "multiple_images",
+        "text": "duplicate_id",
+        None: "missing_field",
+    }
+    assert all(r.source.startswith(str(path) + "[") for r in rejects)
+    assert len(records) + len(rejects) == len(rows)
+
+
+def test_jsonl_bad_line_and_image_root(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "x.png").write_bytes(png())
+    lines = [
+        json.dumps({"id": "a", "image": "x.png", "conversations": turns("Q", "A", True)}),
+        "{oops",
+        json.dumps({"id": "b", "conversations": turns("Q", "A")}),
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    records, rejects = split(read_records(str(path), ReadOptions(image_root=str(tmp_path / "imgs"))))
+    assert [r.id for r in records] == ["a", "b"]
+    assert [(r.reason, r.source) for r in rejects] == [("bad_json", f"{path}:2")]
+
+
+def test_webdataset_shards(tmp_path):
+    with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:
+        sink.write({"__key__": "k0", "png": png(), "txt": "a red square"})
+        sink.write(
+            {
+                "__key__": "k1",
+                "json": {
+                    "id": "r1",
+                    "conversation": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+                    "label": "greet",
+                },
+            }
+        )
+        sink.write({"__key__": "k2", "png": png()})
+    records, rejects = split(read_records(str(tmp_path)))
+    assert [r.id for r in records] == ["k0", "r1"]
+    assert records[0].image == png() and records[0].conversation[1]["content"] == "a red square"
+    assert records[1].label == "greet"
+    assert [(r.id, r.reason) for r in rejects] == [("k2", "missing_field")]
+
+
+def test_s1_preset_jsonl_and_parquet(tmp_path):
+    rows = [
+        {
+            "question": f"What is {i}+1?",
+            "solution": str(i + 1),
+            "thinking_trajectories": ["Add one.", "Done."],
+            "attempt": f"**{i + 1}**",
+            "cot_type": "math",
+            "source_type": f"src/{i % 2}",
+            "metadata": "{}",
+        }
+        for i in range(4)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s1.parquet")
+    (tmp_path / "s1.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name in ("s1.parquet", "s1.jsonl"):
+        records, rejects = split(read_records(str(tmp_path / name), ReadOptions(preset="s1")))
+        assert not rejects and len(records) == 4
+        r = records[1]
+        assert r.label == "src/1" and r.text == "What is 1+1?" and r.image is None
+        assert r.conversation[1]["content"] == "Add one.\nDone.\n\n**2**"
+        assert r.id == f"{name.split('.')[0]}-1"
+    records, _ = split(read_records(str(tmp_path / "s1.jsonl"), ReadOptions(preset="s1", with_trajectory=True)))
+    assert records[0].text == "What is 0+1?\nAdd one.\nDone."
+
+
+def test_fatal_inputs_are_one_line(tmp_path):
+    with pytest.raises(RecordsError, match="no input matches"):
+        list(read_records(str(tmp_path / "nothing*.json")))
+    (tmp_path / "broken.json").write_text('[{"id": 1,\n oops]')
+    with pytest.raises(RecordsError, match=r"broken.json: not valid JSON \(line 2"):
+        list(read_records(str(tmp_path / "broken.json")))
+
+
+def test_check_image_and_keys():
+    assert check_image(png()) is None and "Error" in check_image(b"\x89PNG nope")
+    keys = {sanitize_key(x) for x in ("a.b", "a_b", "a/b", "a b", "ab")}
+    assert len(keys) == 5 and all("." not in k and "/" not in k for k in keys)
+    assert sanitize_key("plain-id_1") == "plain-id_1"
