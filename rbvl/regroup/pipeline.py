@@ -51,7 +51,9 @@ def regroup(opts: RegroupOptions) -> dict:
     opts.validate()
     ks = C.parse_k(opts.k)
     check_embedder_name(opts.embedder)  # a typo fails before any reading
-    out = prepare_out(opts.out, opts.overwrite)
+    rank, world = _distributed()
+    out = prepare_out(opts.out, opts.overwrite) if rank == 0 else Path(opts.out)
+    _barrier(world)
     timings: dict[str, float] = {}
 
     # ---- read
@@ -76,17 +78,21 @@ def regroup(opts: RegroupOptions) -> dict:
     t0 = time.perf_counter()
     embedder = load_embedder(opts.embedder, opts.combine, opts.seed, opts.device)
     everything = train + evals
-    emb, errors, embed_stats = embed_records(
-        everything,
-        embedder,
-        out / ".cache",
+    embed = dict(
+        embedder=embedder,
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
         chunk_size=opts.chunk_size,
         resume=opts.resume,
         key_extra=f"seed={opts.seed}",
-        progress=opts.progress,
     )
+    if world == 1:
+        emb, errors, embed_stats = embed_records(everything, cache_dir=out / ".cache", progress=opts.progress, **embed)
+    else:
+        emb, errors, embed_stats = _embed_across_ranks(everything, out, rank, world, opts.progress, embed)
+        if rank != 0:  # rank 0 clusters and writes; the others are done
+            _barrier(world)
+            return {}
     timings["embed_s"] = time.perf_counter() - t0
     ok = np.ones(len(everything), dtype=bool)
     for row, err in errors.items():
@@ -177,7 +183,56 @@ def regroup(opts: RegroupOptions) -> dict:
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
     write_manifest(out, manifest)
     report.print_summary(manifest, {**timings, **embed_stats}, out)
+    _barrier(world)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Embedding across the processes of torchrun
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) when launched by torchrun (a gloo group is started if none is), else (0, 1)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _embed_across_ranks(records: list, out: Path, rank: int, world: int, progress: bool, embed: dict):
+    """Each rank embeds a contiguous share of the rows into its own cache part; rank 0 then reads every part.
+
+    The parts are ordinary resumable caches, so rank 0 reading them re-embeds nothing, and an interrupted
+    multi-process run resumes part by part.
+    """
+    bounds = np.linspace(0, len(records), world + 1).astype(int)
+    parts = [(bounds[r], bounds[r + 1], out / ".cache" / f"part-{r:03d}-of-{world:03d}") for r in range(world)]
+    lo, hi, cache = parts[rank]
+    _, _, mine = embed_records(records[lo:hi], cache_dir=cache, progress=progress and rank == 0, **embed)
+    _barrier(world)
+    if rank != 0:
+        return None, None, mine
+    pieces, errors = [], {}
+    for lo, hi, cache in parts:
+        emb, errs, _ = embed_records(records[lo:hi], cache_dir=cache, progress=False, **embed)
+        pieces.append(np.asarray(emb))
+        errors.update({lo + row: msg for row, msg in errs.items()})
+    stats = {"embedded": mine["embedded"], "reused": mine["reused"], "ranks": world}  # rank 0's own share
+    return np.concatenate(pieces), errors, stats
 
 
 def _source(rec: Record, split: str) -> str:
