@@ -22,11 +22,17 @@ def plot_run(run_dir: str | Path, domain_names: list[str]) -> list[Path]:
 
     balance = read_metrics(run_dir, "balance")
     if balance:
-        steps = [0] + [r["step"] for r in balance]
-        p = np.array([balance[0]["p_before"]] + [r["p"] for r in balance])  # (updates + 1, m)
+        last = max([r["step"] for r in read_metrics(run_dir)] + [balance[-1]["step"]])
+        steps = [0] + [r["step"] for r in balance] + [last]  # each p holds from its update to the next
+        p = np.array([balance[0]["p_before"]] + [r["p"] for r in balance] + [balance[-1]["p"]])  # (updates + 2, m)
+        starts, widths = np.array(steps[:-1]), np.diff(steps)  # p[j] holds over [steps[j], steps[j + 1])
+        bottom = np.zeros(len(starts))
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.stackplot(steps, p.T, labels=domain_names, colors=colors, step="post")
+        for i, name in enumerate(domain_names):
+            ax.bar(starts, p[:-1, i], widths, bottom=bottom, align="edge", color=colors[i], label=name, linewidth=0)
+            bottom += p[:-1, i]
         ax.set(xlabel="optimizer step", ylabel="proportion p", title="Domain proportions over training", ylim=(0, 1))
+        ax.set_xlim(0, last)
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         written.append(_save(fig, run_dir / "proportions.png"))
 
