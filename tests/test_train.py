@@ -64,6 +64,12 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
     assert all(x is not None for x in evals[-1]["loss_per_domain"])
     assert summary["eval"]["loss"] == evals[-1]["loss"]
 
+    # `rbvl eval` reloads the checkpoint (base + adapter) and finds the same per-domain losses
+    from rbvl.evaluate import evaluate_run
+
+    again = evaluate_run(run)
+    assert again["loss_per_domain"] == pytest.approx(evals[-1]["loss_per_domain"], rel=1e-5)
+
 
 def test_resume_is_exact(tmp_path, tiny_manifest):
     full = train(config(tmp_path / "a", tiny_manifest))
