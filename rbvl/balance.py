@@ -335,6 +335,21 @@ class Balancer:
         self.proportions = [1.0 / n_domains] * n_domains
         self.history: list[tuple[int, list[float]]] = []
 
+    @classmethod
+    def from_config(cls, n_domains: int, config, target=None, lag: int = 0) -> Balancer:
+        """From anything with BalanceConfig's fields (rbvl.config.BalanceConfig; duck-typed, so torch stays the only
+        import here)."""
+        return cls(
+            n_domains,
+            target=target,
+            update_every=config.update_every,
+            lam=config.lam,
+            warmup_steps=config.warmup_steps,
+            floor=config.floor,
+            smoothing=config.smoothing,
+            lag=lag,
+        )
+
     def step(self, global_step: int, tracker: GradientTracker) -> dict | None:
         if global_step <= self.warmup_steps:
             if global_step == self.warmup_steps:

@@ -74,15 +74,7 @@ def train(cfg: RunConfig) -> dict:
 
     rnb = cfg.mixing.strategy == "rnb"
     tracker = GradientTracker(model, m, params=cfg.balance.params) if rnb else None
-    balancer = Balancer(
-        m,
-        target=target,
-        update_every=cfg.balance.update_every,
-        lam=cfg.balance.lam,
-        warmup_steps=cfg.balance.warmup_steps,
-        floor=cfg.balance.floor,
-        smoothing=cfg.balance.smoothing,
-    )
+    balancer = Balancer.from_config(m, cfg.balance, target=target)
     ddp_model = dist.wrap(model)
 
     collator = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)

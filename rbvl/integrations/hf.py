@@ -63,16 +63,7 @@ class BalanceMixin:
         self.n_domains = n_domains
         ahead = self.args.dataloader_num_workers * (self.args.dataloader_prefetch_factor or 2)
         lag = 1 + math.ceil(ahead / self.args.gradient_accumulation_steps)
-        self.balancer = Balancer(
-            n_domains,
-            target=target,
-            update_every=balance.update_every,
-            lam=balance.lam,
-            warmup_steps=balance.warmup_steps,
-            floor=balance.floor,
-            smoothing=balance.smoothing,
-            lag=lag,
-        )
+        self.balancer = Balancer.from_config(n_domains, balance, target=target, lag=lag)
         self.tracker = GradientTracker(self.model, n_domains, params=balance.params)
         self.data_collator = DomainCollator(self.data_collator, domain_column)
         self.add_callback(_BalanceCallback(self))
