@@ -109,6 +109,10 @@ def train(cfg: RunConfig) -> dict:
     )
     batches = iter(loader)
     autocast = autocast_context(cfg.train.precision, dist.device)
+    # fp16 needs loss scaling; the tracker then sees scaled gradients too, which leaves p unchanged (p depends on
+    # the direction of G q) unless the scale changes inside a window. bf16 needs none and is the better choice.
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.precision == "fp16")
+    result = None
     progress = tqdm(
         total=cfg.max_steps, initial=step, desc="train", disable=not (dist.is_main and cfg.logging.progress)
     )
@@ -131,12 +135,14 @@ def train(cfg: RunConfig) -> dict:
             with dist.no_sync(ddp_model, sync), autocast:
                 out = ddp_model(**inputs)
                 loss = out.loss / cfg.train.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
             window.add(out.logits.detach(), inputs["labels"], domain_ids)
 
         if cfg.optim.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -189,6 +195,8 @@ def train(cfg: RunConfig) -> dict:
     if dist.is_main and cfg.logging.plots:
         plots = plot_run(run_dir, names)
         log.info("plots: %s", ", ".join(str(p) for p in plots))
+    if result is None:  # resumed a run that had already reached max_steps
+        result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
     summary = {"eval": result, "proportions": balancer.history, "run_dir": str(run_dir)}
     del ddp_model, model, optimizer
     dist.close()

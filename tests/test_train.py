@@ -90,6 +90,8 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest):
     train(cfg)
     with pytest.raises(Exception, match="already holds a run"):
         train(cfg)
+    done = train(config(tmp_path, tiny_manifest, "max_steps=2", "train.save_every=0", "eval.every=0", "resume=true"))
+    assert done["eval"]["loss"] > 0, "resuming a finished run evaluates and returns"
 
 
 def test_cli_train_stratified(tmp_path, tiny_manifest):
