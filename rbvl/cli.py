@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("validate", cmd_validate, "check a recipe (and overrides) without running it"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("recipe", help="recipe YAML (see recipes/)")
+        p.add_argument("recipe", help="recipe YAML (see recipes/); validate takes several")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. balance.lam=5")
         p.add_argument("--help-config", action="store_true", help="list every recipe key with its default and meaning")
         p.set_defaults(func=func)
@@ -98,16 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args) -> int:
-    from rbvl.config import load_config
+    """`rbvl validate recipes/*.yaml [key=value ...]`: every recipe given, each with the same overrides."""
+    from rbvl.config import ConfigError, load_config
 
     if args.help_config:
         return _print_config_help()
-    cfg = load_config(args.recipe, args.overrides)
-    print(
-        f"{args.recipe}: ok (model={cfg.model.name}, mixing={cfg.mixing.strategy}, max_steps={cfg.max_steps}, "
-        f"manifest={cfg.manifest or '-'})"
-    )
-    return 0
+    recipes = [args.recipe] + [o for o in args.overrides if "=" not in o]
+    overrides = [o for o in args.overrides if "=" in o]
+    failed = 0
+    for recipe in recipes:
+        try:
+            cfg = load_config(recipe, overrides)
+        except ConfigError as e:
+            if len(recipes) == 1:
+                raise
+            print(f"rbvl: error: {recipe}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(
+            f"{recipe}: ok (model={cfg.model.name}, mixing={cfg.mixing.strategy}, max_steps={cfg.max_steps}, "
+            f"manifest={cfg.manifest or '-'})"
+        )
+    return 2 if failed else 0
 
 
 def cmd_train(args) -> int:
