@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help=doc["preset"])
     p.add_argument("--text-fields", help=doc["text_fields"] + " (comma-separated)")
     p.add_argument("--label-field", help=doc["label_field"])
+    p.add_argument("--with-trajectory", action="store_true", help=doc["with_trajectory"])
     p.add_argument("--embedder", help=doc["embedder"] + f" (default {RegroupOptions.embedder})")
     p.add_argument("--combine", choices=["mean", "concat", "image", "text"], help=doc["combine"])
     p.add_argument("--k", help=doc["k"] + " (default 4,8,16,32)")

@@ -35,6 +35,8 @@ class RegroupOptions:
     """Record fields whose text is embedded (default: the reader's)."""
     label_field: str | None = None
     """Field holding the source's own domain label."""
+    with_trajectory: bool = False
+    """s1 preset: embed the question together with its thinking trajectory."""
     embedder: str = "open_clip:ViT-B-32/laion2b_s34b_b79k"
     """open_clip:MODEL[/PRETRAINED], hf:MODEL_ID_OR_PATH or sentence-transformers:MODEL_ID_OR_PATH."""
     combine: str = "mean"

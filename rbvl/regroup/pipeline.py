@@ -34,6 +34,7 @@ def read_split(paths: list[str], opts: RegroupOptions) -> tuple[list[Record], li
         preset=opts.preset,
         text_fields=opts.text_fields,
         label_field=opts.label_field,
+        with_trajectory=opts.with_trajectory,
     )
     records, rejects = [], []
     for item in read_records(paths, read_opts):
