@@ -238,6 +238,14 @@ def decode(sample: dict) -> dict:
     return {"id": meta.get("id", sample["__key__"]), "conversation": meta["conversation"], "image": image}
 
 
+def decode_or_none(sample: dict) -> dict | None:
+    try:
+        return decode(sample)
+    except Exception as e:  # noqa: BLE001 - bad JSON, a broken image: any of them only loses this sample
+        log.warning("skipping shard sample %s: %s: %s", sample.get("__key__"), type(e).__name__, e)
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The stream
 # ---------------------------------------------------------------------------------------------------------------------
@@ -329,8 +337,17 @@ class MixtureStream(IterableDataset):
             while batch is None:  # a batch whose samples were all too long is drawn again
                 ids = rng.choice(m, size=self.batch_size, p=self.schedule.at(index))
                 np.add.at(drawn, ids, 1)
-                samples = [decode(next(sources[d])) for d in ids]
-                batch, stats = self.collate(samples, ids.tolist())
+                samples, kept = [], []
+                for d in ids.tolist():
+                    sample = decode_or_none(next(sources[d]))
+                    if sample is None:  # a sample that no longer decodes is skipped and counted, never a crash
+                        dropped += 1
+                        continue
+                    samples.append(sample)
+                    kept.append(d)
+                if not samples:
+                    continue
+                batch, stats = self.collate(samples, kept)
                 truncated += stats["truncated"]
                 dropped += stats["dropped"]
             batch.update(

@@ -262,3 +262,26 @@ def test_decode(domains):
     sample = next(read_shard(domains.domains[0].train_shards[0]))
     record = decode(sample)
     assert record["image"].size == (32, 32) and record["conversation"][0]["role"] == "user"
+
+
+def test_a_broken_sample_is_skipped_and_counted(tmp_path, processor):
+    import io
+    import json
+
+    import webdataset as wds
+
+    path = write_tiny_manifest(tmp_path / "s", n_domains=1, n_train=4, n_eval=1)
+    shard = next((tmp_path / "s" / "train" / "cluster_000").glob("*.tar"))
+    conv = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}]
+    with wds.TarWriter(str(shard)) as sink:  # replace the first shard: one good sample, one broken image
+        good = io.BytesIO()
+        from PIL import Image
+
+        Image.new("RGB", (32, 32)).save(good, format="PNG")
+        sink.write({"__key__": "good", "png": good.getvalue(), "json": json.dumps({"conversation": conv}).encode()})
+        sink.write({"__key__": "bad", "png": b"\x89PNG broken", "json": json.dumps({"conversation": conv}).encode()})
+    stream, _ = make_stream(load_domains(path), processor, [1.0], batch_size=4, shuffle_buffer=1)
+    batch = next(iter(loader(stream, 0)))
+    stream.consumed(batch)
+    assert stream.pop_counts()["dropped"] >= 1
+    assert len(batch["domain_ids"]) >= 1
