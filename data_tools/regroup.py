@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside DataLoader workers
     from rbvl.records import RecordsError
     from rbvl.regroup import RegroupError, load_options, regroup
+    from rbvl.regroup.pipeline import close_distributed
 
     try:
         regroup(load_options(config, args))
+        close_distributed()  # under torchrun; a no-op on one process
     except (RegroupError, RecordsError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
