@@ -125,10 +125,8 @@ class GradientTracker:
         self._scale = 1.0  # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch)
         self.skipped_steps = 0
         self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
-        self._originals = []
-        for i, (_, mod) in enumerate(self.modules):
-            self._originals.append(mod.__dict__.get("forward"))
-            mod.forward = self._make_forward(i, mod)
+        self._originals: list | None = None
+        self.attach()
 
     def _zeros(self, dev) -> list[torch.Tensor]:
         if self.sketches is None:
@@ -239,14 +237,24 @@ class GradientTracker:
             s.zero_()
         self.tokens.zero_()
 
+    def attach(self) -> None:
+        """Route the tracked layers through the tracker (done on construction; again after `remove`)."""
+        if self._originals is not None:
+            return
+        self._originals = [mod.__dict__.get("forward") for _, mod in self.modules]
+        for i, (_, mod) in enumerate(self.modules):
+            mod.forward = self._make_forward(i, mod)
+
     def remove(self) -> None:
-        """Give the tracked layers back their own forward."""
+        """Give the tracked layers back their own forward (the accumulators stay; `attach` resumes tracking)."""
+        if self._originals is None:
+            return
         for (_, mod), orig in zip(self.modules, self._originals, strict=True):
             if orig is None:
                 mod.__dict__.pop("forward", None)
             else:
                 mod.forward = orig
-        self._originals = [None] * len(self.modules)
+        self._originals = None
 
     def __enter__(self):
         return self
