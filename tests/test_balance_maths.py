@@ -271,8 +271,8 @@ def test_a_domain_missing_from_a_window_keeps_its_last_gradient():
     tracker.reset()
     train_window(model, tracker, WINDOW[1:])  # domains 0 and 2 only
     assert tracker.stale() == [1]
-    torch.testing.assert_close(tracker.domain_grads()[1], g1)
-    G = tracker.gram()
+    assert tracker.domain_grads()[1].abs().sum() == 0, "the window has no gradient of domain 1"
+    G = tracker.gram()  # ... but G holds its last seen one (exact here: the store's sketch is larger than P)
     assert G[1, 1] == pytest.approx(float(g1.double() @ g1.double()), rel=1e-6) and G[1, 0] != 0
     p, info = update_proportions_with_info(G, None, 3.0)
     assert info["unseen"] == [] and torch.isfinite(p).all()
