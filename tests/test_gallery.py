@@ -23,7 +23,7 @@ from PIL import Image
 
 from data_tools.regroup import main as regroup_main
 from rbvl.cli import main as rbvl_main
-from rbvl.regroup.gallery import cluster_silhouettes, write_gallery
+from rbvl.regroup.gallery import cluster_silhouettes, tar_members, write_gallery
 
 HOSTILE = '<script>alert("x")</script> & <b>not bold</b>'
 
@@ -197,6 +197,21 @@ def test_rebuild_with_and_without_cached_embeddings(regrouped, tmp_path, capsys)
     assert Page((out / "gallery" / "index.html").read_text()).sections == Page(before).sections  # same cards
     assert "Silhouettes not available" not in (out / "gallery" / "index.html").read_text()
 
+    # torchrun's cache: one part per rank, read as one
+    cache = out / ".cache"
+    ids, x = json.loads((cache / "ids.json").read_text()), np.load(cache / "embeddings.npy")
+    for r, (lo, hi) in enumerate([(0, 30), (30, len(ids))]):
+        part = cache / f"part-{r:03d}-of-002"
+        part.mkdir()
+        (part / "ids.json").write_text(json.dumps(ids[lo:hi]))
+        np.save(part / "embeddings.npy", x[lo:hi])
+        (part / "progress.json").write_text(json.dumps({"done": hi - lo}))
+        (part / "meta.json").write_text((cache / "meta.json").read_text())
+    for name in ("ids.json", "embeddings.npy", "progress.json", "meta.json"):
+        (cache / name).unlink()
+    assert rbvl_main(["gallery", str(out)]) == 0
+    assert (out / "gallery" / "index.html").read_text().split("</nav>")[0] == before.split("</nav>")[0]  # silhouettes
+
     shutil.rmtree(out / ".cache")  # only the shards and manifest left: still a full page, from stored distances
     assert rbvl_main(["gallery", str(out), "--nearest", "3", "--random", "2"]) == 0
     page = check_page(out, 3, 2)
@@ -204,6 +219,33 @@ def test_rebuild_with_and_without_cached_embeddings(regrouped, tmp_path, capsys)
     assert "Silhouettes not available: the embeddings are not on disk" in text
     assert len(page.sections) == json.loads((out / "manifest.json").read_text())["k"]
     assert (out / "gallery" / "projection.png").is_file()  # the centroids' projection
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_members_match_tarfile(tmp_path, fmt):
+    path = tmp_path / "a.tar"
+    names = ["k1.json", "k1.png", "dir/" + "x" * 120 + ".json", "é-ü.txt", "d" * 90 + "/" + "e" * 90 + ".jpg", "empty"]
+    if fmt == tarfile.USTAR_FORMAT:  # ustar has no long names, only a 155-byte folder prefix
+        names[2] = "dir/short.json"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for i, name in enumerate(names):
+            data = bytes(range(256)) * i + b"z" * (i * 97)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+            if i == 2:  # a folder member is not a file
+                folder = tarfile.TarInfo("a-folder")
+                folder.type = tarfile.DIRTYPE
+                tf.addfile(folder)
+    with tarfile.open(path) as tf:
+        want = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    with open(path, "rb") as f:
+        assert list(tar_members(f)) == want
+    broken = bytearray(path.read_bytes())
+    broken[600] ^= 0xFF  # a byte of the second header: its checksum no longer matches
+    (tmp_path / "b.tar").write_bytes(bytes(broken))
+    with open(tmp_path / "b.tar", "rb") as f, pytest.raises(tarfile.ReadError, match="bad tar header"):
+        list(tar_members(f))
 
 
 def test_text_only_and_minimal_manifest(tmp_path):
