@@ -555,6 +555,7 @@ def _plots(folder: Path, out: Path, manifest: dict, x, labels, views, note: str)
                    c=[colour(c) for c in range(len(xy))], alpha=0.6)  # fmt: skip
         for c, at in enumerate(xy):
             ax.annotate(str(c), at, ha="center", va="center", fontsize=9, weight="bold")
+        ax.margins(0.18)  # room for the largest discs
         ax.set_title("PCA of the centroids (area ∝ cluster size)")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -687,7 +688,8 @@ def render(manifest, views, cards, figures, note, problems, have_embeddings) -> 
     # k sweep and plots
     sweep = manifest.get("sweep") or []
     if sweep or figures:
-        parts.append('<h2>k sweep and projection</h2><div class="figs">')
+        title = "k sweep" + (" and projection" if figures and figures[-1][0] == "projection.png" else "")
+        parts.append(f'<h2>{title if sweep else "Projection"}</h2><div class="figs">')
     if sweep:
         parts.append("<div><table><tr><th>k</th><th>silhouette</th><th>inertia</th></tr>")
         for s in sweep:
