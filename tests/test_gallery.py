@@ -23,7 +23,7 @@ from PIL import Image
 
 from data_tools.regroup import main as regroup_main
 from rbvl.cli import main as rbvl_main
-from rbvl.regroup.gallery import cluster_silhouettes, tar_members, write_gallery
+from rbvl.regroup.gallery import Card, ClusterView, _keep, cluster_silhouettes, tar_members, write_gallery
 
 HOSTILE = '<script>alert("x")</script> & <b>not bold</b>'
 
@@ -174,6 +174,21 @@ def _slow_silhouettes(x: np.ndarray, labels: np.ndarray) -> list[float]:
         b = min(d[labels == c].mean() for c in range(k) if c != labels[i] and (labels == c).any())
         s[i] = (b - a) / max(a, b)
     return [float(s[labels == c].mean()) for c in range(k)]
+
+
+def test_random_sample_is_uniform():
+    """Each of 40 samples enters a 4-card reservoir with probability 4/40 (2,000 seeds; 5 standard deviations)."""
+    import random
+
+    counts = np.zeros(40)
+    for seed in range(2000):
+        view, rng = ClusterView(0), random.Random(seed)
+        for i in range(40):
+            _keep(view, Card(key=str(i), id=str(i), label=None, distance=float(i), meta={}), i, 3, 4, rng)
+        counts[[int(card.key) for card in view.pool]] += 1
+        assert [card.key for _, _, card in sorted(view.nearest, reverse=True)] == ["0", "1", "2"]
+    expected, sd = 2000 * 4 / 40, np.sqrt(2000 * 0.1 * 0.9)
+    assert np.abs(counts - expected).max() < 5 * sd, counts
 
 
 def test_cluster_silhouettes_matches_definition():

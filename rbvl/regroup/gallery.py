@@ -118,7 +118,7 @@ def write_gallery(
     manifest = manifest if manifest is not None else read_manifest(out)
     if n_nearest < 0 or n_random < 0 or sample < 0:
         raise RegroupError("n_nearest, n_random and sample must be >= 0")
-    k = len(manifest["clusters"])
+    k = max((int(e.get("id", i)) for i, e in enumerate(manifest["clusters"])), default=-1) + 1
     seed = int(manifest.get("seed", 0))
     tmp = out / "gallery.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -281,40 +281,41 @@ def scan_shards(out: Path, manifest: dict, n_nearest: int, n_random: int, seed: 
     rng = random.Random(seed)
     views, ids, clusters = [], [], []
     order = 0
-    for entry in manifest["clusters"]:
-        c = int(entry["id"])
+    for i, entry in enumerate(manifest["clusters"]):
+        c = int(entry.get("id", i))
         view = ClusterView(c)
         views.append(view)
         for rel in entry.get("train_shards", []):
-            path = out / rel
             try:
-                samples = list(_cards(path))
+                for card in _cards(out / rel):  # streamed: a shard's samples are never all held
+                    if isinstance(card, str):
+                        problems.append(f"{rel}: {card}")
+                        continue
+                    ids.append(card.id)
+                    clusters.append(c)
+                    order += 1
+                    _keep(view, card, order, n_nearest, n_nearest + n_random, rng)
             except (OSError, tarfile.TarError) as e:
                 problems.append(f"{rel}: cannot be read ({e})")
-                continue
-            for card in samples:
-                if isinstance(card, str):
-                    problems.append(f"{rel}: {card}")
-                    continue
-                ids.append(card.id)
-                clusters.append(c)
-                view.n += 1
-                view.n_images += card.image is not None
-                view.sum_distance += card.distance
-                order += 1
-                item = (-card.distance, -order, card)  # ties: the earlier sample stays
-                if len(view.nearest) < n_nearest:
-                    heapq.heappush(view.nearest, item)
-                elif n_nearest and item > view.nearest[0]:
-                    heapq.heapreplace(view.nearest, item)
-                size = n_nearest + n_random  # room to draw n_random that are not among the nearest
-                if len(view.pool) < size:
-                    view.pool.append(card)
-                else:
-                    j = rng.randrange(view.n)
-                    if j < size:
-                        view.pool[j] = card
     return views, ids, np.asarray(clusters, dtype=np.int64)
+
+
+def _keep(view: ClusterView, card: Card, order: int, n_nearest: int, pool_size: int, rng: random.Random) -> None:
+    """Count `card` in its cluster; keep it if it is among the nearest so far, or drawn into the reservoir."""
+    view.n += 1
+    view.n_images += card.image is not None
+    view.sum_distance += card.distance
+    item = (-card.distance, -order, card)  # a heap of the nearest, farthest on top; ties: the earlier sample stays
+    if len(view.nearest) < n_nearest:
+        heapq.heappush(view.nearest, item)
+    elif n_nearest and item > view.nearest[0]:
+        heapq.heapreplace(view.nearest, item)
+    if len(view.pool) < pool_size:  # room to draw n_random that are not among the nearest
+        view.pool.append(card)
+    else:
+        j = rng.randrange(view.n)
+        if j < pool_size:
+            view.pool[j] = card
 
 
 def _cards(path: Path):
