@@ -325,8 +325,8 @@ def _chromium() -> str | None:
 
 
 def _render(browser: str, page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
-           "--v=0", f"--user-data-dir={profile}", *extra, page.as_uri()]  # fmt: skip
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", *extra, page.as_uri()]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
