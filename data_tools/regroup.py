@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="always re-embed from scratch")
     p.add_argument("--overwrite", action="store_true", help=doc["overwrite"])
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    p.add_argument("--no-gallery", dest="gallery", action="store_false", help="skip gallery/index.html")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 

@@ -6,6 +6,7 @@ rbvl eval RUN_DIR [--checkpoint N]         per-domain eval loss of a run's check
 rbvl compare RUN_DIR RUN_DIR ...           per-domain eval losses of runs side by side
 rbvl bench regroup | balance ...           speed figures, measured side by side in one run
 rbvl export CHECKPOINT --merge OUT         merge the LoRA adapter into a standalone model
+rbvl gallery SHARDS_DIR                    (re)build SHARDS_DIR/gallery/index.html, the clusters by eye
 """
 
 from __future__ import annotations
@@ -82,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model into")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("gallery", help="(re)build the cluster gallery (gallery/index.html) of a regroup output")
+    p.add_argument("shards", help="the regroup output folder (holding manifest.json)")
+    p.add_argument("--nearest", type=int, default=12, help="cards per cluster nearest its centroid (default 12)")
+    p.add_argument("--random", type=int, default=12, help="cards per cluster drawn at random (default 12)")
+    p.add_argument("--sample", type=int, default=10_000, help="rows behind silhouettes and projection (default 10000)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the k sweep and projection PNGs")
+    p.set_defaults(func=cmd_gallery)
+
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(metavar="WHAT")
     for name, (module, text) in BENCHMARKS.items():
@@ -153,6 +162,19 @@ def cmd_export(args) -> int:
 
     out = export_merged(args.checkpoint, args.merge)
     print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_gallery(args) -> int:
+    from rbvl.regroup.errors import RegroupError
+    from rbvl.regroup.gallery import write_gallery
+
+    try:
+        page = write_gallery(args.shards, n_nearest=args.nearest, n_random=args.random, sample=args.sample,
+                             plots=args.plots)  # fmt: skip
+    except RegroupError as e:
+        raise CliError(str(e)) from None
+    print(f"gallery written to {page}")
     return 0
 
 

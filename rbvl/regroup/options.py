@@ -65,6 +65,8 @@ class RegroupOptions:
     """Torch device for the embedder."""
     plots: bool = True
     """Write PNG plots beside summary.md."""
+    gallery: bool = True
+    """Write gallery/index.html: thumbnails and captions per cluster, to judge the clusters by eye."""
     progress: bool = True
     """Show tqdm progress bars."""
 

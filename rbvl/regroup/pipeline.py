@@ -19,7 +19,7 @@ import numpy as np
 import rbvl
 from rbvl.records import ReadOptions, Record, Reject, read_records
 from rbvl.regroup import cluster as C
-from rbvl.regroup import report
+from rbvl.regroup import gallery, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.options import RegroupOptions
@@ -184,6 +184,7 @@ def regroup(opts: RegroupOptions) -> dict:
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
     write_manifest(out, manifest)
     report.print_summary(manifest, {**timings, **embed_stats}, out)
+    gallery.after_regroup(out, manifest, [r.id for r in train], x_train, opts.gallery, opts.plots)  # OUT/gallery/
     _barrier(world)
     return manifest
 
