@@ -6,6 +6,7 @@ rbvl eval RUN_DIR [--checkpoint N]         per-domain eval loss of a run's check
 rbvl compare RUN_DIR RUN_DIR ...           per-domain eval losses of runs side by side
 rbvl bench regroup | balance ...           speed figures, measured side by side in one run
 rbvl export CHECKPOINT --merge OUT         merge the LoRA adapter into a standalone model
+rbvl experiment EXPERIMENT.yaml            a grid of runs (domains × strategy × seed) and its report
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model into")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("experiment", help="run a grid of runs (domains × strategy × seed) and write its report")
+    p.add_argument("experiment", help="EXPERIMENT.yaml (see experiments/)")
+    p.add_argument("--out", help="report folder (default: the file's `out`)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, run nothing")
+    p.set_defaults(func=cmd_experiment)
+
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(metavar="WHAT")
     for name, (module, text) in BENCHMARKS.items():
@@ -153,6 +160,14 @@ def cmd_export(args) -> int:
 
     out = export_merged(args.checkpoint, args.merge)
     print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from rbvl.experiment import run_experiment
+
+    report = run_experiment(args.experiment, out=args.out, report_only=args.report_only)
+    print(f"report: {report}")
     return 0
 
 
