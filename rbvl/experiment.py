@@ -36,6 +36,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -200,6 +201,21 @@ def expand(spec: ExperimentSpec, cells: list[CellSpec]) -> list[Cell]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 writes manifests written here and results."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _wait_for(path: Path, timeout_s: float = 3600.0) -> Path:
+    """Ranks > 0 wait for rank 0's manifest (written last, so its presence means the shards are complete)."""
+    t0 = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - t0 > timeout_s:
+            raise ConfigError(f"rank {_rank()}: gave up waiting {timeout_s:.0f} s for {path} from rank 0")
+        time.sleep(2.0)
+    return path
+
+
 def regrouped_manifest(spec: ExperimentSpec, k: int, out: Path) -> Path:
     """The manifest of the records regrouped at k (reused when it is already there)."""
     given = spec.data.regrouped.get(str(k))
@@ -220,6 +236,8 @@ def original_manifest(spec: ExperimentSpec, out: Path) -> Path:
         return Path(spec.data.original)
     target = out / "shards" / "original"
     if not (target / "manifest.json").exists():
+        if _rank() != 0:
+            return _wait_for(target / "manifest.json")
         from rbvl.regroup import RegroupOptions
 
         write_label_manifest(RegroupOptions(**{**spec.data.regroup, "out": str(target), "overwrite": True}))
@@ -348,10 +366,13 @@ def run_experiment(path: str | Path, out: str | None = None, report_only: bool =
         for cell in todo:
             bar.set_postfix_str(cell.id)
             row = run_cell(spec, cell, out_dir)
-            with (out_dir / "results.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if _rank() == 0:
+                with (out_dir / "results.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
             bar.update(1)
         bar.close()
+    if _rank() != 0:
+        return out_dir / "report.md"
     rows = read_results(out_dir)
     return write_report(spec, cells, rows, out_dir, source=str(path))
 
@@ -365,7 +386,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
     manifest = original_manifest(spec, out) if cell.domains == "original" else regrouped_manifest(spec, cell.k, out)
     run_dir = out / "runs" / cell.dirname
     resume = run_dir.exists() and ckpt.latest(run_dir) is not None
-    if run_dir.exists() and not resume:
+    if run_dir.exists() and not resume and _rank() == 0:
         shutil.rmtree(run_dir)  # an attempt that died before its first checkpoint (this tool wrote it)
     overrides = [
         *spec.overrides,

@@ -163,3 +163,16 @@ def test_correlation_and_token_weighting():
 def test_cell_names():
     c = Cell("regrouped", 4, "rnb", 2, [], label="lam5")
     assert c.id == "regrouped-k4/rnb+lam5/seed2" and "/" not in c.dirname
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("experiments/*.yaml")))
+def test_experiment_files_load_and_every_cell_validates(path):
+    from rbvl.config import load_config
+
+    spec, cells = load_experiment(path)
+    grid = expand(spec, cells)
+    assert len({c.id for c in grid}) == len(grid)
+    for cell in grid:
+        overrides = [*spec.overrides, *spec.strategy_overrides.get(cell.strategy, []), *cell.overrides]
+        extra = ["mixing.reference=x"] if cell.strategy == "doremi" else []
+        load_config(spec.recipe, [*overrides, f"mixing.strategy={cell.strategy}", *extra])
