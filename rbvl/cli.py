@@ -7,6 +7,7 @@ rbvl compare RUN_DIR RUN_DIR ...           per-domain eval losses of runs side b
 rbvl bench regroup | balance ...           speed figures, measured side by side in one run
 rbvl export CHECKPOINT --merge OUT         merge the LoRA adapter into a standalone model
 rbvl gallery SHARDS_DIR                    (re)build SHARDS_DIR/gallery/index.html, the clusters by eye
+rbvl experiment EXPERIMENT.yaml            a grid of runs (domains × strategy × seed) and its report
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=10_000, help="rows behind silhouettes and projection (default 10000)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the k sweep and projection PNGs")
     p.set_defaults(func=cmd_gallery)
+
+    p = sub.add_parser("experiment", help="run a grid of runs (domains × strategy × seed) and write its report")
+    p.add_argument("experiment", help="EXPERIMENT.yaml (see experiments/)")
+    p.add_argument("--out", help="report folder (default: the file's `out`)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, run nothing")
+    p.set_defaults(func=cmd_experiment)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(metavar="WHAT")
@@ -175,6 +182,14 @@ def cmd_gallery(args) -> int:
     except RegroupError as e:
         raise CliError(str(e)) from None
     print(f"gallery written to {page}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from rbvl.experiment import run_experiment
+
+    report = run_experiment(args.experiment, out=args.out, report_only=args.report_only)
+    print(f"report: {report}")
     return 0
 
 

@@ -81,18 +81,120 @@ class DataConfig:
 
 
 @dataclass
-class MixingConfig:
-    strategy: str = "rnb"
-    """`stratified` (uniform over domains), `natural` (by domain size), `manual` (`weights`), or `rnb` (R&B Balance)."""
-    weights: dict[str, float] = field(default_factory=dict)
-    """For `manual`: domain name (e.g. `cluster_003`) or index → weight; normalised; missing domains get 0."""
+class OdmConfig:
+    """Online Data Mixing (Albalak et al. 2023): EXP3 over domains with the training loss as reward."""
+
+    alpha: float = 0.9
+    """α in the smoothed reward R̂_i ← α·R̂_i + (1 − α)·L_i/π_i (the authors' final 1B run used 0.5)."""
+    warmup_steps: int = 0
+    """Steps on the initial p before EXP3 moves it (rewards still accumulate); the authors used 2% of training."""
+    update_every: int = 1
+    """Optimizer steps between updates of p (the authors: every step)."""
+    reward_scale: float = 1.0
+    """Multiplies the loss before it becomes a reward (the authors' plain EXP3 code divides by 10: 0.1)."""
 
     def __post_init__(self):
-        _check_choice("mixing.strategy", self.strategy, ("stratified", "natural", "manual", "rnb"))
+        if not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"mixing.odm.alpha must be in [0, 1), got {self.alpha}")
+        _check_positive("mixing.odm.update_every", self.update_every)
+
+
+@dataclass
+class DgaConfig:
+    """Gradient alignment (DoGE / DGA, Fan et al. 2024): extra backward passes on held-out batches."""
+
+    update_every: int = 1
+    """Optimizer steps between updates (DoGE: every step); each costs m + 1 extra forward + backward passes."""
+    batch_size: int = 8
+    """Samples per domain (and of the target) in each extra pass."""
+    mu: float = 0.01
+    """μ: p ← softmax(log p + scores/μ) (DoGE's default)."""
+    dw_min: float = 0.0
+    """Scores are clipped to [lr·dw_min, lr·dw_max] (DoGE: 0 and 5)."""
+    dw_max: float = 5.0
+    smoothing: float = 0.0
+    """Mix (1 − s)·p + s/m after each update (DoGE's reweight_eps, 0 by default)."""
+    max_grad_norm: float = 5.0
+    """Each domain gradient is clipped to this norm before the alignment (DoGE: 5; 0 = off)."""
+
+    def __post_init__(self):
+        _check_positive("mixing.dga.update_every", self.update_every)
+        _check_positive("mixing.dga.batch_size", self.batch_size)
+        if self.mu <= 0:
+            raise ConfigError(f"mixing.dga.mu must be positive, got {self.mu}")
+
+
+@dataclass
+class DoremiConfig:
+    """DoReMi (Xie et al. 2023): excess loss over a reference model, exponentiated-gradient update."""
+
+    eta: float = 1.0
+    """η: p ← softmax(log p + η·λ) (the paper's value)."""
+    smoothing: float = 1e-3
+    """c: p ← (1 − c)·p + c/m after each update (the paper's value)."""
+    update_every: int = 1
+    """Optimizer steps between updates (the paper: every step)."""
+
+    def __post_init__(self):
+        _check_positive("mixing.doremi.update_every", self.update_every)
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f"mixing.doremi.smoothing must be in [0, 1), got {self.smoothing}")
+
+
+@dataclass
+class AioliConfig:
+    """Aioli (Chen et al. 2024): LearnParams rounds, interaction matrix, exponentiated-gradient update."""
+
+    eta: float = 0.2
+    """η: p ∝ exp(η · qᵀA) (the authors' Aioli-unrestricted runs)."""
+    update_steps: int = 250
+    """Optimizer steps per round, LearnParams included (the authors: 250 of 5,000)."""
+    lp_rounds: int = 4
+    """Sweeps over the domains in each LearnParams."""
+    lp_steps: int = 4
+    """Training steps on each perturbed mixture before an eval-loss measurement."""
+    one_hot_factor: float = 0.625
+    """Share of the perturbed domain in its LearnParams mixture (the rest spread evenly)."""
+    ema: float = 0.1
+    """Ā ← (1 − ema)·A + ema·Ā_prev; 0 = no smoothing, and the weights then compound round over round."""
+    normalize_a: bool = True
+    """Shift A to be non-negative and divide by its sum before the update (the authors' `aioli_normalize_A`)."""
+
+    def __post_init__(self):
+        for key in ("update_steps", "lp_rounds", "lp_steps"):
+            _check_positive(f"mixing.aioli.{key}", getattr(self, key))
+        if not 0.0 < self.one_hot_factor <= 1.0:
+            raise ConfigError(f"mixing.aioli.one_hot_factor must be in (0, 1], got {self.one_hot_factor}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"mixing.aioli.ema must be in [0, 1), got {self.ema}")
+
+
+MIXING_STRATEGIES = ("stratified", "natural", "manual", "rnb", "odm", "dga", "doremi", "aioli")
+
+
+@dataclass
+class MixingConfig:
+    strategy: str = "rnb"
+    """`stratified` (uniform over domains), `natural` (by domain size), `manual` (`weights`), `rnb` (R&B Balance), or
+    a peer for comparison: `odm` (Online Data Mixing), `dga` (gradient alignment, DoGE/DGA), `doremi` (needs
+    `reference`), `aioli`. See rbvl/mixing.py."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """For `manual`: domain name (e.g. `cluster_003`) or index → weight; normalised; missing domains get 0."""
+    reference: str = ""
+    """For `doremi`: the run folder of a finished reference run on the same domains (its final checkpoint)."""
+    odm: OdmConfig = field(default_factory=OdmConfig)
+    dga: DgaConfig = field(default_factory=DgaConfig)
+    doremi: DoremiConfig = field(default_factory=DoremiConfig)
+    aioli: AioliConfig = field(default_factory=AioliConfig)
+
+    def __post_init__(self):
+        _check_choice("mixing.strategy", self.strategy, MIXING_STRATEGIES)
         if self.strategy == "manual" and not self.weights:
             raise ConfigError("mixing.weights must name at least one domain when mixing.strategy=manual")
         if any(w < 0 for w in self.weights.values()):
             raise ConfigError("mixing.weights must be non-negative")
+        if self.strategy == "doremi" and not self.reference:
+            raise ConfigError("mixing.reference must name a finished run folder when mixing.strategy=doremi")
 
 
 @dataclass
@@ -346,6 +448,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"{name}: '{value}' is not one of {', '.join(choices)}{hint}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
 
 
 def _suggest(key: str, fields: dict, prefix: str) -> str:

@@ -52,7 +52,7 @@ def test_override_values_are_yaml(tmp_path):
         (["resume=maybe"], "resume: expected bool"),
         (
             ["mixing.strategy=rbn"],
-            "mixing.strategy: 'rbn' is not one of stratified, natural, manual, rnb (did you mean 'rnb'?)",
+            "mixing.strategy: 'rbn' is not one of stratified, natural, manual, rnb, odm, dga, doremi, aioli (did you mean 'rnb'?)",
         ),
         (["balance.update_every=0"], "balance.update_every must be positive"),
         (["max_steps"], "is not key=value"),
