@@ -258,6 +258,9 @@ class GradientTracker:
         """Route the tracked layers through the tracker (done on construction; again after `remove`)."""
         if self._originals is not None:
             return
+        for name, mod in self.modules:
+            if getattr(mod.__dict__.get("forward"), "tracker", None) is not None:
+                raise RuntimeError(f"{name} is already tracked by another GradientTracker: remove() that one first")
         self._originals = [mod.__dict__.get("forward") for _, mod in self.modules]
         for i, (_, mod) in enumerate(self.modules):
             mod.forward = self._make_forward(i, mod)
@@ -369,6 +372,7 @@ class GradientTracker:
             domains = self._domains_for(x.shape[0], self.modules[index][0])
             return _TrackedLinear.apply(x, mod.weight, mod.bias, self, index, domains)
 
+        forward.tracker = self
         return forward
 
     def _domains_for(self, batch_dim: int, name: str) -> torch.Tensor:

@@ -176,10 +176,11 @@ def slice_costs(cfg, args, compression: float) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     m, B, T = args.slice_domains, args.batch, args.seq
     exact = GradientTracker(model, m, params="lora")
+    exact.remove()  # one tracker at a time routes the layers: each attaches for its own steps
     P = exact.n_params
     sketch_dim = args.slice_sketch_dim or max(len(exact.modules), int(P / compression))
     sketch = GradientTracker(model, m, params="lora", sketch_dim=sketch_dim)
-    exact.remove(), sketch.remove()
+    sketch.remove()
     vocab = config.vocab_size
     batches = synthetic_batches(m, B, T, vocab)
 

@@ -400,3 +400,16 @@ def test_balancer_windows_and_state():
     other = Balancer(3, update_every=2, schedule=ProportionSchedule(3, lag=1))
     other.load_state_dict(bal.state_dict())
     assert other.schedule.history() == bal.schedule.history() and other.proportions == bal.proportions
+
+
+def test_one_tracker_at_a_time():
+    model = tiny_lora()
+    first = GradientTracker(model, M)
+    with pytest.raises(RuntimeError, match="already tracked"):
+        GradientTracker(model, M)
+    first.remove()
+    second = GradientTracker(model, M, sketch_dim=256)
+    second.remove()
+    first.attach()
+    train_window(model, first, WINDOW[:1])
+    assert first.tokens.sum() > 0 and second.tokens.sum() == 0
