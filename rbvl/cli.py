@@ -178,8 +178,9 @@ def _print_config_help() -> int:
 
 def _is_user_error(e: Exception) -> bool:
     from rbvl.config import ConfigError
+    from rbvl.runlock import LockError
 
-    user_errors: tuple[type, ...] = (ConfigError, CliError, FileNotFoundError, NotADirectoryError)
+    user_errors: tuple[type, ...] = (ConfigError, CliError, LockError, FileNotFoundError, NotADirectoryError)
     try:
         from rbvl.model import ModelError
 

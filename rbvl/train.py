@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rbvl import checkpoint as ckpt
+from rbvl import runlock
 from rbvl.balance import Balancer, GradientTracker
 from rbvl.config import RunConfig, dump_config
 from rbvl.data import Collator, MixtureStream, ProportionSchedule, initial_proportions, load_domains
@@ -40,6 +41,8 @@ def train(cfg: RunConfig) -> dict:
     # -------------------------------------------------------------------------------------------------------- setup
     dist = Distributed.from_env(cfg.train.device)
     run_dir = Path(cfg.output_dir)
+    if dist.is_main:  # one run per output_dir: a second one is refused while this one lives (released at exit)
+        runlock.acquire(run_dir, "rbvl train")
     resume_from = ckpt.latest(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log.warning("resume=true but %s holds no checkpoint: starting from scratch", run_dir)

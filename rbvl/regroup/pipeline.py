@@ -19,11 +19,11 @@ import numpy as np
 import rbvl
 from rbvl.records import ReadOptions, Record, Reject, read_records
 from rbvl.regroup import cluster as C
-from rbvl.regroup import report
+from rbvl.regroup import outdir, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.options import RegroupOptions
-from rbvl.regroup.write import cluster_name, prepare_out, save_centroids, write_manifest, write_rejects, write_shards
+from rbvl.regroup.write import cluster_name, save_centroids, write_rejects, write_shards
 
 
 def read_split(paths: list[str], opts: RegroupOptions) -> tuple[list[Record], list[Reject], int]:
@@ -53,7 +53,8 @@ def regroup(opts: RegroupOptions) -> dict:
     ks = C.parse_k(opts.k)
     check_embedder_name(opts.embedder)  # a typo fails before any reading
     rank, world = _distributed()
-    out = prepare_out(opts.out, opts.overwrite) if rank == 0 else Path(opts.out)
+    final = Path(opts.out)  # outputs are staged in `out` and moved here at the end; the embedding cache lives here
+    out = outdir.prepare(final, opts.overwrite) if rank == 0 else outdir.staging_path(final)
     _barrier(world)
     timings: dict[str, float] = {}
 
@@ -88,9 +89,11 @@ def regroup(opts: RegroupOptions) -> dict:
         key_extra=f"seed={opts.seed}",
     )
     if world == 1:
-        emb, errors, embed_stats = embed_records(everything, cache_dir=out / ".cache", progress=opts.progress, **embed)
+        emb, errors, embed_stats = embed_records(
+            everything, cache_dir=final / ".cache", progress=opts.progress, **embed
+        )
     else:
-        emb, errors, embed_stats = _embed_across_ranks(everything, out, rank, world, opts.progress, embed)
+        emb, errors, embed_stats = _embed_across_ranks(everything, final, rank, world, opts.progress, embed)
         if rank != 0:  # rank 0 clusters and writes; the others are done
             _barrier(world)
             return {}
@@ -182,8 +185,8 @@ def regroup(opts: RegroupOptions) -> dict:
         "rejects": "rejects.jsonl",
     }
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
-    write_manifest(out, manifest)
-    report.print_summary(manifest, {**timings, **embed_stats}, out)
+    outdir.commit(out, final, manifest)  # the old output out (only with --overwrite), the new one in, manifest last
+    report.print_summary(manifest, {**timings, **embed_stats}, final)
     _barrier(world)
     return manifest
 

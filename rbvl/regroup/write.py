@@ -11,43 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from rbvl.records import sanitize_key
-from rbvl.regroup.errors import RegroupError
 
 MANIFEST = "manifest.json"
 FORMAT = "rbvl-regroup/1"
-
-
-def prepare_out(out: str | Path, overwrite: bool) -> Path:
-    """Create OUT; refuse one that holds a manifest unless `overwrite`.
-
-    Old outputs are cleared (the embedding cache in OUT/.cache is kept for resuming): those of a finished run when
-    overwriting, and the leftovers of an interrupted one (no manifest means they were never complete).
-    """
-    out = Path(out)
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise RegroupError(f"{out} already holds a {MANIFEST}; pass --overwrite to replace it")
-        (out / MANIFEST).unlink()
-    if out.is_dir():
-        for folder in [*out.glob("train/cluster_*"), *out.glob("eval/cluster_*")]:  # only what Regroup writes
-            shutil.rmtree(folder)
-        for name in (
-            "rejects.jsonl",
-            "centroids.npy",
-            "summary.md",
-            "sweep.png",
-            "cluster_sizes.png",
-            "projection.png",
-        ):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def cluster_name(c: int) -> str:
