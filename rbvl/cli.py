@@ -128,10 +128,29 @@ def cmd_train(args) -> int:
     if args.help_config:
         return _print_config_help()
     cfg = load_config(args.recipe, args.overrides)
+    _note_empty_eval(cfg.manifest)
     from rbvl.train import train
 
     train(cfg)
     return 0
+
+
+def _note_empty_eval(manifest: str) -> None:
+    """Say it up front when the manifest has no eval records (eval loss is then reported as null)."""
+    import json
+    from pathlib import Path
+
+    try:
+        clusters = json.loads(Path(manifest).read_text())["clusters"]
+        n_eval = sum(int(c.get("n_eval", 0)) for c in clusters)
+    except Exception:  # noqa: BLE001 - a broken manifest gets its own error from training
+        return
+    if n_eval == 0:
+        print(
+            f"rbvl: note: {manifest} has no eval records: Balance targets uniform proportions and the eval loss "
+            "is reported as null (regroup with --eval to measure it)",
+            file=sys.stderr,
+        )
 
 
 def cmd_eval(args) -> int:

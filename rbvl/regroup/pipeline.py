@@ -11,12 +11,14 @@ say so (in = written + rejected, train and eval separately).
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 import rbvl
+from rbvl import images
 from rbvl.records import ReadOptions, Record, Reject, read_records
 from rbvl.regroup import cluster as C
 from rbvl.regroup import outdir, report
@@ -130,6 +132,7 @@ def regroup(opts: RegroupOptions) -> dict:
     w_eval, late = write_shards(out, "eval", evals, eval_labels, eval_dist, opts.maxcount, opts.progress)
     rejects_eval += late
     write_rejects(out, {"train": rejects_train, "eval": rejects_eval})
+    n_notes = images.write_notes(out, w_train.notes + w_eval.notes)  # images re-encoded, rescaled or cut to a frame
     centroids = save_centroids(out, cl.centroids)
     timings["write_s"] = time.perf_counter() - t0
 
@@ -163,6 +166,13 @@ def regroup(opts: RegroupOptions) -> dict:
     for split, cnt in counts.items():
         if cnt["in"] != cnt["written"] + cnt["rejected"]:  # a bug, not a user error: say it loudly
             raise AssertionError(f"{split} counts do not add up: {cnt}")
+    if n_written_eval == 0:  # Balance then targets a uniform q, and training has no eval loss to report
+        why = f"all {n_in_eval} eval records were rejected" if n_in_eval else "no --eval input was given"
+        print(
+            f"rbvl-regroup: warning: the eval set is empty ({why}): Balance will target uniform proportions and "
+            "`rbvl train` will report no eval loss",
+            file=sys.stderr,
+        )
     manifest = {
         "format": "rbvl-regroup/1",
         "tool_version": rbvl.__version__,
@@ -183,6 +193,7 @@ def regroup(opts: RegroupOptions) -> dict:
             "metric": "euclidean on L2-normalised embeddings",
         },
         "rejects": "rejects.jsonl",
+        "image_notes": {"file": images.NOTES if n_notes else None, "count": n_notes},
     }
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
     outdir.commit(out, final, manifest)  # the old output out (only with --overwrite), the new one in, manifest last

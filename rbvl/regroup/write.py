@@ -2,7 +2,7 @@
 
 Layout and fields follow docs/formats.md:
 
-    OUT/train/cluster_003/shard-000000.tar   <key>.jpg|.png (bytes untouched) + <key>.json
+    OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/images.py contract) + <key>.json
     OUT/eval/cluster_003/shard-000000.tar    eval records, assigned to the nearest train centroid
     OUT/centroids.npy  OUT/rejects.jsonl  OUT/manifest.json
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl import images
 from rbvl.records import sanitize_key
 
 MANIFEST = "manifest.json"
@@ -32,6 +33,7 @@ class _SplitWriter:
         self.out, self.split, self.maxcount = out, split, maxcount
         self.writers: dict[int, object] = {}
         self.shard_sizes: dict[int, dict[str, int]] = {}
+        self.notes: list[dict] = []  # images changed to fit the shard contract (rbvl/images.py)
 
     def write(self, cluster: int, sample: dict) -> None:
         import webdataset as wds
@@ -93,9 +95,17 @@ def write_shards(
             except OSError as e:
                 late_rejects.append(Reject(rec.id, _source(rec, split), "missing_image", str(e)))
                 continue
+            note = None
             if loaded is not None:
-                data, ext = loaded
-                sample[(ext or "jpg").lower().lstrip(".")] = data
+                try:
+                    img = images.for_shard(*loaded)  # PNG/JPEG/WebP, 8-bit, one frame: what the stream reads
+                except images.ImageRejected as e:
+                    late_rejects.append(Reject(rec.id, _source(rec, split), "unreadable_image", str(e)))
+                    continue
+                sample[img.ext] = img.data
+                note = img.note
+                if note:
+                    writer.notes.append({"split": split, "id": rec.id, "note": note})
             sample["json"] = {
                 "id": rec.id,
                 "conversation": rec.conversation,
@@ -103,6 +113,7 @@ def write_shards(
                 "cluster": int(c),
                 "distance": round(float(dist), 6),
                 "text": rec.text,
+                **({"image_note": note} if note else {}),
             }
             writer.write(int(c), sample)
     finally:
