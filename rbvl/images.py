@@ -10,7 +10,7 @@ A shard image is PNG, JPEG or WebP, single frame, 8 bits per channel (docs/forma
   file name: a PNG named `.jpg` is stored as `.png`).
 - Any other format Pillow opens (GIF, BMP, TIFF, ICO, PPM, TGA, JPEG 2000 ...) is re-encoded to PNG (lossless).
 - 16-bit and 32-bit integer images are scaled to 8 bits (65535 → 255), never clipped; float images in [0, 1] are
-  scaled by 255, other float ranges min-max. Alpha and palettes are kept (PNG holds them).
+  scaled by 255, in [0, 255] rounded, other ranges min-max. Alpha and palettes are kept (PNG holds them).
 - Animated or multi-frame images (GIF, APNG, WebP, TIFF pages, MPO) keep their first frame.
 - Every change is returned as a `note` (regroup lists them in image_notes.jsonl); a file Pillow cannot open or fully
   decode is rejected with `ImageRejected` (reason `unreadable_image`).
@@ -65,7 +65,7 @@ def for_shard(data: bytes, ext: str | None = None) -> ShardImage:
     if how:
         notes.append(how)
     if fmt not in SHARD_FORMATS or notes:
-        notes.append(f"{fmt} re-encoded as PNG")
+        notes.append(f"{fmt} re-encoded as PNG" if fmt != "PNG" else "re-encoded")
     buf = io.BytesIO()
     try:
         converted.save(buf, format="PNG")
@@ -99,6 +99,8 @@ def to_8bit(im):
         lo, hi = float(x.min(initial=0)), float(x.max(initial=0))
         if lo >= 0 and hi <= 1:
             x, how = x * 255.0, "float image in [0, 1] scaled to 8 bits"
+        elif lo >= 0 and hi <= 255:
+            how = "float image in [0, 255] rounded to 8 bits"
         else:
             x, how = (x - lo) / max(hi - lo, 1e-12) * 255.0, "float image min-max scaled to 8 bits"
         return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L"), how
