@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     items = args.pop("overrides", [])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside DataLoader workers
     from rbvl.records import RecordsError
-    from rbvl.regroup import RegroupError, load_options, regroup
-    from rbvl.regroup.pipeline import close_distributed
+    from rbvl.regroup import RegroupError, load_options
     from rbvl.runlock import LockError
 
     bad = [i for i in items if "=" not in i]
@@ -56,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: unexpected argument '{bad[0]}' (options are --flags or key=value)", file=sys.stderr)
         return 2
     try:
-        regroup(load_options(config, args, items))
+        opts = load_options(config, args, items)  # checked before torch and friends are imported: mistakes fail fast
+        from rbvl.regroup import regroup
+        from rbvl.regroup.pipeline import close_distributed
+
+        regroup(opts)
         close_distributed()  # under torchrun; a no-op on one process
     except (RegroupError, ConfigError, RecordsError, LockError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__

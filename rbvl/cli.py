@@ -196,35 +196,21 @@ def _print_config_help() -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from rbvl.config import ConfigError
-    from rbvl.runlock import LockError
-
-    user_errors: tuple[type, ...] = (ConfigError, CliError, LockError, FileNotFoundError, NotADirectoryError)
-    try:
-        from rbvl.model import ModelError
-
-        user_errors += (ModelError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.records import RecordsError
-
-        user_errors += (RecordsError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.checkpoint import CheckpointError
-
-        user_errors += (CheckpointError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.data import DataError
-
-        user_errors += (DataError,)
-    except ImportError:
-        pass
-    return isinstance(e, user_errors)
+    """Errors worth one line. Only modules already imported can have raised theirs (importing the others, such as
+    transformers behind rbvl.model, would cost seconds on every mistyped key)."""
+    user_errors: list[type] = [CliError, FileNotFoundError, NotADirectoryError]
+    for module, name in (
+        ("rbvl.config", "ConfigError"),
+        ("rbvl.runlock", "LockError"),
+        ("rbvl.model", "ModelError"),
+        ("rbvl.records", "RecordsError"),
+        ("rbvl.checkpoint", "CheckpointError"),
+        ("rbvl.data", "DataError"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            user_errors.append(cls)
+    return isinstance(e, tuple(user_errors))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def _range_words(kind: str, meta: typing.Mapping) -> str:
 
 
 def _show(c: Any) -> str:
-    return "null" if c is None else str(c)
+    return "null" if c is None else str(c).lower() if isinstance(c, bool) else str(c)
 
 
 def _num(x: float) -> str:
