@@ -148,7 +148,7 @@ def inputs(tmp_path_factory):
     for i in range(8):
         name = f"img{i}.{'png' if i % 2 else 'jpg'}"
         (images / name).write_bytes(png(colour=(30 * i, 100, 200 - 20 * i), fmt="PNG" if i % 2 else "JPEG"))
-        names.append(name)
+        names.append(f"images/{name}")  # relative to the JSON file's folder (the default image root)
     (root / "train.json").write_text(json.dumps(llava_rows(24, names)))
     (root / "eval.json").write_text(json.dumps(llava_rows(6, prefix="e")))
     return root
@@ -467,9 +467,10 @@ def test_images_of_every_kind_train_and_a_torn_metrics_line_resumes(tmp_path):
     for name, data in files.items():
         (images / name).write_bytes(data)
     names = sorted(files)
-    rows = llava_rows(len(names) + 8, names)
+    paths = [f"images/{n}" for n in names]  # relative to the JSON file's folder (the default image root)
+    rows = llava_rows(len(names) + 8, paths)
     (root / "train.json").write_text(json.dumps(rows))
-    (root / "eval.json").write_text(json.dumps(llava_rows(6, names[:6], prefix="e")))
+    (root / "eval.json").write_text(json.dumps(llava_rows(6, paths[:6], prefix="e")))
     before = snapshot(root)
     out = tmp_path / "shards"
     r = regroup("--input", root / "train.json", "--eval", root / "eval.json", "--out", out, "--k", "2", *TINY_REGROUP)
@@ -479,7 +480,9 @@ def test_images_of_every_kind_train_and_a_torn_metrics_line_resumes(tmp_path):
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     bad = {r_["id"] for r_ in rejects if r_["split"] == "train"}
     assert bad == {f"r{names.index('corrupt.png')}", f"r{names.index('truncated.jpg')}"}
-    assert all(r_["reason"] == "unreadable_image" for r_ in rejects)
+    assert all(r_["reason"] == "unreadable_image" for r_ in rejects), rejects
+    n_bad_eval = sum(n in ("corrupt.png", "truncated.jpg") for n in names[:6])
+    assert manifest["counts"]["eval"] == {"in": 6, "written": 6 - n_bad_eval, "rejected": n_bad_eval}
     notes = (out / "image_notes.jsonl").read_text()
     assert "16-bit" in notes and "3 frames: the first kept" in notes
     import webdataset as wds
