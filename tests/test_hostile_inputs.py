@@ -290,6 +290,7 @@ def test_input_json_shape(tmp_path, content, message):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_empty_eval_set_is_said(tmp_path, inputs):
     bad_eval = tmp_path / "eval.json"
     bad_eval.write_text(json.dumps([{"id": "x", "conversations": []}, {"id": "y"}]))
@@ -340,6 +341,7 @@ def test_regroup_never_touches_a_folder_it_did_not_write(tmp_path, inputs, overw
     assert {k: v for k, v in after.items() if not k.startswith(".")} == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_the_previous_regroup_output(tmp_path, inputs):
     out = tmp_path / "shards"
     base = ["--input", inputs / "train.json", "--eval", inputs / "eval.json", "--out", out, *TINY_REGROUP]
@@ -380,6 +382,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     return p
 
 
+@pytest.mark.slow
 def test_one_run_per_folder_and_stale_locks(tmp_path, inputs, shards):
     run = tmp_path / "run"
     holder = _hold_lock(run)
