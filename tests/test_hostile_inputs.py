@@ -285,7 +285,7 @@ def test_input_json_shape(tmp_path, content, message):
     path = tmp_path / "train.json"
     path.write_text(content)
     r = regroup("--input", path, "--out", tmp_path / "out", "--k", "2", *TINY_REGROUP)
-    line = error_line(r, "input files", f"--input <{content[:25]}...>", message)
+    line = error_line(r, "input files", f"--input <{content[:25]!r}...>", message)
     assert str(path) in line
     assert not (tmp_path / "out" / "manifest.json").exists()
 
