@@ -144,10 +144,29 @@ def cmd_train(args) -> int:
     if args.help_config:
         return _print_config_help()
     cfg = load_config(args.recipe, args.overrides)
+    _note_empty_eval(cfg.manifest)
     from rbvl.train import train
 
     train(cfg)
     return 0
+
+
+def _note_empty_eval(manifest: str) -> None:
+    """Say it up front when the manifest has no eval records (eval loss is then reported as null)."""
+    import json
+    from pathlib import Path
+
+    try:
+        clusters = json.loads(Path(manifest).read_text())["clusters"]
+        n_eval = sum(int(c.get("n_eval", 0)) for c in clusters)
+    except Exception:  # noqa: BLE001 - a broken manifest gets its own error from training
+        return
+    if n_eval == 0:
+        print(
+            f"rbvl: note: {manifest} has no eval records: Balance targets uniform proportions and the eval loss "
+            "is reported as null (regroup with --eval to measure it)",
+            file=sys.stderr,
+        )
 
 
 def cmd_eval(args) -> int:
@@ -214,34 +233,21 @@ def _print_config_help() -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from rbvl.config import ConfigError
-
-    user_errors: tuple[type, ...] = (ConfigError, CliError, FileNotFoundError, NotADirectoryError)
-    try:
-        from rbvl.model import ModelError
-
-        user_errors += (ModelError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.records import RecordsError
-
-        user_errors += (RecordsError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.checkpoint import CheckpointError
-
-        user_errors += (CheckpointError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.data import DataError
-
-        user_errors += (DataError,)
-    except ImportError:
-        pass
-    return isinstance(e, user_errors)
+    """Errors worth one line. Only modules already imported can have raised theirs (importing the others, such as
+    transformers behind rbvl.model, would cost seconds on every mistyped key)."""
+    user_errors: list[type] = [CliError, FileNotFoundError, NotADirectoryError]
+    for module, name in (
+        ("rbvl.config", "ConfigError"),
+        ("rbvl.runlock", "LockError"),
+        ("rbvl.model", "ModelError"),
+        ("rbvl.records", "RecordsError"),
+        ("rbvl.checkpoint", "CheckpointError"),
+        ("rbvl.data", "DataError"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            user_errors.append(cls)
+    return isinstance(e, tuple(user_errors))
 
 
 if __name__ == "__main__":

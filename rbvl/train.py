@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rbvl import checkpoint as ckpt
+from rbvl import runlock
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule
 from rbvl.config import RunConfig, dump_config
 from rbvl.data import Collator, MixtureStream, initial_proportions, load_domains, loader_lag
@@ -41,6 +42,8 @@ def train(cfg: RunConfig) -> dict:
     # -------------------------------------------------------------------------------------------------------- setup
     dist = Distributed.from_env(cfg.train.device)
     run_dir = Path(cfg.output_dir)
+    if dist.is_main:  # one run per output_dir: a second one is refused while this one lives (released at exit)
+        runlock.acquire(run_dir, "rbvl train")
     resume_from = ckpt.latest(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log.warning("resume=true but %s holds no checkpoint: starting from scratch", run_dir)
@@ -246,6 +249,8 @@ def train(cfg: RunConfig) -> dict:
         tracker.remove()
     del ddp_model, model, optimizer
     dist.close()
+    if dist.is_main:
+        runlock.release(run_dir)
     return summary
 
 

@@ -106,7 +106,8 @@ def test_cli_train_stratified(tmp_path, tiny_manifest):
             "-m",
             "rbvl.cli",
             "train",
-            "recipes/demo_tiny_stratified.yaml",
+            "recipes/demo_tiny_rnb.yaml",
+            "mixing.strategy=stratified",  # the baseline arm of `make demo`: one recipe, one override
             f"manifest={tiny_manifest}",
             f"output_dir={tmp_path / 'run'}",
             "max_steps=4",
