@@ -5,6 +5,8 @@ import json
 import math
 import statistics
 
+import pytest
+
 from rbvl import bench_train
 from rbvl.data import load_domains
 
@@ -18,6 +20,7 @@ def test_bench_manifest_loads(tmp_path):
     assert all((r["image"] is not None) == (r["domain"] == 0) for r in rows)  # domain 0 asks about an image
 
 
+@pytest.mark.slow  # four tiny training runs: ~30 s of CPU (73 s wall on the loaded shared machine)
 def test_bench_train_smoke(tmp_path):
     parser = argparse.ArgumentParser()
     bench_train.add_arguments(parser)
