@@ -36,4 +36,7 @@ def test_bench_train_smoke(tmp_path):
         assert result["median_samples_per_s"][arm] == statistics.median(rates)
     med = result["median_samples_per_s"]
     assert result["ratios"] == {f"{a}/{b}": med[a] / med[b] for a, b, _ in bench_train.RATIOS}
+    assert result["paired_ratios"] == {
+        f"{a}/{b}": result["samples_per_s"][a][0] / result["samples_per_s"][b][0] for a, b, _ in bench_train.RATIOS
+    }
     assert result["setup"]["update_every"] == 2  # min(recipe's 60, --steps): an update inside the timed span
