@@ -53,7 +53,7 @@ RATIOS = (  # (numerator, denominator, goal)
     ("rnb", "stratified", 0.95),
     ("balance_hf", "trainer", 0.95),
 )
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_tiny_stratified.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_tiny_rnb.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

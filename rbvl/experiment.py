@@ -14,7 +14,7 @@ EXPERIMENT.yaml (every key checked; see experiments/*.yaml):
 
     name: digits
     out: experiments/out/digits
-    recipe: recipes/demo_tiny_stratified.yaml      # base recipe of every run
+    recipe: recipes/demo_tiny_rnb.yaml             # base recipe of every run (the cell sets mixing.strategy)
     overrides: [max_steps=300, data.num_workers=0]  # applied to every run
     seeds: [0, 1, 2]                                # every cell
     headline_seeds: [0, 1, 2, 3, 4]                 # the headline and baseline cells
@@ -252,9 +252,10 @@ def write_label_manifest(opts) -> dict:
     """
     from rbvl.records import Reject
     from rbvl.regroup.pipeline import read_split
-    from rbvl.regroup.write import prepare_out, write_manifest, write_rejects, write_shards
+    from rbvl.regroup import outdir
+    from rbvl.regroup.write import write_rejects, write_shards
 
-    out = prepare_out(opts.out, opts.overwrite)
+    out = outdir.prepare(opts.out, opts.overwrite)  # a staging folder inside opts.out
     train, rej_train, n_train = read_split(opts.input, opts)
     evals, rej_eval, n_eval = read_split(opts.eval, opts) if opts.eval else ([], [], 0)
     names = sorted({r.label for r in train if r.label is not None})
@@ -312,7 +313,7 @@ def write_label_manifest(opts) -> dict:
         },
         "rejects": "rejects.jsonl",
     }
-    write_manifest(out, manifest)
+    outdir.commit(out, Path(opts.out), manifest)  # moved into place, manifest last
     return manifest
 
 

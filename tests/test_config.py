@@ -165,7 +165,7 @@ def test_every_number_field_has_a_range():
                 yield f"{prefix}{f.name}", allowed_text(f, hint)
 
     for key, text in walk(RunConfig):
-        assert any(op in text for op in (">", "<", "[")), f"{key} has no range: {text}"
+        assert any(op in text for op in (">", "<", "[", "(")), f"{key} has no range: {text}"
 
 
 @pytest.mark.parametrize(

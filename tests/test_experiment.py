@@ -31,7 +31,7 @@ def experiment_file(tmp_path, **extra) -> str:
     spec = {
         "name": "ci",
         "out": str(tmp_path / "out"),
-        "recipe": "recipes/demo_tiny_stratified.yaml",
+        "recipe": "recipes/demo_tiny_rnb.yaml",
         "overrides": FAST,
         "seeds": [0],
         "headline_seeds": [0],
