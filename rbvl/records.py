@@ -22,6 +22,7 @@ import json
 import os
 import re
 import struct
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -460,7 +461,7 @@ class RecordSpool:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(self.path, "wb")  # closed by finish()
-        self.offsets: list[int] = [0]
+        self.offsets = array("q", [0])  # entry i is bytes offsets[i]..offsets[i + 1]
         self.labels: list[str | None] = []  # kept in memory for clustering metrics (one object per distinct label)
         self._names: dict[str, str] = {}
         self._fd: int | None = None
