@@ -4,7 +4,7 @@
     rbvl bench stream --manifest shards/manifest.json --num-workers 2 --batch-size 16
 
 Both sides read the same shards with the same decode (`rbvl.data.decode`), the same collate (`rbvl.data.Collator`
-with the tiny LLaVA processor) and the same DataLoader workers; the raw side is `wds.WebDataset` → shuffle buffer →
+with the tiny LLaVA processor) and the same DataLoader workers; the raw side is `wds.WebDataset` (shards resampled) → shuffle buffer →
 map(decode) → batched(collate), as a user would write it. Rounds alternate (rbvl, raw, rbvl, raw, ...) so drift in
 machine speed hits both alike; each round warms its loader up first (workers started, buffers filled) and then times
 `--batches` batches. The figure of merit is rbvl's median samples/s over raw's (goal >= 0.9).
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (both sides)")
     p.add_argument("--batches", type=int, default=40, help="timed batches per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches at the start of each round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per side, alternating")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per side, alternating")
     p.add_argument("--max-length", type=int, default=256, help="Collator max_length")
 
 
@@ -113,7 +113,7 @@ def raw_loader(domains, collate, args):
 
     pipeline = (
         wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node)
-        .shuffle(100)
+        .shuffle(1000)  # shards are resampled at random; a buffer spanning shards mixes their domains
         .map(decode_with_domain)
         .batched(args.batch_size, collation_fn=collate_fn, partial=False)
     )
