@@ -62,6 +62,7 @@ class _SplitWriter:
         self.out, self.split, self.maxcount = out, split, maxcount
         self.writers: dict[int, object] = {}
         self.shard_sizes: dict[int, dict[str, int]] = {}
+        self._names: dict[str, str] = {}  # shard file → its path relative to OUT
 
     def write(self, cluster: int, sample: dict) -> None:
         import webdataset as wds
@@ -76,7 +77,9 @@ class _SplitWriter:
             self.shard_sizes[cluster] = {}
         w = self.writers[cluster]
         w.write(sample)
-        rel = Path(w.fname).relative_to(self.out).as_posix()
+        rel = self._names.get(w.fname) or self._names.setdefault(
+            w.fname, Path(w.fname).relative_to(self.out).as_posix()
+        )
         sizes = self.shard_sizes[cluster]
         sizes[rel] = sizes.get(rel, 0) + 1
 
