@@ -298,6 +298,12 @@ def _read_webdataset(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:
 
     for sample in _tar_samples(tariterators.tarfile_samples([{"url": path}]), path):
         key = sample["__key__"]
+        files = [ext for ext in sample if not ext.startswith("__")]
+        stems = {ext.rpartition(".")[0] for ext in files}
+        if len(stems) == 1 and "" not in stems:  # webdataset splits "a.b.jpg" at the first dot: the id was "a.b"
+            stem = stems.pop()
+            key = f"{key}.{stem}"
+            sample = {"__key__": key, **{ext.rpartition(".")[2]: sample[ext] for ext in files}}
         source = f"{path}:{key}"
         image = next(((sample[e], "jpg" if e == "jpeg" else e) for e in IMAGE_EXTS if e in sample), None)
         if "json" in sample:

@@ -107,8 +107,10 @@ def test_webdataset_shards(tmp_path):
             }
         )
         sink.write({"__key__": "k2", "png": png()})
+        sink.write({"__key__": "img.v2", "png": png(), "txt": "a dotted id"})  # stored as img.v2.png, img.v2.txt
     records, rejects = split(read_records(str(tmp_path)))
-    assert [r.id for r in records] == ["k0", "r1"]
+    assert [r.id for r in records] == ["k0", "r1", "img.v2"]
+    assert records[2].image == png() and records[2].conversation[1]["content"] == "a dotted id"
     assert records[0].image == png() and records[0].conversation[1]["content"] == "a red square"
     assert records[1].label == "greet"
     assert [(r.id, r.reason) for r in rejects] == [("k2", "missing_field")]
