@@ -48,3 +48,13 @@ def test_write_order_is_seeded(tmp_path):
 
     a, b, c = keys(tmp_path / "a", 0), keys(tmp_path / "b", 0), keys(tmp_path / "c", 1)
     assert a == b and a != c and sorted(a) == sorted(c) == sorted(r.id for r in records)
+
+
+def test_a_record_whose_image_vanished_goes_to_the_same_rejects(tmp_path):
+    records = text_records(5)
+    records[2].image_path = str(tmp_path / "gone.png")  # embedded earlier, deleted before the write
+    rejects = Rejects()
+    writer = write_shards(tmp_path, "train", records, np.zeros(5, dtype=int), np.zeros(5), 10, 0, rejects, False)
+    assert sum(writer.shards(0)[1]) == 4 and rejects.count("train") == 1
+    ((split, reject),) = rejects.items
+    assert (split, reject.id, reject.reason) == ("train", "r00002", "missing_image")
