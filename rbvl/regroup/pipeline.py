@@ -84,6 +84,8 @@ def regroup(opts: RegroupOptions) -> dict:
     n_in_eval = read_split(opts.eval, read_opts, spool, rejects, "eval", exclude=train_ids)[0] if opts.eval else 0
     everything = spool.finish()
     del train_ids
+    if not n_train or max(ks) > n_train:
+        everything.close()
     if not n_train:
         raise RegroupError(f"no usable train records in {', '.join(opts.input)} ({rejects.count('train')} rejected)")
     if max(ks) > n_train:
@@ -118,6 +120,7 @@ def regroup(opts: RegroupOptions) -> dict:
     eval_rows = n_train + np.flatnonzero(ok[n_train:])
     train, evals = everything.rows(train_rows), everything.rows(eval_rows)
     if not len(train):
+        everything.close()
         raise RegroupError("no usable train records: every image failed to decode")
 
     # ---- cluster train, assign eval
