@@ -274,6 +274,8 @@ def read_shard(path: str, start: int = 0, stop: int | None = None) -> Iterator[d
                     current[ext.lower()] = tf.extractfile(info).read()
             if current is not None and index >= start and (stop is None or index < stop):
                 yield current
+    except GeneratorExit:  # closed early (or at interpreter exit): nothing to report
+        raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ShardError(path, n_out, f"{type(e).__name__}: {e}") from None
 
@@ -411,6 +413,8 @@ def _read_positions(shards: list[str], bounds: np.ndarray, first: int, length: i
                 yield t, sample
                 t += 1
                 got += 1
+        except GeneratorExit:  # closed early (or at interpreter exit): nothing to report
+            raise
         except ShardError as e:
             problem = e.problem
         if a + got < b:  # a shard shorter than the manifest says, or one that broke while reading
@@ -592,6 +596,8 @@ def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_sa
                     samples = []
                     if batch is not None:
                         yield batch
+        except GeneratorExit:  # closed early (or at interpreter exit): nothing to report
+            raise
         except ShardError as e:
             raise DataError(f"eval shard {e}") from None
         if max_samples and seen >= max_samples:
