@@ -81,18 +81,21 @@ def make_shards(root: Path, n_domains: int, n: int, maxcount: int, seed: int = 0
 
 
 def n_samples(item) -> int:
-    """Samples in one item of either loader (the one place a batch is unpacked: the stream may yield (inputs, meta))."""
-    inputs = item[0] if isinstance(item, tuple) else item
+    """Samples in one item of either loader (the one place a batch is unpacked: the stream yields (inputs, meta),
+    which a DataLoader with batch_size=None hands over as a list)."""
+    inputs = item[0] if isinstance(item, (tuple, list)) else item
     return len(inputs["input_ids"])
 
 
 def rbvl_loader(domains, collate, args):
     from torch.utils.data import DataLoader
 
-    from rbvl.data import MixtureStream, ProportionSchedule
+    from rbvl.balance import ProportionSchedule
+    from rbvl.data import MixtureStream, loader_lag
 
     m = len(domains)
-    schedule = ProportionSchedule(m, initial=[1.0 / m] * m)
+    lag = loader_lag(args.num_workers, _prefetch(args).get("prefetch_factor", 0))
+    schedule = ProportionSchedule(m, initial=[1.0 / m] * m, lag=lag)
     stream = MixtureStream(domains, schedule, args.batch_size, collate, num_workers=args.num_workers)
     return DataLoader(stream, batch_size=None, num_workers=args.num_workers, **_prefetch(args))
 

@@ -200,10 +200,14 @@ def _json_items(path: str) -> Iterator[tuple[str, object]]:
     """(source, parsed object or the decoding error) for a JSON array file or a JSON-lines file, streamed.
 
     Raises:
-        RecordsError: a JSON array that stops parsing (the records before the fault were already yielded).
+        RecordsError: a JSON array that stops parsing (the records before the fault were already yielded), or a
+            `.json` file holding one JSON object where a list of records is expected.
     """
     with open(path, "rb") as f:
-        if _first_byte(f) == b"[":
+        head = _first_byte(f)
+        if head == b"{":
+            _refuse_single_object(path)
+        if head == b"[":
             for i, row in enumerate(_array_items(f)):
                 yield f"{path}[{i}]", row
             return
@@ -214,6 +218,27 @@ def _json_items(path: str) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{n}", json.loads(line)  # bytes: bad UTF-8 is a ValueError like bad JSON
             except ValueError as e:
                 yield f"{path}:{n}", e
+
+
+def _refuse_single_object(path: str) -> None:
+    """A `.json` file holding one JSON object (not a list of records, not JSON lines) is an error naming the file."""
+    if Path(path).suffix.lower() != ".json":
+        return
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # only the shape matters here
+        first = f.readline()
+        rest = f.read(1 << 16)
+    try:
+        obj = json.loads(first)
+        if rest.strip():
+            return  # JSON lines in a .json file
+    except json.JSONDecodeError:
+        try:  # an object spread over several lines (json.dump with indent)
+            obj = json.loads(Path(path).read_text(encoding="utf-8-sig", errors="replace"))
+        except json.JSONDecodeError:
+            return  # broken lines: each becomes a bad_json reject
+    if isinstance(obj, dict):
+        keys = ", ".join(list(map(str, obj))[:5]) or "none"
+        raise RecordsError(f"{path}: expected a list of records (a JSON array), got one JSON object (keys: {keys})")
 
 
 def _read_llava(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:

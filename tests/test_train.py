@@ -52,7 +52,8 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
         assert (ck / name).exists(), name
     assert (run / "checkpoint-10").exists()
     state = json.loads((ck / "rbvl_state.json").read_text())
-    assert len(state["balance"]["history"]) == 4  # updates at steps 5, 10, 15, 20
+    assert len(state["balance"]["schedule"]["p"]) == 1 + 4  # the initial p, then updates at steps 5, 10, 15, 20
+    assert (ck / "rank-000.pt").exists()
 
     balance = read_metrics(run, "balance")
     assert [r["step"] for r in balance] == [5, 10, 15, 20]
@@ -71,18 +72,22 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
     assert again["loss_per_domain"] == pytest.approx(evals[-1]["loss_per_domain"], rel=1e-5)
 
 
-def test_resume_is_exact(tmp_path, tiny_manifest):
-    full = train(config(tmp_path / "a", tiny_manifest))
+def test_resume_mid_window_is_exact(tmp_path, tiny_manifest):
+    """Checkpoint-10 falls inside a Balance window (K = 4) and inside a log window (every 4), with LoRA dropout on."""
+    mid = ("balance.update_every=4", "train.log_every=4", "lora.lora_dropout=0.1", "data.num_workers=1")
+    full = train(config(tmp_path / "a", tiny_manifest, *mid))
     # A run that stopped after checkpoint-10: same config, resumed to the end.
     run_b = tmp_path / "b" / "run"
     run_b.mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "run" / "checkpoint-10", run_b / "checkpoint-10")
-    resumed = train(config(tmp_path / "b", tiny_manifest, "resume=true"))
+    resumed = train(config(tmp_path / "b", tiny_manifest, "resume=true", *mid))
     assert resumed["proportions"] == full["proportions"]
     assert resumed["eval"]["loss_per_domain"] == full["eval"]["loss_per_domain"]
-    a = [r["loss"] for r in read_metrics(tmp_path / "a" / "run", "train") if r["step"] > 10]
-    b = [r["loss"] for r in read_metrics(run_b, "train") if r["step"] > 10]
-    assert a == b
+    a = read_metrics(tmp_path / "a" / "run")
+    b = read_metrics(run_b)
+    for kind, key in (("train", "loss"), ("train", "loss_per_domain"), ("balance", "gram"), ("balance", "p")):
+        after = [(r["step"], r[key]) for r in a if r["kind"] == kind and r["step"] > 10]
+        assert after and after == [(r["step"], r[key]) for r in b if r["kind"] == kind and r["step"] > 10], (kind, key)
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest):
@@ -101,7 +106,8 @@ def test_cli_train_stratified(tmp_path, tiny_manifest):
             "-m",
             "rbvl.cli",
             "train",
-            "recipes/demo_tiny_stratified.yaml",
+            "recipes/demo_tiny_rnb.yaml",
+            "mixing.strategy=stratified",  # the baseline arm of `make demo`: one recipe, one override
             f"manifest={tiny_manifest}",
             f"output_dir={tmp_path / 'run'}",
             "max_steps=4",
@@ -129,3 +135,50 @@ def test_cli_train_stratified(tmp_path, tiny_manifest):
         text=True,
     )
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "nope.json" in bad.stderr
+
+
+def test_the_loops_window_is_the_token_mean_gradient_of_what_it_drew(tmp_path, tiny_manifest):
+    """`rbvl train`'s tracker (checkpointed mid-window) against plain autograd of each domain's token-mean loss over
+    the very micro-batches the stream drew: grad_accum 2, mixed batches, domains of different answer lengths."""
+    import torch
+
+    from rbvl.balance import ProportionSchedule, select_modules
+    from rbvl.data import Collator, MixtureStream, initial_proportions, load_domains
+    from rbvl.evaluate import causal_lm_token_loss
+    from rbvl.model import apply_lora, load_model
+
+    cfg = config(
+        tmp_path, tiny_manifest, "max_steps=2", "train.save_every=2", "train.grad_accum=2", "train.batch_size=4",
+        "balance.update_every=100", "balance.warmup_steps=0", "optim.lr=0.000000000001", "optim.max_grad_norm=0",
+        "eval.every=0", "lora.lora_dropout=0",
+    )  # fmt: skip
+    train(cfg)
+    window = torch.load(tmp_path / "run" / "checkpoint-2" / "rank-000.pt", weights_only=True)["tracker"]
+
+    # the same model and the same four micro-batches, rebuilt from the config
+    domains = load_domains(cfg.manifest)
+    model, processor = load_model(cfg.model, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = apply_lora(model, cfg.lora)
+    model.train()
+    stream = MixtureStream(
+        domains, ProportionSchedule(3, initial=initial_proportions("rnb", domains)), batch_size=4,
+        collate=Collator(processor, max_length=cfg.data.max_length), seed=cfg.seed, grad_accum=2,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # fmt: skip
+    batches = [b for _, b in zip(range(4), stream)]
+    weights = [mod.weight for _, mod in select_modules(model, "lora")]
+    for d in range(3):
+        tokens = sum(int(meta.label_tokens[meta.domain_ids == d].sum()) for _, meta in batches)
+        assert tokens == window["tokens"][d]
+        if tokens == 0:
+            continue
+        loss = 0
+        for inputs, meta in batches:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            per_sample = causal_lm_token_loss(model(**inputs).logits, labels).sum(1)
+            loss = loss + per_sample[meta.domain_ids == d].sum()
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss / tokens, weights)])
+        got = torch.cat([s[d].flatten() for s in window["sums"]]) / tokens
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-7)

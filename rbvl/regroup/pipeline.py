@@ -12,19 +12,21 @@ disk (OUT/.cache/records*.bin, removed at the end); one `Rejects` collector gath
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 import rbvl
+from rbvl import images
 from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, read_records
 from rbvl.regroup import cluster as C
-from rbvl.regroup import report
+from rbvl.regroup import gallery, outdir, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.options import RegroupOptions
-from rbvl.regroup.write import cluster_name, prepare_out, save_centroids, write_manifest, write_shards
+from rbvl.regroup.write import cluster_name, save_centroids, write_shards
 
 
 def read_options(opts: RegroupOptions) -> ReadOptions:
@@ -70,13 +72,14 @@ def regroup(opts: RegroupOptions) -> dict:
     ks = C.parse_k(opts.k)
     check_embedder_name(opts.embedder)  # a typo fails before any reading
     rank, world = _distributed()
-    out = prepare_out(opts.out, opts.overwrite) if rank == 0 else Path(opts.out)
+    final = Path(opts.out)  # outputs are staged in `out` and moved here at the end; the embedding cache lives here
+    out = outdir.prepare(final, opts.overwrite) if rank == 0 else outdir.staging_path(final)
     _barrier(world)
     timings: dict[str, float] = {}
 
     # ---- read (one streaming pass per split into a spool on disk: train rows, then eval rows)
     t0 = time.perf_counter()
-    spool = RecordSpool(out / ".cache" / (f"records-{rank}.bin" if world > 1 else "records.bin"))
+    spool = RecordSpool(final / outdir.CACHE / (f"records-{rank}.bin" if world > 1 else "records.bin"))
     rejects = Rejects()
     read_opts = read_options(opts)
     n_in_train, train_ids = read_split(opts.input, read_opts, spool, rejects, "train")
@@ -104,9 +107,11 @@ def regroup(opts: RegroupOptions) -> dict:
         key_extra=f"seed={opts.seed}",
     )
     if world == 1:
-        emb, errors, embed_stats = embed_records(everything, cache_dir=out / ".cache", progress=opts.progress, **embed)
+        emb, errors, embed_stats = embed_records(
+            everything, cache_dir=final / ".cache", progress=opts.progress, **embed
+        )
     else:
-        emb, errors, embed_stats = _embed_across_ranks(everything, out, rank, world, opts.progress, embed)
+        emb, errors, embed_stats = _embed_across_ranks(everything, final, rank, world, opts.progress, embed)
         if rank != 0:  # rank 0 clusters and writes; the others are done
             everything.close()
             _barrier(world)
@@ -140,6 +145,7 @@ def regroup(opts: RegroupOptions) -> dict:
     )
     w_eval = write_shards(out, "eval", evals, eval_labels, eval_dist, opts.maxcount, opts.seed, rejects, opts.progress)
     rejects.write(out / "rejects.jsonl")
+    n_notes = images.write_notes(out, w_train.notes + w_eval.notes)  # images re-encoded, rescaled or cut to a frame
     centroids = save_centroids(out, cl.centroids)
     timings["write_s"] = time.perf_counter() - t0
 
@@ -173,6 +179,13 @@ def regroup(opts: RegroupOptions) -> dict:
     for split, cnt in counts.items():
         if cnt["in"] != cnt["written"] + cnt["rejected"]:  # a bug, not a user error: say it loudly
             raise AssertionError(f"{split} counts do not add up: {cnt}")
+    if n_written_eval == 0:  # Balance then targets a uniform q, and training has no eval loss to report
+        why = f"all {n_in_eval} eval records were rejected" if n_in_eval else "no --eval input was given"
+        print(
+            f"rbvl-regroup: warning: the eval set is empty ({why}): Balance will target uniform proportions and "
+            "`rbvl train` will report no eval loss",
+            file=sys.stderr,
+        )
     manifest = {
         "format": "rbvl-regroup/1",
         "tool_version": rbvl.__version__,
@@ -194,11 +207,13 @@ def regroup(opts: RegroupOptions) -> dict:
             "metric": "euclidean on L2-normalised embeddings",
         },
         "rejects": "rejects.jsonl",
+        "image_notes": {"file": images.NOTES if n_notes else None, "count": n_notes},
     }
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
     everything.close()
-    write_manifest(out, manifest)
-    report.print_summary(manifest, {**timings, **embed_stats}, out)
+    outdir.commit(out, final, manifest)  # the old output out (only with --overwrite), the new one in, manifest last
+    report.print_summary(manifest, {**timings, **embed_stats}, final)
+    gallery.after_regroup(final, manifest, w_train.ids, x_train, opts.gallery, opts.plots)  # OUT/gallery/
     _barrier(world)
     return manifest
 
@@ -210,16 +225,10 @@ def regroup(opts: RegroupOptions) -> dict:
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size) when launched by torchrun (a gloo group is started if none is), else (0, 1)."""
-    import os
+    from rbvl.distributed import Distributed
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
+    dist = Distributed.from_env(device="cpu")
+    return dist.rank, dist.world_size
 
 
 def _barrier(world: int) -> None:
@@ -230,15 +239,10 @@ def _barrier(world: int) -> None:
 
 
 def close_distributed() -> None:
-    """Barrier, free, then destroy the process group (a bare destroy aborted at exit about 1 run in 5 with gloo)."""
-    import gc
+    """Barrier, free, then destroy the process group (see rbvl.distributed.close)."""
+    from rbvl.distributed import close
 
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        gc.collect()
-        dist.destroy_process_group()
+    close()
 
 
 def _embed_across_ranks(records: list, out: Path, rank: int, world: int, progress: bool, embed: dict):

@@ -2,7 +2,8 @@
 
 Layout and fields follow docs/formats.md:
 
-    OUT/train/cluster_003/shard-000000.tar   <key>.jpg|.png (bytes untouched) + <key>.json, in a seeded random order
+    OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/images.py contract) + <key>.json,
+                                             in a seeded random order
     OUT/eval/cluster_003/shard-000000.tar    eval records, assigned to the nearest train centroid
     OUT/centroids.npy  OUT/rejects.jsonl  OUT/manifest.json
 """
@@ -11,44 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from rbvl import images
 from rbvl.records import Rejects, sanitize_key
-from rbvl.regroup.errors import RegroupError
 
 MANIFEST = "manifest.json"
 SPLIT_CODES = {"train": 0, "eval": 1}  # seeds the write order of each split
 FORMAT = "rbvl-regroup/1"
-
-
-def prepare_out(out: str | Path, overwrite: bool) -> Path:
-    """Create OUT; refuse one that holds a manifest unless `overwrite`.
-
-    Old outputs are cleared (the embedding cache in OUT/.cache is kept for resuming): those of a finished run when
-    overwriting, and the leftovers of an interrupted one (no manifest means they were never complete).
-    """
-    out = Path(out)
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise RegroupError(f"{out} already holds a {MANIFEST}; pass --overwrite to replace it")
-        (out / MANIFEST).unlink()
-    if out.is_dir():
-        for folder in [*out.glob("train/cluster_*"), *out.glob("eval/cluster_*")]:  # only what Regroup writes
-            shutil.rmtree(folder)
-        for name in (
-            "rejects.jsonl",
-            "centroids.npy",
-            "summary.md",
-            "sweep.png",
-            "cluster_sizes.png",
-            "projection.png",
-        ):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def cluster_name(c: int) -> str:
@@ -63,6 +36,8 @@ class _SplitWriter:
         self.writers: dict[int, object] = {}
         self.shard_sizes: dict[int, dict[str, int]] = {}
         self._names: dict[str, str] = {}  # shard file → its path relative to OUT
+        self.notes: list[dict] = []  # images changed to fit the shard contract (rbvl/images.py)
+        self.ids: list[str | None] = []  # record id per input row (the gallery matches embeddings rows to samples)
 
     def write(self, cluster: int, sample: dict) -> None:
         import webdataset as wds
@@ -108,24 +83,36 @@ def write_shards(
     order, so each cluster's shards hold its records shuffled and any window of the stream is a uniform sample.
 
     `records` is anything indexable (a list, `RecordSpool.rows`); a record whose image vanished since embedding goes
-    to `rejects`. Returns the writer (shard lists and per-shard sample counts).
+    to `rejects` (missing_image), and so does one whose image `images.for_shard` refuses (unreadable_image); an image
+    it changes gets an `image_note` in its JSON and a line in `writer.notes`. Returns the writer (shard lists,
+    per-shard sample counts, image notes, `ids`: the record id of each row of `records`).
     """
     from tqdm.auto import tqdm
 
     order = np.random.default_rng([seed, SPLIT_CODES[split]]).permutation(len(records))
     writer = _SplitWriter(out, split, maxcount)
+    writer.ids = [None] * len(records)
     try:
         for i in tqdm(order.tolist(), desc=f"write {split}", unit="rec", disable=not progress):
             rec, c, dist = records[i], int(clusters[i]), float(distances[i])
+            writer.ids[i] = rec.id
             sample = {"__key__": sanitize_key(rec.id)}
             try:
                 loaded = rec.load_image()
             except OSError as e:
                 rejects.add(split, rec, "missing_image", str(e))
                 continue
+            note = None
             if loaded is not None:
-                data, ext = loaded
-                sample[(ext or "jpg").lower().lstrip(".")] = data
+                try:
+                    img = images.for_shard(*loaded)  # PNG/JPEG/WebP, 8-bit, one frame: what the stream reads
+                except images.ImageRejected as e:
+                    rejects.add(split, rec, "unreadable_image", str(e))
+                    continue
+                sample[img.ext] = img.data
+                note = img.note
+                if note:
+                    writer.notes.append({"split": split, "id": rec.id, "note": note})
             sample["json"] = {
                 "id": rec.id,
                 "conversation": rec.conversation,
@@ -133,6 +120,7 @@ def write_shards(
                 "cluster": c,
                 "distance": round(dist, 6),
                 "text": rec.text,
+                **({"image_note": note} if note else {}),
             }
             writer.write(c, sample)
     finally:
