@@ -29,7 +29,6 @@ dropped, one warning per shard); eval shards are checked when the manifest is lo
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -407,17 +406,23 @@ _WARNED: set[str] = set()  # shards already warned about in this process
 
 
 def decode(sample: dict) -> dict:
-    """A raw shard sample → {"id", "conversation", "image": PIL RGB or None}."""
-    from PIL import Image
+    """A raw shard sample → {"id", "conversation", "image": PIL RGB or None} (the image contract: rbvl.images).
+
+    Raises DataError when the sample is unusable, e.g. its conversation places an `<image>` but the sample holds no
+    image (a shard cut inside a sample).
+    """
+    from rbvl.images import open_rgb
 
     if "__error__" in sample:
         raise DataError(sample["__error__"])
     meta = json.loads(sample["json"])
-    image = None
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
-            break
+    image = next((open_rgb(sample[ext]) for ext in IMAGE_EXTS if ext in sample), None)
+    placeholders = sum(str(turn.get("content", "")).count("<image>") for turn in meta["conversation"])
+    if placeholders != (image is not None):
+        raise DataError(
+            f"sample {sample['__key__']}: the conversation places {placeholders} <image> but the sample holds "
+            f"{int(image is not None)} image (a shard cut inside a sample?)"
+        )
     return {"id": meta.get("id", sample["__key__"]), "conversation": meta["conversation"], "image": image}
 
 
@@ -526,7 +531,8 @@ class MixtureStream(IterableDataset):
             batch = None
             while batch is None:  # a batch whose samples were all too long is drawn again
                 p = self.schedule.at(index // self.grad_accum + 1).numpy()
-                ids = rng.choice(m, size=self.batch_size, p=p / p.sum())
+                # sorted: each domain's rows are contiguous, so the tracker splits the gradient with views, not copies
+                ids = np.sort(rng.choice(m, size=self.batch_size, p=p / p.sum()))
                 np.add.at(drawn, ids, 1)
                 samples, kept = [], []
                 for d in ids.tolist():

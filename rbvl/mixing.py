@@ -7,7 +7,7 @@
         optimizer.step()
         info = mixer.step(step, ctx)                               # after optimizer step `step` (1-based)
         if info and "p" in info:
-            schedule.publish(info["p"], after_batch=last_index)    # the stream draws from the new p
+            schedule.publish(info["p"], after_step=step)             # the stream draws from the new p
     mixer.cost  # {"forward_tokens", "backward_tokens", "flops", "seconds", ...}: every strategy measured alike
 
 Strategies (`mixing.strategy`): `stratified` / `natural` / `manual` (static: p never changes) and the peers R&B is

@@ -570,3 +570,44 @@ def test_resume_between_log_lines_keeps_the_windows_loss_stats(tmp_path, shards)
         f"the step-5 row covers {int(sum(b['samples_per_domain']))} samples (5 steps × 4), loss equal to the "
         "uninterrupted run's",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corrupt or truncated shards: train skips and counts (one warning naming the shard), eval stops with one line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _damaged_copy(tmp_path, shards, split: str, how: str) -> tuple[Path, Path]:
+    """A copy of the tiny shards with one `split` shard of cluster_000 damaged `how`; returns (manifest, shard)."""
+    root = tmp_path / "damaged"
+    shutil.copytree(Path(shards).parent, root)
+    shard = sorted((root / split / "cluster_000").glob("*.tar"))[0]
+    data = shard.read_bytes()
+    if how == "random bytes":
+        shard.write_bytes(np.random.default_rng(0).bytes(len(data)))
+    else:  # cut in half
+        shard.write_bytes(data[: len(data) // 2])
+    return root / "manifest.json", shard
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["random bytes", "cut in half"])
+def test_damaged_train_shard_is_skipped_counted_and_named(tmp_path, shards, how):
+    manifest, shard = _damaged_copy(tmp_path, shards, "train", how)
+    run = tmp_path / "run"
+    r = rbvl("train", RECIPE, f"manifest={manifest}", f"output_dir={run}", *TINY_TRAIN, "max_steps=8", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and shard.name in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    dropped = sum(row.get("dropped", 0) for row in rows if row["kind"] == "train")
+    assert dropped > 0, "the unreadable samples are counted"
+    succeeded(r, "data faults", f"a train shard of {how}", f"trained 8 steps; a warning names {shard.name}; "
+              f"{dropped} samples counted as dropped")  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["random bytes", "cut in half"])
+def test_damaged_eval_shard_stops_with_one_line(tmp_path, shards, how):
+    manifest, shard = _damaged_copy(tmp_path, shards, "eval", how)
+    r = rbvl("train", RECIPE, f"manifest={manifest}", f"output_dir={tmp_path / 'run'}", *TINY_TRAIN, timeout=300)
+    line = error_line(r, "data faults", f"an eval shard of {how}", shard.name)
+    assert "eval shard" in line
