@@ -268,67 +268,11 @@ def load_samples(manifest: Path) -> list[dict]:
 
 
 def write_bench_manifest(root: Path, n_domains: int = 3, n_train: int = 64, n_eval: int = 4, seed: int = 0) -> Path:
-    """A small regrouped shard set + manifest.json (docs/formats.md), as tests/conftest.py's `write_tiny_manifest`.
+    """A small regrouped shard set + manifest.json (rbvl.synthetic): domain 0 asks for an image's colour, domain 1 a
+    sum (text only), domain d ≥ 2 a fixed phrase."""
+    from rbvl.synthetic import write_tiny_manifest
 
-    Domain 0 asks for an image's colour, domain 1 a sum (text only), domain d ≥ 2 a fixed phrase.
-    """
-    import io
-    import random
-
-    import webdataset as wds
-    from PIL import Image
-
-    rng = random.Random(seed)
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-    def sample(d: int, key: str) -> dict:
-        out = {"__key__": key}
-        if d == 0:
-            name = rng.choice(sorted(colours))
-            buf = io.BytesIO()
-            Image.new("RGB", (32, 32), colours[name]).save(buf, format="PNG")
-            out["png"] = buf.getvalue()
-            turns = ("<image>\nWhat colour is this?", name)
-        elif d == 1:
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            turns = (f"What is {a} + {b}?", f"{a + b}")
-        else:
-            turns = (f"Say the word number {d}.", "yes" * d)
-        conv = [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": turns[1]}]
-        meta = {"id": key, "conversation": conv, "label": f"label{d}", "cluster": d, "distance": 0.0, "text": turns[0]}
-        out["json"] = json.dumps(meta).encode()
-        return out
-
-    clusters = []
-    for d in range(n_domains):
-        name = f"cluster_{d:03d}"
-        entry = {"id": d, "name": name, "top_labels": [[f"label{d}", n_train]], "examples": []}
-        for split, n in (("train", n_train), ("eval", n_eval)):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=max(1, n // 2), verbose=0) as sink:
-                for i in range(n):
-                    sink.write(sample(d, f"{split}-d{d}-{i:04d}"))
-            entry[f"{split}_shards"] = sorted(p.relative_to(root).as_posix() for p in folder.glob("*.tar"))
-            entry[f"n_{split}"] = n
-        half = max(1, n_train // 2)
-        entry["shard_sizes"] = [half] * (len(entry["train_shards"]) - 1) + [
-            n_train - half * (len(entry["train_shards"]) - 1)
-        ]
-        clusters.append(entry)
-    manifest = {
-        "format": "rbvl-regroup/1",
-        "tool_version": "bench",
-        "embedder": {"name": "none"},
-        "k": n_domains,
-        "sweep": [],
-        "clusters": clusters,
-        "eval_distribution": [1.0 / n_domains] * n_domains,
-        "train_distribution": [1.0 / n_domains] * n_domains,
-        "counts": {"train": {"in": n_train * n_domains, "written": n_train * n_domains, "rejected": 0}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root / "manifest.json"
+    return write_tiny_manifest(root, n_domains=n_domains, n_train=n_train, n_eval=n_eval, seed=seed)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from rbvl.synthetic import write_tiny_manifest  # noqa: E402 - tests import it from here too
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -17,87 +19,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def write_tiny_manifest(root, n_domains: int = 3, n_train: int = 24, n_eval: int = 6, seed: int = 0):
-    """Regrouped shards + manifest.json as `rbvl-regroup` writes them (docs/formats.md), without running it.
-
-    Domain d asks a question whose answer depends on the image's colour (d = 0), on arithmetic (d = 1, text only) or
-    on a fixed phrase (d ≥ 2), so the domains differ in difficulty and in gradient direction.
-    """
-    import io
-    import json
-    import random
-    from pathlib import Path
-
-    import webdataset as wds
-    from PIL import Image
-
-    root = Path(root)
-    rng = random.Random(seed)
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-    def sample(d: int, i: int, split: str):
-        key = f"{split}-d{d}-{i:04d}"
-        if d == 0:
-            name = rng.choice(sorted(colours))
-            buf = io.BytesIO()
-            Image.new("RGB", (32, 32), colours[name]).save(buf, format="PNG")
-            conv = [
-                {"role": "user", "content": "<image>\nWhat colour is this?"},
-                {"role": "assistant", "content": name},
-            ]
-            out = {"__key__": key, "png": buf.getvalue()}
-        elif d == 1:
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            conv = [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"{a + b}"}]
-            out = {"__key__": key}
-        else:
-            conv = [
-                {"role": "user", "content": f"Say the word number {d}."},
-                {"role": "assistant", "content": "yes" * d},
-            ]
-            out = {"__key__": key}
-        out["json"] = json.dumps(
-            {
-                "id": key,
-                "conversation": conv,
-                "label": f"label{d}",
-                "cluster": d,
-                "distance": 0.0,
-                "text": conv[0]["content"],
-            }
-        ).encode()
-        return out
-
-    clusters = []
-    for d in range(n_domains):
-        entry = {"id": d, "name": f"cluster_{d:03d}", "top_labels": [[f"label{d}", n_train]], "examples": []}
-        for split, n in (("train", n_train), ("eval", n_eval)):
-            folder = root / split / f"cluster_{d:03d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=max(1, n // 2), verbose=0) as sink:
-                for i in range(n):
-                    sink.write(sample(d, i, split))
-            shards = sorted(p.relative_to(root).as_posix() for p in folder.glob("*.tar"))
-            entry[f"{split}_shards"] = shards
-            entry[f"n_{split}"] = n
-        entry["shard_sizes"] = [max(1, n_train // 2)] * (len(entry["train_shards"]) - 1)
-        entry["shard_sizes"].append(n_train - sum(entry["shard_sizes"]))
-        clusters.append(entry)
-    manifest = {
-        "format": "rbvl-regroup/1",
-        "tool_version": "test",
-        "embedder": {"name": "none"},
-        "k": n_domains,
-        "sweep": [],
-        "clusters": clusters,
-        "eval_distribution": [1.0 / n_domains] * n_domains,
-        "train_distribution": [1.0 / n_domains] * n_domains,
-        "counts": {"train": {"in": n_train * n_domains, "written": n_train * n_domains, "rejected": 0}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root / "manifest.json"
 
 
 @pytest.fixture
