@@ -56,10 +56,13 @@ class LoraConfig:
     r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    target_modules: str | list[str] = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
-    """A regex or a list of names. The default keeps adapters off the vision tower, whose attention shares names."""
-    modules_to_save: list[str] = field(default_factory=lambda: ["multi_modal_projector"])
-    """Modules trained in full and saved with the adapter (the projector, as in LLaVA stage 2)."""
+    target_modules: str | list[str] | None = None
+    """A regex or a list of names. None: the model family's regex (rbvl/families.py), the language model's attention
+    projections only (e.g. `.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)`): bare names would also hit the vision
+    tower, whose attention shares them."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter. None: the family's projector (`multi_modal_projector`,
+    Qwen2-VL's `merger`, Idefics3's `connector`; none for a text-only LM), as in LLaVA stage 2."""
 
     def __post_init__(self):
         if self.r <= 0:
