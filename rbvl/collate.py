@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import BatchFeature
 
 from rbvl.families import FAMILIES, Family
 
@@ -148,9 +149,12 @@ class Encoder:
             enc = dict(self.tokenizer(texts, **kwargs))
             replaced = [[] for _ in texts]
         else:
-            image_kwargs = {"images": images} if any(images) else {}
-            enc = dict(self.processor(text=texts, return_text_replacement_offsets=True, **kwargs, **image_kwargs))
+            image_kwargs = {"images": images, "return_text_replacement_offsets": True} if any(images) else {}
+            # tensors made here, after the offsets (a list of dicts) are out: Idefics3's processor tries to make them
+            # a tensor too when every sample has as many images
+            enc = dict(self.processor(text=texts, **{**kwargs, "return_tensors": None}, **image_kwargs))
             replaced = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
+            enc = dict(BatchFeature(enc, tensor_type="pt"))
         offsets = enc.pop("offset_mapping")  # (B, T, 2) in the expanded text
         mask = enc["attention_mask"].bool()
         labels = torch.full_like(enc["input_ids"], -100)

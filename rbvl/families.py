@@ -208,6 +208,14 @@ def family_for(model: nn.Module) -> Family:
     return fam if fam is not None else introspect(model)
 
 
+def head_patterns(model: nn.Module) -> list[str]:
+    """What `balance.params: head` tracks in `model` (the LM head alone when its family cannot be worked out)."""
+    try:
+        return family_for(model).head_patterns()
+    except FamilyError:
+        return Family("unknown").head_patterns()
+
+
 def is_text_only_config(config) -> bool:
     """A config that AutoModelForCausalLM builds and AutoModelForImageTextToText does not."""
     fam = lookup(getattr(config, "model_type", None))

@@ -386,6 +386,7 @@ def paligemma():
         projection_dim=64,
         vocab_size=len(tok),
         pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,  # as every tiny model: the tracker's LM head is the head's own weight
     )
     return config, processor
 

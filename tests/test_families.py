@@ -1,0 +1,248 @@
+"""Every supported family on its tiny offline model: load + LoRA, collate, forward/backward, export, tracker.
+
+For each family (rbvl/families.py): LoRA lands on the language model only and the projector trains; a mixed batch
+(images, text-only and multi-image samples where the family takes them) gets labels on the assistant turns only; a
+forward/backward runs; `rbvl export --merge` reloads with equal logits; and GradientTracker's per-domain gradients
+(params lora and head) equal plain autograd on each domain's samples collated and run on their own.
+"""
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from rbvl.balance import GradientTracker
+from rbvl.collate import Encoder
+from rbvl.config import LoraConfig, ModelConfig
+from rbvl.families import FAMILIES, TINY_FAMILIES, family_for, introspect, markdown_table
+from rbvl.model import apply_lora, load_model
+
+NAMES = sorted(TINY_FAMILIES)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def image(colour: str, w: int = 32, h: int = 32) -> Image.Image:
+    return Image.new("RGB", (w, h), COLOURS[colour])
+
+
+def samples_for(fam) -> list[tuple[dict, int]]:
+    """(sample, domain) pairs: 3 domains; each holds what the family takes (images, text-only, multi-image, tiles)."""
+    out = []
+    if fam.kind == "vlm":
+        out += [
+            ({"id": "img-0", "conversation": _turns("<image>\nWhat colour is this?", "red"), "image": image("red")}, 0),
+            (
+                {
+                    "id": "img-1",
+                    "conversation": _turns("What colour?\n<image>", "green is the colour"),
+                    "image": image("green", 64, 32),  # any-resolution / split: more than one tile
+                },
+                2,
+            ),
+        ]
+    if fam.kind == "text" or fam.text_only_samples:
+        two_turns = [*_turns("What is 2 + 3?", "2 + 3 = 5."), *_turns("And 4 + 4?", "8")]
+        out += [({"id": "txt-0", "conversation": two_turns, "image": None}, 1)]
+        out += [({"id": "txt-1", "conversation": _turns("Say yes.", "yes"), "image": None}, 2)]
+    if fam.kind == "vlm" and fam.multi_image:
+        pair = {"id": "multi", "conversation": _turns("<image> or <image>: which is blue?", "the second")}
+        out += [({**pair, "images": [image("red"), image("blue", 64, 64)]}, 1)]
+    if fam.kind == "text":
+        out += [({"id": "txt-2", "conversation": _turns("What is 1 + 1?", "2"), "image": None}, 0)]
+    return out
+
+
+def _turns(user: str, assistant: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def answers(sample: dict, prefix_lm: bool) -> str:
+    said = [t["content"] for t in sample["conversation"] if t["role"] == "assistant"]
+    return said[-1] if prefix_lm else "".join(said)  # a prefix-LM learns the last answer (the suffix) only
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("domain_ids", "has_image", "image_domain_ids")}
+
+
+def build(name: str, seed: int = 0):
+    model, processor = load_model(ModelConfig(name=name), seed=seed)
+    torch.manual_seed(seed)
+    return apply_lora(model, LoraConfig(r=4, lora_dropout=0.0)), processor
+
+
+def perturb(model, scale: float = 0.05):
+    """Move adapters and projector copies off their initial values (LoRA B starts at 0: gradients of A vanish)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def token_sum_loss(model, batch) -> torch.Tensor:
+    """Σ over answer tokens of the cross-entropy: a loss whose per-domain parts add up to the whole."""
+    logits = model(**model_inputs(batch)).logits.float()  # (B, T, V)
+    labels = batch["labels"]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_table_covers_the_families_users_bring():
+    wanted = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"}
+    assert wanted | {"gemma3", "llama", "qwen2", "qwen3", "mistral"} <= set(FAMILIES)
+    for fam in FAMILIES.values():
+        re.compile(fam.target_modules())
+        assert all(re.compile(p) for p in fam.head_patterns())
+
+
+def test_readme_lists_the_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "README's table of families is out of date: python -m rbvl.families"
+
+
+def test_unknown_family_falls_back_to_introspection(caplog):
+    model, _ = load_model(ModelConfig(name="tiny-llava"))
+    model.config.model_type = "my_vlm"
+    fam = introspect(model)
+    assert "no entry for model_type 'my_vlm'" in caplog.text and "lora.target_modules" in caplog.text
+    assert fam.projector == "multi_modal_projector" and fam.head_linear == "linear_2"
+    assert fam.target_modules() == FAMILIES["llava"].target_modules()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per family
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_lora_collate_forward_backward(name):
+    fam = TINY_FAMILIES[name]
+    model, processor = build(name)
+    assert family_for(model).model_type == fam.model_type
+
+    # LoRA on the language model's attention only; never in the vision tower; the projector trains in full
+    adapters = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+    assert adapters and all(re.search(r"\.(q|k|v|o)_proj\.lora_A$", n) for n in adapters)
+    if fam.kind == "vlm":
+        assert all(f".{fam.language_model}." in n for n in adapters)
+        assert not any(f".{fam.vision}." in n for n in adapters), "an adapter landed in the vision tower"
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert any(f"{fam.projector}.modules_to_save" in n for n in trainable), "the projector does not train"
+        frozen_vision = [
+            p.requires_grad
+            for n, p in model.named_parameters()
+            if f".{fam.vision}." in n and f".{fam.projector}." not in n
+        ]
+        assert frozen_vision and not any(frozen_vision)
+
+    # a mixed batch: labels on the assistant turns only
+    pairs = samples_for(fam)
+    samples, domains = [s for s, _ in pairs], [d for _, d in pairs]
+    batch, stats = Encoder(processor, max_length=512)(samples, domains)
+    assert stats == {"truncated": 0, "dropped": 0}
+    tok = getattr(processor, "tokenizer", processor)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+    for b, sample in enumerate(samples):
+        said = tok.decode(labels[b][labels[b] != -100], skip_special_tokens=True)
+        assert re.sub(r"\s", "", said) == re.sub(r"\s", "", answers(sample, fam.prefix_lm)), (sample["id"], said)
+    assert batch["domain_ids"].tolist() == domains
+    n_images = sum(len(s.get("images") or ([s["image"]] if s.get("image") else [])) for s in samples)
+    assert batch["image_domain_ids"].numel() >= n_images  # one row per image, or more (tiles, patches)
+
+    # forward / backward: gradients reach the adapters and the projector, never the frozen vision tower
+    loss = model(**model_inputs(batch)).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for n, g in grads.items() if "lora_A" in n)
+    if fam.kind == "vlm":
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if fam.projector in n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_merge_reloads_with_equal_logits(name, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from rbvl.config import RunConfig, dump_config
+    from rbvl.export import export_merged
+
+    fam = TINY_FAMILIES[name]
+    model, processor = build(name, seed=3)
+    perturb(model)
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    cfg = RunConfig()
+    cfg.model.name, cfg.seed, cfg.lora.lora_dropout = name, 3, 0.0
+    dump_config(cfg, ckpt / "config.yaml")
+
+    export_merged(ckpt, tmp_path / "merged")  # what `rbvl export CKPT --merge OUT` calls
+    auto = AutoModelForCausalLM if fam.kind == "text" else AutoModelForImageTextToText
+    merged = auto.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    pairs = samples_for(fam)
+    batch, _ = Encoder(processor)([s for s, _ in pairs], [d for _, d in pairs])
+    with torch.no_grad():
+        expected = model.eval()(**model_inputs(batch)).logits
+        torch.testing.assert_close(merged(**model_inputs(batch)).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tracker_equals_separate_per_domain_backward(name):
+    """One backward over the mixed batch; the tracker's domain parts = autograd on each domain's samples alone."""
+    fam = TINY_FAMILIES[name]
+    model, processor = build(name, seed=5)
+    perturb(model)
+    encoder = Encoder(processor)
+    pairs = samples_for(fam)
+    samples, domains = [s for s, _ in pairs], [d for _, d in pairs]
+    batch, _ = encoder(samples, domains)
+    m = 3
+    for params in ("lora", "head"):
+        tracker = GradientTracker(model, m, params=params)
+        names = tracker.tracked_names
+        if params == "head" and fam.head_linear:
+            assert any(fam.projector in n for n in names), names  # the projector's last linear is tracked
+        if fam.kind == "vlm":
+            rows = {}  # what the tracked projector layer sees: as many rows as image_domain_ids
+            handles = [
+                mod.register_forward_hook(lambda mod, a, o, n=n, rows=rows: rows.__setitem__(n, a[0].shape[0]))
+                for n, mod in tracker.modules
+                if fam.projector in n
+            ]
+        model.zero_grad(set_to_none=True)
+        tracker.set_domains(batch["domain_ids"], image_domain_ids=batch["image_domain_ids"])
+        token_sum_loss(model, batch).backward()
+        got = tracker.domain_grads() * tracker.counts[:, None].float()  # (m, P): each domain's summed gradient
+        tracker.remove()
+        if fam.kind == "vlm":
+            for h in handles:
+                h.remove()
+            assert all(r == batch["image_domain_ids"].numel() for r in rows.values()), rows
+
+        weights = [mod.weight for _, mod in tracker.modules]
+        frozen = [w for w in weights if not w.requires_grad]  # a frozen LM head is tracked too: autograd needs grad on
+        for w in frozen:
+            w.requires_grad_(True)
+        for d in range(m):
+            mine = [s for s, dd in zip(samples, domains) if dd == d]
+            sub, _ = encoder(mine, [d] * len(mine))
+            ref = torch.autograd.grad(token_sum_loss(model, sub), weights, allow_unused=True)
+            ref = torch.cat([(g if g is not None else torch.zeros_like(w)).flatten() for g, w in zip(ref, weights)])
+            scale = ref.abs().max().clamp(min=1e-8)
+            err = (got[d] - ref).abs().max() / scale
+            assert err < 1e-4, f"{name} params={params} domain {d}: relative error {err:.2e}"
+            assert ref.abs().sum() > 0
+        for w in frozen:
+            w.requires_grad_(False)
