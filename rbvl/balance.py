@@ -2,25 +2,47 @@
 
 This module imports torch alone, so any training loop can use it:
 
-    tracker = GradientTracker(model, n_domains=m, params="lora")
-    for step, batch in enumerate(loader, 1):
-        tracker.set_domains(batch["domain_ids"])      # one domain id per sample, before the forward pass
-        model(**inputs).loss.backward()               # hooks add each domain's gradient part for the tracked layers
+    tracker = GradientTracker(model, n_domains=m, params="lora", sketch_dim=2**20)
+    schedule = ProportionSchedule(m, lag=0)                 # p over optimizer steps; data loaders read it
+    for step, (inputs, domain_ids) in enumerate(loader, 1):
+        tracker.set_domains(domain_ids, tokens=label_tokens(inputs["labels"]))   # before the forward pass
+        loss = model(**inputs).loss                          # = Σ_t ℓ_t / N, the mean over the N label tokens
+        tracker.watch_loss(loss, normalizer=label_tokens(inputs["labels"]).sum())
+        loss.backward()                                      # the tracked layers hand each domain its part
         optimizer.step(); optimizer.zero_grad()
+        tracker.commit()                                     # the step joins the window (dropped if it overflowed)
         if step % K == 0:
-            G = gram(tracker.domain_grads())          # (m, m) from the window's mean domain gradients
-            p = update_proportions(G, q, lam=3.0)     # softmax(λ · G q / ‖G q‖)
+            tracker.sync()                                   # sum every rank's window (DDP)
+            G = tracker.gram()                               # (m, m): g_i · g_j
+            p = update_proportions(G, q, lam=3.0)            # softmax(λ · G q / ‖G q‖)
             tracker.reset()
+            schedule.publish(p, after_step=step)             # applies from step + 1 + lag
 
-Why it is cheap: for a linear map y = x Wᵀ, ∂ℓ/∂W = Σ_t δ_t a_tᵀ over tokens t (δ: output gradient, a: input).
-A domain's part is the same product over that domain's tokens, so a forward hook keeps `a`, a tensor hook on
-the output receives `δ` during the backward pass training already does, and one weight-gradient-sized matmul per
-tracked layer (each token belongs to exactly one domain) adds every domain's part. No extra forward or backward
-pass, no per-example autograd; memory is m × (tracked parameters).
+What g_i is. The gradient of domain i's token-mean loss over the window, g_i = (1 / T_i) Σ_{t ∈ i} ∇ℓ_t (T_i: the
+window's label tokens of domain i): the per-domain loss that evaluation reports. The paper's update comes from a
+first-order expansion of the target loss after a step on the mixture p', L(θ − η Σ_j p'_j g_j; D_q) ≈
+L(θ; D_q) − η qᵀ G p' with G_ij = g_i · g_j and the target gradient Σ_i q_i g_i; so g_i must be the gradient of the
+same per-domain loss that q weights. It does not depend on what shares a micro-batch, on gradient accumulation, on
+the loss normaliser (`watch_loss` undoes it, and whatever scales the loss after it: 1/grad_accum, a GradScaler, a
+Trainer's world-size factor), nor on answer length (a domain with 6× longer answers has 6× the tokens, not a 6×
+larger gradient).
 
-Tracked parameters: the paper tracked the model's last layer (`params="head"`: the LM head and the multimodal
-projector's last linear). rbvl's default, `params="lora"`, tracks the LoRA adapters — the weights LoRA training
-actually updates — a deliberate extension: G then compares the domains in the very directions the optimizer moves.
+Why it is cheap. For a linear map y = x Wᵀ, ∂ℓ/∂W = Σ_t δ_t a_tᵀ (δ: output gradient, a: input). The tracked linears
+run a small autograd function whose backward computes that weight gradient as the sum of per-domain parts
+Σ_d δ_dᵀ a_d: the same matmul FLOPs, split by rows, so every domain's part comes with the gradient training needs
+anyway. What is left is adding each part into its domain's accumulator, O(tracked params) per micro-batch and
+domain present, not O(params × tokens). A frozen tracked layer (a frozen LM head under `params="head"`) has no
+weight gradient to split, so it pays one weight-gradient product. No extra forward or backward pass.
+
+Memory. Exact (`sketch_dim=0`): m × tracked params fp32 for the window and m × tracked params for each domain's
+last seen gradient. Sketched: each layer's part goes through a seeded Kronecker count sketch (rows and columns
+hashed into k_out × k_in buckets with random signs; E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased) into its slice
+of a `sketch_dim` vector, so memory is m × sketch_dim whatever the model. The hashes depend only on the seed and
+the layer shapes, so every rank sketches alike.
+
+A domain with no samples in a window keeps its last seen gradient in G (stale, but the best estimate there is;
+zero if it was never seen): its column still counts in G q, and its score stays defined. `update_proportions`
+logs which domains were stale.
 """
 
 from __future__ import annotations
@@ -31,11 +53,29 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GradientTracker", "gram", "update_proportions", "update_proportions_with_info", "Balancer"]
+__all__ = [
+    "GradientTracker",
+    "ProportionSchedule",
+    "Balancer",
+    "gram",
+    "label_tokens",
+    "update_proportions",
+    "update_proportions_with_info",
+]
+
+
+# Modules that see images (or tiles, or patch rows) rather than samples: their rows take `image_domain_ids`.
+VISION_SIDE = r"(multi_modal_projector|vision_tower|vision_model|visual|mm_projector|connector|merger)"
+
+
+def label_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B,) label tokens per sample that a causal LM loss averages over (labels shifted by one, as HF models do)."""
+    return (labels[:, 1:] != ignore_index).sum(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -51,70 +91,162 @@ class GradientTracker:
         n_domains: m.
         params: `"lora"` (every LoRA adapter linear), `"head"` (LM head + projector's last linear), or a list of
             regexes matched with `re.search` against module names (nn.Linear modules only).
+        sketch_dim: 0 for exact accumulators (m × tracked params); N > 0 keeps each domain's gradient in an
+            N-dimensional count sketch (m × N), unbiased inner products.
+        seed: the sketch's hash seed (the same on every rank).
+        guard_nonfinite: buffer each optimizer step's contribution and add it to the window only if it is finite
+            (`commit`), so an fp16 step that overflowed (and that GradScaler skips) does not poison the window.
     """
 
-    def __init__(self, model: nn.Module, n_domains: int, params: str | Sequence[str] = "lora"):
+    def __init__(
+        self,
+        model: nn.Module,
+        n_domains: int,
+        params: str | Sequence[str] = "lora",
+        *,
+        sketch_dim: int = 0,
+        seed: int = 0,
+        guard_nonfinite: bool = False,
+    ):
         self.m = n_domains
         self.enabled = True
         self.modules = select_modules(model, params)  # [(name, nn.Linear)]
+        self.sketch_dim, self.seed, self.guard = sketch_dim, seed, guard_nonfinite
         dev = self.modules[0][1].weight.device
-        self.sums = [
-            torch.zeros(n_domains, *mod.weight.shape, dtype=torch.float32, device=dev) for _, mod in self.modules
-        ]
-        self.counts = torch.zeros(n_domains, dtype=torch.float64)
+        self.sketches = _plan_sketches([mod.weight.shape for _, mod in self.modules], sketch_dim, seed, dev)
+        self.sums = self._zeros(dev)  # the window: Σ_t ∇ℓ_t per domain, [(m, *shape)] exact or [(m, N)] sketched
+        self.tokens = torch.zeros(n_domains, dtype=torch.float64)  # (m,) label tokens per domain in the window
+        self.last = self._zeros(dev)  # each domain's last seen token-mean gradient (for windows that miss it)
+        self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
+        self._step_sums = self._zeros(dev) if guard_nonfinite else None
+        self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._sample_domains: torch.Tensor | None = None  # (B,)
-        self._image_domains: torch.Tensor | None = None  # (n_images,)
-        self._handles = [mod.register_forward_hook(self._make_hook(i)) for i, (_, mod) in enumerate(self.modules)]
-        self._modules_trainable = [mod.weight.requires_grad for _, mod in self.modules]
-        self._handles += [
-            mod.weight.register_hook(self._make_weight_hook(i))
-            for i, (_, mod) in enumerate(self.modules)
-            if mod.weight.requires_grad
-        ]
-        self._calls = [0] * len(self.modules)  # forward calls that will see a backward, this micro-batch
-        self._pending: dict[int, tuple[int, torch.Tensor]] = {}  # index → (skipped domain, sum of the others)
+        self._image_domains: torch.Tensor | None = None  # (rows the vision side sees,)
+        self._scale = 1.0  # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch)
+        self.skipped_steps = 0
+        self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
+        self._originals = []
+        for i, (_, mod) in enumerate(self.modules):
+            self._originals.append(mod.__dict__.get("forward"))
+            mod.forward = self._make_forward(i, mod)
+
+    def _zeros(self, dev) -> list[torch.Tensor]:
+        if self.sketches is None:
+            return [torch.zeros(self.m, *mod.weight.shape, dtype=torch.float32, device=dev) for _, mod in self.modules]
+        return [torch.zeros(self.m, self.sketch_dim, dtype=torch.float32, device=dev)]
 
     # -- public API -----------------------------------------------------------------------------------------------
 
-    def set_domains(self, domain_ids, image_domain_ids=None) -> None:
-        """Domain id of each sample of the next (micro-)batch; `image_domain_ids` for modules that see images."""
+    def set_domains(self, domain_ids, tokens=None, image_domain_ids=None) -> None:
+        """Before a micro-batch's forward pass: the domain of each sample, and what its loss averages over.
+
+        Args:
+            domain_ids: (B,) domain id per sample.
+            tokens: (B,) label tokens per sample (`label_tokens(labels)`); None counts each sample as one unit,
+                for a loss that is a mean over samples.
+            image_domain_ids: the domain of each row the vision side sees (one per image, or per tile / patch
+                row), for tracked layers whose batch dimension is images rather than samples.
+        """
         ids = torch.as_tensor(domain_ids, dtype=torch.long).flatten().cpu()
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.m):
             raise ValueError(f"domain ids must lie in [0, {self.m}), got {ids.tolist()}")
         self._sample_domains = ids
-        self._calls = [0] * len(self.modules)
-        self._pending.clear()
         self._image_domains = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten()
+        self._scale = 1.0
+        units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
         if self.enabled:
-            self.counts += torch.bincount(ids, minlength=self.m).double()
+            (self._step_tokens if self.guard else self.tokens).index_add_(0, ids, units.flatten())
 
-    def domain_grads(self) -> torch.Tensor:
-        """(m, P): each domain's mean gradient over the window (sum / its sample count); unseen domains give 0."""
-        flat = torch.cat([s.flatten(1) for s in self.sums], dim=1)  # (m, P)
-        counts = self.counts.to(flat.device, torch.float32)
-        return torch.where(counts[:, None] > 0, flat / counts.clamp(min=1)[:, None], torch.zeros_like(flat))
+    def watch_loss(self, loss: torch.Tensor, normalizer) -> torch.Tensor:
+        """Declare that `loss` = Σ_t ℓ_t / normalizer over this micro-batch's label tokens; returns `loss`.
 
-    def reset(self) -> None:
-        for s in self.sums:
+        Whatever scales `loss` before backward (1/grad_accum, a GradScaler, a world-size factor) is read off the
+        gradient that reaches it, so the tracker always accumulates Σ_t ∇ℓ_t per domain.
+        """
+        if not (self.enabled and loss.requires_grad):
+            return loss
+        norm = float(normalizer)
+
+        def hook(grad):
+            self._scale = norm / float(grad) if float(grad) != 0 else 0.0
+
+        loss.register_hook(hook)
+        return loss
+
+    def commit(self, skip: bool = False) -> bool:
+        """After each optimizer step: the step's contribution joins the window; returns False if it was dropped.
+
+        Dropped when `skip` (the optimizer skipped the step) or, with `guard_nonfinite`, when it is not finite.
+        """
+        if self._step_sums is None:
+            if skip:
+                log.warning("balance: a skipped step was already added to the window (guard_nonfinite is off)")
+            return True
+        tokens, self._step_tokens = self._step_tokens, torch.zeros_like(self._step_tokens)
+        finite = all(bool(torch.isfinite(s).all()) for s in self._step_sums)
+        if skip or not finite:
+            self.skipped_steps += 1
+            for s in self._step_sums:
+                s.zero_()
+            return False
+        for acc, s in zip(self.sums, self._step_sums, strict=True):
+            acc += s
             s.zero_()
-        self.counts.zero_()
+        self.tokens += tokens
+        return True
 
     def sync(self) -> None:
-        """Across DDP ranks: average the sums (as DDP averages `.grad`) and add the counts; no-op on one process."""
+        """Across DDP ranks: sum the window's gradient sums and token counts (no-op on one process)."""
+        self._commit_pending()
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        world = torch.distributed.get_world_size()
         for s in self.sums:
             torch.distributed.all_reduce(s)
-            s /= world
-        counts = self.counts.to(self.sums[0].device)
-        torch.distributed.all_reduce(counts)
-        self.counts = counts.cpu()
+        tokens = self.tokens.to(self.sums[0].device)
+        torch.distributed.all_reduce(tokens)
+        self.tokens = tokens.cpu()
+
+    def domain_grads(self) -> torch.Tensor:
+        """(m, D): each domain's token-mean gradient over the window, the last seen one for a domain the window
+        missed (D = tracked params, or sketch_dim)."""
+        return torch.cat([g.flatten(1) for g in self._mean_grads()], dim=1)
+
+    def gram(self) -> torch.Tensor:
+        """(m, m) G_ij = g_i · g_j in float64, layer by layer (no (m, P) concatenation)."""
+        self._commit_pending()
+        G = torch.zeros(self.m, self.m, dtype=torch.float64)
+        for g in self._mean_grads():
+            g = g.flatten(1).double()  # (m, D_layer)
+            G += (g @ g.T).cpu()
+        return G
+
+    def _commit_pending(self) -> None:
+        if self.guard and bool(self._step_tokens.any()):
+            self.commit()
+
+    def stale(self) -> list[int]:
+        """Domains with no tokens in the current window (their last seen gradient stands in)."""
+        return (self.tokens == 0).nonzero().flatten().tolist()
+
+    def reset(self) -> None:
+        """End the window: remember each seen domain's gradient, then zero the accumulators."""
+        fresh = self.tokens > 0
+        if fresh.any():
+            for last, g in zip(self.last, self._mean_grads(), strict=True):
+                last[fresh.to(last.device)] = g[fresh.to(g.device)]
+            self.seen |= fresh
+        for s in self.sums:
+            s.zero_()
+        self.tokens.zero_()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Give the tracked layers back their own forward."""
+        for (_, mod), orig in zip(self.modules, self._originals, strict=True):
+            if orig is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = orig
+        self._originals = [None] * len(self.modules)
 
     def __enter__(self):
         return self
@@ -130,63 +262,85 @@ class GradientTracker:
     def n_params(self) -> int:
         return sum(mod.weight.numel() for _, mod in self.modules)
 
-    def flops_per_token(self) -> int:
-        """Upper bound of the extra FLOPs per token: a domain-split weight-gradient product (2 · in · out) per layer."""
-        return sum(2 * mod.weight.numel() for _, mod in self.modules)
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the accumulators (window, last seen, step buffer)."""
+        held = self.sums + self.last + (self._step_sums or [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def allreduce_bytes(self) -> int:
+        """Bytes each `sync` all-reduces."""
+        return sum(t.numel() * t.element_size() for t in self.sums) + self.tokens.numel() * 8
 
     def flops(self, domain_ids, tokens_per_sample: int) -> int:
-        """Extra FLOPs of one micro-batch: trainable layers skip the largest domain (read off autograd's gradient)."""
+        """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts).
+
+        Per tracked layer and domain present: one scale-and-add of the part into its accumulator (exact), or the
+        count sketch (two signed scatter-adds) — O(out · in), independent of tokens. A frozen tracked layer also
+        pays its weight-gradient product, 2 · tokens · out · in.
+        """
         ids = torch.as_tensor(domain_ids).flatten()
-        largest = int(torch.bincount(ids).max()) if ids.numel() else 0
+        present = int(torch.unique(ids).numel())
         total = 0
-        for (_, mod), trainable in zip(self.modules, self._modules_trainable, strict=True):
-            samples = ids.numel() - largest if trainable else ids.numel()
-            total += 2 * mod.weight.numel() * samples * tokens_per_sample
+        for i, (_, mod) in enumerate(self.modules):
+            total += present * self._part_flops(i, mod.weight)
+            if not mod.weight.requires_grad:
+                total += 2 * mod.weight.numel() * ids.numel() * tokens_per_sample
         return total
 
     def state_dict(self) -> dict:
+        if any(bool(s.any()) for s in self._step_sums or []) or bool(self._step_tokens.any()):
+            raise RuntimeError("GradientTracker: commit() the step before saving the tracker")
         return {
             "sums": [s.cpu().clone() for s in self.sums],
-            "counts": self.counts.clone(),
+            "tokens": self.tokens.clone(),
+            "last": [s.cpu().clone() for s in self.last],
+            "seen": self.seen.clone(),
             "names": self.tracked_names,
+            "sketch_dim": self.sketch_dim,
+            "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["names"]) != self.tracked_names:
             raise ValueError("tracker state was saved for other tracked layers")
-        for s, saved in zip(self.sums, state["sums"], strict=True):
-            s.copy_(saved)
-        self.counts = state["counts"].clone().double()
+        if (state.get("sketch_dim", 0), state.get("seed", self.seed)) != (self.sketch_dim, self.seed):
+            raise ValueError(
+                f"tracker state was saved with sketch_dim={state.get('sketch_dim', 0)}, seed={state.get('seed')}; "
+                f"this tracker has sketch_dim={self.sketch_dim}, seed={self.seed}"
+            )
+        for dst, src in zip(self.sums + self.last, state["sums"] + state["last"], strict=True):
+            dst.copy_(src)
+        self.tokens = state["tokens"].clone().double()
+        self.seen = state["seen"].clone().bool()
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
-    # -- hooks ----------------------------------------------------------------------------------------------------
+    # -- inside the backward pass -----------------------------------------------------------------------------------
 
-    def _make_hook(self, index: int):
-        def forward_hook(module, args, output):
-            if not self.enabled or not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            a = args[0].detach()  # (B, T, in) or (N, in): the layer's input, after LoRA's dropout
-            domains = self._domains_for(a.shape[0], self.modules[index][0])
-            self._calls[index] += 1
+    def _mean_grads(self) -> list[torch.Tensor]:
+        """Per accumulator: window sums / tokens; the last seen gradient where the window has no tokens."""
+        out = []
+        for s, last in zip(self.sums, self.last, strict=True):
+            tokens = self.tokens.to(s.device, torch.float32).view(-1, *[1] * (s.dim() - 1))
+            out.append(torch.where(tokens > 0, s / tokens.clamp(min=1), last))
+        return out
 
-            def grad_hook(delta):  # delta: (B, T, out), the gradient of the loss w.r.t. this layer's output
-                self._accumulate(index, a, delta, domains)
+    def _make_forward(self, index: int, mod: nn.Linear):
+        def forward(x):
+            if not (self.enabled and torch.is_grad_enabled() and (x.requires_grad or mod.weight.requires_grad)):
+                return F.linear(x, mod.weight, mod.bias)
+            domains = self._domains_for(x.shape[0], self.modules[index][0])
+            return _TrackedLinear.apply(x, mod.weight, mod.bias, self, index, domains)
 
-            output.register_hook(grad_hook)
-
-        return forward_hook
-
-    def _make_weight_hook(self, index: int):
-        def weight_hook(grad):  # this backward's gradient of the whole weight, before it is added to .grad
-            pending = self._pending.pop(index, None)
-            if pending is not None:
-                skipped, partial = pending
-                self.sums[index][skipped] += grad.float() - partial
-
-        return weight_hook
+        return forward
 
     def _domains_for(self, batch_dim: int, name: str) -> torch.Tensor:
         if self._sample_domains is None:
             raise RuntimeError("GradientTracker: call set_domains(domain_ids) before the forward pass")
+        vision_side = re.search(VISION_SIDE, name) is not None
+        if vision_side and self._image_domains is not None and batch_dim == self._image_domains.numel():
+            return self._image_domains
         if batch_dim == self._sample_domains.numel():
             return self._sample_domains
         if self._image_domains is not None and batch_dim == self._image_domains.numel():
@@ -197,29 +351,115 @@ class GradientTracker:
             + ("" if self._image_domains is None else f" and {self._image_domains.numel()} image ids")
         )
 
+    def _part_flops(self, index: int, weight: torch.Tensor) -> int:
+        if self.sketches is None or self.sketches[index] is None:
+            return 2 * weight.numel()  # scale + add
+        k_out = self.sketches[index][0]
+        return 4 * weight.numel() + 2 * k_out * weight.shape[1]  # scale, sign + scatter rows, sign + scatter columns
+
     @torch.no_grad()
-    def _accumulate(self, index: int, a: torch.Tensor, delta: torch.Tensor, domains: torch.Tensor) -> None:
-        """Add each domain's δᵀa. When autograd computes this weight's gradient anyway (a trainable weight used once
-        in the micro-batch), the largest domain's part is that gradient minus the others: it costs nothing."""
-        acc = self.sums[index]  # (m, out, in)
-        domains = domains.to(a.device)
-        present, sizes = torch.unique(domains, return_counts=True)
-        skipped = None
-        if self._modules_trainable[index] and self._calls[index] == 1:
-            skipped = int(present[sizes.argmax()])
-        partial = torch.zeros_like(acc[0]) if skipped is not None else None
-        for d in present.tolist():
-            if d == skipped:
-                continue
-            rows = (domains == d).nonzero().flatten()
-            a_d = a.index_select(0, rows).reshape(-1, a.shape[-1]).float()  # (n_d · T, in)
-            delta_d = delta.index_select(0, rows).reshape(-1, delta.shape[-1]).float()  # (n_d · T, out)
-            part = delta_d.T @ a_d  # (out, in)
-            acc[d] += part
-            if partial is not None:
-                partial += part
-        if skipped is not None:
-            self._pending[index] = (skipped, partial)
+    def _add_part(self, index: int, domain: int, part: torch.Tensor) -> None:
+        """part: (out, in), domain's share of this call's weight gradient as backpropagated; stored as Σ_t ∇ℓ_t."""
+        target = self._step_sums if self._step_sums is not None else self.sums
+        part = part * self._scale
+        weight = self.modules[index][1].weight
+        self.extra_flops += self._part_flops(index, weight)
+        if self.sketches is None:
+            target[index][domain] += part
+            return
+        plan = self.sketches[index]
+        if plan is None:  # a layer no larger than its share of the sketch: kept exactly in its slice
+            offset = self._offsets[index]
+            target[0][domain, offset : offset + weight.numel()] += part.flatten()
+            return
+        k_out, h_out, s_out, k_in, h_in, s_in, offset = plan
+        rows = torch.zeros(k_out, part.shape[1], device=part.device)
+        rows.index_add_(0, h_out, part * s_out[:, None])  # (k_out, in)
+        cells = torch.zeros(k_out, k_in, device=part.device)
+        cells.index_add_(1, h_in, rows * s_in[None, :])  # (k_out, k_in)
+        target[0][domain, offset : offset + k_out * k_in] += cells.flatten()
+
+    @property
+    def _offsets(self) -> list[int]:
+        return self.sketches.offsets  # type: ignore[union-attr]
+
+
+class _Plans(list):
+    """Per layer: None (exact within its slice) or (k_out, h_out, s_out, k_in, h_in, s_in, offset)."""
+
+    offsets: list[int]
+
+
+def _plan_sketches(shapes, sketch_dim: int, seed: int, device) -> _Plans | None:
+    """Split sketch_dim over the layers by their size; each layer gets a k_out × k_in Kronecker count sketch."""
+    if sketch_dim <= 0:
+        return None
+    sizes = [int(s[0]) * int(s[1]) for s in shapes]
+    total = sum(sizes)
+    if sketch_dim < len(shapes):
+        raise ValueError(f"sketch_dim={sketch_dim} is smaller than the {len(shapes)} tracked layers")
+    plans, offsets, offset = _Plans(), [], 0
+    budget = [max(1, (sketch_dim * n) // total) for n in sizes]
+    for i, ((out, inp), n, share) in enumerate(zip(shapes, sizes, budget, strict=True)):
+        offsets.append(offset)
+        if share >= n:  # no compression: keep the layer exactly
+            plans.append(None)
+            offset += n
+            continue
+        k_out = max(1, min(out, round(math.sqrt(share * out / inp))))
+        k_in = max(1, min(inp, share // k_out))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        h_out = torch.randint(0, k_out, (out,), generator=g).to(device)
+        s_out = (torch.randint(0, 2, (out,), generator=g) * 2 - 1).float().to(device)
+        h_in = torch.randint(0, k_in, (inp,), generator=g).to(device)
+        s_in = (torch.randint(0, 2, (inp,), generator=g) * 2 - 1).float().to(device)
+        plans.append((k_out, h_out, s_out, k_in, h_in, s_in, offset))
+        offset += k_out * k_in
+    if offset > sketch_dim:
+        raise ValueError(f"sketch_dim={sketch_dim} is too small for {len(shapes)} tracked layers")
+    plans.offsets = offsets
+    return plans
+
+
+class _TrackedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b whose backward computes ∂L/∂W as Σ_d δ_dᵀ a_d and hands each domain's part to the tracker."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tracker, index, domains):
+        out = F.linear(x, weight, bias)  # under autocast: the low-precision matmul autocast would do
+        ctx.compute_dtype = out.dtype
+        ctx.tracker, ctx.index, ctx.domains = tracker, index, domains
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        grad_out = grad_out.to(dt)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight.to(dt)).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
+        a = x.to(dt)
+        domains = ctx.domains.to(x.device)
+        present = torch.unique(domains).tolist()
+        tracking = ctx.tracker.enabled
+        for d in present:  # Σ_d δ_dᵀ a_d is the weight gradient: the same matmul FLOPs as one δᵀa, split by rows
+            if len(present) == 1:  # the whole micro-batch is one domain: its part is the gradient
+                delta_d, a_d = grad_out, a
+            else:
+                rows = (domains == d).nonzero().flatten()
+                delta_d, a_d = grad_out[rows], a[rows]
+            part = (delta_d.reshape(-1, delta_d.shape[-1]).T @ a_d.reshape(-1, a_d.shape[-1])).float()  # (out, in)
+            if ctx.needs_input_grad[1]:
+                grad_w = part if grad_w is None else grad_w + part
+            if tracking:
+                ctx.tracker._add_part(ctx.index, d, part)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def select_modules(model: nn.Module, params: str | Sequence[str]) -> list[tuple[str, nn.Linear]]:
@@ -274,10 +514,10 @@ def update_proportions(G, q=None, lam: float = 3.0, *, prev=None, floor: float =
 
 
 def update_proportions_with_info(G, q=None, lam: float = 3.0, *, prev=None, floor: float = 0.0, smoothing: float = 0.0):
-    """`update_proportions`, plus a dict for logging: ‖G q‖, the unseen domains, and why an update was skipped.
+    """`update_proportions`, plus a dict for logging: ‖G q‖, the domains with no gradient, why an update was skipped.
 
     Degenerate cases keep p finite and on the simplex: a non-finite G or ‖G q‖ = 0 (nothing of the target was
-    seen) keeps `prev` (uniform when None) and says so; an unseen domain has a zero row in G, so its score is 0
+    seen) keeps `prev` (uniform when None) and says so; a domain never seen has a zero row in G, so its score is 0
     and it keeps a defined share. `floor` makes p ← floor + (1 − m · floor) · p, so every p_i ≥ floor; `smoothing` s
     gives (1 − s) · p_new + s · prev. Both are off by default, as in the paper.
     """
@@ -300,7 +540,7 @@ def update_proportions_with_info(G, q=None, lam: float = 3.0, *, prev=None, floo
         log.warning("balance: ‖G q‖ = 0, p keeps its previous value")
         return fallback.clone(), info
     if unseen:
-        log.info("balance: domains %s had no samples in this window (score 0)", unseen)
+        log.info("balance: domains %s have never been seen (score 0)", unseen)
     p = torch.softmax(lam * gq / norm, dim=0)
     if smoothing > 0 and prev is not None:
         p = (1 - smoothing) * p + smoothing * torch.as_tensor(prev, dtype=torch.float64)
@@ -310,14 +550,76 @@ def update_proportions_with_info(G, q=None, lam: float = 3.0, *, prev=None, floo
     return p / p.sum(), info
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# p over time
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ProportionSchedule:
+    """The proportions p over optimizer steps: a p published after step s applies from step s + 1 + lag.
+
+    `lag` covers what a data loader prepares ahead (`rbvl.data.loader_lag`), so the data drawn for a step never
+    depends on timing and a resumed run draws what the first one drew. The table lives in shared memory, so
+    DataLoader workers (forked after it is built) read every p the training process publishes.
+    """
+
+    def __init__(self, n_domains: int, initial=None, lag: int = 0, capacity: int = 4096):
+        self.m, self.lag, self.capacity = n_domains, lag, capacity
+        self.table = torch.zeros(capacity + 1, n_domains, dtype=torch.float64).share_memory_()  # (updates, m)
+        self.applies_from = torch.zeros(capacity + 1, dtype=torch.long).share_memory_()  # (updates,) step
+        self.count = torch.ones(1, dtype=torch.long).share_memory_()
+        self.table[0] = torch.as_tensor(initial if initial is not None else [1.0 / n_domains] * n_domains)
+
+    def publish(self, p, after_step: int) -> int:
+        """Make `p` apply from optimizer step `after_step + 1 + lag`; returns that step."""
+        n = int(self.count.item())
+        if n > self.capacity:
+            raise RuntimeError(f"more than {self.capacity} proportion updates; raise ProportionSchedule capacity")
+        start = int(after_step) + 1 + self.lag
+        self.table[n] = torch.as_tensor(p, dtype=torch.float64)
+        self.applies_from[n] = start
+        self.count[0] = n + 1  # written last: a reader never sees a half-written row
+        return start
+
+    def at(self, step: int) -> torch.Tensor:
+        """(m,) the p for the batches of optimizer step `step` (1-based), normalised."""
+        n = int(self.count.item())
+        eligible = (self.applies_from[:n] <= step).nonzero().flatten()
+        p = self.table[int(eligible[-1])]
+        return p / p.sum()
+
+    def current(self) -> list[float]:
+        """The newest published p (which may not apply yet)."""
+        return self.table[int(self.count.item()) - 1].tolist()
+
+    def history(self) -> list[tuple[int, list[float]]]:
+        """[(applies_from_step, p)] for every published p, the initial one first (from step 0)."""
+        n = int(self.count.item())
+        return [(int(s), p) for s, p in zip(self.applies_from[:n].tolist(), self.table[:n].tolist(), strict=True)]
+
+    def state_dict(self) -> dict:
+        n = int(self.count.item())
+        return {"p": self.table[:n].tolist(), "applies_from": self.applies_from[:n].tolist(), "lag": self.lag}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "lag" in state and int(state["lag"]) != self.lag:
+            raise ValueError(
+                f"the proportion schedule was saved with lag {state['lag']} (num_workers × prefetch / grad_accum); "
+                f"this run has lag {self.lag}: an exact resume needs the same loader settings"
+            )
+        n = len(state["p"])
+        self.table[:n] = torch.tensor(state["p"], dtype=torch.float64)
+        self.applies_from[:n] = torch.tensor(state["applies_from"], dtype=torch.long)
+        self.count[0] = n
+
+
 class Balancer:
-    """The every-K-steps bookkeeping, shared by `rbvl train` and the Trainer integration.
+    """When to update, and how: the every-K-steps bookkeeping of `rbvl train` and the Trainer integration.
 
     After optimizer step s (counting from 1): if s > warmup_steps and (s − warmup_steps) % update_every == 0, the
-    window's domain gradients (all-reduced across ranks) give G and a new p, and the tracker restarts. Steps up to
-    `warmup_steps` sample uniformly and their gradients are discarded at the warmup boundary, so every update sees
-    exactly K steps of data. `lag`: an update after step s applies to batches of steps > s + lag
-    (`proportions_at`), which makes the data drawn independent of how far a loader prefetches.
+    window's domain gradients give G and a new p (`update`). Steps up to `warmup_steps` sample from the initial p
+    and their gradients are dropped at the warmup boundary, so every update sees exactly K steps of data. The new p
+    goes into `schedule`, which the data side reads.
     """
 
     def __init__(
@@ -329,19 +631,17 @@ class Balancer:
         warmup_steps: int = 0,
         floor: float = 0.0,
         smoothing: float = 0.0,
-        lag: int = 0,
+        schedule: ProportionSchedule | None = None,
     ):
         self.m = n_domains
         self.target = None if target is None else [float(x) for x in target]
         self.update_every, self.lam, self.warmup_steps = update_every, lam, warmup_steps
-        self.floor, self.smoothing, self.lag = floor, smoothing, lag
-        self.proportions = [1.0 / n_domains] * n_domains
-        self.history: list[tuple[int, list[float]]] = []
+        self.floor, self.smoothing = floor, smoothing
+        self.schedule = schedule if schedule is not None else ProportionSchedule(n_domains)
 
     @classmethod
-    def from_config(cls, n_domains: int, config, target=None, lag: int = 0) -> Balancer:
-        """From anything with BalanceConfig's fields (rbvl.config.BalanceConfig; duck-typed, so torch stays the only
-        import here)."""
+    def from_config(cls, n_domains: int, config, target=None, schedule: ProportionSchedule | None = None) -> Balancer:
+        """From anything with BalanceConfig's fields (duck-typed, so torch stays the only import here)."""
         return cls(
             n_domains,
             target=target,
@@ -350,44 +650,51 @@ class Balancer:
             warmup_steps=config.warmup_steps,
             floor=config.floor,
             smoothing=config.smoothing,
-            lag=lag,
+            schedule=schedule,
         )
 
-    def step(self, global_step: int, tracker: GradientTracker) -> dict | None:
-        if global_step <= self.warmup_steps:
-            if global_step == self.warmup_steps:
+    @property
+    def proportions(self) -> list[float]:
+        """The newest p."""
+        return self.schedule.current()
+
+    def due(self, step: int, tracker: GradientTracker | None = None) -> bool:
+        """Whether optimizer step `step` ends a window; at the warmup boundary it also empties the tracker."""
+        if step <= self.warmup_steps:
+            if step == self.warmup_steps and tracker is not None:
                 tracker.reset()
-            return None
-        if (global_step - self.warmup_steps) % self.update_every:
-            return None
-        tracker.sync()
-        grads = tracker.domain_grads()  # (m, P)
-        G = gram(grads)  # (m, m)
+            return False
+        return (step - self.warmup_steps) % self.update_every == 0
+
+    def update(self, G: torch.Tensor) -> tuple[list[float], dict]:
+        """(m, m) G → the new p (not yet published) and a dict for the logs."""
         p, info = update_proportions_with_info(
             G, self.target, self.lam, prev=self.proportions, floor=self.floor, smoothing=self.smoothing
         )
-        info.update(
-            gram=G.tolist(),
-            eigenvalues=torch.linalg.eigvalsh(G).tolist() if torch.isfinite(G).all() else None,
-            counts=tracker.counts.tolist(),
-        )
+        finite = bool(torch.isfinite(G).all())
+        info.update(gram=G.tolist(), eigenvalues=torch.linalg.eigvalsh(G).tolist() if finite else None)
+        return p.tolist(), info
+
+    def step(self, step: int, tracker: GradientTracker) -> dict | None:
+        """After optimizer step `step`: commit the step; at a window's end sync → gram → update → reset → publish."""
+        tracker.commit()
+        if not self.due(step, tracker):
+            return None
+        tracker.sync()  # Σ over ranks
+        stale = tracker.stale()
+        tokens = tracker.tokens.tolist()
+        G = tracker.gram()  # (m, m)
+        p, info = self.update(G)
         tracker.reset()
-        self.proportions = p.tolist()
-        self.history.append((global_step, self.proportions))
-        info["p"] = self.proportions
+        info.update(p=p, tokens=tokens, stale=stale, applies_from=self.schedule.publish(p, after_step=step))
         return info
 
     def proportions_at(self, step: int) -> list[float]:
-        """The p for batches of optimizer step `step` (1-based): the newest update made at a step < step − lag."""
-        p = [1.0 / self.m] * self.m
-        for s, value in self.history:
-            if s + self.lag < step:
-                p = value
-        return p
+        """The p for batches of optimizer step `step` (1-based)."""
+        return self.schedule.at(step).tolist()
 
     def state_dict(self) -> dict:
-        return {"proportions": self.proportions, "history": [[s, p] for s, p in self.history]}
+        return {"schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.proportions = list(state["proportions"])
-        self.history = [(int(s), list(p)) for s, p in state["history"]]
+        self.schedule.load_state_dict(state["schedule"])

@@ -4,8 +4,10 @@ RUN_DIR/checkpoint-N/
     adapter_config.json, adapter_model.safetensors   PEFT adapter (projector included via modules_to_save)
     processor / tokenizer files                      so the adapter loads and generates on its own
     config.yaml                                      the resolved run config
-    trainer_state.pt                                 trainable weights, optimizer, scheduler, step, RNG, tracker
-    rbvl_state.json                                  stream state (cursors, schedule) and Balance state (p history)
+    trainer_state.pt                                 trainable weights, optimizer, scheduler, step
+    rbvl_state.json                                  Balance state (the p schedule), step, world size
+    rank-000.pt, rank-001.pt ...                     per rank: RNG, stream readers + cursors, Balance window part,
+                                                     per-domain loss stats since the last log line
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rbvl.config import dump_config
 
 STATE = "trainer_state.pt"
 RBVL_STATE = "rbvl_state.json"
+RANK_STATE = "rank-{:03d}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -37,19 +40,32 @@ def latest(run_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, dist) -> Path | None:
-    """Rank 0 writes `run_dir/checkpoint-{step}`; every rank waits until it is complete."""
+def save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, window, dist) -> Path:
+    """Write `run_dir/checkpoint-{step}`: rank 0 the shared state, every rank its own; then one atomic rename.
+
+    What differs between ranks (RNG, the stream's readers and cursors, the tracker's part of the Balance window,
+    the per-domain loss stats since the last log line) goes into `rank-NNN.pt`, one per rank, so a resume under
+    torchrun restores each rank exactly. The folder appears under its final name only once every file is in it.
+    """
     final = Path(run_dir) / f"checkpoint-{step}"
-    if tracker is not None:
-        # Fold every rank's part of the current window into rank 0, the one that writes it; the others restart at
-        # zero, so the next all-reduce still sums each sample once.
-        tracker.sync()
-        if not dist.is_main:
-            tracker.reset()
+    tmp = Path(run_dir) / f".tmp-checkpoint-{step}"
     if dist.is_main:
-        tmp = Path(run_dir) / f".tmp-checkpoint-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    dist.barrier()
+    torch.save(
+        {
+            "rank": dist.rank,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None,
+            "stream": stream.state_dict(),
+            "tracker": tracker.state_dict() if tracker is not None else {},
+            "window": window.state_dict(),
+        },
+        tmp / RANK_STATE.format(dist.rank),
+    )
+    dist.barrier()
+    if dist.is_main:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         dump_config(cfg, tmp / "config.yaml")
@@ -59,18 +75,10 @@ def save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tra
                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "tracker": tracker.state_dict() if tracker is not None else {},
             },
             tmp / STATE,
         )
-        state = {
-            "step": step,
-            "world_size": dist.world_size,
-            "stream": stream.state_dict(),
-            "balance": balancer.state_dict(),
-        }
+        state = {"step": step, "world_size": dist.world_size, "balance": balancer.state_dict()}
         (tmp / RBVL_STATE).write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -79,8 +87,8 @@ def save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tra
     return final
 
 
-def load(path, model, optimizer, scheduler, stream, tracker, balancer, dist) -> dict:
-    """Restore everything `save` wrote into live objects; returns the saved state (with its `step`)."""
+def load(path, model, optimizer, scheduler, stream, tracker, balancer, window, dist) -> dict:
+    """Restore everything `save` wrote into live objects, each rank its own part; returns the saved state."""
     path = Path(path)
     try:
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
@@ -92,6 +100,11 @@ def load(path, model, optimizer, scheduler, stream, tracker, balancer, dist) -> 
             f"{path} was written by {extra['world_size']} rank(s), this run has {dist.world_size}: "
             "an exact resume needs the same world size"
         )
+    rank_file = path / RANK_STATE.format(dist.rank)
+    try:
+        mine = torch.load(rank_file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot read this rank's state {rank_file}: {e}") from None
     named = dict(model.named_parameters())
     missing = sorted(set(state["trainable"]) ^ {n for n, p in named.items() if p.requires_grad})
     if missing:
@@ -101,11 +114,14 @@ def load(path, model, optimizer, scheduler, stream, tracker, balancer, dist) -> 
             named[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if tracker is not None and state["tracker"] and dist.is_main:
-        tracker.load_state_dict(state["tracker"])  # rank 0 holds the whole window (see `save`)
-    stream.load_state_dict(extra["stream"])
+    torch.set_rng_state(mine["rng"])
+    if mine["cuda_rng"] is not None and dist.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda_rng"], dist.device)
+    if tracker is not None:
+        if not mine["tracker"]:
+            raise CheckpointError(f"{path} holds no Balance window (was it written with mixing.strategy=rnb?)")
+        tracker.load_state_dict(mine["tracker"])
+    stream.load_state_dict(mine["stream"])
+    window.load_state_dict(mine["window"])
     balancer.load_state_dict(extra["balance"])
     return {"step": state["step"], **extra}

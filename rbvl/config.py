@@ -114,6 +114,9 @@ class BalanceConfig:
     """Lower bound on each p_i after an update (0 = off)."""
     smoothing: float = 0.0
     """s in p ← (1−s)·p_new + s·p_old (0 = off: as the paper, p comes from the current window alone)."""
+    sketch_dim: int = 0
+    """Keep each domain's gradient in a seeded count sketch of this many numbers (0 = exact: m × tracked params).
+    Inner products stay unbiased; memory is m × sketch_dim whatever the model (see docs/balance.md)."""
 
     def __post_init__(self):
         if self.update_every <= 0:
@@ -122,6 +125,8 @@ class BalanceConfig:
             raise ConfigError(f"balance.smoothing must be in [0, 1), got {self.smoothing}")
         if self.floor < 0:
             raise ConfigError(f"balance.floor must be >= 0, got {self.floor}")
+        if self.sketch_dim < 0:
+            raise ConfigError(f"balance.sketch_dim must be >= 0 (0 = exact), got {self.sketch_dim}")
 
 
 @dataclass

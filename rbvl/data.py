@@ -1,21 +1,20 @@
 """The mixture stream: regrouped domains drawn by proportions p that change during training, resumable exactly.
 
     domains = load_domains("shards/manifest.json")
-    schedule = ProportionSchedule(len(domains), initial=p0)            # shared memory: workers see new p
+    schedule = ProportionSchedule(len(domains), initial=p0, lag=loader_lag(2, 2))   # rbvl.balance; shared memory
     stream = MixtureStream(domains, schedule, batch_size=8, collate=Collator(processor), num_workers=2)
     loader = DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2)
-    for batch in loader:
-        stream.consumed(batch)                                        # advance the resumable state
+    for step, (inputs, meta) in enumerate(loader, 1):                # meta: BatchMeta (domain ids, bookkeeping)
+        stream.consumed(meta)                                         # advance the resumable state
         ...
-        schedule.publish(p_new, after_batch=batch["index"])          # applies from batch index + 1 + stream.lag
+        schedule.publish(p_new, after_step=step)                      # applies from step + 1 + lag
 
-How p reaches the data, and why resume is exact. Micro-batches carry a running index i (per rank). The domains of
-batch i's samples are drawn with an RNG seeded by (seed, rank, i) from p_i, the newest p published with
-`applies_from` ≤ i. A p published after batch c applies from batch c + 1 + lag, where lag = num_workers ×
-prefetch_factor (0 without workers): a DataLoader never has more than that many batches requested ahead, so when a
-worker starts batch i every update that applies to it is already in shared memory. The draw never depends on timing,
-and a resumed run draws what the first run drew. With grad_accum micro-batches per step, an update reaches the data
-lag / grad_accum optimizer steps later.
+How p reaches the data, and why resume is exact. Micro-batches carry a running index i (per rank); batch i belongs
+to optimizer step s = i // grad_accum + 1. Its samples' domains are drawn with an RNG seeded by (seed, rank, i) from
+the schedule's p for step s. A p published after step s applies from step s + 1 + lag, where lag =
+`loader_lag(num_workers, prefetch_factor, grad_accum)`: a DataLoader never has more than num_workers ×
+prefetch_factor batches requested ahead, so when a worker starts a batch every update that applies to it is already
+in shared memory. The draw never depends on timing, and a resumed run draws what the first run drew.
 
 Who reads what. With W workers the DataLoader asks them round-robin, so batch i comes from slot i mod W; each
 (rank, slot) is a reader with one sample iterator per domain. A domain's shards are split across readers
@@ -30,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,50 +132,27 @@ def _domain_index(key: str, names: list[str]) -> int:
     raise DataError(f"mixing.weights names unknown domain '{key}' (domains: {', '.join(names)})")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Proportions in shared memory
-# ---------------------------------------------------------------------------------------------------------------------
+def loader_lag(num_workers: int, prefetch_factor: int, grad_accum: int = 1) -> int:
+    """Optimizer steps a DataLoader may run ahead: a p published after step s can reach step s + 1 + this.
+
+    With W workers × P prefetch, at most W·P micro-batches are requested beyond the one being trained on, so the
+    first step none of whose batches has been started is ceil(W·P / grad_accum) steps later.
+    """
+    return math.ceil(num_workers * prefetch_factor / grad_accum) if num_workers else 0
 
 
-class ProportionSchedule:
-    """Published p's with the batch index each applies from, in shared memory so DataLoader workers see them."""
+@dataclass
+class BatchMeta:
+    """What the stream says about a micro-batch besides the model inputs (never passed to the model)."""
 
-    def __init__(self, n_domains: int, initial: list[float] | None = None, capacity: int = 4096):
-        self.m, self.capacity, self.lag = n_domains, capacity, 0
-        self.table = torch.zeros(capacity + 1, n_domains, dtype=torch.float64).share_memory_()  # (updates, m)
-        self.applies_from = torch.zeros(capacity + 1, dtype=torch.long).share_memory_()
-        self.count = torch.ones(1, dtype=torch.long).share_memory_()
-        self.table[0] = torch.as_tensor(initial if initial is not None else [1.0 / n_domains] * n_domains)
-
-    def publish(self, p, after_batch: int) -> int:
-        """Make `p` apply from batch `after_batch + 1 + lag`; returns that index."""
-        n = int(self.count.item())
-        if n > self.capacity:
-            raise DataError(f"more than {self.capacity} proportion updates; raise ProportionSchedule capacity")
-        start = int(after_batch) + 1 + self.lag
-        self.table[n] = torch.as_tensor(p, dtype=torch.float64)
-        self.applies_from[n] = start
-        self.count[0] = n + 1  # written last: a reader never sees a half-written row
-        return start
-
-    def at(self, batch_index: int) -> np.ndarray:
-        n = int(self.count.item())
-        eligible = (self.applies_from[:n] <= batch_index).nonzero().flatten()
-        p = self.table[int(eligible[-1])].numpy()
-        return p / p.sum()
-
-    def current(self) -> list[float]:
-        return self.table[int(self.count.item()) - 1].tolist()
-
-    def state_dict(self) -> dict:
-        n = int(self.count.item())
-        return {"p": self.table[:n].tolist(), "applies_from": self.applies_from[:n].tolist()}
-
-    def load_state_dict(self, state: dict) -> None:
-        n = len(state["p"])
-        self.table[:n] = torch.tensor(state["p"], dtype=torch.float64)
-        self.applies_from[:n] = torch.tensor(state["applies_from"], dtype=torch.long)
-        self.count[0] = n
+    index: int  # running micro-batch index on this rank
+    reader: int  # which reader (rank × worker slot) made it
+    drawn: list[int]  # samples drawn per domain (before any were dropped)
+    domain_ids: torch.Tensor  # (B,) domain of each sample
+    image_domain_ids: torch.Tensor | None  # (n_images,) domain of each image the vision tower sees, in order
+    label_tokens: torch.Tensor  # (B,) label tokens per sample (what the loss averages over)
+    truncated: int = 0
+    dropped: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,37 +234,36 @@ class MixtureStream(IterableDataset):
     def __init__(
         self,
         domains: Domains,
-        schedule: ProportionSchedule,
+        schedule,
         batch_size: int,
         collate,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
-        prefetch_factor: int = 2,
+        grad_accum: int = 1,
         shuffle_buffer: int = 100,
     ):
+        """`schedule`: a `rbvl.balance.ProportionSchedule` (anything with `at(step) -> p`), built with
+        lag = `loader_lag(num_workers, prefetch_factor, grad_accum)`; micro-batch i belongs to step i // grad_accum + 1.
+        """
         self.domains, self.schedule, self.batch_size, self.collate = domains, schedule, batch_size, collate
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
+        self.num_workers, self.shuffle_buffer, self.grad_accum = num_workers, shuffle_buffer, grad_accum
         self.slots = max(1, num_workers)
-        self.lag = num_workers * prefetch_factor
-        schedule.lag = self.lag
         self.next_batch = 0  # index of the next batch the main process will receive
         self.cursors = {r: [0] * len(domains) for r in range(rank * self.slots, (rank + 1) * self.slots)}
         self.counts = {"truncated": 0, "dropped": 0}
 
     # -- main process ---------------------------------------------------------------------------------------------
 
-    def consumed(self, batch: dict) -> None:
-        """Record that `batch` reached the training loop (pops the stream's bookkeeping keys from it)."""
-        reader = int(batch.pop("reader"))
-        drawn = batch.pop("drawn").tolist()
-        for d, n in enumerate(drawn):
-            self.cursors[reader][d] += n
-        for key in self.counts:
-            self.counts[key] += int(batch.pop(key, 0))
-        self.next_batch = int(batch["index"]) + 1
+    def consumed(self, meta: BatchMeta) -> None:
+        """Record that the micro-batch `meta` describes reached the training loop."""
+        for d, n in enumerate(meta.drawn):
+            self.cursors[meta.reader][d] += n
+        self.counts["truncated"] += meta.truncated
+        self.counts["dropped"] += meta.dropped
+        self.next_batch = meta.index + 1
 
     def pop_counts(self) -> dict:
         counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
@@ -299,7 +275,7 @@ class MixtureStream(IterableDataset):
             "cursors": {str(k): v for k, v in self.cursors.items()},
             "num_workers": self.num_workers,
             "world_size": self.world_size,
-            "schedule": self.schedule.state_dict(),
+            "rank": self.rank,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -309,9 +285,10 @@ class MixtureStream(IterableDataset):
                 f"this run has num_workers={self.num_workers}, world_size={self.world_size}: an exact resume needs "
                 "the same layout"
             )
+        if int(state.get("rank", self.rank)) != self.rank:
+            raise DataError(f"this stream state belongs to rank {state['rank']}, not rank {self.rank}")
         self.next_batch = int(state["next_batch"])
         self.cursors = {int(k): list(v) for k, v in state["cursors"].items()}
-        self.schedule.load_state_dict(state["schedule"])
 
     # -- workers --------------------------------------------------------------------------------------------------
 
@@ -335,7 +312,8 @@ class MixtureStream(IterableDataset):
             truncated = dropped = 0
             batch = None
             while batch is None:  # a batch whose samples were all too long is drawn again
-                ids = rng.choice(m, size=self.batch_size, p=self.schedule.at(index))
+                p = self.schedule.at(index // self.grad_accum + 1).numpy()
+                ids = rng.choice(m, size=self.batch_size, p=p / p.sum())
                 np.add.at(drawn, ids, 1)
                 samples, kept = [], []
                 for d in ids.tolist():
@@ -347,13 +325,20 @@ class MixtureStream(IterableDataset):
                     kept.append(d)
                 if not samples:
                     continue
-                batch, stats = self.collate(samples, kept)
-                truncated += stats["truncated"]
-                dropped += stats["dropped"]
-            batch.update(
-                index=index, reader=reader, drawn=torch.from_numpy(drawn), truncated=truncated, dropped=dropped
+                batch, info = self.collate(samples, kept)
+                truncated += info["truncated"]
+                dropped += info["dropped"]
+            meta = BatchMeta(
+                index=index,
+                reader=reader,
+                drawn=drawn.tolist(),
+                domain_ids=info["domain_ids"],
+                image_domain_ids=info["image_domain_ids"],
+                label_tokens=info["label_tokens"],
+                truncated=truncated,
+                dropped=dropped,
             )
-            yield batch
+            yield batch, meta
             index += self.slots
 
 
@@ -400,7 +385,11 @@ class Collator:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def __call__(self, samples: list[dict], domain_ids: list[int]):
-        """Returns (batch or None when every sample was dropped, {"truncated": n, "dropped": n})."""
+        """Returns (model inputs, or None when every sample was dropped; info).
+
+        info: "truncated" and "dropped" counts, "domain_ids" (B,), "image_domain_ids" (n_images,) in the order
+        the vision tower sees the images, "label_tokens" (B,).
+        """
         messages = [to_messages(s["conversation"]) for s in samples]
         texts = [self._render(msg) for msg in messages]
         images = [s["image"] for s in samples if s["image"] is not None]
@@ -442,9 +431,15 @@ class Collator:
                 batch["pixel_values"] = enc["pixel_values"][kept_images]
                 if "image_sizes" in enc:
                     batch["image_sizes"] = enc["image_sizes"][kept_images]
-        batch["has_image"] = has_image
-        batch["domain_ids"] = torch.tensor([domain_ids[i] for i in keep], dtype=torch.long)
-        return batch, {"truncated": truncated, "dropped": dropped}
+        kept_domains = torch.tensor([domain_ids[i] for i in keep], dtype=torch.long)
+        info = {
+            "truncated": truncated,
+            "dropped": dropped,
+            "domain_ids": kept_domains,
+            "image_domain_ids": kept_domains[has_image],
+            "label_tokens": (batch["labels"][:, 1:] != -100).sum(1),
+        }
+        return batch, info
 
     def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -33,14 +33,11 @@ def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None)
         for i, batch in enumerate(batches):
             if i % world != rank:
                 continue
-            inputs = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k not in _NOT_INPUTS}
-            logits = model(**inputs).logits
-            labels = inputs["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-            )
-            sums[0, d] += loss.double()
-            sums[1, d] += (labels != -100).sum()
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            labels = inputs.pop("labels")
+            token_loss = causal_lm_token_loss(model(**inputs).logits, labels)  # (B, T)
+            sums[0, d] += token_loss.sum().double()
+            sums[1, d] += (labels[:, 1:] != -100).sum()
     if dist is not None:
         dist.all_reduce(sums)
     model.train(was_training)
@@ -54,7 +51,17 @@ def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None)
     return {"loss": mixture.item(), "loss_per_domain": per_domain, "tokens_per_domain": tokens.tolist()}
 
 
-_NOT_INPUTS = {"domain_ids", "index", "has_image"}
+def causal_lm_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 cross-entropy of each position's next-token prediction; 0 where the label is ignored.
+
+    The per-token loss training and evaluation share. Labels are shifted by padding them (not by slicing the
+    logits), so the logits are read once, as HF models do.
+    """
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), shifted.flatten().to(logits.device), ignore_index=-100, reduction="none"
+    )
+    return loss.view(labels.shape)
 
 
 def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: int = 0) -> dict:

@@ -12,10 +12,8 @@ draws from a fixed, documented number of batches later (so a resumed run draws e
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,10 +22,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rbvl import checkpoint as ckpt
-from rbvl.balance import Balancer, GradientTracker
+from rbvl.balance import Balancer, GradientTracker, ProportionSchedule
 from rbvl.config import RunConfig, dump_config
-from rbvl.data import Collator, MixtureStream, ProportionSchedule, initial_proportions, load_domains
-from rbvl.evaluate import evaluate_domains
+from rbvl.data import Collator, MixtureStream, initial_proportions, load_domains, loader_lag
+from rbvl.distributed import Distributed
+from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.metrics import MetricsLogger
 from rbvl.model import TINY, apply_lora, load_model, save_base, trainable_summary
 from rbvl.plots import plot_run
@@ -54,6 +53,8 @@ def train(cfg: RunConfig) -> dict:
     names, m = domains.names, len(domains.names)
     p0 = initial_proportions(cfg.mixing.strategy, domains, cfg.mixing.weights)
     target = domains.eval_distribution  # q: the eval set's share of each domain (None → uniform)
+    lag = loader_lag(cfg.data.num_workers, cfg.data.prefetch_factor, cfg.train.grad_accum)
+    schedule = ProportionSchedule(m, initial=p0, lag=lag)  # p over optimizer steps, in shared memory
 
     # -------------------------------------------------------------------------------------------------------- model
     model, processor = load_model(cfg.model, seed=cfg.seed)
@@ -73,12 +74,17 @@ def train(cfg: RunConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
     rnb = cfg.mixing.strategy == "rnb"
-    tracker = GradientTracker(model, m, params=cfg.balance.params) if rnb else None
-    balancer = Balancer.from_config(m, cfg.balance, target=target)
+    fp16 = cfg.train.precision == "fp16"
+    tracker = None
+    if rnb:
+        # Reads each domain's gradient off the backward pass; sketched, its memory is m × sketch_dim.
+        tracker = GradientTracker(
+            model, m, params=cfg.balance.params, sketch_dim=cfg.balance.sketch_dim, seed=cfg.seed, guard_nonfinite=fp16
+        )
+    balancer = Balancer.from_config(m, cfg.balance, target=target, schedule=schedule)
     ddp_model = dist.wrap(model)
 
     collator = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
-    schedule = ProportionSchedule(m, initial=p0)
     stream = MixtureStream(
         domains,
         schedule,
@@ -88,13 +94,14 @@ def train(cfg: RunConfig) -> dict:
         rank=dist.rank,
         world_size=dist.world_size,
         num_workers=cfg.data.num_workers,
-        prefetch_factor=cfg.data.prefetch_factor,
+        grad_accum=cfg.train.grad_accum,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
+    window = WindowStats(m)  # per-domain train loss between two log lines
 
     step = 0
     if resume_from is not None:
-        state = ckpt.load(resume_from, model, optimizer, scheduler, stream, tracker, balancer, dist)
+        state = ckpt.load(resume_from, model, optimizer, scheduler, stream, tracker, balancer, window, dist)
         step = state["step"]
         log.info("resumed from %s at step %d", resume_from, step)
     metrics = MetricsLogger(run_dir, names, tensorboard=cfg.logging.tensorboard, enabled=dist.is_main)
@@ -109,62 +116,70 @@ def train(cfg: RunConfig) -> dict:
     )
     batches = iter(loader)
     autocast = autocast_context(cfg.train.precision, dist.device)
-    # fp16 needs loss scaling; the tracker then sees scaled gradients too, which leaves p unchanged (p depends on
-    # the direction of G q) unless the scale changes inside a window. bf16 needs none and is the better choice.
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.precision == "fp16")
+    # fp16 needs loss scaling; the tracker reads the scale off the loss's gradient (watch_loss) and drops a step
+    # whose gradients overflowed, as the scaler does. bf16 needs none and is the better choice.
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=fp16)
     result = None
     progress = tqdm(
         total=cfg.max_steps, initial=step, desc="train", disable=not (dist.is_main and cfg.logging.progress)
     )
-    window = WindowStats(m)
     t_last = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------------ training loop
     while step < cfg.max_steps:
         model.train()
         for micro in range(cfg.train.grad_accum):
-            batch = next(batches)
-            stream.consumed(batch)
-            domain_ids = batch.pop("domain_ids")
-            last_index = batch.pop("index")
-            inputs = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            inputs.pop("has_image", None)
+            inputs, meta = next(batches)  # meta: BatchMeta, never passed to the model
+            stream.consumed(meta)
+            inputs = {k: v.to(dist.device, non_blocking=True) for k, v in inputs.items()}
+            labels = inputs.pop("labels")
+            n_tokens = meta.label_tokens.sum().clamp(min=1)
             if tracker is not None:
-                tracker.set_domains(domain_ids, image_domain_ids=image_domains(domain_ids, batch))
-            sync = micro == cfg.train.grad_accum - 1
-            with dist.no_sync(ddp_model, sync), autocast:
-                out = ddp_model(**inputs)
-                loss = out.loss / cfg.train.grad_accum
-            scaler.scale(loss).backward()
-            window.add(out.logits.detach(), inputs["labels"], domain_ids)
+                tracker.set_domains(meta.domain_ids, tokens=meta.label_tokens, image_domain_ids=meta.image_domain_ids)
+            with dist.no_sync(ddp_model, sync=micro == cfg.train.grad_accum - 1), autocast:
+                logits = ddp_model(**inputs).logits
+                token_loss = causal_lm_token_loss(logits, labels)  # (B, T): the one cross-entropy of the step
+                loss = token_loss.sum() / n_tokens.to(token_loss.device)  # the mean over label tokens
+            if tracker is not None:
+                tracker.watch_loss(loss, normalizer=n_tokens)  # so it can undo 1/grad_accum and the fp16 scale
+            scaler.scale(loss / cfg.train.grad_accum).backward()
+            window.add(token_loss.detach().sum(1), meta.label_tokens, meta.domain_ids)
 
         if cfg.optim.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        scale = scaler.get_scale() if fp16 else 1.0
         scaler.step(optimizer)
         scaler.update()
+        overflowed = fp16 and scaler.get_scale() < scale  # GradScaler skipped this step
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        window.steps += 1
         progress.update(1)
 
         # ------------------------------------------------------------------------------------------------- balance
         if rnb:
-            p_before = balancer.proportions
-            info = balancer.step(step, tracker)  # every K steps: Gram of domain gradients → new p; resets tracker
-            if info is not None:
-                schedule.publish(balancer.proportions, after_batch=last_index)
+            tracker.commit(skip=overflowed)  # the step joins the window (or not, if it overflowed)
+            if balancer.due(step, tracker):
+                tracker.sync()  # sum every rank's window: all ranks now hold the same sums
+                stale, tokens = tracker.stale(), tracker.tokens.tolist()
+                G = tracker.gram()  # (m, m) G_ij = g_i · g_j, token-mean domain gradients of the window
+                p, info = balancer.update(G)  # p = softmax(λ · G q / ‖G q‖)
+                tracker.reset()
+                applies_from = schedule.publish(p, after_step=step)  # the stream draws it from this step on
                 metrics.log(
                     "balance",
                     step,
-                    p=balancer.proportions,
-                    p_before=p_before,
+                    p=p,
                     gram=info["gram"],
-                    gram_eigenvalues=info.get("eigenvalues"),
-                    counts=info.get("counts"),
-                    degenerate=info.get("degenerate"),
-                    applies_from_batch=last_index + 1 + stream.lag,
-                    p_rank_spread=dist.spread(balancer.proportions),  # 0 when every rank holds the same p
+                    gram_eigenvalues=info["eigenvalues"],
+                    tokens=tokens,
+                    stale=stale,
+                    degenerate=info["degenerate"],
+                    applies_from_step=applies_from,
+                    skipped_steps=tracker.skipped_steps,
+                    p_rank_spread=dist.spread(p),  # 0 when every rank holds the same p
                 )
 
         # ----------------------------------------------------------------------------------------------------- log
@@ -172,7 +187,7 @@ def train(cfg: RunConfig) -> dict:
             row = window.pop(dist)
             now = time.perf_counter()
             row.update(
-                lr=scheduler.get_last_lr()[0], p=schedule.current(), step_time=(now - t_last) / cfg.train.log_every
+                lr=scheduler.get_last_lr()[0], p=schedule.current(), step_time=(now - t_last) / max(1, row.pop("steps"))
             )
             row.update(stream.pop_counts())
             t_last = now
@@ -188,7 +203,9 @@ def train(cfg: RunConfig) -> dict:
 
         # ---------------------------------------------------------------------------------------------- checkpoint
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.max_steps:
-            ckpt.save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, dist)
+            ckpt.save(
+                run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, window, dist
+            )
 
     progress.close()
     metrics.close()
@@ -197,7 +214,9 @@ def train(cfg: RunConfig) -> dict:
         log.info("plots: %s", ", ".join(str(p) for p in plots))
     if result is None:  # resumed a run that had already reached max_steps
         result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
-    summary = {"eval": result, "proportions": balancer.history, "run_dir": str(run_dir)}
+    summary = {"eval": result, "proportions": schedule.history(), "run_dir": str(run_dir)}
+    if tracker is not None:
+        tracker.remove()
     del ddp_model, model, optimizer
     dist.close()
     return summary
@@ -217,12 +236,6 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
     return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def image_domains(domain_ids: torch.Tensor, batch: dict) -> torch.Tensor | None:
-    """The domain of each image in the batch (the projector sees images, not samples)."""
-    has_image = batch.get("has_image")
-    return domain_ids[has_image] if has_image is not None else None
-
-
 def autocast_context(precision: str, device: torch.device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -233,108 +246,46 @@ def autocast_context(precision: str, device: torch.device):
 
 
 class WindowStats:
-    """Per-domain training loss between two log lines, from the logits the step already computed."""
+    """Per-domain training loss between two log lines, from the per-token loss the step already computed."""
 
     def __init__(self, n_domains: int):
         self.m = n_domains
         self.reset()
 
     def reset(self):
-        self.loss_sum = torch.zeros(self.m, dtype=torch.float64)
-        self.tokens = torch.zeros(self.m, dtype=torch.float64)
-        self.samples = torch.zeros(self.m, dtype=torch.float64)
+        self.stats = torch.zeros(3, self.m, dtype=torch.float64)  # (loss sum, tokens, samples) per domain
+        self.steps = 0
 
     @torch.no_grad()
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor) -> None:
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-        )  # (B, T-1)
-        n_tokens = (labels[:, 1:] != -100).sum(1)  # (B,)
+    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor, domain_ids: torch.Tensor) -> None:
+        """loss_sum, tokens, domain_ids: (B,) per sample; counts one optimizer step per grad_accum calls."""
         d = domain_ids.to(torch.long).cpu()
-        self.loss_sum.index_add_(0, d, token_loss.sum(1).double().cpu())
-        self.tokens.index_add_(0, d, n_tokens.double().cpu())
-        self.samples.index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+        self.stats[0].index_add_(0, d, loss_sum.double().cpu())
+        self.stats[1].index_add_(0, d, tokens.double().cpu())
+        self.stats[2].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
 
     def pop(self, dist: Distributed) -> dict:
-        stats = torch.stack([self.loss_sum, self.tokens, self.samples]).to(dist.device)
+        stats = self.stats.to(dist.device)
         dist.all_reduce(stats)
         loss_sum, tokens, samples = stats.cpu()
+        steps = self.steps
         self.reset()
         per_domain = torch.where(tokens > 0, loss_sum / tokens.clamp(min=1), torch.full_like(tokens, float("nan")))
         return {
             "loss": (loss_sum.sum() / tokens.sum().clamp(min=1)).item(),
             "loss_per_domain": [None if math.isnan(x) else x for x in per_domain.tolist()],
             "samples_per_domain": samples.tolist(),
+            "steps": steps,
         }
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = state["stats"].clone().double()
+        self.steps = int(state["steps"])
 
 
 def format_eval(step: int, names: list[str], result: dict) -> str:
     parts = [f"{n}={v:.3f}" for n, v in zip(names, result["loss_per_domain"]) if v is not None]
     return f"eval @ {step}: mixture {result['loss']:.4f} | " + " ".join(parts)
-
-
-class Distributed:
-    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device):
-        self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
-        self.is_main = rank == 0
-
-    @classmethod
-    def from_env(cls, device: str = "auto") -> Distributed:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
-        if world_size > 1 and not torch.distributed.is_initialized():
-            if dev.type == "cuda":
-                torch.cuda.set_device(dev)
-            torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-        return cls(rank, world_size, local_rank, dev)
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def wrap(self, model):
-        if not self.enabled:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # A batch without images leaves the vision tower and projector out of the graph.
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-
-    def no_sync(self, ddp_model, sync: bool):
-        if self.enabled and not sync:
-            return ddp_model.no_sync()
-        return contextlib.nullcontext()
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            torch.distributed.all_reduce(tensor)
-        return tensor
-
-    def spread(self, values) -> float:
-        """Largest difference of `values` between any two ranks (0.0 on one process)."""
-        if not self.enabled:
-            return 0.0
-        t = torch.as_tensor(values, dtype=torch.float64, device=self.device)
-        hi, lo = t.clone(), t.clone()
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-        return (hi - lo).abs().max().item()
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        # A barrier, then freeing what holds the group, before destroying it: a bare destroy_process_group()
-        # aborted at interpreter exit in about 1 run in 5 with gloo.
-        if self.enabled and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            gc.collect()
-            torch.distributed.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Balance against slow, obvious references: per-domain backward passes, explicit dot products, the formula."""
+"""Balance against slow, obvious references: per-domain token-mean losses by plain autograd, explicit dot products,
+the update formula by hand. Domains differ where users' data differ: answer lengths, batch mixes, images."""
 
 import math
 
@@ -7,12 +8,21 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rbvl.balance import Balancer, GradientTracker, gram, update_proportions, update_proportions_with_info
+from rbvl.balance import (
+    Balancer,
+    GradientTracker,
+    ProportionSchedule,
+    gram,
+    label_tokens,
+    update_proportions,
+    update_proportions_with_info,
+)
 
-DOMAINS = torch.tensor([0, 2, 0, 2, 2, 0])  # domain 1 absent
+M = 3
+VOCAB = 128
 
 
-def tiny_lora(seed=0, modules_to_save=None):
+def tiny_lora(seed=0, modules_to_save=None, tie=False, dropout=0.0):
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=32,
@@ -20,11 +30,12 @@ def tiny_lora(seed=0, modules_to_save=None):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=128,
+        vocab_size=VOCAB,
+        tie_word_embeddings=tie,
     )
     model = get_peft_model(
         LlamaForCausalLM(config),
-        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, modules_to_save=modules_to_save),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=dropout, modules_to_save=modules_to_save),
     )
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -33,45 +44,59 @@ def tiny_lora(seed=0, modules_to_save=None):
     return model
 
 
-def batch(n=6, t=12, seed=1):
+# Answer length by domain: domain 0 answers in 2 tokens, domain 1 in 5, domain 2 in 11 (prompt 4 tokens each).
+ANSWER = {0: 2, 1: 5, 2: 11}
+
+
+def micro_batch(domains, seed):
+    """A right-padded batch whose samples of domain d have a 4-token prompt (unlabelled) and ANSWER[d] labels."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 128, (n, t), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(n):  # right padding of varying length
-        mask[i, t - i :] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
+    width = 4 + max(ANSWER[d] for d in domains)
+    ids = torch.randint(0, VOCAB, (len(domains), width), generator=g)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, d in enumerate(domains):
+        n = 4 + ANSWER[d]
+        mask[i, :n] = 1
+        labels[i, 4:n] = ids[i, 4:n]
+    return ids, mask, labels, torch.tensor(domains)
 
 
-def loss_fn(model, ids, mask, labels, keep=None, norm=50.0):
-    """Sum of token CE / a fixed normaliser, optionally only over the samples in `keep`."""
+WINDOW = [micro_batch([0, 2, 0, 1], 1), micro_batch([2, 2, 0], 2), micro_batch([0, 0, 0, 0, 2], 3)]
+
+
+def token_losses(model, ids, mask, labels):
+    """(B,) summed next-token cross-entropy of each sample's label tokens."""
     logits = model(input_ids=ids, attention_mask=mask).logits
     ce = torch.nn.functional.cross_entropy(
         logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-    ).sum(1)  # (B,)
-    if keep is not None:
-        ce = ce * keep
-    return ce.sum() / norm
+    )  # (B, T-1)
+    return ce.sum(1)
 
 
-def reference(model, tracker, ids, mask, labels, m=3):
-    """(m, P) gradient sums from one separate backward pass per domain."""
-    rows = []
+def tracked_weights(tracker):
+    return [mod.weight for _, mod in tracker.modules]
+
+
+def reference(model, tracker, window, m=M):
+    """(m, P): each domain's token-mean loss gradient over the window, by plain autograd, one domain at a time."""
     tracker.enabled = False
-    frozen = [mod.weight for _, mod in tracker.modules if not mod.weight.requires_grad]
+    weights = tracked_weights(tracker)
+    frozen = [w for w in weights if not w.requires_grad]
     for w in frozen:  # a tracked layer may be frozen (a base model's head): its gradient is still defined
         w.requires_grad_(True)
+    rows = []
     for d in range(m):
+        tokens = sum(int(label_tokens(lab)[dom == d].sum()) for _, _, lab, dom in window)
+        if tokens == 0:
+            rows.append(torch.zeros(sum(w.numel() for w in weights)))
+            continue
+        loss = sum((token_losses(model, ids, mask, lab) * (dom == d)).sum() for ids, mask, lab, dom in window) / tokens
         model.zero_grad()
-        loss_fn(model, ids, mask, labels, keep=(DOMAINS == d).float()).backward()
-        rows.append(
-            torch.cat(
-                [
-                    mod.weight.grad.flatten() if mod.weight.grad is not None else torch.zeros(mod.weight.numel())
-                    for _, mod in tracker.modules
-                ]
-            )
-        )
+        for w in weights:
+            w.grad = None
+        loss.backward()  # not autograd.grad: reentrant checkpointing supports only backward()
+        rows.append(torch.cat([torch.zeros(w.numel()) if w.grad is None else w.grad.flatten() for w in weights]))
     for w in frozen:
         w.requires_grad_(False)
     tracker.enabled = True
@@ -79,41 +104,52 @@ def reference(model, tracker, ids, mask, labels, m=3):
     return torch.stack(rows)
 
 
-def tracked_sums(tracker):
-    return tracker.domain_grads() * tracker.counts.float().clamp(min=1)[:, None]
+def train_window(model, tracker, window, scale=1.0):
+    """What a training loop does: per micro-batch the mean over its label tokens, / grad_accum, × a loss scale."""
+    for ids, mask, lab, dom in window:
+        tracker.set_domains(dom, tokens=label_tokens(lab))
+        n = label_tokens(lab).sum()
+        loss = token_losses(model, ids, mask, lab).sum() / n
+        tracker.watch_loss(loss, normalizer=n)
+        (loss / len(window) * scale).backward()
+    tracker.commit()
 
 
 @pytest.mark.parametrize("params", ["lora", "head", [r"layers\.1\.mlp\.down_proj$", r"lora_A"]])
-def test_domain_grads_equal_per_domain_backward(params):
+def test_domain_grads_are_the_token_mean_loss_gradients(params):
     model = tiny_lora(modules_to_save=["lm_head"] if params == "head" else None)
-    tracker = GradientTracker(model, 3, params=params)
-    ids, mask, labels = batch()
-    expected = reference(model, tracker, ids, mask, labels)
-    tracker.set_domains(DOMAINS)
-    loss_fn(model, ids, mask, labels).backward()
-    torch.testing.assert_close(tracked_sums(tracker), expected, rtol=1e-4, atol=1e-6)
-    assert tracker.counts.tolist() == [3, 0, 3]
-    assert torch.all(tracker.domain_grads()[1] == 0)
-    # and the domains add up to the ordinary gradient
-    total = torch.cat(
-        [
-            mod.weight.grad.flatten() if mod.weight.grad is not None else torch.zeros(mod.weight.numel())
-            for _, mod in tracker.modules
-        ]
-    )
-    if params == "lora":
-        torch.testing.assert_close(tracked_sums(tracker).sum(0), total, rtol=1e-4, atol=1e-6)
+    tracker = GradientTracker(model, M, params=params)
+    expected = reference(model, tracker, WINDOW)
+    train_window(model, tracker, WINDOW, scale=1024.0)  # grad_accum over 3 mixed micro-batches and a loss scale
+    torch.testing.assert_close(tracker.domain_grads(), expected, rtol=1e-4, atol=1e-7)
+    assert tracker.tokens.tolist() == [2 * 7, 5 * 1, 11 * 4]
+    G = tracker.gram()
+    torch.testing.assert_close(G, gram(expected), rtol=1e-4, atol=1e-10)
 
 
-def test_gradient_accumulation_sums_micro_batches():
-    model = tiny_lora()
-    tracker = GradientTracker(model, 3)
-    ids, mask, labels = batch()
-    expected = reference(model, tracker, ids, mask, labels)
-    for half in (slice(0, 3), slice(3, 6)):
-        tracker.set_domains(DOMAINS[half])
-        loss_fn(model, ids[half], mask[half], labels[half]).backward()
-    torch.testing.assert_close(tracked_sums(tracker), expected, rtol=1e-4, atol=1e-6)
+def test_answer_length_does_not_tilt_p():
+    """Two domains, one with 5.5× longer answers: p from the tracker equals p from the token-mean reference."""
+    model = tiny_lora(seed=3)
+    tracker = GradientTracker(model, M)
+    window = [micro_batch([0, 2, 0, 2], 7), micro_batch([2, 0, 0, 2], 8)]
+    expected = update_proportions(gram(reference(model, tracker, window)), lam=3.0)
+    train_window(model, tracker, window)
+    p = update_proportions(tracker.gram(), lam=3.0)
+    torch.testing.assert_close(p, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_weight_gradient_is_unchanged():
+    """The tracked linears compute their weight gradient as a sum of per-domain parts: training is unaffected."""
+    plain, tracked = tiny_lora(dropout=0.0), tiny_lora(dropout=0.0)
+    tracker = GradientTracker(tracked, M)
+    for model in (plain, tracked):
+        for ids, mask, lab, dom in WINDOW:
+            if model is tracked:
+                tracker.set_domains(dom, tokens=label_tokens(lab))
+            (token_losses(model, ids, mask, lab).sum() / 17).backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), tracked.named_parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -122,12 +158,24 @@ def test_gradient_checkpointing(reentrant):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
     model.train()
-    tracker = GradientTracker(model, 3)
-    ids, mask, labels = batch()
-    expected = reference(model, tracker, ids, mask, labels)
-    tracker.set_domains(DOMAINS)
-    loss_fn(model, ids, mask, labels).backward()
-    torch.testing.assert_close(tracked_sums(tracker), expected, rtol=1e-4, atol=1e-6)
+    tracker = GradientTracker(model, M)
+    expected = reference(model, tracker, WINDOW)
+    train_window(model, tracker, WINDOW)
+    torch.testing.assert_close(tracker.domain_grads(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_tied_head_reads_only_its_own_use():
+    """A trainable LM head tied to the input embeddings: the head's parts, not the embedding's gradient."""
+    model = tiny_lora(tie=True)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    assert head.weight is model.get_input_embeddings().weight
+    tracker = GradientTracker(model, M, params="head")
+    untied = tiny_lora(tie=True)  # the same weights, the head given its own copy: its gradient is the head's use
+    untied.get_output_embeddings().weight = torch.nn.Parameter(head.weight.detach().clone())
+    expected = reference(untied, GradientTracker(untied, M, params="head"), WINDOW)
+    train_window(model, tracker, WINDOW)
+    torch.testing.assert_close(tracker.domain_grads(), expected, rtol=1e-4, atol=1e-7)
 
 
 def test_head_of_a_llava_includes_the_projector_per_image():
@@ -142,54 +190,123 @@ def test_head_of_a_llava_includes_the_projector_per_image():
     tracker = GradientTracker(model, 2, params="head")
     assert any("multi_modal_projector" in n for n in tracker.tracked_names)
     inputs = llava_batch(processor)  # sample 0 has the image, sample 1 is text only
+    labels = inputs.pop("labels")
     domains = torch.tensor([1, 0])
-    rows = []
-    tracker.enabled = False
-    for d in range(2):
-        model.zero_grad()
-        out = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        ce = torch.nn.functional.cross_entropy(
-            out.logits[:, :-1].transpose(1, 2), inputs["labels"][:, 1:], reduction="none"
+    tokens = label_tokens(labels)
+
+    def per_sample_loss():
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
         ).sum(1)
-        ((ce * (domains == d)).sum() / 10).backward()
-        rows.append(torch.cat([mod.weight.grad.flatten() for _, mod in tracker.modules]))
+
+    tracker.enabled = False
+    weights = tracked_weights(tracker)
+    rows = []
+    for d in range(2):
+        loss = (per_sample_loss() * (domains == d)).sum() / tokens[domains == d].sum()
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, weights)]))
     tracker.enabled = True
+    tracker.set_domains(domains, tokens=tokens, image_domain_ids=domains[:1])
+    loss = per_sample_loss().sum() / tokens.sum()
+    tracker.watch_loss(loss, normalizer=tokens.sum())
+    loss.backward()
+    torch.testing.assert_close(tracker.domain_grads(), torch.stack(rows), rtol=1e-4, atol=1e-7)
+
+
+def test_sketch_is_unbiased_and_close():
+    model = tiny_lora()
+    exact = GradientTracker(model, M)
+    train_window(model, exact, WINDOW)
+    G = exact.gram()
+    exact.remove()
+    P = exact.n_params
+    sketched = []
+    for seed in range(60):
+        model.zero_grad()
+        tracker = GradientTracker(model, M, sketch_dim=P // 4, seed=seed)
+        assert tracker.nbytes == 2 * M * (P // 4) * 4  # window + last seen, m × sketch_dim each
+        train_window(model, tracker, WINDOW)
+        sketched.append(tracker.gram())
+        tracker.remove()
+    stack = torch.stack(sketched)  # (seeds, m, m)
+    mean, stderr = stack.mean(0), stack.std(0) / math.sqrt(len(sketched))
+    assert ((mean - G).abs() <= 4 * stderr + 1e-9 * G.abs().max()).all(), (mean, G, stderr)
+    assert (stack.std(0) > 0).any(), "the sketch compresses: it has variance"
+    p_exact = update_proportions(G, lam=3.0)
+    l1 = torch.stack([(update_proportions(g, lam=3.0) - p_exact).abs().sum() for g in sketched])
+    assert l1.mean() < 0.2, l1  # measured 0.13 at a 4× compression of 2,688 parameters
+
+
+def test_sketch_is_exact_when_it_is_large_enough():
+    model = tiny_lora()
+    exact = GradientTracker(model, M)
+    train_window(model, exact, WINDOW)
+    exact.remove()
     model.zero_grad()
-    tracker.set_domains(domains, image_domain_ids=domains[:1])
-    out = model(**{k: v for k, v in inputs.items() if k != "labels"})
-    ce = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].transpose(1, 2), inputs["labels"][:, 1:], reduction="none"
-    ).sum(1)
-    (ce.sum() / 10).backward()
-    torch.testing.assert_close(tracked_sums(tracker), torch.stack(rows), rtol=1e-4, atol=1e-6)
+    tracker = GradientTracker(model, M, sketch_dim=4 * exact.n_params)
+    train_window(model, tracker, WINDOW)
+    torch.testing.assert_close(tracker.gram(), exact.gram(), rtol=1e-5, atol=1e-12)
+
+
+def test_overflowed_step_is_dropped():
+    model = tiny_lora()
+    clean = GradientTracker(model, M)
+    train_window(model, clean, WINDOW[:1])
+    clean.remove()
+    tracker = GradientTracker(model, M, guard_nonfinite=True)
+    train_window(model, tracker, WINDOW[:1])
+    train_window(model, tracker, WINDOW[1:2], scale=float("inf"))  # an fp16 overflow: inf gradients
+    assert tracker.skipped_steps == 1
+    torch.testing.assert_close(tracker.domain_grads(), clean.domain_grads())
+    assert tracker.tokens.tolist() == clean.tokens.tolist()
+    assert torch.isfinite(tracker.gram()).all()
+
+
+def test_a_domain_missing_from_a_window_keeps_its_last_gradient():
+    model = tiny_lora()
+    tracker = GradientTracker(model, M)
+    train_window(model, tracker, WINDOW[:1])  # domains 0, 1, 2
+    g1 = tracker.domain_grads()[1].clone()
+    tracker.reset()
+    train_window(model, tracker, WINDOW[1:])  # domains 0 and 2 only
+    assert tracker.stale() == [1]
+    torch.testing.assert_close(tracker.domain_grads()[1], g1)
+    G = tracker.gram()
+    assert G[1, 1] == pytest.approx(float(g1.double() @ g1.double()), rel=1e-6) and G[1, 0] != 0
+    p, info = update_proportions_with_info(G, None, 3.0)
+    assert info["unseen"] == [] and torch.isfinite(p).all()
 
 
 def test_tracker_bookkeeping():
     model = tiny_lora()
-    tracker = GradientTracker(model, 3)
-    ids, mask, labels = batch()
-    assert tracker.flops_per_token() == sum(2 * mod.weight.numel() for _, mod in tracker.modules)
+    tracker = GradientTracker(model, M)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         tracker.set_domains([0, 3])
-    tracker.set_domains(DOMAINS)
-    loss_fn(model, ids, mask, labels).backward()
+    train_window(model, tracker, WINDOW[:2])
     state = tracker.state_dict()
-    other = GradientTracker(tiny_lora(), 3)
+    other = GradientTracker(tiny_lora(), M)
     other.load_state_dict(state)
     torch.testing.assert_close(other.domain_grads(), tracker.domain_grads())
+    with pytest.raises(ValueError, match="sketch_dim"):
+        GradientTracker(tiny_lora(), M, sketch_dim=512).load_state_dict(state)
     tracker.enabled = False
     before = tracker.domain_grads().clone()
-    tracker.set_domains(DOMAINS)
-    loss_fn(model, ids, mask, labels).backward()
+    train_window(model, tracker, WINDOW[:1])
     torch.testing.assert_close(tracker.domain_grads(), before)
+    tracker.enabled = True
     tracker.reset()
-    assert tracker.counts.sum() == 0 and tracker.domain_grads().abs().sum() == 0
+    assert tracker.tokens.sum() == 0 and tracker.seen.all()
+    ids, mask, lab, _ = WINDOW[0]
     tracker.remove()
-    assert all(not mod._forward_hooks for _, mod in tracker.modules)
+    assert all("forward" not in mod.__dict__ for _, mod in tracker.modules)
+    token_losses(model, ids, mask, lab).sum().backward()  # an untracked model trains as before
     fresh_model = tiny_lora()
-    GradientTracker(fresh_model, 3)
+    GradientTracker(fresh_model, M)
     with pytest.raises(RuntimeError, match="set_domains"):
-        loss_fn(fresh_model, ids, mask, labels)
+        token_losses(fresh_model, ids, mask, lab)
+    flops = GradientTracker(tiny_lora(), M).flops([0, 2, 2], tokens_per_sample=10)
+    assert flops == 2 * sum(2 * mod.weight.numel() for _, mod in tracker.modules)  # 2 domains present, O(params)
 
 
 def test_gram_is_the_dot_products():
@@ -248,30 +365,38 @@ def test_degenerate_cases():
     torch.testing.assert_close(smooth, 0.75 * new + 0.25 / 3)
 
 
-class FakeTracker:
-    def __init__(self, grads):
-        self.grads, self.counts, self.resets, self.syncs = grads, torch.ones(len(grads)), 0, 0
-
-    def domain_grads(self):
-        return self.grads
-
-    def reset(self):
-        self.resets += 1
-
-    def sync(self):
-        self.syncs += 1
+def test_schedule_applies_after_the_lag():
+    s = ProportionSchedule(3, initial=[0.2, 0.3, 0.5], lag=2)
+    assert s.publish([1.0, 0.0, 0.0], after_step=5) == 8
+    assert s.at(7).tolist() == pytest.approx([0.2, 0.3, 0.5]) and s.at(8).tolist() == pytest.approx([1, 0, 0])
+    assert s.history() == [(0, pytest.approx([0.2, 0.3, 0.5])), (8, [1.0, 0.0, 0.0])]
+    other = ProportionSchedule(3, lag=2)
+    other.load_state_dict(s.state_dict())
+    assert other.history() == s.history()
+    with pytest.raises(ValueError, match="lag"):
+        ProportionSchedule(3, lag=1).load_state_dict(s.state_dict())
 
 
-def test_balancer_schedule_and_state():
-    tracker = FakeTracker(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]))
-    bal = Balancer(3, target=[1.0, 0.0, 0.0], update_every=5, lam=3.0, warmup_steps=3, lag=2)
-    updates = [s for s in range(1, 21) if bal.step(s, tracker) is not None]
-    assert updates == [8, 13, 18]
-    assert tracker.resets == 4 and tracker.syncs == 3  # warmup boundary + each update
-    p = bal.proportions
-    assert p[0] > p[2] and p[1] > p[2], "domains aligned with the target gain"
-    assert bal.proportions_at(10) == pytest.approx([1 / 3] * 3)  # update at 8 applies from step 11
-    assert bal.proportions_at(11) == bal.history[0][1]
-    other = Balancer(3, update_every=5)
+def test_balancer_windows_and_state():
+    model = tiny_lora()
+    tracker = GradientTracker(model, M)
+    bal = Balancer(
+        3, target=[1.0, 0.0, 0.0], update_every=2, lam=3.0, warmup_steps=1, schedule=ProportionSchedule(3, lag=1)
+    )
+    updates = []
+    for step in range(1, 8):
+        ids, mask, lab, dom = WINDOW[step % 3]
+        tracker.set_domains(dom, tokens=label_tokens(lab))
+        n = label_tokens(lab).sum()
+        loss = token_losses(model, ids, mask, lab).sum() / n
+        tracker.watch_loss(loss, normalizer=n)
+        loss.backward()
+        info = bal.step(step, tracker)
+        if info is not None:
+            updates.append(step)
+            assert info["applies_from"] == step + 2 and abs(sum(info["p"]) - 1) < 1e-9
+    assert updates == [3, 5, 7]
+    assert bal.proportions_at(4) == pytest.approx([1 / 3] * 3) and bal.proportions_at(5) != bal.proportions_at(4)
+    other = Balancer(3, update_every=2, schedule=ProportionSchedule(3, lag=1))
     other.load_state_dict(bal.state_dict())
-    assert other.history == bal.history and other.proportions == bal.proportions
+    assert other.schedule.history() == bal.schedule.history() and other.proportions == bal.proportions

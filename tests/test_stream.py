@@ -7,15 +7,16 @@ import torch
 from conftest import write_tiny_manifest
 from torch.utils.data import DataLoader
 
+from rbvl.balance import ProportionSchedule
 from rbvl.data import (
     Collator,
     DataError,
     MixtureStream,
-    ProportionSchedule,
     decode,
     domain_samples,
     initial_proportions,
     load_domains,
+    loader_lag,
     read_shard,
     to_messages,
 )
@@ -33,7 +34,7 @@ def domains(tmp_path_factory):
 
 
 def make_stream(domains, processor, p0, workers=0, batch_size=8, seed=0, **kw):
-    schedule = ProportionSchedule(len(domains), initial=p0)
+    schedule = ProportionSchedule(len(domains), initial=p0, lag=loader_lag(workers, 2))
     stream = MixtureStream(
         domains,
         schedule,
@@ -64,9 +65,9 @@ def test_domain_frequencies_follow_p(domains, processor, strategy, weights):
     p0 = initial_proportions(strategy, domains, weights)
     stream, _ = make_stream(domains, processor, p0)
     observed = np.zeros(3)
-    for _, batch in zip(range(60), loader(stream, 0)):
-        stream.consumed(batch)
-        observed += np.bincount(batch["domain_ids"].numpy(), minlength=3)
+    for _, (_, meta) in zip(range(60), loader(stream, 0)):
+        stream.consumed(meta)
+        observed += np.bincount(meta.domain_ids.numpy(), minlength=3)
     assert counts_within(observed, p0, observed.sum()), (observed, p0)
     if strategy == "manual":
         assert observed[1] == 0
@@ -79,15 +80,15 @@ def test_manual_weights_name_real_domains(domains):
 
 def test_a_new_p_arrives_after_the_lag_with_workers(domains, processor):
     stream, schedule = make_stream(domains, processor, [1 / 3] * 3, workers=2)
-    assert stream.lag == 4  # num_workers · prefetch_factor
+    assert schedule.lag == 4  # num_workers · prefetch_factor batches = 4 steps of one micro-batch
     seen = []
-    for batch in loader(stream, 2):
-        index = int(batch["index"])
-        stream.consumed(batch)
-        seen.append((index, batch["domain_ids"].tolist()))
-        if index == 5:
-            applies = schedule.publish([0.0, 0.0, 1.0], after_batch=index)
-            assert applies == 10
+    for _, meta in loader(stream, 2):
+        index = meta.index
+        stream.consumed(meta)
+        seen.append((index, meta.domain_ids.tolist()))
+        if index == 5:  # batch 5 is step 6
+            applies = schedule.publish([0.0, 0.0, 1.0], after_step=index + 1)
+            assert applies == 11  # step 11 = batch 10
         if index == 30:
             break
     before = [d for i, ids in seen if i < 10 for d in ids]
@@ -111,27 +112,26 @@ def test_a_small_domain_never_runs_dry(domains, processor):
     stream, _ = make_stream(domains, processor, [0.0, 1.0, 0.0])
     it = iter(loader(stream, 0))
     for _ in range(20):  # 160 draws from a 40-sample domain
-        batch = next(it)
-        stream.consumed(batch)
+        _, meta = next(it)
+        stream.consumed(meta)
     assert stream.cursors[0][1] == 160
 
 
 def test_resume_is_exact_with_workers(domains, processor):
     def run(n, state=None, stop_at=None):
         stream, schedule = make_stream(domains, processor, [1 / 3] * 3, workers=2)
-        if state is not None:
-            stream.load_state_dict(state)
+        if state is not None:  # the stream's cursors and the p schedule (which training saves with Balance)
+            stream.load_state_dict(state[0])
+            schedule.load_state_dict(state[1])
         out = []
-        for batch in loader(stream, 2):
-            index = int(batch["index"])
-            stream.consumed(batch)
-            out.append((index, batch["input_ids"].tolist(), batch["domain_ids"].tolist()))
+        for batch, meta in loader(stream, 2):
+            index = meta.index
+            stream.consumed(meta)
+            out.append((index, batch["input_ids"].tolist(), meta.domain_ids.tolist()))
             if index == 7:
-                schedule.publish([0.6, 0.1, 0.3], after_batch=index)
-            if stop_at is not None and index == stop_at:
-                return out, stream.state_dict()
-            if len(out) == n:
-                return out, stream.state_dict()
+                schedule.publish([0.6, 0.1, 0.3], after_step=index + 1)
+            if (stop_at is not None and index == stop_at) or len(out) == n:
+                return out, (stream.state_dict(), schedule.state_dict())
 
     full, _ = run(24)
     first, state = run(None, stop_at=12)
@@ -140,7 +140,7 @@ def test_resume_is_exact_with_workers(domains, processor):
 
     other, _ = make_stream(domains, processor, [1 / 3] * 3, workers=1)
     with pytest.raises(DataError, match="num_workers=2"):
-        other.load_state_dict(state)
+        other.load_state_dict(state[0])
 
 
 def test_collate_labels_only_assistant_turns(processor):
@@ -165,10 +165,11 @@ def test_collate_labels_only_assistant_turns(processor):
             "image": None,
         },
     ]
-    batch, stats = collate(samples, [1, 0])
-    assert stats == {"truncated": 0, "dropped": 0}
-    assert batch["pixel_values"].shape[0] == 1 and batch["has_image"].tolist() == [True, False]
-    assert batch["domain_ids"].tolist() == [1, 0]
+    batch, info = collate(samples, [1, 0])
+    assert (info["truncated"], info["dropped"]) == (0, 0)
+    assert batch["pixel_values"].shape[0] == 1 and info["image_domain_ids"].tolist() == [1]
+    assert info["domain_ids"].tolist() == [1, 0] and "domain_ids" not in batch
+    assert info["label_tokens"].tolist() == [int((row[1:] != -100).sum()) for row in batch["labels"]]
     tok = processor.tokenizer
     for row, expected in zip(batch["labels"], ["7<|im_end|>\nodd<|im_end|>\n", "4 + 5 = 9.<|im_end|>\n"]):
         labelled = tok.decode(row[row != -100])
@@ -221,9 +222,9 @@ def test_overlong_rules(processor):
         {"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}], "image": None},
     ]
     batch, stats = Collator(processor, max_length=40, overlong="truncate")(samples, [0, 1, 2])
-    assert stats == {"truncated": 2, "dropped": 0} and batch["input_ids"].shape == (3, 40)
+    assert (stats["truncated"], stats["dropped"]) == (2, 0) and batch["input_ids"].shape == (3, 40)
     batch, stats = Collator(processor, max_length=40, overlong="drop")(samples, [0, 1, 2])
-    assert stats == {"truncated": 0, "dropped": 2} and batch["domain_ids"].tolist() == [2]
+    assert (stats["truncated"], stats["dropped"]) == (0, 2) and stats["domain_ids"].tolist() == [2]
     assert "pixel_values" not in batch
     batch, stats = Collator(processor, max_length=10, overlong="truncate")(samples[1:2], [1])
     assert batch is None and stats["dropped"] == 1, "cutting into the image tokens drops the sample"
@@ -240,9 +241,8 @@ def test_tiny_model_forward_on_a_collated_batch(domains, processor):
 
     model, _ = load_model(ModelConfig())
     stream, _ = make_stream(domains, processor, [1 / 3] * 3)
-    batch = next(iter(loader(stream, 0)))
-    stream.consumed(batch)
-    inputs = {k: v for k, v in batch.items() if k not in ("domain_ids", "index", "has_image")}
+    inputs, meta = next(iter(loader(stream, 0)))
+    stream.consumed(meta)
     assert torch.isfinite(model(**inputs).loss)
 
 
@@ -281,7 +281,7 @@ def test_a_broken_sample_is_skipped_and_counted(tmp_path, processor):
         sink.write({"__key__": "good", "png": good.getvalue(), "json": json.dumps({"conversation": conv}).encode()})
         sink.write({"__key__": "bad", "png": b"\x89PNG broken", "json": json.dumps({"conversation": conv}).encode()})
     stream, _ = make_stream(load_domains(path), processor, [1.0], batch_size=4, shuffle_buffer=1)
-    batch = next(iter(loader(stream, 0)))
-    stream.consumed(batch)
+    _, meta = next(iter(loader(stream, 0)))
+    stream.consumed(meta)
     assert stream.pop_counts()["dropped"] >= 1
-    assert len(batch["domain_ids"]) >= 1
+    assert len(meta.domain_ids) >= 1

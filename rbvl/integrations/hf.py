@@ -8,19 +8,26 @@
     trainer.proportions                                                        # current p, on the simplex
 
 Each train example carries its domain id (an int column, `domain` by default). What the mixin does, and why:
-- Trainer callbacks never see a batch, so the collator is wrapped: it takes the domain column out of each example
-  and hands the ids over as `domain_ids`; `compute_loss` pops them and gives them to the GradientTracker before the
-  forward pass. `remove_unused_columns` is turned off so the column reaches the collator.
+- Trainer callbacks never see a batch, so the collator is wrapped: the user's collator gets the examples as they
+  are (domain column included, so a collator that reads it works), the ids are read from the examples, the column
+  is removed from whatever the collator returns, and the ids ride along as `domain_ids`; `compute_loss` pops them
+  and gives them to the GradientTracker before the forward pass. `remove_unused_columns` is turned off so the
+  column reaches the collator.
+- g_i is the gradient of domain i's token-mean loss (see rbvl.balance): `compute_loss` tells the tracker each
+  sample's label tokens and what the Trainer divides the summed token loss by (`num_items_in_batch` when the model
+  takes it, else the micro-batch's label tokens); the tracker reads gradient accumulation, the world-size factor
+  and fp16 loss scaling off the loss's gradient.
 - The data follows p through a sampler: each optimizer step's examples are drawn by domain from p, then uniformly
   within the domain (with replacement), with an RNG seeded by (seed, step). The p for step s is
   `Balancer.proportions_at(s)`: an update made after step s' applies from step s' + lag + 1, where
   lag = 1 + ceil(num_workers · prefetch_factor / grad_accum) covers what the DataLoader and Accelerate fetch ahead.
   So the indices never depend on timing, and on resume, when the Trainer replays the sampler to skip the batches
   already seen, it regenerates exactly the same ones. Accelerate deals the sampler's batches out to the ranks.
-- After each optimizer step the Balancer adds up the window (tracker.sync all-reduces it across ranks), and every
-  `update_every` steps turns it into G and a new p. The tracker sums over the micro-batches of gradient accumulation.
-- Balance state (p history, the window's accumulators) is saved in every checkpoint folder and restored on resume;
-  p is logged with every Trainer log line (so `report_to` gets it).
+- After each optimizer step the Balancer commits the step to the window, and every `update_every` steps sums the
+  window over ranks (tracker.sync) and turns it into G and a new p. The same `ProportionSchedule` as `rbvl train`
+  holds p over steps.
+- Balance state (the p schedule; each rank's part of the window, like the Trainer's per-rank RNG files) is saved
+  in every checkpoint folder and restored on resume; p is logged with every Trainer log line (so `report_to` gets it).
 """
 
 from __future__ import annotations
@@ -36,13 +43,13 @@ import torch
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
-from rbvl.balance import Balancer, GradientTracker
+from rbvl.balance import Balancer, GradientTracker, ProportionSchedule, label_tokens
 from rbvl.config import BalanceConfig, from_dict
 
 log = logging.getLogger(__name__)
 
 BALANCE_STATE = "rbvl_balance.json"
-TRACKER_STATE = "rbvl_tracker.pt"
+TRACKER_STATE = "rbvl_tracker-rank{:03d}.pt"
 
 
 class BalanceMixin:
@@ -61,10 +68,20 @@ class BalanceMixin:
         self.balance_config: BalanceConfig = balance
         self.domain_column = domain_column
         self.n_domains = n_domains
+        # Accelerate fetches one batch ahead of the step that uses it; workers × prefetch more may be in flight.
         ahead = self.args.dataloader_num_workers * (self.args.dataloader_prefetch_factor or 2)
         lag = 1 + math.ceil(ahead / self.args.gradient_accumulation_steps)
-        self.balancer = Balancer.from_config(n_domains, balance, target=target, lag=lag)
-        self.tracker = GradientTracker(self.model, n_domains, params=balance.params)
+        self.balancer = Balancer.from_config(
+            n_domains, balance, target=target, schedule=ProportionSchedule(n_domains, lag=lag)
+        )
+        self.tracker = GradientTracker(
+            self.model,
+            n_domains,
+            params=balance.params,
+            sketch_dim=balance.sketch_dim,
+            seed=self.args.seed,
+            guard_nonfinite=bool(self.args.fp16),
+        )
         self.data_collator = DomainCollator(self.data_collator, domain_column)
         self.add_callback(_BalanceCallback(self))
 
@@ -88,9 +105,26 @@ class BalanceMixin:
         domain_ids = inputs.pop("domain_ids", None)
         if domain_ids is None:
             raise KeyError(f"BalanceTrainer: the batch has no domain ids (is '{self.domain_column}' in each example?)")
-        if model.training:  # evaluation passes through here too; it must not count as training data
-            self.tracker.set_domains(domain_ids)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        training = model.training and torch.is_grad_enabled()  # evaluation passes through here too
+        labels = inputs.get("labels")
+        if training:
+            tokens = label_tokens(labels) if labels is not None else None
+            self.tracker.set_domains(domain_ids, tokens=tokens)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if training and labels is not None:
+            loss = out[0] if return_outputs else out
+            self.tracker.watch_loss(loss, normalizer=self._loss_normalizer(labels, num_items_in_batch))
+        return out
+
+    def _loss_normalizer(self, labels, num_items_in_batch) -> float:
+        """What `Trainer.compute_loss` divides the summed token loss by (before any later scaling)."""
+        takes_items = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        if num_items_in_batch is None or not takes_items:
+            return float(label_tokens(labels).sum())  # the model's own mean over this micro-batch's label tokens
+        n = float(num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            n /= self.accelerator.num_processes // self.get_tp_size()  # compute_loss multiplies the loss by this
+        return n
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
@@ -103,15 +137,13 @@ class BalanceMixin:
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        # Rank 0 writes the whole window: fold every rank's part into it; the others restart at zero.
-        self.tracker.sync()
-        if self.args.process_index != 0:
-            self.tracker.reset()
+        os.makedirs(folder, exist_ok=True)
+        # Each rank saves its own part of the window (as the Trainer saves each rank's RNG state); sync sums them.
+        torch.save(self.tracker.state_dict(), os.path.join(folder, TRACKER_STATE.format(self.args.process_index)))
         if self.args.should_save:
             state = {"balancer": self.balancer.state_dict(), "config": asdict(self.balance_config)}
             with open(os.path.join(folder, BALANCE_STATE), "w") as f:
                 json.dump(state, f, indent=1)
-            torch.save(self.tracker.state_dict(), os.path.join(folder, TRACKER_STATE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
@@ -121,10 +153,13 @@ class BalanceMixin:
             return
         with open(path) as f:
             self.balancer.load_state_dict(json.load(f)["balancer"])
-        if self.args.process_index == 0:
-            self.tracker.load_state_dict(
-                torch.load(os.path.join(resume_from_checkpoint, TRACKER_STATE), weights_only=True)
+        mine = os.path.join(resume_from_checkpoint, TRACKER_STATE.format(self.args.process_index))
+        if not os.path.exists(mine):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no Balance window for rank {self.args.process_index} ({mine}); "
+                "an exact resume needs the same number of processes"
             )
+        self.tracker.load_state_dict(torch.load(mine, weights_only=True))
 
 
 class _BalanceCallback(TrainerCallback):
@@ -132,6 +167,7 @@ class _BalanceCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        # commit the step; every update_every steps: sync → gram → update_proportions → reset → publish
         info = self.trainer.balancer.step(state.global_step, self.trainer.tracker)
         if info is not None and info.get("degenerate"):
             log.warning("balance update at step %d: %s", state.global_step, info["degenerate"])
@@ -139,17 +175,22 @@ class _BalanceCallback(TrainerCallback):
 
 
 class DomainCollator:
-    """Wraps the user's collator: takes the domain column out of each example, adds `domain_ids` to the batch."""
+    """Wraps the user's collator: the examples go to it unchanged; the domain column is taken out of what it returns
+    (the model must not see it) and the ids, read from the examples, are added as `domain_ids`."""
 
     def __init__(self, collator, column: str):
         self.collator, self.column = collator, column
 
     def __call__(self, features: list[dict]):
-        try:
-            ids = [int(f[self.column]) for f in features]
-        except KeyError:
-            raise KeyError(f"a training example has no '{self.column}' column (the domain id)") from None
-        batch = self.collator([{k: v for k, v in f.items() if k != self.column} for f in features])
+        missing = [i for i, f in enumerate(features) if self.column not in f]
+        if missing:
+            raise KeyError(
+                f"training example {missing[0]} of the batch has no '{self.column}' column (the domain id); "
+                f"it has {sorted(features[missing[0]])}"
+            )
+        ids = [int(f[self.column]) for f in features]
+        batch = self.collator(features)
+        batch.pop(self.column, None)
         batch["domain_ids"] = torch.tensor(ids, dtype=torch.long)
         return batch
 

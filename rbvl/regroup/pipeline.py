@@ -195,16 +195,10 @@ def regroup(opts: RegroupOptions) -> dict:
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size) when launched by torchrun (a gloo group is started if none is), else (0, 1)."""
-    import os
+    from rbvl.distributed import Distributed
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size()
+    dist = Distributed.from_env(device="cpu")
+    return dist.rank, dist.world_size
 
 
 def _barrier(world: int) -> None:
@@ -215,15 +209,10 @@ def _barrier(world: int) -> None:
 
 
 def close_distributed() -> None:
-    """Barrier, free, then destroy the process group (a bare destroy aborted at exit about 1 run in 5 with gloo)."""
-    import gc
+    """Barrier, free, then destroy the process group (see rbvl.distributed.close)."""
+    from rbvl.distributed import close
 
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        gc.collect()
-        dist.destroy_process_group()
+    close()
 
 
 def _embed_across_ranks(records: list, out: Path, rank: int, world: int, progress: bool, embed: dict):
