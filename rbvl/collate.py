@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import BatchFeature
 
 from rbvl.families import FAMILIES, Family
 
@@ -65,7 +64,12 @@ class Encoder:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def __call__(self, samples: list[dict], domain_ids: list[int]):
-        """Returns (batch or None when every sample was dropped, {"truncated": n, "dropped": n})."""
+        """Returns (model inputs, or None when every sample was dropped; info).
+
+        info: "truncated" and "dropped" counts, "domain_ids" (B,), "image_domain_ids" (rows,): the domain of each
+        row the projector sees, in its order (per image, tile or merged patch: the family's `projector_rows`),
+        "label_tokens" (B,).
+        """
         stats = {"truncated": 0, "dropped": 0}
         prepared = []  # (sample index, messages, images)
         for i, s in enumerate(samples):
@@ -91,13 +95,15 @@ class Encoder:
             prepared = [prepared[k] for k in keep]
             enc, lengths, _ = self._encode(prepared)
         batch = self._truncate(enc)
-        kept = [i for i, _, _ in prepared]
-        domains = torch.tensor([domain_ids[i] for i in kept], dtype=torch.long)
+        domains = torch.tensor([domain_ids[i] for i, _, _ in prepared], dtype=torch.long)
         rows = projector_rows(self.family, batch, [len(images) for _, _, images in prepared], self.processor)
-        batch["domain_ids"] = domains
-        batch["has_image"] = torch.tensor([len(images) > 0 for _, _, images in prepared])
-        batch["image_domain_ids"] = domains.repeat_interleave(rows)
-        return batch, stats
+        info = {
+            **stats,
+            "domain_ids": domains,
+            "image_domain_ids": domains.repeat_interleave(rows),
+            "label_tokens": (batch["labels"][:, 1:] != -100).sum(1),
+        }
+        return batch, info
 
     # -- one sample -----------------------------------------------------------------------------------------------
 
@@ -149,6 +155,8 @@ class Encoder:
             enc = dict(self.tokenizer(texts, **kwargs))
             replaced = [[] for _ in texts]
         else:
+            from transformers import BatchFeature
+
             image_kwargs = {"images": images, "return_text_replacement_offsets": True} if any(images) else {}
             # tensors made here, after the offsets (a list of dicts) are out: Idefics3's processor tries to make them
             # a tensor too when every sample has as many images
