@@ -23,7 +23,9 @@ def plot_run(run_dir: str | Path, domain_names: list[str]) -> list[Path]:
     balance = read_metrics(run_dir, "balance")
     if balance:
         last = max([r["step"] for r in read_metrics(run_dir)] + [balance[-1]["step"]])
-        steps = [0] + [r["step"] for r in balance] + [last]  # each p holds from its update to the next
+        # each p holds for the steps its data was drawn with: from the step it applies from to the next one
+        applies = [min(r.get("applies_from_step", r["step"] + 1) - 1, last) for r in balance]
+        steps = [0] + applies + [last]
         p = np.array([balance[0]["p_before"]] + [r["p"] for r in balance] + [balance[-1]["p"]])  # (updates + 2, m)
         starts, widths = np.array(steps[:-1]), np.diff(steps)  # p[j] holds over [steps[j], steps[j + 1])
         bottom = np.zeros(len(starts))

@@ -113,6 +113,7 @@ def train(cfg: RunConfig) -> dict:
         num_workers=cfg.data.num_workers,
         prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
         pin_memory=dist.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + dist.rank),  # leaves the global RNG (dropout) alone
     )
     batches = iter(loader)
     autocast = autocast_context(cfg.train.precision, dist.device)
@@ -165,6 +166,7 @@ def train(cfg: RunConfig) -> dict:
                 tracker.sync()  # sum every rank's window: all ranks now hold the same sums
                 stale, tokens = tracker.stale(), tracker.tokens.tolist()
                 G = tracker.gram()  # (m, m) G_ij = g_i · g_j, token-mean domain gradients of the window
+                p_before = balancer.proportions
                 p, info = balancer.update(G)  # p = softmax(λ · G q / ‖G q‖)
                 tracker.reset()
                 applies_from = schedule.publish(p, after_step=step)  # the stream draws it from this step on
@@ -172,6 +174,7 @@ def train(cfg: RunConfig) -> dict:
                     "balance",
                     step,
                     p=p,
+                    p_before=p_before,
                     gram=info["gram"],
                     gram_eigenvalues=info["eigenvalues"],
                     tokens=tokens,

@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> BalanceTrainer:
     chat = Collator(processor, max_length=128)
 
     def collate(features: list[dict]) -> dict:
-        batch, _ = chat(features, [0] * len(features))
-        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        return chat(features, [f["domain"] for f in features])[0]  # model inputs only
 
     training_args = TrainingArguments(
         output_dir=args.output_dir,

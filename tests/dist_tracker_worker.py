@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from rbvl.balance import GradientTracker
+from rbvl.balance import GradientTracker, label_tokens
 from rbvl.config import LoraConfig, ModelConfig
 from rbvl.model import apply_lora, load_model
 
@@ -43,18 +43,19 @@ def domain_grads(rank: int, world: int) -> torch.Tensor:
     tracker = GradientTracker(model, 3, params="lora")
     share = slice(rank * len(domains) // world, (rank + 1) * len(domains) // world)
     wrapped = DistributedDataParallel(model) if world > 1 else model
-    tracker.set_domains(domains[share])
-    # A loss with one normaliser for the whole batch, so the ranks' parts add up to the one-process loss
-    # (DDP averages gradients over ranks, hence the factor `world`).
-    labels = inputs["labels"]
-    n_tokens = (labels[:, 1:] != -100).sum()
+    labels = inputs["labels"][share]
+    tracker.set_domains(domains[share], tokens=label_tokens(labels))
+    # Each rank's loss is the mean over its own label tokens, as in `rbvl train` (DDP then averages the gradients);
+    # the tracker's sums over ranks must still give each domain's token-mean gradient over the whole batch.
+    n_tokens = label_tokens(labels).sum()
     logits = wrapped(input_ids=inputs["input_ids"][share], attention_mask=inputs["attention_mask"][share]).logits
     ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels[share][:, 1:], ignore_index=-100, reduction="sum"
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum"
     )
-    (ce * world / n_tokens).backward()
+    loss = tracker.watch_loss(ce / n_tokens, normalizer=n_tokens)
+    loss.backward()
     tracker.sync()
-    return tracker.domain_grads(), tracker.counts.clone()
+    return tracker.domain_grads(), tracker.tokens.clone()
 
 
 if __name__ == "__main__":

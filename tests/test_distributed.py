@@ -1,5 +1,6 @@
 """torchrun with 2 gloo ranks on the CPU: the tracker's all-reduce, and `rbvl train` under DDP."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,41 @@ def test_rbvl_train_on_two_ranks(tmp_path, tiny_manifest):
     assert max(abs(x - 1 / 3) for x in balance[-1]["p"]) > 0.01
     assert (run / "checkpoint-12" / "rbvl_state.json").exists()
     assert read_metrics(run, "eval")
+
+
+def test_two_ranks_resume_mid_window_exactly(tmp_path, tiny_manifest):
+    """Checkpoint at step 6 inside a Balance window (K = 4), LoRA dropout on: the resumed run is the same run."""
+
+    def run_to(out, *extra):
+        r = torchrun(
+            "-m",
+            "rbvl.cli",
+            "train",
+            "recipes/demo_tiny_rnb.yaml",
+            f"manifest={tiny_manifest}",
+            f"output_dir={out}",
+            "max_steps=12",
+            "train.batch_size=4",
+            "balance.update_every=4",
+            "balance.warmup_steps=0",
+            "balance.lam=10",
+            "eval.every=0",
+            "train.log_every=4",
+            "data.num_workers=1",
+            "lora.lora_dropout=0.1",
+            "logging.progress=false",
+            "logging.plots=false",
+            "train.save_every=6",
+            *extra,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    run_to(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "b" / "checkpoint-6")
+    assert (tmp_path / "b" / "checkpoint-6" / "rank-001.pt").exists()
+    run_to(tmp_path / "b", "resume=true")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    for kind, key in (("balance", "p"), ("balance", "gram"), ("train", "loss_per_domain"), ("eval", "loss_per_domain")):
+        after = [(r["step"], r[key]) for r in a if r["kind"] == kind and r["step"] > 6]
+        assert after and after == [(r["step"], r[key]) for r in b if r["kind"] == kind and r["step"] > 6], (kind, key)

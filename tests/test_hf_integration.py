@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rbvl.balance import Balancer
+from rbvl.balance import Balancer, ProportionSchedule
 from rbvl.integrations.hf import BALANCE_STATE, TRACKER_STATE, DomainCollator, DomainSampler
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -33,21 +33,21 @@ def test_example_moves_p_and_resumes_exactly(tmp_path, name):
     assert abs(sum(p) - 1) < 1e-9 and max(abs(x - 1 / 3) for x in p) > 0.02, p
     ckpt = tmp_path / "full" / "checkpoint-15"
     state = json.loads((ckpt / BALANCE_STATE).read_text())
-    assert [s for s, _ in state["balancer"]["history"]] == [10]
-    assert (ckpt / TRACKER_STATE).exists()
+    lag = full.balancer.schedule.lag
+    assert state["balancer"]["schedule"]["applies_from"] == [0, 10 + 1 + lag]  # one update, at step 10
+    assert (ckpt / TRACKER_STATE.format(0)).exists()
 
     (tmp_path / "resumed").mkdir()
     shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-15")
     resumed = main(["--output-dir", str(tmp_path / "resumed"), "--max-steps", "30", "--save-steps", "15", "--resume"])
-    assert resumed.balancer.history == full.balancer.history
+    assert resumed.balancer.schedule.history() == full.balancer.schedule.history()
     assert resumed.proportions == full.proportions
 
 
 def test_sampler_draws_by_p_and_replays():
     domains = np.array([0] * 50 + [1] * 30 + [2] * 20)
-    bal = Balancer(3, update_every=1)
-    bal.history = [(1, [0.7, 0.1, 0.2])]  # applies from step 3 (lag 1)
-    bal.lag = 1
+    bal = Balancer(3, update_every=1, schedule=ProportionSchedule(3, lag=1))
+    bal.schedule.publish([0.7, 0.1, 0.2], after_step=1)  # applies from step 3 (lag 1)
     sampler = DomainSampler(domains, bal, unit=40, seed=0)
     sampler.steps_per_epoch = 30
     indices = list(sampler)
@@ -66,14 +66,146 @@ def test_sampler_refuses_unknown_domains():
         DomainSampler(np.array([0, 1, 1]), Balancer(3), unit=2, seed=0)
 
 
-def test_collator_takes_the_domain_column_out():
+# ---------------------------------------------------------------------------------------------------------------------
+# The user's collator, as it is
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def token_examples():
+    """Three tokenized examples with a `domain` column, the way `datasets.map(tokenize)` leaves them."""
+    return [
+        {"input_ids": [5, 6, 7, 8], "attention_mask": [1, 1, 1, 1], "labels": [-100, -100, 7, 8], "domain": 2},
+        {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6], "domain": 0},
+        {"input_ids": [9, 9, 9], "attention_mask": [1, 1, 1], "labels": [-100, 9, 9], "domain": 1},
+    ]
+
+
+def user_collators():
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from rbvl.model import tiny_processor
+
+    tok = tiny_processor().tokenizer
+
+    def strip_labels(collator):  # DataCollatorWithPadding pads what the tokenizer knows: no ragged labels
+        return lambda feats: collator([{k: v for k, v in f.items() if k != "labels"} for f in feats])
+
+    def forwards_the_column(feats):  # a hand-written collator that reads the domain column and passes it on
+        width = max(len(f["input_ids"]) for f in feats)
+        return {
+            "input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in feats]),
+            "domain": torch.tensor([f["domain"] for f in feats]),
+        }
+
+    return {
+        "DataCollatorWithPadding": strip_labels(DataCollatorWithPadding(tok)),
+        "DataCollatorForSeq2Seq": DataCollatorForSeq2Seq(tok),
+        "trl DataCollatorForLanguageModeling": DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id),
+        "custom, forwards the column": forwards_the_column,
+    }
+
+
+@pytest.mark.parametrize("name", list(user_collators()))
+def test_users_collator_gets_the_examples_unchanged(name):
+    collator = user_collators()[name]
     seen = []
 
-    def user_collator(features):
+    def spy(features):
         seen.extend(features)
-        return {"input_ids": torch.tensor([f["x"] for f in features])}
+        return collator(features)
 
-    batch = DomainCollator(user_collator, "domain")([{"x": 1, "domain": 2}, {"x": 3, "domain": 0}])
-    assert batch["domain_ids"].tolist() == [2, 0] and all("domain" not in f for f in seen)
-    with pytest.raises(KeyError, match="no 'domain' column"):
-        DomainCollator(user_collator, "domain")([{"x": 1}])
+    batch = DomainCollator(spy, "domain")(token_examples())
+    assert [f["domain"] for f in seen] == [2, 0, 1], "the examples reach the user's collator as they are"
+    assert batch["domain_ids"].tolist() == [2, 0, 1]
+    assert "domain" not in batch, "the model never sees the domain column"
+    assert batch["input_ids"].shape[0] == 3
+
+
+def test_collator_names_a_missing_domain_column():
+    with pytest.raises(KeyError, match="example 1 of the batch has no 'domain' column"):
+        DomainCollator(lambda f: {}, "domain")([{"x": 1, "domain": 0}, {"x": 1}])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# g_i through the Trainer: the gradient of each domain's token-mean loss, whatever the normaliser
+# ---------------------------------------------------------------------------------------------------------------------
+
+ANSWERS = {0: 2, 1: 6, 2: 12}  # label tokens per example, by domain
+
+
+def length_examples():
+    """One example per domain repeated: every draw of a domain is the same example, so the token-mean gradient of
+    the window is that example's own token-mean gradient, whatever the sampler drew."""
+    rows = []
+    for d, n in ANSWERS.items():
+        ids = [(7 * d + 3 * t) % 120 + 4 for t in range(4 + n)]
+        rows += [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * 4 + ids[4:], "domain": d}] * 8
+    return rows
+
+
+def pad_collate(features):
+    width = max(len(f["input_ids"]) for f in features)
+    pad = lambda key, v: [f[key] + [v] * (width - len(f[key])) for f in features]  # noqa: E731
+    return {
+        "input_ids": torch.tensor(pad("input_ids", 0)),
+        "attention_mask": torch.tensor(pad("attention_mask", 0)),
+        "labels": torch.tensor(pad("labels", -100)),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_accum", [1, 3])
+def test_trainer_window_holds_token_mean_gradients(tmp_path, grad_accum):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from rbvl.integrations.hf import BalanceTrainer
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    )
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=0.0,  # the weights stay put, so each domain's reference gradient is one fixed vector
+        max_grad_norm=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=1,
+    )
+    trainer = BalanceTrainer(
+        model=model,
+        args=args,
+        train_dataset=length_examples(),
+        data_collator=pad_collate,
+        n_domains=3,
+        balance={"update_every": 100},  # no update: the window stays in the tracker
+    )
+    trainer.train()
+    tracker = trainer.tracker
+    tokens = tracker.tokens
+    for d, n in ANSWERS.items():
+        assert tokens[d] % n == 0, "each draw adds its example's label tokens"
+    tracker.enabled = False
+    weights = [mod.weight for _, mod in tracker.modules]
+    seen = [d for d in range(3) if tokens[d] > 0]
+    assert len(seen) >= 2
+    got = tracker.domain_grads()
+    for d in seen:
+        example = pad_collate([length_examples()[8 * d]])
+        logits = model(input_ids=example["input_ids"], attention_mask=example["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[0, :-1], example["labels"][0, 1:], ignore_index=-100, reduction="mean"
+        )  # this domain's token-mean loss
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, weights)])
+        torch.testing.assert_close(got[d], expected, rtol=1e-4, atol=1e-7)

@@ -52,7 +52,8 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
         assert (ck / name).exists(), name
     assert (run / "checkpoint-10").exists()
     state = json.loads((ck / "rbvl_state.json").read_text())
-    assert len(state["balance"]["history"]) == 4  # updates at steps 5, 10, 15, 20
+    assert len(state["balance"]["schedule"]["p"]) == 1 + 4  # the initial p, then updates at steps 5, 10, 15, 20
+    assert (ck / "rank-000.pt").exists()
 
     balance = read_metrics(run, "balance")
     assert [r["step"] for r in balance] == [5, 10, 15, 20]
@@ -71,18 +72,22 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
     assert again["loss_per_domain"] == pytest.approx(evals[-1]["loss_per_domain"], rel=1e-5)
 
 
-def test_resume_is_exact(tmp_path, tiny_manifest):
-    full = train(config(tmp_path / "a", tiny_manifest))
+def test_resume_mid_window_is_exact(tmp_path, tiny_manifest):
+    """Checkpoint-10 falls inside a Balance window (K = 4) and inside a log window (every 4), with LoRA dropout on."""
+    mid = ("balance.update_every=4", "train.log_every=4", "lora.lora_dropout=0.1", "data.num_workers=1")
+    full = train(config(tmp_path / "a", tiny_manifest, *mid))
     # A run that stopped after checkpoint-10: same config, resumed to the end.
     run_b = tmp_path / "b" / "run"
     run_b.mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "run" / "checkpoint-10", run_b / "checkpoint-10")
-    resumed = train(config(tmp_path / "b", tiny_manifest, "resume=true"))
+    resumed = train(config(tmp_path / "b", tiny_manifest, "resume=true", *mid))
     assert resumed["proportions"] == full["proportions"]
     assert resumed["eval"]["loss_per_domain"] == full["eval"]["loss_per_domain"]
-    a = [r["loss"] for r in read_metrics(tmp_path / "a" / "run", "train") if r["step"] > 10]
-    b = [r["loss"] for r in read_metrics(run_b, "train") if r["step"] > 10]
-    assert a == b
+    a = read_metrics(tmp_path / "a" / "run")
+    b = read_metrics(run_b)
+    for kind, key in (("train", "loss"), ("train", "loss_per_domain"), ("balance", "gram"), ("balance", "p")):
+        after = [(r["step"], r[key]) for r in a if r["kind"] == kind and r["step"] > 10]
+        assert after and after == [(r["step"], r[key]) for r in b if r["kind"] == kind and r["step"] > 10], (kind, key)
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest):

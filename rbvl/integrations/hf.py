@@ -237,10 +237,10 @@ class DomainSampler(Sampler):
         if self.trainer is None:
             return
         done = self.trainer.state.global_step
-        if done < step - self.balancer.lag - 1:
+        if done < step - self.balancer.schedule.lag - 1:
             raise RuntimeError(
                 f"the data loader runs {step - 1 - done} steps ahead of training, more than Balance's lag "
-                f"({self.balancer.lag}); lower dataloader_num_workers or dataloader_prefetch_factor"
+                f"({self.balancer.schedule.lag}); lower dataloader_num_workers or dataloader_prefetch_factor"
             )
 
 
