@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "<image>"  # how rbvl records mark an image inside a turn's text (docs/formats.md)
 TEXT_ONLY = Family("text", kind="text", language_model="", multi_image=False)
+PER_TOKEN = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
 
 
 def family_of_processor(processor) -> Family:
@@ -151,6 +152,8 @@ class Encoder:
             add_special_tokens=not (bos and all(t.startswith(bos) for t in texts)),  # templates that write <bos>
         )
         images = [images for _, _, images in prepared]
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"{type(self.tokenizer).__name__} is a slow tokenizer: rbvl's labels need a fast one")
         if self.family.kind == "text":
             enc = dict(self.tokenizer(texts, **kwargs))
             replaced = [[] for _ in texts]
@@ -214,15 +217,12 @@ class Encoder:
         return enc, [len(r) for r in rows], last_image
 
     def _truncate(self, enc: dict) -> dict:
-        """Cut every per-token tensor (B, T, ...) to max_length: rows are right-padded, so this keeps each row's first
-        max_length tokens."""
-        ids = enc["input_ids"]
-        if ids.shape[1] <= self.max_length:
+        """Cut the per-token tensors (B, T) to max_length: rows are right-padded, so each keeps its first max_length
+        tokens. Pixel tensors are left alone (a sample whose image tokens would be cut was dropped)."""
+        width = enc["input_ids"].shape[1]
+        if width <= self.max_length:
             return enc
-        return {
-            k: v[:, : self.max_length] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape else v
-            for k, v in enc.items()
-        }
+        return {k: v[:, : self.max_length] if k in PER_TOKEN and v.shape[1] == width else v for k, v in enc.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -161,6 +161,28 @@ def test_load_lora_collate_forward_backward(name):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if fam.projector in n)
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if TINY_FAMILIES[n].kind == "vlm"])
+def test_overlong_samples_never_lose_image_tokens(name):
+    from rbvl.tiny import build as build_tiny
+
+    _, processor = build_tiny(name)
+    image_sample = samples_for(TINY_FAMILIES[name])[0][0]
+    long_text = {"id": "long", "conversation": _turns("What is this? " * 40, "7"), "image": None}
+    probe = Encoder(processor, max_length=10_000)
+    prepared = [(0, *probe._prepare(image_sample)), (1, *probe._prepare(long_text))]
+    _, lengths, last_image = probe._encode(prepared)
+    assert last_image[0] >= 0 and last_image[1] == -1
+    cut = last_image[0]  # keeping `cut` tokens would lose the image's last token
+    batch, info = Encoder(processor, max_length=cut)([image_sample, long_text], [0, 1])
+    assert (info["dropped"], info["truncated"]) == (1, 1) and info["domain_ids"].tolist() == [1]
+    assert batch["input_ids"].shape == (1, cut) and "pixel_values" not in batch
+    batch, info = Encoder(processor, max_length=cut + 1)([image_sample], [0])
+    expected = (0, 1) if lengths[0] > cut + 1 else (0, 0)
+    assert (info["dropped"], info["truncated"]) == expected and batch["input_ids"].shape[1] <= cut + 1
+    batch, info = Encoder(processor, max_length=lengths[1] - 1, overlong="drop")([image_sample, long_text], [0, 1])
+    assert info["dropped"] >= 1 and 1 not in info["domain_ids"].tolist()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_export_merge_reloads_with_equal_logits(name, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
