@@ -211,6 +211,7 @@ def test_export_merge_reloads_with_equal_logits(name, tmp_path):
         torch.testing.assert_close(merged(**model_inputs(batch)).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_tracker_equals_separate_per_domain_backward(name):
     """One backward over the mixed batch; each domain's token-mean gradient = autograd on its samples alone."""
