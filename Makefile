@@ -30,7 +30,8 @@ demo: install
 	$(VENV)/bin/rbvl-regroup --input $(DEMO)/data/train.json --eval $(DEMO)/data/eval.json \
 	    --embedder open_clip:rbvl-tiny --k 3,4,5,6,8 --out $(DEMO)/shards --overwrite
 	$(RBVL) train recipes/demo_tiny_rnb.yaml manifest=$(DEMO)/shards/manifest.json output_dir=$(DEMO)/runs/rnb
-	$(RBVL) train recipes/demo_tiny_stratified.yaml manifest=$(DEMO)/shards/manifest.json output_dir=$(DEMO)/runs/stratified
+	$(RBVL) train recipes/demo_tiny_rnb.yaml mixing.strategy=stratified \
+	    manifest=$(DEMO)/shards/manifest.json output_dir=$(DEMO)/runs/stratified
 	$(RBVL) compare $(DEMO)/runs/stratified $(DEMO)/runs/rnb
 
 lint: install

@@ -116,7 +116,12 @@ class GradientTracker:
         self.sketches = _plan_sketches([mod.weight.shape for _, mod in self.modules], sketch_dim, seed, dev)
         self.sums = self._zeros(dev)  # the window: Σ_t ∇ℓ_t per domain, [(m, *shape)] exact or [(m, N)] sketched
         self.tokens = torch.zeros(n_domains, dtype=torch.float64)  # (m,) label tokens per domain in the window
-        self.last = self._zeros(dev)  # each domain's last seen token-mean gradient (for windows that miss it)
+        # Each domain's last seen token-mean gradient, for windows that miss it: kept sketched (in the tracker's own
+        # sketch, or, exact, in a small one of FALLBACK_DIM), so it never doubles the exact tracker's memory.
+        shapes = [mod.weight.shape for _, mod in self.modules]
+        fallback = min(self.n_params, max(FALLBACK_DIM, 8 * len(shapes)))
+        self._fallback = self.sketches or _plan_sketches(shapes, fallback, seed + 1, dev)
+        self.last = torch.zeros(n_domains, sketch_dim or self._fallback.dim, device=dev)  # (m, N)
         self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
         self._step_sums = self._zeros(dev) if guard_nonfinite else None
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
@@ -125,10 +130,8 @@ class GradientTracker:
         self._scale = 1.0  # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch)
         self.skipped_steps = 0
         self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
-        self._originals = []
-        for i, (_, mod) in enumerate(self.modules):
-            self._originals.append(mod.__dict__.get("forward"))
-            mod.forward = self._make_forward(i, mod)
+        self._originals: list | None = None
+        self.attach()
 
     def _zeros(self, dev) -> list[torch.Tensor]:
         if self.sketches is None:
@@ -207,17 +210,29 @@ class GradientTracker:
         self.tokens = tokens.cpu()
 
     def domain_grads(self) -> torch.Tensor:
-        """(m, D): each domain's token-mean gradient over the window, the last seen one for a domain the window
-        missed (D = tracked params, or sketch_dim)."""
+        """(m, D): each domain's token-mean gradient over the window, 0 for a domain the window missed
+        (D = tracked params, or sketch_dim)."""
         return torch.cat([g.flatten(1) for g in self._mean_grads()], dim=1)
 
     def gram(self) -> torch.Tensor:
-        """(m, m) G_ij = g_i · g_j in float64, layer by layer (no (m, P) concatenation)."""
+        """(m, m) G_ij = g_i · g_j in float64, layer by layer (no (m, P) concatenation).
+
+        A domain the window missed but an earlier one saw enters with its last seen gradient: its row and column
+        come from the sketched store (exact entries among the domains the window saw).
+        """
         self._commit_pending()
+        means = self._mean_grads()
         G = torch.zeros(self.m, self.m, dtype=torch.float64)
-        for g in self._mean_grads():
+        for g in means:
             g = g.flatten(1).double()  # (m, D_layer)
             G += (g @ g.T).cpu()
+        stale = ((self.tokens == 0) & self.seen).to(self.last.device)
+        if stale.any():
+            S = torch.where(stale[:, None], self.last, self._sketch_rows(means)).double()  # (m, N)
+            Gs = (S @ S.T).cpu()
+            rows = stale.cpu()
+            G[rows, :] = Gs[rows, :]
+            G[:, rows] = Gs[:, rows]
         return G
 
     def _commit_pending(self) -> None:
@@ -232,21 +247,34 @@ class GradientTracker:
         """End the window: remember each seen domain's gradient, then zero the accumulators."""
         fresh = self.tokens > 0
         if fresh.any():
-            for last, g in zip(self.last, self._mean_grads(), strict=True):
-                last[fresh.to(last.device)] = g[fresh.to(g.device)]
+            rows = fresh.to(self.last.device)
+            self.last[rows] = self._sketch_rows(self._mean_grads())[rows]
             self.seen |= fresh
         for s in self.sums:
             s.zero_()
         self.tokens.zero_()
 
+    def attach(self) -> None:
+        """Route the tracked layers through the tracker (done on construction; again after `remove`)."""
+        if self._originals is not None:
+            return
+        for name, mod in self.modules:
+            if getattr(mod.__dict__.get("forward"), "tracker", None) is not None:
+                raise RuntimeError(f"{name} is already tracked by another GradientTracker: remove() that one first")
+        self._originals = [mod.__dict__.get("forward") for _, mod in self.modules]
+        for i, (_, mod) in enumerate(self.modules):
+            mod.forward = self._make_forward(i, mod)
+
     def remove(self) -> None:
-        """Give the tracked layers back their own forward."""
+        """Give the tracked layers back their own forward (the accumulators stay; `attach` resumes tracking)."""
+        if self._originals is None:
+            return
         for (_, mod), orig in zip(self.modules, self._originals, strict=True):
             if orig is None:
                 mod.__dict__.pop("forward", None)
             else:
                 mod.forward = orig
-        self._originals = [None] * len(self.modules)
+        self._originals = None
 
     def __enter__(self):
         return self
@@ -265,7 +293,7 @@ class GradientTracker:
     @property
     def nbytes(self) -> int:
         """Bytes held by the accumulators (window, last seen, step buffer)."""
-        held = self.sums + self.last + (self._step_sums or [])
+        held = [*self.sums, self.last, *(self._step_sums or [])]
         return sum(t.numel() * t.element_size() for t in held)
 
     def allreduce_bytes(self) -> int:
@@ -294,7 +322,7 @@ class GradientTracker:
         return {
             "sums": [s.cpu().clone() for s in self.sums],
             "tokens": self.tokens.clone(),
-            "last": [s.cpu().clone() for s in self.last],
+            "last": self.last.cpu().clone(),
             "seen": self.seen.clone(),
             "names": self.tracked_names,
             "sketch_dim": self.sketch_dim,
@@ -310,8 +338,9 @@ class GradientTracker:
                 f"tracker state was saved with sketch_dim={state.get('sketch_dim', 0)}, seed={state.get('seed')}; "
                 f"this tracker has sketch_dim={self.sketch_dim}, seed={self.seed}"
             )
-        for dst, src in zip(self.sums + self.last, state["sums"] + state["last"], strict=True):
+        for dst, src in zip(self.sums, state["sums"], strict=True):
             dst.copy_(src)
+        self.last.copy_(state["last"])
         self.tokens = state["tokens"].clone().double()
         self.seen = state["seen"].clone().bool()
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -319,11 +348,21 @@ class GradientTracker:
     # -- inside the backward pass -----------------------------------------------------------------------------------
 
     def _mean_grads(self) -> list[torch.Tensor]:
-        """Per accumulator: window sums / tokens; the last seen gradient where the window has no tokens."""
+        """Per accumulator: window sums / tokens (0 where the window has no tokens)."""
         out = []
-        for s, last in zip(self.sums, self.last, strict=True):
+        for s in self.sums:
             tokens = self.tokens.to(s.device, torch.float32).view(-1, *[1] * (s.dim() - 1))
-            out.append(torch.where(tokens > 0, s / tokens.clamp(min=1), last))
+            out.append(s / tokens.clamp(min=1))
+        return out
+
+    def _sketch_rows(self, means: list[torch.Tensor]) -> torch.Tensor:
+        """(m, N): the domains' gradients in the store's sketch (the tracker's own sketch is already one)."""
+        if self.sketches is not None:
+            return means[0]
+        out = torch.zeros_like(self.last)
+        for index, g in enumerate(means):
+            for d in range(self.m):
+                _sketch_into(out[d], self._fallback, index, g[d])
         return out
 
     def _make_forward(self, index: int, mod: nn.Linear):
@@ -333,6 +372,7 @@ class GradientTracker:
             domains = self._domains_for(x.shape[0], self.modules[index][0])
             return _TrackedLinear.apply(x, mod.weight, mod.bias, self, index, domains)
 
+        forward.tracker = self
         return forward
 
     def _domains_for(self, batch_dim: int, name: str) -> torch.Tensor:
@@ -366,28 +406,32 @@ class GradientTracker:
         self.extra_flops += self._part_flops(index, weight)
         if self.sketches is None:
             target[index][domain] += part
-            return
-        plan = self.sketches[index]
-        if plan is None:  # a layer no larger than its share of the sketch: kept exactly in its slice
-            offset = self._offsets[index]
-            target[0][domain, offset : offset + weight.numel()] += part.flatten()
-            return
-        k_out, h_out, s_out, k_in, h_in, s_in, offset = plan
-        rows = torch.zeros(k_out, part.shape[1], device=part.device)
-        rows.index_add_(0, h_out, part * s_out[:, None])  # (k_out, in)
-        cells = torch.zeros(k_out, k_in, device=part.device)
-        cells.index_add_(1, h_in, rows * s_in[None, :])  # (k_out, k_in)
-        target[0][domain, offset : offset + k_out * k_in] += cells.flatten()
+        else:
+            _sketch_into(target[0][domain], self.sketches, index, part)
 
-    @property
-    def _offsets(self) -> list[int]:
-        return self.sketches.offsets  # type: ignore[union-attr]
+
+FALLBACK_DIM = 2**16  # an exact tracker's store of last seen gradients: m × this many numbers
+
+
+def _sketch_into(out: torch.Tensor, plans: _Plans, index: int, part: torch.Tensor) -> None:
+    """Add the count sketch of layer `index`'s (out, in) `part` into its slice of the (N,) vector `out`."""
+    plan, offset = plans[index], plans.offsets[index]
+    if plan is None:  # a layer no larger than its share of the sketch: kept exactly in its slice
+        out[offset : offset + part.numel()] += part.flatten()
+        return
+    k_out, h_out, s_out, k_in, h_in, s_in, _ = plan
+    rows = torch.zeros(k_out, part.shape[1], device=part.device)
+    rows.index_add_(0, h_out, part * s_out[:, None])  # (k_out, in)
+    cells = torch.zeros(k_out, k_in, device=part.device)
+    cells.index_add_(1, h_in, rows * s_in[None, :])  # (k_out, k_in)
+    out[offset : offset + k_out * k_in] += cells.flatten()
 
 
 class _Plans(list):
     """Per layer: None (exact within its slice) or (k_out, h_out, s_out, k_in, h_in, s_in, offset)."""
 
     offsets: list[int]
+    dim: int  # numbers used
 
 
 def _plan_sketches(shapes, sketch_dim: int, seed: int, device) -> _Plans | None:
@@ -417,7 +461,7 @@ def _plan_sketches(shapes, sketch_dim: int, seed: int, device) -> _Plans | None:
         offset += k_out * k_in
     if offset > sketch_dim:
         raise ValueError(f"sketch_dim={sketch_dim} is too small for {len(shapes)} tracked layers")
-    plans.offsets = offsets
+    plans.offsets, plans.dim = offsets, offset
     return plans
 
 

@@ -1,128 +1,329 @@
-"""`rbvl bench balance`: what R&B Balance costs a training step, measured side by side in one process.
+"""`rbvl bench balance`: what R&B Balance costs, exact vs sketched tracker vs the naive per-domain backward.
 
-    rbvl bench balance --recipe recipes/demo_tiny_rnb.yaml              # the tiny demo shape
-    rbvl bench balance --hidden 1024 --layers 8 --seq 512 --batch 2     # a larger Llama-style shape
+    rbvl bench balance --recipe recipes/llava15_7b_lora_rnb.yaml --domains 64     # the flagship recipe
+    rbvl bench balance --recipe recipes/demo_tiny_rnb.yaml --slice-layers 2 --seq 64 --batch 4   # quick look
 
-The same LoRA training step runs with the GradientTracker on and off, alternating (so drift in machine speed hits
-both alike); the wall-clock overhead is the ratio of the median step times. The analytic FLOPs of tracking (one
-domain-split weight-gradient product per tracked layer), the Gram matrix and the update are reported as a fraction
-of the step's FLOPs, which torch's FlopCounterMode counts on the real step.
+Two parts, both printed as one table.
+
+1. The recipe's full model, built on the meta device from the config shipped in `rbvl/assets/configs/` (no download,
+   no memory): the tracker's accumulator memory (window + each domain's last seen gradient), the extra FLOPs of
+   tracking as a share of a training step (the step's FLOPs counted by torch's FlopCounterMode on the language model
+   for one optimizer step of the recipe's micro-batches; tracking FLOPs analytic, `GradientTracker.flops`, plus the
+   Gram matrix every K steps), and the bytes each update all-reduces. Exact (`sketch_dim=0`) and sketched
+   (`--sketch-dim`, default: the recipe's `balance.sketch_dim`).
+2. A CPU-sized slice with the same layer dimensions (`--slice-layers` language-model layers, the recipe's LoRA), real
+   training steps (AdamW) on token batches whose domains differ in vocabulary and answer length. Step time with
+   tracking off / exact / sketched / naive (one extra forward + backward per domain present, what DGA/DoGE-style
+   mixers pay), alternating in one process, medians. Then `--windows` Balance windows of training with the exact
+   tracker; each window's sketch is the sketch of the exact window sums (the count sketch is linear, so this is
+   exactly what the sketched tracker accumulates), giving the relative Frobenius error of G and the L1 distance of p.
+   The slice's sketch keeps the recipe's compression (tracked params per sketch number) unless `--slice-sketch-dim`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+CONFIGS = Path(__file__).parent / "assets" / "configs"
+GIB = 2**30
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="take model, LoRA and balance settings from this recipe (default: the tiny demo)")
-    p.add_argument("--hidden", type=int, help="hidden size of a tiny-llava-style model (overrides the recipe's model)")
-    p.add_argument("--layers", type=int, default=8, help="language-model layers (with --hidden)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per sample")
-    p.add_argument("--batch", type=int, default=4, help="samples per step")
-    p.add_argument("--domains", type=int, default=8, help="m, the number of domains")
-    p.add_argument("--steps", type=int, default=20, help="measured steps per setting (after warmup)")
-    p.add_argument("--params", default=None, help="tracked set: lora | head (default: the recipe's)")
+    p.add_argument(
+        "--recipe", default="recipes/llava15_7b_lora_rnb.yaml", help="model, LoRA, batch and balance from it"
+    )
+    p.add_argument("--domains", type=int, default=64, help="m for the full-model table")
+    p.add_argument("--sketch-dim", type=int, default=0, help="sketched tracker size (default: the recipe's, else 2^20)")
+    p.add_argument("--slice-layers", type=int, default=2, help="language-model layers of the CPU slice (0 = no slice)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sample on the slice")
+    p.add_argument("--batch", type=int, default=2, help="samples per micro-batch on the slice")
+    p.add_argument("--slice-domains", type=int, default=8, help="m on the slice")
+    p.add_argument(
+        "--slice-sketch-dim", type=int, default=0, help="sketch size on the slice (default: same compression)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds on the slice")
+    p.add_argument("--windows", type=int, default=5, help="Balance windows of training for the sketch's error")
+    p.add_argument("--update-every", type=int, default=2, help="K on the slice (steps per window)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--json", help="also write the results here")
 
 
 def run(args) -> dict:
-    from rbvl.balance import GradientTracker, gram, update_proportions
-    from rbvl.config import LoraConfig, load_config
-    from rbvl.model import apply_lora, load_model, tiny_config
+    from rbvl.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.recipe) if args.recipe else load_config("recipes/demo_tiny_rnb.yaml")
-    params = args.params or cfg.balance.params
-    torch.manual_seed(0)
-    model, processor = load_model(cfg.model)
-    if args.hidden:
-        from transformers import AutoModelForImageTextToText
+    cfg = load_config(args.recipe)
+    sketch_dim = args.sketch_dim or cfg.balance.sketch_dim or 2**20
+    result = {"recipe": args.recipe, "model": cfg.model.name, "sketch_dim": sketch_dim}
+    result["full"] = full_model_costs(cfg, args.domains, sketch_dim)
+    if args.slice_layers:
+        ratio = result["full"]["tracked_params"] / sketch_dim
+        result["slice"] = slice_costs(cfg, args, ratio)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
 
-        # A Llama-style language model (head dim 64, MLP 4×, vocab 32k) behind the tiny vision tower.
-        config = tiny_config(processor, args.hidden, args.layers, n_heads=max(4, args.hidden // 64), vocab_size=32000)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The full model, on the meta device
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_config(name: str):
+    """The recipe's model config: a local folder's config.json, or the one shipped for a hub id."""
+    from transformers import AutoConfig
+
+    if Path(name, "config.json").exists():
+        return AutoConfig.from_pretrained(name)
+    shipped = CONFIGS / (name.replace("/", "--") + ".json")
+    if not shipped.exists():
+        raise FileNotFoundError(f"no config for {name!r}: ship it as {shipped} or pass a local model folder")
+    data = json.loads(shipped.read_text())
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from rbvl.balance import GradientTracker
+    from rbvl.model import apply_lora
+
+    config = model_config(cfg.model.name)
+    with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-        cfg.lora = LoraConfig()  # a pretrained base: rbvl's default adapters (attention of the language model)
     model = apply_lora(model, cfg.lora)
-    model.train()
-    vocab = model.config.text_config.vocab_size
-    m = args.domains
-    input_ids = torch.randint(10, vocab, (args.batch, args.seq))
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
-    domain_ids = torch.randint(0, m, (args.batch,), generator=torch.Generator().manual_seed(1))  # as p = uniform draws
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    tracker = GradientTracker(model, m, params=params)
+    text = getattr(config, "text_config", config)
 
-    def step(enabled: bool) -> float:
-        tracker.enabled = enabled
+    # One optimizer step's FLOPs: grad_accum micro-batches of batch_size × max_length tokens through the language
+    # model (forward + backward of the frozen base with LoRA), counted on meta tensors.
+    lm_config = type(text).from_dict(text.to_dict())
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(lm_config)
+    lm_cfg_lora = type(cfg.lora)(**{**vars(cfg.lora), "target_modules": _projections(cfg.lora.target_modules)})
+    lm_cfg_lora.modules_to_save = []
+    lm = apply_lora(lm, lm_cfg_lora)
+    B, T = cfg.train.batch_size, cfg.data.max_length
+    ids = torch.zeros(B, T, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        lm(input_ids=ids).logits.float().sum().backward()
+    step_flops = counter.get_total_flops() * cfg.train.grad_accum
+    del lm
+
+    gen = torch.Generator().manual_seed(0)
+    domain_ids = torch.randint(0, m, (B,), generator=gen)  # a micro-batch drawn from a uniform p
+    out = {"tracked_params": 0, "step_flops": step_flops, "m": m, "K": cfg.balance.update_every}
+    for name, dim in (("exact", 0), ("sketched", sketch_dim)):
+        tracker = GradientTracker(model, m, params=cfg.balance.params, sketch_dim=dim)
+        D = tracker.n_params if dim == 0 else dim
+        track = tracker.flops(domain_ids, T) * cfg.train.grad_accum
+        gram = 2 * m * m * D + 4 * m * m  # every K steps: m² dot products of length D, then G q and the softmax
+        out[name] = {
+            "memory_gib": tracker.nbytes / GIB,
+            "flops_fraction": (track + gram / cfg.balance.update_every) / step_flops,
+            "allreduce_bytes": tracker.allreduce_bytes(),
+        }
+        out["tracked_params"] = tracker.n_params
+        tracker.remove()
+    return out
+
+
+def _projections(target_modules) -> list[str]:
+    """`.*language_model.*\\.(q_proj|v_proj)` → ["q_proj", "v_proj"] (the same layers in a bare language model)."""
+    if isinstance(target_modules, list):
+        return target_modules
+    found = re.search(r"\(([^()]*)\)\$?$", target_modules)
+    return found.group(1).split("|") if found else ["q_proj", "v_proj"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CPU slice: real steps, timed side by side
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def slice_costs(cfg, args, compression: float) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rbvl.balance import GradientTracker, label_tokens, update_proportions
+
+    text = getattr(model_config(cfg.model.name), "text_config", None) or model_config(cfg.model.name)
+    config = type(text).from_dict({**text.to_dict(), "num_hidden_layers": args.slice_layers})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=_projections(cfg.lora.target_modules),
+    )
+    model = get_peft_model(model, lora)
+    with torch.no_grad():  # as after some training: lora_B away from zero, so lora_A has gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    m, B, T = args.slice_domains, args.batch, args.seq
+    exact = GradientTracker(model, m, params="lora")
+    exact.remove()  # one tracker at a time routes the layers: each attaches for its own steps
+    P = exact.n_params
+    sketch_dim = args.slice_sketch_dim or max(len(exact.modules), int(P / compression))
+    sketch = GradientTracker(model, m, params="lora", sketch_dim=sketch_dim)
+    sketch.remove()
+    vocab = config.vocab_size
+    batches = synthetic_batches(m, B, T, vocab)
+
+    def step(mode: str, i: int) -> float:
+        ids, labels, domains = batches(i)
+        tracker = {"exact": exact, "sketched": sketch}.get(mode)
         t = time.perf_counter()
-        tracker.set_domains(domain_ids)
-        model(**inputs).loss.backward()
+        if tracker is not None:
+            tracker.set_domains(domains, tokens=label_tokens(labels))
+        loss = masked_loss(model, ids, labels)
+        if tracker is not None:
+            tracker.watch_loss(loss, normalizer=label_tokens(labels).sum())
+        loss.backward()
+        if mode == "naive":  # one more forward + backward per domain present, on that domain's samples
+            for d in domains.unique().tolist():
+                rows = (domains == d).nonzero().flatten()
+                torch.autograd.grad(masked_loss(model, ids[rows], labels[rows]), params, allow_unused=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if tracker is not None:
+            tracker.commit()
         return time.perf_counter() - t
 
-    # ------------------------------------------------------------------------------------------------ FLOPs
-    from torch.utils.flop_counter import FlopCounterMode
+    modes = ("off", "exact", "sketched", "naive")
+    times = {mode: [] for mode in modes}
+    i = 0
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for mode in modes if r % 2 else reversed(modes):
+            if mode in ("exact", "sketched"):
+                {"exact": exact, "sketched": sketch}[mode].attach()
+            dt = step(mode, i)
+            i += 1
+            exact.remove(), sketch.remove()
+            if r:
+                times[mode].append(dt)
+    med = {mode: statistics.median(v) for mode, v in times.items()}
 
-    tracker.enabled = False
-    with FlopCounterMode(display=False) as counter:
-        model(**inputs).loss.backward()
-    opt.zero_grad(set_to_none=True)
-    step_flops = counter.get_total_flops()
-    track_flops = tracker.flops(domain_ids, args.seq)
-    P = tracker.n_params
-    update_flops = 2 * m * m * P + 4 * m * m  # Gram (m² dot products of length P), then G q and the softmax
-    K = cfg.balance.update_every
-
-    # ------------------------------------------------------------------------------------------------ wall clock
-    for _ in range(3):
-        step(True), step(False)
-    on, off = [], []
-    for i in range(args.steps):
-        order = (True, False) if i % 2 == 0 else (False, True)
-        for enabled in order:
-            (on if enabled else off).append(step(enabled))
-    tracker.enabled = True
-    t = time.perf_counter()
-    for _ in range(5):
-        update_proportions(gram(tracker.domain_grads()), None, lam=cfg.balance.lam)
-    update_time = (time.perf_counter() - t) / 5
-    tracker.remove()
-
-    on_med, off_med = statistics.median(on), statistics.median(off)
-    result = {
-        "domain_ids": domain_ids.tolist(),
-        "shape": f"hidden={model.config.text_config.hidden_size} layers={model.config.text_config.num_hidden_layers} "
-        f"seq={args.seq} batch={args.batch} m={m} params={params}",
+    # Gram + update time, and the sketch's error over windows of real training
+    exact.reset(), sketch.reset()
+    exact.attach()
+    errors, l1s, gram_time = [], [], {"exact": [], "sketched": []}
+    for _ in range(args.windows):
+        for _step in range(args.update_every):
+            step("exact", i)
+            i += 1
+        sketch.tokens.copy_(exact.tokens)
+        for index, sums in enumerate(exact.sums):  # the sketch of the window = the window of the sketches
+            for d in range(m):
+                sketch._add_part(index, d, sums[d])
+        t = time.perf_counter()
+        G = exact.gram()
+        gram_time["exact"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        Gs = sketch.gram()
+        gram_time["sketched"].append(time.perf_counter() - t)
+        p, ps = update_proportions(G, lam=cfg.balance.lam), update_proportions(Gs, lam=cfg.balance.lam)
+        errors.append(float((Gs - G).norm() / G.norm()))
+        l1s.append(float((ps - p).abs().sum()))
+        exact.reset(), sketch.reset()
+    exact.remove()
+    return {
+        "shape": f"{args.slice_layers} layers of hidden {config.hidden_size} (intermediate {config.intermediate_size}), "
+        f"seq {T}, batch {B}, m {m}, LoRA r {cfg.lora.r} on {'/'.join(_projections(cfg.lora.target_modules))}",
         "tracked_params": P,
-        "step_ms_off": 1000 * off_med,
-        "step_ms_on": 1000 * on_med,
-        "wallclock_overhead": on_med / off_med - 1,
-        "update_ms_every_K": 1000 * update_time,
-        "step_flops": step_flops,
-        "tracking_flops_fraction": track_flops / step_flops,
-        "update_flops_fraction": update_flops / (K * step_flops),
-        "total_flops_fraction": (track_flops + update_flops / K) / step_flops,
+        "sketch_dim": sketch_dim,
+        "step_s": med,
+        "overhead": {mode: med[mode] / med["off"] - 1 for mode in modes},
+        "memory_gib": {"exact": exact.nbytes / GIB, "sketched": sketch.nbytes / GIB},
+        "gram_s": {k: statistics.median(v) for k, v in gram_time.items()},
+        "gram_rel_error": errors,
+        "p_l1": l1s,
+        "rounds": args.rounds,
     }
-    print(f"rbvl bench balance — {result['shape']}, tracked {P:,} params, K={K}, batch domains {domain_ids.tolist()}")
-    print(f"  step time, balance off   {result['step_ms_off']:9.2f} ms (median of {args.steps})")
-    print(f"  step time, balance on    {result['step_ms_on']:9.2f} ms")
-    print(f"  wall-clock overhead      {100 * result['wallclock_overhead']:+9.3f} %  (on/off - 1)")
-    print(
-        f"  Gram + update, every K   {result['update_ms_every_K']:9.2f} ms  "
-        f"({100 * update_time / (K * off_med):.4f} % of K steps)"
+
+
+def synthetic_batches(m: int, B: int, T: int, vocab: int):
+    """Batch i: B samples, domains drawn uniformly; domain d's tokens come from its own band of the vocabulary and
+    its answers (labelled tokens) are longer the larger d is."""
+    band = max(1, vocab // m)
+
+    def make(i: int):
+        g = torch.Generator().manual_seed(1000 + i)
+        domains = torch.randint(0, m, (B,), generator=g)
+        ids = torch.stack([torch.randint(d * band, (d + 1) * band, (T,), generator=g) for d in domains.tolist()])
+        labels = torch.full_like(ids, -100)
+        for row, d in enumerate(domains.tolist()):
+            n = max(2, T * (d + 1) // (2 * m))
+            labels[row, T - n :] = ids[row, T - n :]
+        return ids, labels, domains
+
+    return make
+
+
+def masked_loss(model, ids, labels):
+    logits = model(input_ids=ids).logits
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    tokens = (shifted != -100).sum().clamp(min=1)
+    return (
+        torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100, reduction="sum"
+        )
+        / tokens
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def print_table(r: dict) -> None:
+    f = r["full"]
+    print(f"rbvl bench balance — {r['recipe']} ({r['model']}), m = {f['m']}, K = {f['K']}")
+    print(f"  tracked params {f['tracked_params']:,}; one optimizer step {f['step_flops']:.3e} FLOPs (language model)")
+    print(f"  {'':22s}{'memory':>12s}{'extra FLOPs':>14s}{'all-reduce/update':>20s}")
+    for name in ("exact", "sketched"):
+        label = name if name == "exact" else f"sketched ({r['sketch_dim']:,})"
+        x = f[name]
+        print(
+            f"  {label:22s}{x['memory_gib']:9.3f} GiB{100 * x['flops_fraction']:12.4f} %"
+            f"{x['allreduce_bytes'] / GIB:16.3f} GiB"
+        )
+    if "slice" not in r:
+        return
+    s = r["slice"]
+    print(f"  CPU slice: {s['shape']}; tracked {s['tracked_params']:,}, sketch {s['sketch_dim']:,}")
+    print(f"  {'':22s}{'step (median)':>14s}{'overhead':>11s}{'memory':>12s}")
+    for mode in ("off", "exact", "sketched", "naive"):
+        mem = s["memory_gib"].get(mode)
+        print(
+            f"  {mode:22s}{s['step_s'][mode]:12.3f} s{100 * s['overhead'][mode]:+10.2f} %"
+            + (f"{mem:9.3f} GiB" if mem is not None else "")
+        )
+    naive, sk = s["step_s"]["naive"], s["step_s"]["sketched"]
+    print(f"  naive / sketched step time: {naive / sk:.2f}×  ({s['rounds']} alternating rounds)")
     print(
-        f"  FLOPs: step {step_flops:.3e}; tracking {100 * result['tracking_flops_fraction']:.4f} %, "
-        f"Gram+update {100 * result['update_flops_fraction']:.6f} %, total {100 * result['total_flops_fraction']:.4f} %"
+        f"  Gram every K: exact {s['gram_s']['exact'] * 1000:.1f} ms, sketched {s['gram_s']['sketched'] * 1000:.1f} ms"
     )
-    return result
+    e, l1 = s["gram_rel_error"], s["p_l1"]
+    print(
+        f"  sketch vs exact over {len(e)} windows: ‖ΔG‖/‖G‖ mean {statistics.mean(e):.4f} (max {max(e):.4f}); "
+        f"L1(p) mean {statistics.mean(l1):.4f} (max {max(l1):.4f})"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,10 @@ def latest(run_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, window, dist) -> Path:
+def save(
+    run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, window, dist,
+    mixer=None, held_out=None,
+) -> Path:  # fmt: skip
     """Write `run_dir/checkpoint-{step}`: rank 0 the shared state, every rank its own; then one atomic rename.
 
     What differs between ranks (RNG, the stream's readers and cursors, the tracker's part of the Balance window,
@@ -61,6 +64,8 @@ def save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tra
             "stream": stream.state_dict(),
             "tracker": tracker.state_dict() if tracker is not None else {},
             "window": window.state_dict(),
+            "mixer": mixer.state_dict() if mixer is not None else {},
+            "held_out": held_out.state_dict() if held_out is not None else {},
         },
         tmp / RANK_STATE.format(dist.rank),
     )
@@ -87,7 +92,7 @@ def save(run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tra
     return final
 
 
-def load(path, model, optimizer, scheduler, stream, tracker, balancer, window, dist) -> dict:
+def load(path, model, optimizer, scheduler, stream, tracker, balancer, window, dist, mixer=None, held_out=None) -> dict:
     """Restore everything `save` wrote into live objects, each rank its own part; returns the saved state."""
     path = Path(path)
     try:
@@ -123,5 +128,9 @@ def load(path, model, optimizer, scheduler, stream, tracker, balancer, window, d
         tracker.load_state_dict(mine["tracker"])
     stream.load_state_dict(mine["stream"])
     window.load_state_dict(mine["window"])
+    if mixer is not None:
+        mixer.load_state_dict(mine["mixer"])
+    if held_out is not None:
+        held_out.load_state_dict(mine["held_out"])
     balancer.load_state_dict(extra["balance"])
     return {"step": state["step"], **extra}

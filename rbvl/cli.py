@@ -4,8 +4,10 @@ rbvl train RECIPE.yaml [key=value ...]     fine-tune with LoRA and R&B (or anoth
 rbvl validate RECIPE.yaml [key=value ...]  check a recipe without running it
 rbvl eval RUN_DIR [--checkpoint N]         per-domain eval loss of a run's checkpoint
 rbvl compare RUN_DIR RUN_DIR ...           per-domain eval losses of runs side by side
-rbvl bench regroup | balance ...           speed figures, measured side by side in one run
+rbvl bench regroup | balance | train       speed figures, measured side by side in one run
 rbvl export CHECKPOINT --merge OUT         merge the LoRA adapter into a standalone model
+rbvl gallery SHARDS_DIR                    (re)build SHARDS_DIR/gallery/index.html, the clusters by eye
+rbvl experiment EXPERIMENT.yaml            a grid of runs (domains × strategy × seed) and its report
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 BENCHMARKS = {
     "regroup": ("rbvl.regroup.bench", "regroup pipeline throughput vs raw encode_image; k-means times"),
     "balance": ("rbvl.bench_balance", "training step time with Balance on vs off; analytic FLOPs"),
+    "train": ("rbvl.bench_train", "rbvl train (stratified, rnb) and BalanceTrainer vs a plain HF Trainer, samples/s"),
 }
 
 
@@ -81,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="RUN_DIR/checkpoint-N")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model into")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("gallery", help="(re)build the cluster gallery (gallery/index.html) of a regroup output")
+    p.add_argument("shards", help="the regroup output folder (holding manifest.json)")
+    p.add_argument("--nearest", type=int, default=12, help="cards per cluster nearest its centroid (default 12)")
+    p.add_argument("--random", type=int, default=12, help="cards per cluster drawn at random (default 12)")
+    p.add_argument("--sample", type=int, default=10_000, help="rows behind silhouettes and projection (default 10000)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the k sweep and projection PNGs")
+    p.set_defaults(func=cmd_gallery)
+
+    p = sub.add_parser("experiment", help="run a grid of runs (domains × strategy × seed) and write its report")
+    p.add_argument("experiment", help="EXPERIMENT.yaml (see experiments/)")
+    p.add_argument("--out", help="report folder (default: the file's `out`)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, run nothing")
+    p.set_defaults(func=cmd_experiment)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(metavar="WHAT")
@@ -128,10 +145,29 @@ def cmd_train(args) -> int:
     if args.help_config:
         return _print_config_help()
     cfg = load_config(args.recipe, args.overrides)
+    _note_empty_eval(cfg.manifest)
     from rbvl.train import train
 
     train(cfg)
     return 0
+
+
+def _note_empty_eval(manifest: str) -> None:
+    """Say it up front when the manifest has no eval records (eval loss is then reported as null)."""
+    import json
+    from pathlib import Path
+
+    try:
+        clusters = json.loads(Path(manifest).read_text())["clusters"]
+        n_eval = sum(int(c.get("n_eval", 0)) for c in clusters)
+    except Exception:  # noqa: BLE001 - a broken manifest gets its own error from training
+        return
+    if n_eval == 0:
+        print(
+            f"rbvl: note: {manifest} has no eval records: Balance targets uniform proportions and the eval loss "
+            "is reported as null (regroup with --eval to measure it)",
+            file=sys.stderr,
+        )
 
 
 def cmd_eval(args) -> int:
@@ -156,6 +192,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_gallery(args) -> int:
+    from rbvl.regroup.errors import RegroupError
+    from rbvl.regroup.gallery import write_gallery
+
+    try:
+        page = write_gallery(args.shards, n_nearest=args.nearest, n_random=args.random, sample=args.sample,
+                             plots=args.plots)  # fmt: skip
+    except RegroupError as e:
+        raise CliError(str(e)) from None
+    print(f"gallery written to {page}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from rbvl.experiment import run_experiment
+
+    report = run_experiment(args.experiment, out=args.out, report_only=args.report_only)
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import importlib
 
@@ -177,34 +234,21 @@ def _print_config_help() -> int:
 
 
 def _is_user_error(e: Exception) -> bool:
-    from rbvl.config import ConfigError
-
-    user_errors: tuple[type, ...] = (ConfigError, CliError, FileNotFoundError, NotADirectoryError)
-    try:
-        from rbvl.model import ModelError
-
-        user_errors += (ModelError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.records import RecordsError
-
-        user_errors += (RecordsError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.checkpoint import CheckpointError
-
-        user_errors += (CheckpointError,)
-    except ImportError:
-        pass
-    try:
-        from rbvl.data import DataError
-
-        user_errors += (DataError,)
-    except ImportError:
-        pass
-    return isinstance(e, user_errors)
+    """Errors worth one line. Only modules already imported can have raised theirs (importing the others, such as
+    transformers behind rbvl.model, would cost seconds on every mistyped key)."""
+    user_errors: list[type] = [CliError, FileNotFoundError, NotADirectoryError]
+    for module, name in (
+        ("rbvl.config", "ConfigError"),
+        ("rbvl.runlock", "LockError"),
+        ("rbvl.model", "ModelError"),
+        ("rbvl.records", "RecordsError"),
+        ("rbvl.checkpoint", "CheckpointError"),
+        ("rbvl.data", "DataError"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            user_errors.append(cls)
+    return isinstance(e, tuple(user_errors))
 
 
 if __name__ == "__main__":

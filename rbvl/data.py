@@ -108,9 +108,10 @@ def load_domains(manifest_path: str | Path) -> Domains:
 
 
 def initial_proportions(strategy: str, domains: Domains, weights: dict | None = None) -> list[float]:
-    """p at step 0: uniform (`stratified`, `rnb`), by size (`natural`), or from named weights (`manual`)."""
+    """p at step 0: uniform (`stratified`, `rnb` and the peer mixers), by size (`natural`), or from named weights
+    (`manual`)."""
     m = len(domains)
-    if strategy in ("stratified", "rnb"):
+    if strategy in ("stratified", "rnb", "odm", "dga", "doremi", "aioli"):
         p = np.ones(m)
     elif strategy == "natural":
         p = np.array([d.n_train for d in domains.domains], dtype=float)

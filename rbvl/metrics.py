@@ -2,13 +2,21 @@
 
 A row is `{"kind": "train" | "eval" | "balance", "step": N, ...scalars or lists}`. Lists (proportions, per-domain
 losses) are written to TensorBoard as one scalar per domain under a shared tag, so they plot as a family.
+
+Each row is appended with one write and flushed, so a run killed mid-write leaves at most a torn last line: readers
+drop it with a warning (a torn line elsewhere is skipped and named too), and a resumed run rewrites the file
+without it before appending.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -27,7 +35,8 @@ class MetricsLogger:
             return
         row = {"kind": kind, "step": step, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row) + "\n")  # one write: a kill leaves a whole row or a torn last line
+            f.flush()
         if self.tb is None:
             return
         for key, value in row.items():
@@ -42,8 +51,10 @@ class MetricsLogger:
         """On resume: drop rows written after the checkpoint's step, so the file reads as one run."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(r + "\n" for r in rows))
+        rows = [r for r in _read_rows(self.path) if r["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.path)  # a kill here leaves the old file or the new one, never half of it
 
     def close(self) -> None:
         if self.tb is not None:
@@ -54,8 +65,26 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r["kind"] == kind]
+    return [r for r in _read_rows(path) if kind is None or r["kind"] == kind]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; lines that do not parse (a torn last line after a kill) are dropped, named."""
+    rows = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or "kind" not in row:
+            where = "its torn last line" if n == len(lines) else f"line {n}, which does not parse"
+            log.warning("%s: dropping %s (%d characters)", path, where, len(line))
+            continue
+        rows.append(row)
+    return rows
 
 
 def _plain(value):

@@ -172,6 +172,8 @@ def _json_items(path: str) -> Iterator[tuple[str, object]]:
     """(source, parsed object or the JSONDecodeError) for a JSON array file or a JSON-lines file."""
     with open(path, encoding="utf-8") as f:
         head = f.read(1).strip() or f.read(64).lstrip()[:1]
+    if head == "{":
+        _refuse_single_object(path)
     if head == "[":
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -188,6 +190,27 @@ def _json_items(path: str) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
                 yield f"{path}:{n}", e
+
+
+def _refuse_single_object(path: str) -> None:
+    """A `.json` file holding one JSON object (not a list of records, not JSON lines) is an error naming the file."""
+    if Path(path).suffix.lower() != ".json":
+        return
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+        rest = f.read(1 << 16)
+    try:
+        obj = json.loads(first)
+        if rest.strip():
+            return  # JSON lines in a .json file
+    except json.JSONDecodeError:
+        try:  # an object spread over several lines (json.dump with indent)
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return  # broken lines: each becomes a bad_json reject
+    if isinstance(obj, dict):
+        keys = ", ".join(list(map(str, obj))[:5]) or "none"
+        raise RecordsError(f"{path}: expected a list of records (a JSON array), got one JSON object (keys: {keys})")
 
 
 def _read_llava(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:

@@ -22,12 +22,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rbvl import checkpoint as ckpt
+from rbvl import runlock
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule
 from rbvl.config import RunConfig, dump_config
 from rbvl.data import Collator, MixtureStream, initial_proportions, load_domains, loader_lag
 from rbvl.distributed import Distributed
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.metrics import MetricsLogger
+from rbvl.mix_context import build_mix_context
+from rbvl.mixing import PEERS, build_mixer
 from rbvl.model import TINY, apply_lora, load_model, save_base, trainable_summary
 from rbvl.plots import plot_run
 
@@ -39,6 +42,8 @@ def train(cfg: RunConfig) -> dict:
     # -------------------------------------------------------------------------------------------------------- setup
     dist = Distributed.from_env(cfg.train.device)
     run_dir = Path(cfg.output_dir)
+    if dist.is_main:  # one run per output_dir: a second one is refused while this one lives (released at exit)
+        runlock.acquire(run_dir, "rbvl train")
     resume_from = ckpt.latest(run_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log.warning("resume=true but %s holds no checkpoint: starting from scratch", run_dir)
@@ -54,7 +59,8 @@ def train(cfg: RunConfig) -> dict:
     p0 = initial_proportions(cfg.mixing.strategy, domains, cfg.mixing.weights)
     target = domains.eval_distribution  # q: the eval set's share of each domain (None → uniform)
     lag = loader_lag(cfg.data.num_workers, cfg.data.prefetch_factor, cfg.train.grad_accum)
-    schedule = ProportionSchedule(m, initial=p0, lag=lag)  # p over optimizer steps, in shared memory
+    # p over optimizer steps, in shared memory (room for a peer mixer that updates every step)
+    schedule = ProportionSchedule(m, initial=p0, lag=lag, capacity=max(4096, cfg.max_steps + 1))
 
     # -------------------------------------------------------------------------------------------------------- model
     model, processor = load_model(cfg.model, seed=cfg.seed)
@@ -82,9 +88,13 @@ def train(cfg: RunConfig) -> dict:
             model, m, params=cfg.balance.params, sketch_dim=cfg.balance.sketch_dim, seed=cfg.seed, guard_nonfinite=fp16
         )
     balancer = Balancer.from_config(m, cfg.balance, target=target, schedule=schedule)
+    collator = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+    mixer = held_out = None
+    if cfg.mixing.strategy in PEERS:  # odm, dga, doremi, aioli: the methods R&B is compared with
+        ctx, held_out = build_mix_context(cfg, model, domains, collator, dist, target, scheduler)
+        mixer = build_mixer(cfg.mixing.strategy, m, target, cfg.mixing, ctx, initial=p0, seed=cfg.seed)
     ddp_model = dist.wrap(model)
 
-    collator = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
     stream = MixtureStream(
         domains,
         schedule,
@@ -101,7 +111,9 @@ def train(cfg: RunConfig) -> dict:
 
     step = 0
     if resume_from is not None:
-        state = ckpt.load(resume_from, model, optimizer, scheduler, stream, tracker, balancer, window, dist)
+        state = ckpt.load(
+            resume_from, model, optimizer, scheduler, stream, tracker, balancer, window, dist, mixer, held_out
+        )
         step = state["step"]
         log.info("resumed from %s at step %d", resume_from, step)
     metrics = MetricsLogger(run_dir, names, tensorboard=cfg.logging.tensorboard, enabled=dist.is_main)
@@ -145,6 +157,9 @@ def train(cfg: RunConfig) -> dict:
                 tracker.watch_loss(loss, normalizer=n_tokens)  # so it can undo 1/grad_accum and the fp16 scale
             scaler.scale(loss / cfg.train.grad_accum).backward()
             window.add(token_loss.detach().sum(1), meta.label_tokens, meta.domain_ids)
+            if mixer is not None:  # ODM's reward, DoReMi's excess loss: from the loss this step computed
+                token_loss = token_loss.detach()[:, :-1]  # (B, T-1)
+                mixer.observe({**inputs, "labels": labels}, meta, token_loss.sum(1), meta.label_tokens, token_loss)
 
         if cfg.optim.max_grad_norm > 0:
             scaler.unscale_(optimizer)
@@ -185,6 +200,12 @@ def train(cfg: RunConfig) -> dict:
                     p_rank_spread=dist.spread(p),  # 0 when every rank holds the same p
                 )
 
+        if mixer is not None:
+            info = mixer.step(step, ctx)  # may run its own extra passes (dga, aioli) or reference forwards (doremi)
+            if info is not None and "p" in info:
+                applies_from = schedule.publish(info["p"], after_step=step)
+                metrics.log("mixing", step, applies_from_step=applies_from, cost=mixer.cost, **info)
+
         # ----------------------------------------------------------------------------------------------------- log
         if step % cfg.train.log_every == 0 or step == cfg.max_steps:
             row = window.pop(dist)
@@ -207,8 +228,9 @@ def train(cfg: RunConfig) -> dict:
         # ---------------------------------------------------------------------------------------------- checkpoint
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.max_steps:
             ckpt.save(
-                run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, window, dist
-            )
+                run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, window, dist,
+                mixer, held_out,
+            )  # fmt: skip
 
     progress.close()
     metrics.close()
@@ -217,11 +239,18 @@ def train(cfg: RunConfig) -> dict:
         log.info("plots: %s", ", ".join(str(p) for p in plots))
     if result is None:  # resumed a run that had already reached max_steps
         result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
-    summary = {"eval": result, "proportions": schedule.history(), "run_dir": str(run_dir)}
+    summary = {
+        "eval": result,
+        "proportions": schedule.history(),
+        "run_dir": str(run_dir),
+        "cost": mixing_cost(mixer, tracker),
+    }
     if tracker is not None:
         tracker.remove()
     del ddp_model, model, optimizer
     dist.close()
+    if dist.is_main:
+        runlock.release(run_dir)
     return summary
 
 
@@ -237,6 +266,15 @@ def lr_factor(step: int, cfg: RunConfig) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
     return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def mixing_cost(mixer, tracker) -> dict | None:
+    """The mixing strategy's extra work, in the peers' terms (R&B: no extra passes, only tracking FLOPs)."""
+    if mixer is not None:
+        return dict(mixer.cost)
+    if tracker is not None:
+        return {"forward_tokens": 0, "backward_tokens": 0, "flops": tracker.extra_flops}
+    return None
 
 
 def autocast_context(precision: str, device: torch.device):

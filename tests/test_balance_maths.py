@@ -271,8 +271,8 @@ def test_a_domain_missing_from_a_window_keeps_its_last_gradient():
     tracker.reset()
     train_window(model, tracker, WINDOW[1:])  # domains 0 and 2 only
     assert tracker.stale() == [1]
-    torch.testing.assert_close(tracker.domain_grads()[1], g1)
-    G = tracker.gram()
+    assert tracker.domain_grads()[1].abs().sum() == 0, "the window has no gradient of domain 1"
+    G = tracker.gram()  # ... but G holds its last seen one (exact here: the store's sketch is larger than P)
     assert G[1, 1] == pytest.approx(float(g1.double() @ g1.double()), rel=1e-6) and G[1, 0] != 0
     p, info = update_proportions_with_info(G, None, 3.0)
     assert info["unseen"] == [] and torch.isfinite(p).all()
@@ -400,3 +400,16 @@ def test_balancer_windows_and_state():
     other = Balancer(3, update_every=2, schedule=ProportionSchedule(3, lag=1))
     other.load_state_dict(bal.state_dict())
     assert other.schedule.history() == bal.schedule.history() and other.proportions == bal.proportions
+
+
+def test_one_tracker_at_a_time():
+    model = tiny_lora()
+    first = GradientTracker(model, M)
+    with pytest.raises(RuntimeError, match="already tracked"):
+        GradientTracker(model, M)
+    first.remove()
+    second = GradientTracker(model, M, sketch_dim=256)
+    second.remove()
+    first.attach()
+    train_window(model, first, WINDOW[:1])
+    assert first.tokens.sum() > 0 and second.tokens.sum() == 0

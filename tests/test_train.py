@@ -106,7 +106,8 @@ def test_cli_train_stratified(tmp_path, tiny_manifest):
             "-m",
             "rbvl.cli",
             "train",
-            "recipes/demo_tiny_stratified.yaml",
+            "recipes/demo_tiny_rnb.yaml",
+            "mixing.strategy=stratified",  # the baseline arm of `make demo`: one recipe, one override
             f"manifest={tiny_manifest}",
             f"output_dir={tmp_path / 'run'}",
             "max_steps=4",
@@ -134,3 +135,50 @@ def test_cli_train_stratified(tmp_path, tiny_manifest):
         text=True,
     )
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "nope.json" in bad.stderr
+
+
+def test_the_loops_window_is_the_token_mean_gradient_of_what_it_drew(tmp_path, tiny_manifest):
+    """`rbvl train`'s tracker (checkpointed mid-window) against plain autograd of each domain's token-mean loss over
+    the very micro-batches the stream drew: grad_accum 2, mixed batches, domains of different answer lengths."""
+    import torch
+
+    from rbvl.balance import ProportionSchedule, select_modules
+    from rbvl.data import Collator, MixtureStream, initial_proportions, load_domains
+    from rbvl.evaluate import causal_lm_token_loss
+    from rbvl.model import apply_lora, load_model
+
+    cfg = config(
+        tmp_path, tiny_manifest, "max_steps=2", "train.save_every=2", "train.grad_accum=2", "train.batch_size=4",
+        "balance.update_every=100", "balance.warmup_steps=0", "optim.lr=0.000000000001", "optim.max_grad_norm=0",
+        "eval.every=0", "lora.lora_dropout=0",
+    )  # fmt: skip
+    train(cfg)
+    window = torch.load(tmp_path / "run" / "checkpoint-2" / "rank-000.pt", weights_only=True)["tracker"]
+
+    # the same model and the same four micro-batches, rebuilt from the config
+    domains = load_domains(cfg.manifest)
+    model, processor = load_model(cfg.model, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = apply_lora(model, cfg.lora)
+    model.train()
+    stream = MixtureStream(
+        domains, ProportionSchedule(3, initial=initial_proportions("rnb", domains)), batch_size=4,
+        collate=Collator(processor, max_length=cfg.data.max_length), seed=cfg.seed, grad_accum=2,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # fmt: skip
+    batches = [b for _, b in zip(range(4), stream)]
+    weights = [mod.weight for _, mod in select_modules(model, "lora")]
+    for d in range(3):
+        tokens = sum(int(meta.label_tokens[meta.domain_ids == d].sum()) for _, meta in batches)
+        assert tokens == window["tokens"][d]
+        if tokens == 0:
+            continue
+        loss = 0
+        for inputs, meta in batches:
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            per_sample = causal_lm_token_loss(model(**inputs).logits, labels).sum(1)
+            loss = loss + per_sample[meta.domain_ids == d].sum()
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss / tokens, weights)])
+        got = torch.cat([s[d].flatten() for s in window["sums"]]) / tokens
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-7)

@@ -4,8 +4,9 @@
     regroup(RegroupOptions(input=["data/llava.json"], out="shards/", embedder="open_clip:rbvl-tiny", k="4,8"))
 
 Modules: `embed` (embedders, DataLoader decoding, resumable memmap cache), `cluster` (k-means, silhouette sweep,
-eval assignment), `write` (shards, rejects, manifest), `report` (summary.md, plots), `pipeline` (end to end),
-`bench` (`rbvl bench regroup`). The command line is `rbvl-regroup` (data_tools/regroup.py).
+eval assignment), `write` (shards, rejects, manifest), `report` (summary.md, plots), `gallery` + `gallery_page`
+(gallery/index.html, `rbvl gallery`), `pipeline` (end to end), `bench` (`rbvl bench regroup`). The command line is
+`rbvl-regroup` (data_tools/regroup.py).
 """
 
 from rbvl.regroup.errors import RegroupError

@@ -1,15 +1,18 @@
-"""Regroup options: one typed dataclass; defaults ← YAML (`--config`) ← command-line flags.
+"""Regroup options: one typed dataclass, validated by the same layer as the training config (`rbvl.config`).
 
-Every field below is also a YAML key and a `--flag` (underscores become dashes on the command line).
+Defaults ← YAML (`--config`) ← `key=value` ← `--flags`. Every field below is a YAML key, a `key=value` override
+and a `--flag` (underscores become dashes); `rbvl-regroup --help` is generated from the fields and their docstrings.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from rbvl.config import Checked, ConfigError, from_dict, option, parse_override, read_yaml, set_dotted
 from rbvl.regroup.errors import RegroupError
 
 
@@ -17,71 +20,83 @@ def _default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _k_spec(value: str) -> str | None:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", value) or any(int(k) < 1 for k in value.split(",")):
+        return "expected a positive int or a comma-separated list of them (4,8,16)"
+    return None
+
+
+def _embedder(value: str) -> str | None:
+    return None if ":" in value else "expected open_clip:MODEL[/PRETRAINED], hf:MODEL or sentence-transformers:MODEL"
+
+
 @dataclass
-class RegroupOptions:
-    input: list[str] = field(default_factory=list)
-    """Train inputs: LLaVA JSON, WebDataset shards (.tar) or text-only JSONL/Parquet."""
+class RegroupOptions(Checked):
+    KEY: ClassVar[str] = ""
+
+    input: list[str] = option(factory=list)
+    """Train inputs: LLaVA JSON, WebDataset shards (.tar) or text-only JSONL/Parquet (files, folders or globs)."""
     out: str | None = None
-    """Output folder for shards, manifest.json, rejects.jsonl, summary.md."""
-    eval: list[str] = field(default_factory=list)
+    """Output folder for shards, manifest.json, rejects.jsonl, summary.md (new, empty, or a previous regroup output)."""
+    eval: list[str] = option(factory=list)
     """Eval inputs, assigned to the nearest train centroid (never used to fit)."""
     image_root: str | None = None
-    """Folder that relative image paths in LLaVA JSON are resolved against."""
-    format: str | None = None
+    """Folder that relative image paths in LLaVA JSON are resolved against (default: the JSON file's folder)."""
+    format: str | None = option(None, choices=(None, "llava", "webdataset", "jsonl", "parquet"))
     """Input format (default: detected from the file names)."""
-    preset: str | None = None
-    """Reader preset for text-only corpora (e.g. the S1 traces)."""
+    preset: str | None = option(None, choices=(None, "llava", "s1", "text"))
+    """Reader preset for text-only corpora (e.g. `s1` for the S1 traces)."""
     text_fields: list[str] | None = None
-    """Record fields whose text is embedded (default: the reader's)."""
+    """Record fields whose text is embedded (default: the reader's); comma-separated or several values."""
     label_field: str | None = None
     """Field holding the source's own domain label."""
     with_trajectory: bool = False
     """s1 preset: embed the question together with its thinking trajectory."""
-    embedder: str = "open_clip:ViT-B-32/laion2b_s34b_b79k"
+    embedder: str = option("open_clip:ViT-B-32/laion2b_s34b_b79k", check=_embedder, allowed="KIND:MODEL")
     """open_clip:MODEL[/PRETRAINED], hf:MODEL_ID_OR_PATH or sentence-transformers:MODEL_ID_OR_PATH."""
-    combine: str = "mean"
+    combine: str = option("mean", choices=("mean", "concat", "image", "text"))
     """How open_clip image and text vectors combine: mean | concat | image | text."""
-    k: str = "4,8,16,32"
+    k: str = option("4,8,16,32", check=_k_spec, allowed="an int or a comma-separated list (4,8,16)")
     """Number of clusters, or a comma-separated sweep chosen by silhouette."""
-    seed: int = 0
+    seed: int = option(0, ge=0)
     """Seed for k-means, silhouette sampling and random-init models."""
-    num_workers: int = field(default_factory=_default_workers)
-    """DataLoader workers that read, decode and preprocess."""
-    batch_size: int = 64
+    num_workers: int = option(factory=_default_workers, ge=0)
+    """DataLoader workers that read, decode and preprocess (default min(4, CPUs))."""
+    batch_size: int = option(64, ge=1)
     """Records per encode call."""
-    chunk_size: int = 4096
+    chunk_size: int = option(4096, ge=1)
     """Records between flushes of the embedding cache (the resume granularity)."""
     resume: bool = True
     """Continue an interrupted embedding when OUT/.cache matches the same inputs and embedder."""
     overwrite: bool = False
-    """Replace an OUT that already holds a manifest."""
-    maxcount: int = 10_000
+    """Replace a previous regroup output in OUT (recognised by its manifest.json; nothing else is ever deleted)."""
+    maxcount: int = option(10_000, ge=1)
     """Samples per shard."""
-    minibatch_above: int = 50_000
+    minibatch_above: int = option(50_000, ge=1)
     """Use MiniBatchKMeans above this many train records."""
-    silhouette_sample: int = 10_000
+    silhouette_sample: int = option(10_000, ge=2)
     """Sample the silhouette to this many rows above it."""
-    device: str = "cpu"
+    device: str = option("cpu", check=lambda v: None if v.strip() else "expected a torch device", allowed="a device")
     """Torch device for the embedder."""
     plots: bool = True
     """Write PNG plots beside summary.md."""
+    gallery: bool = True
+    """Write gallery/index.html: thumbnails and captions per cluster, to judge the clusters by eye."""
     progress: bool = True
     """Show tqdm progress bars."""
 
     def __post_init__(self) -> None:
+        # Shorthands a YAML file or a flag may use: one path for a list, `k: 8` or `k: [4, 8]`, `a,b` fields.
         for name in ("input", "eval"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [value])
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
         if isinstance(self.text_fields, str):
-            self.text_fields = [s for s in self.text_fields.split(",") if s]
-        if isinstance(self.k, int | list):
-            self.k = ",".join(str(v) for v in (self.k if isinstance(self.k, list) else [self.k]))
-        for name in ("batch_size", "chunk_size", "maxcount"):
-            if int(getattr(self, name)) < 1:
-                raise RegroupError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise RegroupError(f"num_workers must be >= 0, got {self.num_workers}")
+            self.text_fields = [self.text_fields]
+        if isinstance(self.text_fields, list):
+            self.text_fields = [s.strip() for t in self.text_fields for s in str(t).split(",") if s.strip()]
+        if isinstance(self.k, (int, list, tuple)) and not isinstance(self.k, bool):
+            self.k = ",".join(str(v) for v in (self.k if isinstance(self.k, (list, tuple)) else [self.k]))
+        super().__post_init__()
 
     def validate(self) -> None:
         """The checks that need the whole picture (called before any work)."""
@@ -90,36 +105,25 @@ class RegroupOptions:
         if not self.out:
             raise RegroupError("no output folder: give --out DIR (or `out:` in --config)")
         for p in [*self.input, *self.eval]:
-            if not Path(p).exists():
+            if not Path(p).exists() and not any(c in p for c in "*?[{"):
                 raise RegroupError(f"input not found: {p}")
 
 
-FIELD_NAMES = [f.name for f in fields(RegroupOptions)]
+def load_options(
+    config: str | None = None, overrides: dict | None = None, items: list[str] | None = None
+) -> RegroupOptions:
+    """Defaults ← YAML file `config` ← `key=value` `items` ← `overrides` (the flags given on the command line).
 
-
-def load_options(config: str | None = None, overrides: dict | None = None) -> RegroupOptions:
-    """Defaults ← YAML file ← overrides (the flags given on the command line)."""
-    import yaml
-
-    values: dict = {}
-    if config:
-        try:
-            loaded = yaml.safe_load(Path(config).read_text()) or {}
-        except OSError as e:
-            raise RegroupError(f"cannot read config {config}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise RegroupError(f"config {config} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise RegroupError(f"config {config} must be a mapping of option: value")
-        for key, value in loaded.items():
-            name = str(key).replace("-", "_")
-            if name not in FIELD_NAMES:
-                close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise RegroupError(f"unknown key '{key}' in {config}{hint}")
-            values[name] = value
-    values.update(overrides or {})
+    Raises:
+        RegroupError: an unreadable config, an unknown key or a value out of range (one line naming the key).
+    """
     try:
-        return RegroupOptions(**values)
-    except TypeError as e:
-        raise RegroupError(f"bad option: {e}") from None
+        tree = {str(k).replace("-", "_"): v for k, v in read_yaml(config, "config").items()} if config else {}
+        for item in items or []:
+            key, value = parse_override(item)
+            set_dotted(tree, key.replace("-", "_"), value)
+        tree.update(overrides or {})
+        return from_dict(RegroupOptions, tree)
+    except ConfigError as e:
+        where = f" in {config}" if config and "unknown key" in str(e) else ""
+        raise RegroupError(f"{e}{where}") from None

@@ -11,19 +11,21 @@ say so (in = written + rejected, train and eval separately).
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 import rbvl
+from rbvl import images
 from rbvl.records import ReadOptions, Record, Reject, read_records
 from rbvl.regroup import cluster as C
-from rbvl.regroup import report
+from rbvl.regroup import gallery, outdir, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.options import RegroupOptions
-from rbvl.regroup.write import cluster_name, prepare_out, save_centroids, write_manifest, write_rejects, write_shards
+from rbvl.regroup.write import cluster_name, save_centroids, write_rejects, write_shards
 
 
 def read_split(paths: list[str], opts: RegroupOptions) -> tuple[list[Record], list[Reject], int]:
@@ -53,7 +55,8 @@ def regroup(opts: RegroupOptions) -> dict:
     ks = C.parse_k(opts.k)
     check_embedder_name(opts.embedder)  # a typo fails before any reading
     rank, world = _distributed()
-    out = prepare_out(opts.out, opts.overwrite) if rank == 0 else Path(opts.out)
+    final = Path(opts.out)  # outputs are staged in `out` and moved here at the end; the embedding cache lives here
+    out = outdir.prepare(final, opts.overwrite) if rank == 0 else outdir.staging_path(final)
     _barrier(world)
     timings: dict[str, float] = {}
 
@@ -88,9 +91,11 @@ def regroup(opts: RegroupOptions) -> dict:
         key_extra=f"seed={opts.seed}",
     )
     if world == 1:
-        emb, errors, embed_stats = embed_records(everything, cache_dir=out / ".cache", progress=opts.progress, **embed)
+        emb, errors, embed_stats = embed_records(
+            everything, cache_dir=final / ".cache", progress=opts.progress, **embed
+        )
     else:
-        emb, errors, embed_stats = _embed_across_ranks(everything, out, rank, world, opts.progress, embed)
+        emb, errors, embed_stats = _embed_across_ranks(everything, final, rank, world, opts.progress, embed)
         if rank != 0:  # rank 0 clusters and writes; the others are done
             _barrier(world)
             return {}
@@ -127,6 +132,7 @@ def regroup(opts: RegroupOptions) -> dict:
     w_eval, late = write_shards(out, "eval", evals, eval_labels, eval_dist, opts.maxcount, opts.progress)
     rejects_eval += late
     write_rejects(out, {"train": rejects_train, "eval": rejects_eval})
+    n_notes = images.write_notes(out, w_train.notes + w_eval.notes)  # images re-encoded, rescaled or cut to a frame
     centroids = save_centroids(out, cl.centroids)
     timings["write_s"] = time.perf_counter() - t0
 
@@ -160,6 +166,13 @@ def regroup(opts: RegroupOptions) -> dict:
     for split, cnt in counts.items():
         if cnt["in"] != cnt["written"] + cnt["rejected"]:  # a bug, not a user error: say it loudly
             raise AssertionError(f"{split} counts do not add up: {cnt}")
+    if n_written_eval == 0:  # Balance then targets a uniform q, and training has no eval loss to report
+        why = f"all {n_in_eval} eval records were rejected" if n_in_eval else "no --eval input was given"
+        print(
+            f"rbvl-regroup: warning: the eval set is empty ({why}): Balance will target uniform proportions and "
+            "`rbvl train` will report no eval loss",
+            file=sys.stderr,
+        )
     manifest = {
         "format": "rbvl-regroup/1",
         "tool_version": rbvl.__version__,
@@ -180,10 +193,12 @@ def regroup(opts: RegroupOptions) -> dict:
             "metric": "euclidean on L2-normalised embeddings",
         },
         "rejects": "rejects.jsonl",
+        "image_notes": {"file": images.NOTES if n_notes else None, "count": n_notes},
     }
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
-    write_manifest(out, manifest)
-    report.print_summary(manifest, {**timings, **embed_stats}, out)
+    outdir.commit(out, final, manifest)  # the old output out (only with --overwrite), the new one in, manifest last
+    report.print_summary(manifest, {**timings, **embed_stats}, final)
+    gallery.after_regroup(final, manifest, [r.id for r in train], x_train, opts.gallery, opts.plots)  # OUT/gallery/
     _barrier(world)
     return manifest
 

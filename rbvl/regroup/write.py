@@ -2,7 +2,7 @@
 
 Layout and fields follow docs/formats.md:
 
-    OUT/train/cluster_003/shard-000000.tar   <key>.jpg|.png (bytes untouched) + <key>.json
+    OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/images.py contract) + <key>.json
     OUT/eval/cluster_003/shard-000000.tar    eval records, assigned to the nearest train centroid
     OUT/centroids.npy  OUT/rejects.jsonl  OUT/manifest.json
 """
@@ -11,43 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from rbvl import images
 from rbvl.records import sanitize_key
-from rbvl.regroup.errors import RegroupError
 
 MANIFEST = "manifest.json"
 FORMAT = "rbvl-regroup/1"
-
-
-def prepare_out(out: str | Path, overwrite: bool) -> Path:
-    """Create OUT; refuse one that holds a manifest unless `overwrite`.
-
-    Old outputs are cleared (the embedding cache in OUT/.cache is kept for resuming): those of a finished run when
-    overwriting, and the leftovers of an interrupted one (no manifest means they were never complete).
-    """
-    out = Path(out)
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise RegroupError(f"{out} already holds a {MANIFEST}; pass --overwrite to replace it")
-        (out / MANIFEST).unlink()
-    if out.is_dir():
-        for folder in [*out.glob("train/cluster_*"), *out.glob("eval/cluster_*")]:  # only what Regroup writes
-            shutil.rmtree(folder)
-        for name in (
-            "rejects.jsonl",
-            "centroids.npy",
-            "summary.md",
-            "sweep.png",
-            "cluster_sizes.png",
-            "projection.png",
-        ):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def cluster_name(c: int) -> str:
@@ -61,6 +33,7 @@ class _SplitWriter:
         self.out, self.split, self.maxcount = out, split, maxcount
         self.writers: dict[int, object] = {}
         self.shard_sizes: dict[int, dict[str, int]] = {}
+        self.notes: list[dict] = []  # images changed to fit the shard contract (rbvl/images.py)
 
     def write(self, cluster: int, sample: dict) -> None:
         import webdataset as wds
@@ -122,9 +95,17 @@ def write_shards(
             except OSError as e:
                 late_rejects.append(Reject(rec.id, _source(rec, split), "missing_image", str(e)))
                 continue
+            note = None
             if loaded is not None:
-                data, ext = loaded
-                sample[(ext or "jpg").lower().lstrip(".")] = data
+                try:
+                    img = images.for_shard(*loaded)  # PNG/JPEG/WebP, 8-bit, one frame: what the stream reads
+                except images.ImageRejected as e:
+                    late_rejects.append(Reject(rec.id, _source(rec, split), "unreadable_image", str(e)))
+                    continue
+                sample[img.ext] = img.data
+                note = img.note
+                if note:
+                    writer.notes.append({"split": split, "id": rec.id, "note": note})
             sample["json"] = {
                 "id": rec.id,
                 "conversation": rec.conversation,
@@ -132,6 +113,7 @@ def write_shards(
                 "cluster": int(c),
                 "distance": round(float(dist), 6),
                 "text": rec.text,
+                **({"image_note": note} if note else {}),
             }
             writer.write(int(c), sample)
     finally:

@@ -1,0 +1,337 @@
+"""`rbvl bench train`: the training loop's speed against a plain Hugging Face `Trainer`, side by side in one process.
+
+    rbvl bench train                                      # tiny demo model, a generated 3-domain manifest
+    rbvl bench train --manifest demo/shards/manifest.json --rounds 6 --steps 30 --threads 1
+
+Four arms train the same model (the recipe's model + LoRA, built afresh for every run), on the same data, with the
+same batch size, optimizer (AdamW, lr, weight decay, grad-norm clip), precision and loader workers:
+
+    stratified     `rbvl.train.train` with mixing.strategy=stratified
+    rnb            `rbvl.train.train` with mixing.strategy=rnb (the GradientTracker on every step, Balance updates)
+    balance_hf     `rbvl.integrations.hf.BalanceTrainer`
+    trainer        a plain `transformers.Trainer`
+
+The two Trainer arms read a map-style dataset of the manifest's training samples, decoded once up front, through
+the same `rbvl.data.Collator`; `rbvl train` reads the shards through `MixtureStream` (tar reading, PNG decoding and
+collation in its loader workers), as it does in real use.
+
+What is timed: the loop from the end of optimizer step `warmup` to the end of step `warmup + steps`, i.e. `steps`
+whole steps (data, forward, loss, backward, clip, optimizer, scheduler, Balance bookkeeping and updates, logging
+every `warmup` steps), never model building, the first steps (worker start-up), eval, checkpoints or plots.
+- `rbvl train` runs with log_every = warmup, max_steps = warmup + steps, eval.every = save_every = 0, TensorBoard,
+  plots and the progress bar off. Its `train` rows in metrics.jsonl carry `step_time`, the mean wall time per step
+  since the previous row (taken with `perf_counter` at the log line); the timed span is the sum of
+  step_time × steps over the rows after step `warmup`. (The final eval and checkpoint that `train` always does at
+  max_steps come after the last row, so they are outside the span.)
+- The Trainer arms log every `warmup` steps too (to nowhere: report_to=none), save and evaluate never; a callback
+  takes `perf_counter` at `on_step_end`, which the Trainer calls after each optimizer step, before logging.
+Balance updates: `balance.update_every` is min(the recipe's, steps) with balance.warmup_steps = 0, so at least one
+update falls inside every timed span, for both `rnb` and `balance_hf` (`--update-every` overrides).
+
+Rounds alternate the arms (in a rotated order each round), so drift in the machine's speed hits every arm alike;
+each arm's figure is the median samples/s over the rounds. The ratios the issue sets goals for are printed beside
+them, as the ratio of the medians and as the median of the ratios within each round (`paired_ratios`); they are
+reported, not asserted (timings on a shared machine are noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ARMS = ("stratified", "rnb", "balance_hf", "trainer")
+RATIOS = (  # (numerator, denominator, goal)
+    ("stratified", "trainer", 1.0),
+    ("rnb", "stratified", 0.95),
+    ("balance_hf", "trainer", 0.95),
+)
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_tiny_rnb.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="model, LoRA, optimizer, data and balance settings")
+    p.add_argument("--manifest", help="a regroup manifest.json (default: a generated 3-domain one in a temp folder)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (loader start-up, allocator)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every arm once")
+    p.add_argument("--batch", type=int, help="samples per optimizer step (default: the recipe's train.batch_size)")
+    p.add_argument("--workers", type=int, help="loader workers for every arm (default: the recipe's data.num_workers)")
+    p.add_argument("--update-every", type=int, help="Balance update interval (default: min(recipe's, --steps))")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    p.add_argument("--json", help="also write the result to this file")
+
+
+def run(args) -> dict:
+    from rbvl.config import load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        raise SystemExit("--steps, --warmup and --rounds must be at least 1")
+    logging.getLogger("rbvl").setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    with tempfile.TemporaryDirectory(prefix="rbvl-bench-train-") as tmp:
+        tmp = Path(tmp)
+        manifest = Path(args.manifest) if args.manifest else write_bench_manifest(tmp / "shards")
+        cfg = load_config(args.recipe, [f"manifest={manifest}"])
+        batch = args.batch or cfg.train.batch_size
+        workers = cfg.data.num_workers if args.workers is None else args.workers
+        update_every = args.update_every or min(cfg.balance.update_every, args.steps)
+        overrides = [
+            f"manifest={manifest}",
+            f"max_steps={args.warmup + args.steps}",
+            f"train.batch_size={batch}",
+            "train.grad_accum=1",
+            f"train.log_every={args.warmup}",
+            "train.save_every=0",
+            "eval.every=0",
+            "eval.max_samples=1",
+            f"data.num_workers={workers}",
+            f"balance.update_every={update_every}",
+            "balance.warmup_steps=0",
+            "logging.tensorboard=false",
+            "logging.plots=false",
+            "logging.progress=false",
+        ]
+        samples = load_samples(manifest) if {"balance_hf", "trainer"} & set(arms) else []
+        rates: dict[str, list[float]] = {a: [] for a in arms}
+        for r in range(args.rounds):
+            order = arms[r % len(arms) :] + arms[: r % len(arms)]
+            for arm in order:
+                out = tmp / f"round{r}-{arm}"
+                if arm in ("stratified", "rnb"):
+                    run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}", f"mixing.strategy={arm}"])
+                    seconds = time_rbvl_train(run_cfg, args.warmup)
+                else:
+                    run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}"])
+                    seconds = time_trainer(run_cfg, samples, balance=arm == "balance_hf", warmup=args.warmup)
+                rates[arm].append(batch * args.steps / seconds)
+            print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{a} {rates[a][-1]:7.1f}" for a in arms), flush=True)
+
+    median = {a: statistics.median(v) for a, v in rates.items()}
+    ratios = {f"{a}/{b}": median[a] / median[b] for a, b, _ in RATIOS if a in median and b in median}
+    # the same ratios taken within each round, then the median: robust to the machine's speed drifting between rounds
+    paired = {
+        f"{a}/{b}": statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+        for a, b, _ in RATIOS
+        if a in rates and b in rates
+    }
+    load = os.getloadavg()
+    result = {
+        "setup": {
+            "recipe": str(args.recipe),
+            "manifest": str(args.manifest or "generated"),
+            "batch": batch,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "workers": workers,
+            "update_every": update_every,
+            "threads": torch.get_num_threads(),
+        },
+        "samples_per_s": rates,
+        "median_samples_per_s": median,
+        "ratios": ratios,
+        "paired_ratios": paired,
+        "loadavg": list(load),
+    }
+    print(
+        f"rbvl bench train — {cfg.model.name}, batch {batch}, {args.steps} timed steps after {args.warmup}, "
+        f"{args.rounds} rounds, {workers} loader worker(s), {torch.get_num_threads()} torch thread(s), "
+        f"Balance every {update_every} steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    for arm in arms:
+        spread = f"{min(rates[arm]):.1f}–{max(rates[arm]):.1f}"
+        print(f"  {arm:<11} {median[arm]:8.1f} samples/s (median; rounds {spread})")
+    for a, b, goal in RATIOS:
+        if f"{a}/{b}" in ratios:
+            key = f"{a}/{b}"
+            print(
+                f"  {a + ' / ' + b:<24} {ratios[key]:6.3f}×   (per round, median {paired[key]:.3f}×; goal ≥ {goal:.2f}×)"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The arms
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def time_rbvl_train(cfg, warmup: int) -> float:
+    """Seconds `rbvl train` spent on steps warmup+1 … max_steps, from the step_time of its metrics rows."""
+    from rbvl.metrics import read_metrics
+    from rbvl.train import train
+
+    train(cfg)
+    seconds, previous = 0.0, 0
+    for row in read_metrics(cfg.output_dir, "train"):  # rows at warmup, 2·warmup, …, max_steps
+        if row["step"] > warmup:
+            seconds += row["step_time"] * (row["step"] - previous)
+        previous = row["step"]
+    if previous != cfg.max_steps:
+        raise RuntimeError(f"{cfg.output_dir}: the last train row is at step {previous}, not {cfg.max_steps}")
+    return seconds
+
+
+def time_trainer(cfg, samples: list[dict], balance: bool, warmup: int) -> float:
+    """Seconds a (Balance)Trainer spent on steps warmup+1 … max_steps, from `on_step_end` times."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from rbvl.data import Collator
+    from rbvl.integrations.hf import BalanceTrainer
+    from rbvl.model import apply_lora, load_model
+
+    model, processor = load_model(cfg.model, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = apply_lora(model, cfg.lora)
+    chat = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+
+    def collate(features: list[dict]) -> dict:
+        return chat(features, [f["domain"] for f in features])[0]  # model inputs only
+
+    ends: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends[state.global_step] = time.perf_counter()
+
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        max_grad_norm=cfg.optim.max_grad_norm,
+        warmup_steps=cfg.optim.warmup_steps,
+        lr_scheduler_type="cosine",
+        logging_steps=cfg.train.log_every,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        use_cpu=cfg.train.device == "cpu" or not torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+    kwargs = dict(model=model, args=args, train_dataset=samples, data_collator=collate, callbacks=[Clock()])
+    if balance:
+        trainer = BalanceTrainer(**kwargs, n_domains=1 + max(s["domain"] for s in samples), balance=cfg.balance)
+    else:
+        trainer = Trainer(**kwargs)
+    trainer.remove_callback(transformers_printer())  # logs go nowhere, as rbvl's do (to a file)
+    trainer.train()
+    return ends[cfg.max_steps] - ends[warmup]
+
+
+def transformers_printer():
+    from transformers.trainer_callback import PrinterCallback
+
+    return PrinterCallback
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_samples(manifest: Path) -> list[dict]:
+    """Every training sample of the manifest, decoded ({"conversation", "image", "domain"}): the Trainers' dataset."""
+    from rbvl.data import decode, load_domains, read_shard
+
+    rows = []
+    for d, domain in enumerate(load_domains(manifest).domains):
+        for shard in domain.train_shards:
+            for raw in read_shard(shard):
+                s = decode(raw)
+                rows.append({"conversation": s["conversation"], "image": s["image"], "domain": d})
+    return rows
+
+
+def write_bench_manifest(root: Path, n_domains: int = 3, n_train: int = 64, n_eval: int = 4, seed: int = 0) -> Path:
+    """A small regrouped shard set + manifest.json (docs/formats.md), as tests/conftest.py's `write_tiny_manifest`.
+
+    Domain 0 asks for an image's colour, domain 1 a sum (text only), domain d ≥ 2 a fixed phrase.
+    """
+    import io
+    import random
+
+    import webdataset as wds
+    from PIL import Image
+
+    rng = random.Random(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+    def sample(d: int, key: str) -> dict:
+        out = {"__key__": key}
+        if d == 0:
+            name = rng.choice(sorted(colours))
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), colours[name]).save(buf, format="PNG")
+            out["png"] = buf.getvalue()
+            turns = ("<image>\nWhat colour is this?", name)
+        elif d == 1:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            turns = (f"What is {a} + {b}?", f"{a + b}")
+        else:
+            turns = (f"Say the word number {d}.", "yes" * d)
+        conv = [{"role": "user", "content": turns[0]}, {"role": "assistant", "content": turns[1]}]
+        meta = {"id": key, "conversation": conv, "label": f"label{d}", "cluster": d, "distance": 0.0, "text": turns[0]}
+        out["json"] = json.dumps(meta).encode()
+        return out
+
+    clusters = []
+    for d in range(n_domains):
+        name = f"cluster_{d:03d}"
+        entry = {"id": d, "name": name, "top_labels": [[f"label{d}", n_train]], "examples": []}
+        for split, n in (("train", n_train), ("eval", n_eval)):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=max(1, n // 2), verbose=0) as sink:
+                for i in range(n):
+                    sink.write(sample(d, f"{split}-d{d}-{i:04d}"))
+            entry[f"{split}_shards"] = sorted(p.relative_to(root).as_posix() for p in folder.glob("*.tar"))
+            entry[f"n_{split}"] = n
+        half = max(1, n_train // 2)
+        entry["shard_sizes"] = [half] * (len(entry["train_shards"]) - 1) + [
+            n_train - half * (len(entry["train_shards"]) - 1)
+        ]
+        clusters.append(entry)
+    manifest = {
+        "format": "rbvl-regroup/1",
+        "tool_version": "bench",
+        "embedder": {"name": "none"},
+        "k": n_domains,
+        "sweep": [],
+        "clusters": clusters,
+        "eval_distribution": [1.0 / n_domains] * n_domains,
+        "train_distribution": [1.0 / n_domains] * n_domains,
+        "counts": {"train": {"in": n_train * n_domains, "written": n_train * n_domains, "rejected": 0}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root / "manifest.json"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(parser)
+    run(parser.parse_args())

@@ -1,0 +1,344 @@
+"""The report of `rbvl experiment`, written from results.jsonl alone: report.md, plots, summary.json.
+
+    from rbvl.experiment_report import summarise, paired
+    paired([0.31, 0.30, 0.33], [0.35, 0.36, 0.34])   # mean difference, 95% t interval, verdict
+
+Every number in the report comes from a finished run's row; nothing is typed by hand. Differences are paired by
+seed against the baseline cell (the same seed draws the same initial model and data order), with a Student-t 95%
+interval; a difference whose interval contains 0 is reported as within noise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+METRIC = "eval_loss_all"  # every eval token, the same records for every grouping (see experiment.token_weighted)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def summarise(values: list[float]) -> dict:
+    """n, mean, sample std (ddof 1; 0 for one value)."""
+    a = np.asarray([v for v in values if v is not None], dtype=float)
+    if not len(a):
+        return {"n": 0, "mean": None, "std": None}
+    return {"n": len(a), "mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def paired(cell: list[float], base: list[float], level: float = 0.95) -> dict:
+    """Paired differences cell − base: mean, std, the t interval and a verdict (lower loss is better)."""
+    from scipy import stats
+
+    d = np.asarray(cell, dtype=float) - np.asarray(base, dtype=float)
+    n = len(d)
+    out = {"n": n, "mean": float(d.mean()) if n else None, "std": float(d.std(ddof=1)) if n > 1 else None}
+    if n < 2:
+        return {**out, "low": None, "high": None, "verdict": "one seed: no noise estimate"}
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * out["std"] / math.sqrt(n)
+    low, high = out["mean"] - half, out["mean"] + half
+    if high < 0:
+        verdict = "lower (better) beyond noise"
+    elif low > 0:
+        verdict = "higher (worse) beyond noise"
+    else:
+        verdict = "within noise"
+    return {**out, "low": float(low), "high": float(high), "verdict": verdict}
+
+
+def correlation(x: list[float], y: list[float]) -> dict:
+    """Pearson r and Spearman ρ with their p-values (None below 3 points)."""
+    from scipy import stats
+
+    pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
+    if len(pts) < 3:
+        return {"n": len(pts), "pearson": None, "spearman": None}
+    a, b = map(np.asarray, zip(*pts))
+    if a.std() == 0 or b.std() == 0:
+        return {"n": len(pts), "pearson": None, "spearman": None}
+    pr, spr = stats.pearsonr(a, b), stats.spearmanr(a, b)
+    return {
+        "n": len(pts),
+        "pearson": float(pr.statistic),
+        "pearson_p": float(pr.pvalue),
+        "spearman": float(spr.statistic),
+        "spearman_p": float(spr.pvalue),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _groups(rows: list[dict]) -> dict[str, list[dict]]:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["group"]].append(r)
+    return groups
+
+
+def _resolve(name: str, groups: dict, k: int | None) -> str | None:
+    """`regrouped/stratified` → the group key `regrouped-k4/stratified`."""
+    domains, _, strategy = name.partition("/")
+    key = f"regrouped-k{k}/{strategy}" if domains == "regrouped" else name
+    return key if key in groups else None
+
+
+def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> Path:
+    """report.md + summary.json + PNG plots in `out` from the finished rows; returns report.md."""
+    main = groups = _groups(rows)
+    base_key = _resolve(spec.baseline, groups, spec.data.k)
+    head_key = _resolve(spec.headline, groups, spec.data.k)
+    summary = {"experiment": spec.name, "metric": METRIC, "groups": {}, "paired": {}, "k_sweep": {}, "cost": {}}
+    for g, rs in main.items():
+        summary["groups"][g] = {
+            METRIC: summarise([r[METRIC] for r in rs]),
+            "eval_loss_q": summarise([r["eval_loss_q"] for r in rs]),
+            "wall_s": summarise([r["wall_s"] for r in rs]),
+            "seeds": sorted(r["seed"] for r in rs),
+        }
+    if base_key:
+        base = {r["seed"]: r for r in main[base_key]}
+        for g, rs in main.items():
+            if g == base_key:
+                continue
+            common = [r for r in rs if r["seed"] in base]
+            if common:
+                summary["paired"][g] = paired([r[METRIC] for r in common], [base[r["seed"]][METRIC] for r in common])
+    summary["cost"] = _cost_table(main)
+    summary["k_sweep"] = _k_sweep(rows, spec)
+    summary["domains_differ"] = _domains_differ(main.get(base_key) or [])
+    plots = _plots(main, summary, out, base_key)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    lines = [f"# {spec.name}: R&B against its ablations and peers", ""]
+    if spec.notes:
+        lines += [spec.notes.strip(), ""]
+    lines += [
+        f"Produced by `rbvl experiment {source}` from {len(rows)} finished runs ({out / 'results.jsonl'}); "
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {_torch_version()}; "
+        f"written {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "",
+        f"Metric: final eval loss over every eval token (`{METRIC}`): the same eval records for every grouping, "
+        "so original and regrouped domains compare directly. The q-weighted loss (each grouping's own eval "
+        "shares) is given too; it compares runs only within one grouping.",
+        "",
+        "## Results (mean ± std over seeds)",
+        "",
+        "| cell | seeds | eval loss (all tokens) | q-weighted | wall clock s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for g in sorted(main):
+        s = summary["groups"][g]
+        mark = " (baseline)" if g == base_key else " (headline)" if g == head_key else ""
+        lines.append(
+            f"| {g}{mark} | {s[METRIC]['n']} | {_fmt(s[METRIC]['mean'])} ± {_fmt(s[METRIC]['std'])} | "
+            f"{_fmt(s['eval_loss_q']['mean'])} ± {_fmt(s['eval_loss_q']['std'])} | "
+            f"{_fmt(s['wall_s']['mean'], 1)} ± {_fmt(s['wall_s']['std'], 1)} |"
+        )
+    lines += ["", f"## Paired differences against {base_key or spec.baseline} (same seed; 95% t interval)", ""]
+    if not summary["paired"]:
+        lines.append("No baseline runs finished yet.")
+    else:
+        lines += ["| cell | n | mean difference | 95% interval | verdict |", "| --- | --- | --- | --- | --- |"]
+        for g, p in sorted(summary["paired"].items()):
+            lines.append(
+                f"| {g} | {p['n']} | {_fmt(p['mean'])} | [{_fmt(p['low'])}, {_fmt(p['high'])}] | {p['verdict']} |"
+            )
+        if head_key in summary["paired"]:
+            p = summary["paired"][head_key]
+            lines += ["", f"Headline: {head_key} vs {base_key}: {_fmt(p['mean'])} ({p['verdict']})."]
+    dd = summary["domains_differ"]
+    if dd:
+        lines += [
+            "",
+            f"Do the domains differ? On the baseline runs, per-domain eval losses range from {_fmt(dd['min'])} to "
+            f"{_fmt(dd['max'])} (spread {_fmt(dd['spread'])}; the seed-to-seed std of one domain's loss is at most "
+            f"{_fmt(dd['max_seed_std'])}).",
+        ]
+    lines += _k_sweep_lines(summary["k_sweep"])
+    lines += _cost_lines(summary["cost"])
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Every run's resolved config, final per-domain losses and cost are in `results.jsonl`."]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:
+        return "?"
+
+
+def _domains_differ(rows: list[dict]) -> dict:
+    if not rows:
+        return {}
+    per = np.array([[x if x is not None else np.nan for x in r["eval"]["loss_per_domain"]] for r in rows])
+    means = np.nanmean(per, axis=0)
+    seed_std = np.nanstd(per, axis=0, ddof=1) if len(rows) > 1 else np.zeros(per.shape[1])
+    return {
+        "min": float(np.nanmin(means)),
+        "max": float(np.nanmax(means)),
+        "spread": float(np.nanmax(means) - np.nanmin(means)),
+        "max_seed_std": float(np.nanmax(seed_std)),
+    }
+
+
+def _cost_table(groups: dict) -> dict:
+    table = {}
+    stratified_wall = {}
+    for g, rs in groups.items():
+        if g.endswith("/stratified"):
+            stratified_wall[g.split("/")[0]] = {r["seed"]: r["wall_s"] for r in rs}
+    for g, rs in groups.items():
+        costs = [r.get("cost") or {} for r in rs]
+        ref = stratified_wall.get(g.split("/")[0], {})
+        over = [r["wall_s"] / ref[r["seed"]] - 1 for r in rs if r["seed"] in ref]
+        flops_share = [
+            (r["cost"] or {}).get("flops", 0) / r["train_flops"] for r in rs if r.get("train_flops") and r.get("cost")
+        ]
+        table[g] = {
+            "wall_s": summarise([r["wall_s"] for r in rs])["mean"],
+            "wall_overhead_vs_stratified": summarise(over)["mean"] if over else None,
+            "extra_forward_tokens": summarise([c.get("forward_tokens") for c in costs])["mean"],
+            "extra_backward_tokens": summarise([c.get("backward_tokens") for c in costs])["mean"],
+            "extra_flops": summarise([c.get("flops") for c in costs])["mean"],
+            "extra_flops_share": summarise(flops_share)["mean"] if flops_share else None,
+            "mixer_seconds": summarise([c.get("seconds") for c in costs])["mean"],
+        }
+    return table
+
+
+def _cost_lines(cost: dict) -> list[str]:
+    lines = [
+        "",
+        "## Cost (means over seeds; extra = work the mixer adds beyond ordinary training)",
+        "",
+        "| cell | wall clock s | wall vs stratified | extra fwd tokens | extra bwd tokens | extra FLOPs | "
+        "extra FLOPs / training FLOPs | mixer s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for g, c in sorted(cost.items()):
+        pct = c["wall_overhead_vs_stratified"]
+        share, flops = c["extra_flops_share"], c["extra_flops"]
+        lines.append(
+            f"| {g} | {_fmt(c['wall_s'], 1)} | {'–' if pct is None else f'{100 * pct:+.1f}%'} | "
+            f"{_fmt(c['extra_forward_tokens'], 0)} | {_fmt(c['extra_backward_tokens'], 0)} | "
+            f"{'–' if flops is None else f'{flops:.3g}'} | "
+            f"{'–' if share is None else f'{100 * share:.3f}%'} | {_fmt(c['mixer_seconds'], 2)} |"
+        )
+    lines.append("")
+    lines.append(
+        "DoReMi's cost excludes training its reference model (one more full run: the stratified cell of the same "
+        "seed). `–`: the run reported no measured cost."
+    )
+    return lines
+
+
+def _k_sweep(rows: list[dict], spec) -> dict:
+    ks = sorted({r["k"] for r in rows if r.get("k") in spec.k_sweep.ks})
+    if not ks:
+        return {}
+    by_k = {}
+    for k in ks:
+        rs = [r for r in rows if r.get("k") == k and r["strategy"] == spec.k_sweep.strategy and not r.get("label")]
+        by_k[k] = {
+            "loss": summarise([r[METRIC] for r in rs]),
+            "silhouette": next((r["silhouette"] for r in rs if r.get("silhouette") is not None), None),
+        }
+    means = [by_k[k]["loss"]["mean"] for k in ks]
+    return {
+        "strategy": spec.k_sweep.strategy,
+        "by_k": {str(k): v for k, v in by_k.items()},
+        "loss_vs_k": correlation(ks, means),
+        "loss_vs_silhouette": correlation([by_k[k]["silhouette"] for k in ks], means),
+    }
+
+
+def _k_sweep_lines(sweep: dict) -> list[str]:
+    if not sweep:
+        return []
+    lines = [
+        "",
+        f"## k sweep ({sweep['strategy']} on the clusters at each k)",
+        "",
+        "| k | silhouette | eval loss (all tokens) |",
+        "| --- | --- | --- |",
+    ]
+    for k, v in sweep["by_k"].items():
+        lines.append(f"| {k} | {_fmt(v['silhouette'])} | {_fmt(v['loss']['mean'])} ± {_fmt(v['loss']['std'])} |")
+    for name, c in (("k", sweep["loss_vs_k"]), ("silhouette", sweep["loss_vs_silhouette"])):
+        if c["pearson"] is None:
+            lines.append(f"\nLoss vs {name}: too few points (or no spread) for a correlation ({c['n']} points).")
+        else:
+            lines.append(
+                f"\nLoss vs {name}: Pearson r = {c['pearson']:.3f} (p = {c['pearson_p']:.3g}), Spearman ρ = "
+                f"{c['spearman']:.3f} (p = {c['spearman_p']:.3g}), {c['n']} points (means over seeds)."
+            )
+    return lines
+
+
+def _plots(groups: dict, summary: dict, out: Path, base_key: str | None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    names = sorted(groups)
+    if names:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+        means = [summary["groups"][g][METRIC]["mean"] or np.nan for g in names]
+        stds = [summary["groups"][g][METRIC]["std"] or 0.0 for g in names]
+        colors = ["tab:gray" if g == base_key else "tab:blue" for g in names]
+        ax.barh(names, means, xerr=stds, color=colors, capsize=3)
+        for i, g in enumerate(names):  # every seed, so the spread is visible
+            ax.plot([r[METRIC] for r in groups[g]], [i] * len(groups[g]), "k.", ms=4)
+        lo = np.nanmin([r[METRIC] for rs in groups.values() for r in rs if r[METRIC] is not None] or [0])
+        ax.set_xlim(left=lo * 0.97)
+        ax.set_xlabel("final eval loss (all eval tokens); bars: mean ± std, dots: seeds")
+        fig.tight_layout()
+        written.append(out / "eval_loss.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    sweep = summary.get("k_sweep")
+    if sweep:
+        ks = [int(k) for k in sweep["by_k"]]
+        mean = [sweep["by_k"][str(k)]["loss"]["mean"] for k in ks]
+        std = [sweep["by_k"][str(k)]["loss"]["std"] or 0 for k in ks]
+        sil = [sweep["by_k"][str(k)]["silhouette"] for k in ks]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        axes[0].errorbar(ks, mean, yerr=std, marker="o", capsize=3)
+        axes[0].set_xlabel("k")
+        axes[0].set_ylabel("final eval loss (all eval tokens)")
+        axes[1].errorbar([s if s is not None else np.nan for s in sil], mean, yerr=std, fmt="o", capsize=3)
+        for k, s, m in zip(ks, sil, mean):
+            if s is not None:
+                axes[1].annotate(f"k={k}", (s, m), textcoords="offset points", xytext=(4, 4))
+        axes[1].set_xlabel("silhouette")
+        r = sweep["loss_vs_silhouette"].get("pearson")
+        axes[1].set_title("" if r is None else f"Pearson r = {r:.2f}")
+        fig.tight_layout()
+        written.append(out / "k_sweep.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written

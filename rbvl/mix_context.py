@@ -1,0 +1,132 @@
+"""What `rbvl train` hands the peer mixers (`rbvl.mixing`): held-out draws, a target sampler, losses, eval.
+
+    ctx, held_out = build_mix_context(cfg, model, domains, collator, dist, target, scheduler)
+    mixer = build_mixer(cfg.mixing.strategy, m, target, cfg.mixing, ctx, initial=p0, seed=cfg.seed)
+
+The held-out readers are separate from the training stream (their own seed), so a mixer's extra passes never change
+what training draws; they count what they handed out, and `HeldOut.state_dict()` goes into each checkpoint, so a
+resumed run draws the same batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rbvl.data import decode_or_none, domain_samples, read_shard
+from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
+from rbvl.mixing import MixContext
+
+
+class HeldOut:
+    """Fresh training samples of a domain, and target samples drawn by q from the eval shards; resumable."""
+
+    def __init__(self, domains, collator, seed: int, device, target=None):
+        self.domains, self.collator, self.seed, self.device = domains, collator, seed, device
+        m = len(domains.names)
+        self.q = np.asarray(target if target is not None else [1.0] * m, dtype=float)
+        self.q = self.q / self.q.sum()
+        self.counts = [0] * m  # samples handed out per domain
+        self.target_draws = 0
+        self._readers: dict[int, object] = {}
+        self._eval: list[list[dict]] | None = None
+
+    def domain_batch(self, d: int, n: int):
+        """n fresh training samples of domain d → (inputs on the device, collate info)."""
+        if d not in self._readers:
+            shards = self.domains.domains[d].train_shards
+            it = domain_samples(shards, 0, 1, self.seed + 104_729, d, shuffle_buffer=0)
+            for _ in range(self.counts[d]):  # resume: skip what earlier draws handed out
+                next(it)
+            self._readers[d] = it
+        samples = []
+        while len(samples) < n:
+            self.counts[d] += 1
+            sample = decode_or_none(next(self._readers[d]))
+            if sample is not None:
+                samples.append(sample)
+        return self._collate(samples, [d] * n)
+
+    def target_batch(self, n: int):
+        """n eval samples, domains drawn by q, samples uniformly within a domain → (inputs, collate info)."""
+        if self._eval is None:
+            self._eval = [[raw for s in dom.eval_shards for raw in read_shard(s)] for dom in self.domains.domains]
+        rng = np.random.default_rng([self.seed, 7, self.target_draws])
+        self.target_draws += 1
+        have = np.array([len(x) > 0 for x in self._eval], dtype=float)
+        p = self.q * have
+        if p.sum() == 0:
+            raise ValueError("the manifest's eval shards hold no samples: the mixer needs a target set")
+        ds = rng.choice(len(p), size=n, p=p / p.sum())
+        samples, ids = [], []
+        for d in ds.tolist():
+            sample = decode_or_none(self._eval[d][int(rng.integers(len(self._eval[d])))])
+            if sample is not None:
+                samples.append(sample)
+                ids.append(d)
+        return self._collate(samples, ids)
+
+    def _collate(self, samples, ids):
+        inputs, info = self.collator(samples, ids)
+        if inputs is None:
+            raise ValueError("every held-out sample was too long for data.max_length")
+        return {k: v.to(self.device) for k, v in inputs.items()}, _Meta(info)
+
+    def state_dict(self) -> dict:
+        return {"counts": list(self.counts), "target_draws": self.target_draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts, self.target_draws = list(state["counts"]), int(state["target_draws"])
+        self._readers.clear()
+
+
+class _Meta:
+    """The collate info with attribute access, like the stream's BatchMeta."""
+
+    def __init__(self, info: dict):
+        self.__dict__.update(info)
+
+
+def per_sample_loss(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss_sum (B,), tokens (B,)) with grad: each sample's summed next-token loss over its label tokens."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    token_loss = causal_lm_token_loss(model(**inputs).logits, labels)  # (B, T)
+    return token_loss.sum(1), (labels[:, 1:] != -100).sum(1)
+
+
+def load_reference(run_dir: str, cfg, device) -> torch.nn.Module:
+    """A frozen model from `run_dir`'s newest checkpoint (base + adapter), for DoReMi's excess loss."""
+    from peft import PeftModel
+
+    from rbvl import checkpoint as ckpt
+    from rbvl.model import load_model
+
+    path = ckpt.latest(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"mixing.reference: {run_dir} holds no checkpoint (train the reference run first)")
+    model, _ = load_model(cfg.model, seed=cfg.seed)
+    if (Path(path) / "adapter_config.json").exists():
+        model = PeftModel.from_pretrained(model, path)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_mix_context(cfg, model, domains, collator, dist, target, scheduler) -> tuple[MixContext, HeldOut]:
+    held_out = HeldOut(domains, collator, cfg.seed + dist.rank, dist.device, target)
+    ctx = MixContext(
+        model=model,
+        device=dist.device,
+        domain_batch=held_out.domain_batch,
+        target_batch=held_out.target_batch,
+        per_sample_loss=lambda inputs: per_sample_loss(model, inputs),
+        evaluate=lambda: evaluate_domains(model, domains, collator, cfg.eval, dist, target=target),
+        flops_per_token=2.0 * sum(p.numel() for p in model.parameters()),
+        load_reference=lambda run_dir: load_reference(run_dir, cfg, dist.device),
+        lr=lambda: scheduler.get_last_lr()[0],
+    )
+    return ctx, held_out

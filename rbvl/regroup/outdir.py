@@ -1,0 +1,118 @@
+"""The output folder of Regroup: written into a fresh staging folder, moved into place at the end, manifest last.
+
+    staging = prepare(Path("shards"), overwrite=False)   # checks OUT, locks it, makes OUT/.staging (fresh)
+    ...                                                   # shards, rejects, summary, plots → staging
+    commit(staging, Path("shards"), manifest)             # old output out (if --overwrite), new in, manifest last
+
+Rules (docs/formats.md, "Output folders"): OUT is a new folder, an empty one, or a previous regroup output
+(recognised by its manifest.json). Regroup never deletes what it did not write: `--overwrite` removes exactly the
+files the previous manifest lists under `files` (older manifests: its shards and the fixed report names), and a
+folder holding anything else is refused, naming what it found. OUT/.cache (the resumable embedding cache) is kept.
+One regroup at a time per OUT (`rbvl.runlock`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rbvl import runlock
+from rbvl.regroup.errors import RegroupError
+from rbvl.regroup.write import MANIFEST, write_manifest
+
+STAGING = ".staging"
+MARK = ".rbvl-staging"  # inside the staging folder: it is ours to remove
+CACHE = ".cache"
+# What an older manifest (without `files`) wrote besides its shards.
+KNOWN = ("rejects.jsonl", "centroids.npy", "summary.md", "sweep.png", "cluster_sizes.png", "projection.png")
+OURS = {STAGING, CACHE, runlock.LOCK_NAME}
+
+
+def staging_path(out: Path) -> Path:
+    return Path(out) / STAGING
+
+
+def prepare(out: str | Path, overwrite: bool) -> Path:
+    """Check OUT, lock it for this process, and return a fresh, empty staging folder inside it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RegroupError(f"--out {out} is a file, not a folder")
+    has_manifest = (out / MANIFEST).is_file()
+    if has_manifest and not overwrite:
+        raise RegroupError(f"{out} already holds a {MANIFEST}; pass --overwrite to replace that regroup output")
+    if out.is_dir() and not has_manifest:
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in OURS)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise RegroupError(
+                f"--out {out} is not empty and is not a regroup output (no {MANIFEST}; found {shown}); "
+                "choose a new or empty folder (regroup never deletes files it did not write)"
+            )
+    if has_manifest:
+        previous_files(out)  # an unreadable manifest fails here, before any work
+    runlock.acquire(out, "rbvl-regroup")
+    staging = staging_path(out)
+    if staging.exists():
+        if not (staging / MARK).exists():
+            raise RegroupError(f"{staging} exists and was not made by regroup; move it away")
+        shutil.rmtree(staging)  # an interrupted run's partial output: ours
+    staging.mkdir()
+    (staging / MARK).write_text("partial rbvl-regroup output; removed by the next run\n")
+    return staging
+
+
+def previous_files(out: Path) -> list[str]:
+    """The files (relative to OUT) that the regroup output in OUT wrote, from its manifest."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise RegroupError(f"{out / MANIFEST} cannot be read ({e}); remove the old output by hand") from None
+    if not isinstance(manifest, dict):
+        raise RegroupError(f"{out / MANIFEST} is not a regroup manifest; remove the old output by hand")
+    if "files" in manifest:
+        files = list(manifest["files"])
+    else:
+        files = [
+            s for c in manifest.get("clusters", []) for s in [*c.get("train_shards", []), *c.get("eval_shards", [])]
+        ]
+        files += [name for name in KNOWN if (out / name).is_file()]
+    root = out.resolve()
+    for rel in files:
+        target = (out / rel).resolve()
+        if root not in target.parents or Path(rel).parts[0] in OURS:
+            raise RegroupError(f"{out / MANIFEST} lists '{rel}', outside the output; remove the old output by hand")
+    return files
+
+
+def commit(staging: Path, out: Path, manifest: dict) -> Path:
+    """Move the staged output into OUT (replacing the previous regroup output) and write the manifest last."""
+    new = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file() and p.name != MARK)
+    old = set(previous_files(out)) if (out / MANIFEST).is_file() else set()
+    clash = [rel for rel in new if (out / rel).exists() and rel not in old]
+    if clash:
+        raise RegroupError(f"{out / clash[0]} exists and was not written by regroup; move it away and rerun")
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is not a complete output
+    for rel in sorted(old):
+        (out / rel).unlink(missing_ok=True)
+    _prune_empty(out, {str(Path(rel).parent) for rel in old})
+    for rel in new:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out / rel)
+    shutil.rmtree(staging)
+    path = write_manifest(out, {**manifest, "files": new})
+    runlock.release(out)
+    return path
+
+
+def _prune_empty(out: Path, folders: set[str]) -> None:
+    """Remove the folders the old output's files lived in, deepest first, when they are now empty."""
+    candidates = set()
+    for folder in folders:
+        parts = Path(folder).parts
+        candidates |= {Path(*parts[: i + 1]) for i in range(len(parts))}
+    for rel in sorted(candidates, key=lambda p: len(p.parts), reverse=True):
+        path = out / rel
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()

@@ -1,0 +1,178 @@
+"""`rbvl experiment`: a 2-cell, 1-seed, few-step grid end to end (report folder, resume skips finished cells), the
+original-label manifest writer, and the statistics against slow references."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from conftest import write_tiny_manifest
+
+from rbvl.experiment import Cell, expand, load_experiment, run_experiment, token_weighted, write_label_manifest
+from rbvl.experiment_report import correlation, paired
+
+FAST = [
+    "max_steps=2",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "data.num_workers=0",
+    "data.max_length=64",
+    "eval.max_samples=2",
+    "eval.batch_size=4",
+    "optim.warmup_steps=1",
+    "logging.progress=false",
+    "logging.plots=false",
+    "logging.tensorboard=false",
+]
+
+
+def experiment_file(tmp_path, **extra) -> str:
+    spec = {
+        "name": "ci",
+        "out": str(tmp_path / "out"),
+        "recipe": "recipes/demo_tiny_rnb.yaml",
+        "overrides": FAST,
+        "seeds": [0],
+        "headline_seeds": [0],
+        "data": {
+            "k": 3,
+            "original": str(write_tiny_manifest(tmp_path / "orig", n_train=8, n_eval=2)),
+            "regrouped": {"3": str(write_tiny_manifest(tmp_path / "regr", n_train=8, n_eval=2, seed=1))},
+        },
+        "cells": [
+            {"domains": "original", "strategy": "stratified"},
+            {"domains": "regrouped", "strategy": "stratified"},
+        ],
+        **extra,
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_cell_grid_end_to_end(tmp_path, monkeypatch):
+    path = experiment_file(tmp_path)
+    report = run_experiment(path, progress=False)
+    out = tmp_path / "out"
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["cell"] for r in rows} == {"original/stratified/seed0", "regrouped-k3/stratified/seed0"}
+    for r in rows:
+        assert r["config"]["max_steps"] == 2 and r["config"]["seed"] == 0
+        assert len(r["eval"]["loss_per_domain"]) == 3 and math.isfinite(r["eval_loss_all"])
+        assert r["eval_loss_all"] == pytest.approx(token_weighted(r["eval"]))
+        assert r["wall_s"] > 0
+    text = report.read_text()
+    assert "regrouped-k3/stratified (baseline)" in text and "original/stratified" in text
+    assert "one seed: no noise estimate" in text  # one seed: the report says it cannot judge noise
+    assert (out / "eval_loss.png").stat().st_size > 0 and (out / "summary.json").exists()
+
+    # a second call runs nothing: every cell is in results.jsonl
+    import rbvl.train
+
+    monkeypatch.setattr(rbvl.train, "train", lambda cfg: pytest.fail("a finished cell ran again"))
+    run_experiment(path, progress=False)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_expand_adds_headline_seeds_and_doremi_reference(tmp_path):
+    path = experiment_file(
+        tmp_path,
+        seeds=[0, 1],
+        headline_seeds=[0, 1, 2],
+        cells=[{"domains": "regrouped", "strategy": "rnb"}, {"domains": "regrouped", "strategy": "doremi"}],
+        k_sweep={"ks": [2, 3], "strategy": "rnb", "seeds": [0]},
+    )
+    spec, cells = load_experiment(path)
+    grid = expand(spec, cells)
+    ids = [c.id for c in grid]
+    assert ids.count("regrouped-k3/rnb/seed2") == 1  # headline gets the extra seed, the sweep reuses k=3
+    assert "regrouped-k2/rnb/seed0" in ids
+    # DoReMi's references (stratified, same seed) exist and run before it
+    for s in (0, 1):
+        assert ids.index(f"regrouped-k3/stratified/seed{s}") < ids.index(f"regrouped-k3/doremi/seed{s}")
+
+
+def test_unknown_key_names_it(tmp_path):
+    from rbvl.config import ConfigError
+
+    path = experiment_file(tmp_path, cells=[{"domains": "regrouped", "stratgy": "rnb"}])
+    with pytest.raises(ConfigError, match="cells\\[0\\].stratgy"):
+        load_experiment(path)
+
+
+def test_label_manifest_groups_by_label(tmp_path):
+    from PIL import Image
+
+    from rbvl.data import load_domains
+    from rbvl.regroup import RegroupOptions
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "a.png")
+    rows = [
+        {
+            "id": f"r{i}",
+            "image": "a.png" if i % 2 else None,
+            "domain": ["alpha", "beta", "gamma"][i % 3],
+            "conversations": [
+                {"from": "human", "value": ("<image>\n" if i % 2 else "") + f"question {i}"},
+                {"from": "gpt", "value": f"answer {i}"},
+            ],
+        }
+        for i in range(12)
+    ]
+    evals = [dict(r, id=f"e{r['id']}") for r in rows[:6]] + [dict(rows[0], id="e-unknown", domain="delta")]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    (tmp_path / "eval.json").write_text(json.dumps(evals))
+    opts = RegroupOptions(
+        input=[str(tmp_path / "train.json")], eval=[str(tmp_path / "eval.json")], out=str(tmp_path / "shards")
+    )
+    manifest = write_label_manifest(opts)
+    assert [c["name"] for c in manifest["clusters"]] == ["alpha", "beta", "gamma"]
+    assert [c["n_train"] for c in manifest["clusters"]] == [4, 4, 4]
+    assert manifest["counts"]["eval"] == {"in": 7, "written": 6, "rejected": 1}  # delta has no train records
+    rejects = [json.loads(x) for x in (tmp_path / "shards" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects[0]["id"] == "e-unknown" and "delta" in rejects[0]["detail"]
+    domains = load_domains(tmp_path / "shards" / "manifest.json")
+    assert domains.names == ["alpha", "beta", "gamma"] and domains.eval_distribution == pytest.approx([2 / 6] * 3)
+
+
+def test_paired_interval_against_reference():
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.1, 5)
+    cell = base - 0.05 + rng.normal(0, 0.01, 5)
+    p = paired(cell.tolist(), base.tolist())
+    d = cell - base
+    sem = d.std(ddof=1) / math.sqrt(5)
+    t975_4 = 2.7764451051977987  # Student t, 4 degrees of freedom, 97.5% quantile (tables)
+    assert p["mean"] == pytest.approx(d.mean())
+    assert p["low"] == pytest.approx(d.mean() - t975_4 * sem) and p["high"] == pytest.approx(d.mean() + t975_4 * sem)
+    assert p["verdict"] == "lower (better) beyond noise"
+    noisy = paired([1.0, 1.2, 0.9], [1.1, 1.0, 1.0])
+    assert noisy["verdict"] == "within noise"
+
+
+def test_correlation_and_token_weighting():
+    c = correlation([1, 2, 3, 4], [2.0, 4.1, 5.9, 8.2])
+    assert c["pearson"] == pytest.approx(np.corrcoef([1, 2, 3, 4], [2.0, 4.1, 5.9, 8.2])[0, 1])
+    assert correlation([1, 2], [3, 4])["pearson"] is None
+    ev = {"loss_per_domain": [1.0, None, 3.0], "tokens_per_domain": [10, 0, 30]}
+    assert token_weighted(ev) == pytest.approx((10 + 90) / 40)
+
+
+def test_cell_names():
+    c = Cell("regrouped", 4, "rnb", 2, [], label="lam5")
+    assert c.id == "regrouped-k4/rnb+lam5/seed2" and "/" not in c.dirname
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("experiments/*.yaml")))
+def test_experiment_files_load_and_every_cell_validates(path):
+    from rbvl.config import load_config
+
+    spec, cells = load_experiment(path)
+    grid = expand(spec, cells)
+    assert len({c.id for c in grid}) == len(grid)
+    for cell in grid:
+        overrides = [*spec.overrides, *spec.strategy_overrides.get(cell.strategy, []), *cell.overrides]
+        extra = ["mixing.reference=x"] if cell.strategy == "doremi" else []
+        load_config(spec.recipe, [*overrides, f"mixing.strategy={cell.strategy}", *extra])
