@@ -73,6 +73,19 @@ __all__ = [
 VISION_SIDE = r"(multi_modal_projector|vision_tower|vision_model|visual|mm_projector|connector|merger)"
 
 
+def _row_groups(ids: torch.Tensor | None) -> list[tuple[int, slice | torch.Tensor]]:
+    """[(domain, rows)] for the rows of each domain present: a slice where they are contiguous, else indices."""
+    if ids is None or ids.numel() == 0:
+        return []
+    present = torch.unique(ids).tolist()
+    groups = []
+    for d in present:
+        rows = (ids == d).nonzero().flatten()
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        groups.append((d, slice(lo, hi) if hi - lo == rows.numel() else rows))
+    return groups
+
+
 def label_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """(B,) label tokens per sample that a causal LM loss averages over (labels shifted by one, as HF models do)."""
     return (labels[:, 1:] != ignore_index).sum(1)
@@ -155,6 +168,8 @@ class GradientTracker:
             raise ValueError(f"domain ids must lie in [0, {self.m}), got {ids.tolist()}")
         self._sample_domains = ids
         self._image_domains = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten()
+        # Which rows belong to which domain, worked out once per micro-batch for every tracked layer.
+        self._groups = {"sample": _row_groups(ids), "image": _row_groups(self._image_domains)}
         self._scale = 1.0
         units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
         if self.enabled:
@@ -375,16 +390,16 @@ class GradientTracker:
         forward.tracker = self
         return forward
 
-    def _domains_for(self, batch_dim: int, name: str) -> torch.Tensor:
+    def _domains_for(self, batch_dim: int, name: str) -> list[tuple[int, slice | torch.Tensor]]:
         if self._sample_domains is None:
             raise RuntimeError("GradientTracker: call set_domains(domain_ids) before the forward pass")
         vision_side = re.search(VISION_SIDE, name) is not None
         if vision_side and self._image_domains is not None and batch_dim == self._image_domains.numel():
-            return self._image_domains
+            return self._groups["image"]
         if batch_dim == self._sample_domains.numel():
-            return self._sample_domains
+            return self._groups["sample"]
         if self._image_domains is not None and batch_dim == self._image_domains.numel():
-            return self._image_domains
+            return self._groups["image"]
         raise RuntimeError(
             f"GradientTracker: {name} sees a batch of {batch_dim}, but set_domains gave "
             f"{self._sample_domains.numel()} sample ids"
@@ -401,13 +416,12 @@ class GradientTracker:
     def _add_part(self, index: int, domain: int, part: torch.Tensor) -> None:
         """part: (out, in), domain's share of this call's weight gradient as backpropagated; stored as Σ_t ∇ℓ_t."""
         target = self._step_sums if self._step_sums is not None else self.sums
-        part = part * self._scale
         weight = self.modules[index][1].weight
         self.extra_flops += self._part_flops(index, weight)
         if self.sketches is None:
-            target[index][domain] += part
+            target[index][domain].add_(part, alpha=self._scale)
         else:
-            _sketch_into(target[0][domain], self.sketches, index, part)
+            _sketch_into(target[0][domain], self.sketches, index, part * self._scale)
 
 
 FALLBACK_DIM = 2**16  # an exact tracker's store of last seen gradients: m × this many numbers
@@ -487,16 +501,18 @@ class _TrackedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
         a = x.to(dt)
-        domains = ctx.domains.to(x.device)
-        present = torch.unique(domains).tolist()
         tracking = ctx.tracker.enabled
-        for d in present:  # Σ_d δ_dᵀ a_d is the weight gradient: the same matmul FLOPs as one δᵀa, split by rows
-            if len(present) == 1:  # the whole micro-batch is one domain: its part is the gradient
+        groups = ctx.domains  # [(domain, rows)]: rows a slice (contiguous) or an index tensor
+        for d, rows in groups:  # Σ_d δ_dᵀ a_d is the weight gradient: the same matmul FLOPs as one δᵀa, split by rows
+            if len(groups) == 1:  # the whole micro-batch is one domain: its part is the gradient
                 delta_d, a_d = grad_out, a
+            elif isinstance(rows, slice):
+                delta_d, a_d = grad_out[rows], a[rows]  # views, no copy
             else:
-                rows = (domains == d).nonzero().flatten()
-                delta_d, a_d = grad_out[rows], a[rows]
-            part = (delta_d.reshape(-1, delta_d.shape[-1]).T @ a_d.reshape(-1, a_d.shape[-1])).float()  # (out, in)
+                rows = rows.to(x.device)
+                delta_d, a_d = grad_out.index_select(0, rows), a.index_select(0, rows)
+            part = delta_d.reshape(-1, delta_d.shape[-1]).T @ a_d.reshape(-1, a_d.shape[-1])  # (out, in)
+            part = part if part.dtype == torch.float32 else part.float()
             if ctx.needs_input_grad[1]:
                 grad_w = part if grad_w is None else grad_w + part
             if tracking:

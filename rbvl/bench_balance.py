@@ -78,17 +78,22 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def model_config(name: str):
-    """The recipe's model config: a local folder's config.json, or the one shipped for a hub id."""
+def model_config(model_cfg):
+    """The recipe's model config: a local folder's config.json, the one shipped for a hub id, or a tiny model's."""
     from transformers import AutoConfig
 
+    name = model_cfg.name
     if Path(name, "config.json").exists():
         return AutoConfig.from_pretrained(name)
     shipped = CONFIGS / (name.replace("/", "--") + ".json")
-    if not shipped.exists():
-        raise FileNotFoundError(f"no config for {name!r}: ship it as {shipped} or pass a local model folder")
-    data = json.loads(shipped.read_text())
-    return AutoConfig.for_model(data.pop("model_type"), **data)
+    if shipped.exists():
+        data = json.loads(shipped.read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    if name.startswith("tiny-"):
+        from rbvl.model import load_model
+
+        return load_model(model_cfg)[0].config
+    raise FileNotFoundError(f"no config for {name!r}: ship it as {shipped} or pass a local model folder")
 
 
 def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
@@ -98,7 +103,7 @@ def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
     from rbvl.balance import GradientTracker
     from rbvl.model import apply_lora
 
-    config = model_config(cfg.model.name)
+    config = model_config(cfg.model)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     model = apply_lora(model, cfg.lora)
@@ -156,9 +161,10 @@ def slice_costs(cfg, args, compression: float) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rbvl.balance import GradientTracker, label_tokens, update_proportions
+    from rbvl.balance import GradientTracker, _sketch_into, label_tokens, update_proportions
 
-    text = getattr(model_config(cfg.model.name), "text_config", None) or model_config(cfg.model.name)
+    full = model_config(cfg.model)
+    text = getattr(full, "text_config", None) or full
     config = type(text).from_dict({**text.to_dict(), "num_hidden_layers": args.slice_layers})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -231,7 +237,7 @@ def slice_costs(cfg, args, compression: float) -> dict:
         sketch.tokens.copy_(exact.tokens)
         for index, sums in enumerate(exact.sums):  # the sketch of the window = the window of the sketches
             for d in range(m):
-                sketch._add_part(index, d, sums[d])
+                _sketch_into(sketch.sums[0][d], sketch.sketches, index, sums[d])
         t = time.perf_counter()
         G = exact.gram()
         gram_time["exact"].append(time.perf_counter() - t)

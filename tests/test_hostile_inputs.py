@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -537,3 +538,35 @@ def test_no_eval_set_is_noted_at_train(tmp_path, inputs):
     note = [line for line in t.stderr.splitlines() if "has no eval records" in line]
     assert len(note) == 1
     succeeded(t, "messages", "rbvl train on a manifest without eval records", note[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume edges
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_between_log_lines_keeps_the_windows_loss_stats(tmp_path, shards):
+    """save_every=3, log_every=5: a run stopped after checkpoint-3 and resumed writes the same step-5 row (steps 1-5)
+    as the run that never stopped."""
+    common = [f"manifest={shards}", *TINY_TRAIN, "train.log_every=5", "train.save_every=3", "max_steps=10"]
+    full = rbvl("train", RECIPE, *common, f"output_dir={tmp_path / 'a'}", timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    resumed = rbvl("train", RECIPE, *common, f"output_dir={tmp_path / 'b'}", "resume=true", timeout=300)
+
+    def row5(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return next(r for r in rows if r["kind"] == "train" and r["step"] == 5)
+
+    a, b = row5(tmp_path / "a"), row5(tmp_path / "b")
+    assert sum(b["samples_per_domain"]) == 5 * 4, "the step-5 row counts all five steps' samples"
+    assert (b["loss"], b["loss_per_domain"]) == (a["loss"], a["loss_per_domain"])
+    succeeded(
+        resumed,
+        "resume",
+        "save_every=3, log_every=5: checkpoint-3 resumed to 10",
+        f"the step-5 row covers {int(sum(b['samples_per_domain']))} samples (5 steps × 4), loss equal to the "
+        "uninterrupted run's",
+    )
