@@ -4,7 +4,7 @@ rbvl train RECIPE.yaml [key=value ...]     fine-tune with LoRA and R&B (or anoth
 rbvl validate RECIPE.yaml [key=value ...]  check a recipe without running it
 rbvl eval RUN_DIR [--checkpoint N]         per-domain eval loss of a run's checkpoint
 rbvl compare RUN_DIR RUN_DIR ...           per-domain eval losses of runs side by side
-rbvl bench regroup | balance | train       speed figures, measured side by side in one run
+rbvl bench regroup | balance | stream | train   speed figures, measured side by side in one run
 rbvl export CHECKPOINT --merge OUT         merge the LoRA adapter into a standalone model
 rbvl gallery SHARDS_DIR                    (re)build SHARDS_DIR/gallery/index.html, the clusters by eye
 rbvl experiment EXPERIMENT.yaml            a grid of runs (domains × strategy × seed) and its report
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 BENCHMARKS = {
     "regroup": ("rbvl.regroup.bench", "regroup pipeline throughput vs raw encode_image; k-means times"),
     "balance": ("rbvl.bench_balance", "training step time with Balance on vs off; analytic FLOPs"),
+    "stream": ("rbvl.bench_stream", "mixture stream + collate vs a raw webdataset pipeline (same decode, workers)"),
     "train": ("rbvl.bench_train", "rbvl train (stratified, rnb) and BalanceTrainer vs a plain HF Trainer, samples/s"),
 }
 

@@ -247,36 +247,53 @@ def original_manifest(spec: ExperimentSpec, out: Path) -> Path:
 def write_label_manifest(opts) -> dict:
     """Shards + manifest with one domain per original label (the source's own grouping), in Regroup's format.
 
-    Train records without a label, and eval records whose label no train record has, go to rejects.jsonl
-    (`missing_field`), so the counts add up as in Regroup.
+    Read, rejects and writing are Regroup's: one streaming pass into a spool (OUT/.cache), one `Rejects` collector,
+    each split written in a seeded random order (`opts.seed`, recorded as the manifest's `shard_order`), the output
+    staged and moved into place with the manifest last. Train records without a label, and eval records whose label
+    no train record has, go to rejects.jsonl (`missing_field`), so the counts add up as in Regroup; so do eval ids
+    also in train (`duplicate_id`, as Regroup does).
     """
-    from rbvl.records import Reject
-    from rbvl.regroup.pipeline import read_split
+    from rbvl import images
+    from rbvl.records import RecordSpool, Rejects
     from rbvl.regroup import outdir
-    from rbvl.regroup.write import write_rejects, write_shards
+    from rbvl.regroup.pipeline import read_options, read_split
+    from rbvl.regroup.write import write_shards
 
-    out = outdir.prepare(opts.out, opts.overwrite)  # a staging folder inside opts.out
-    train, rej_train, n_train = read_split(opts.input, opts)
-    evals, rej_eval, n_eval = read_split(opts.eval, opts) if opts.eval else ([], [], 0)
-    names = sorted({r.label for r in train if r.label is not None})
-    if len(names) < 2:
-        raise ConfigError(f"{', '.join(opts.input)}: fewer than two original labels; no original domains to compare")
-    index = {n: i for i, n in enumerate(names)}
-    kept = {"train": [], "eval": []}
-    for split, records, rejects in (("train", train, rej_train), ("eval", evals, rej_eval)):
-        for r in records:
-            if r.label in index:
-                kept[split].append(r)
+    final = Path(opts.out)
+    out = outdir.prepare(final, opts.overwrite)  # a staging folder inside opts.out
+    spool = RecordSpool(final / outdir.CACHE / "records.bin")
+    rejects = Rejects()
+    try:
+        read_opts = read_options(opts)
+        n_train, train_ids = read_split(opts.input, read_opts, spool, rejects, "train")
+        n_rows_train = len(spool)
+        n_eval = read_split(opts.eval, read_opts, spool, rejects, "eval", exclude=train_ids)[0] if opts.eval else 0
+        del train_ids
+        spool.finish()
+        names = sorted({label for label in spool.labels[:n_rows_train] if label is not None})
+        if len(names) < 2:
+            raise ConfigError(
+                f"{', '.join(opts.input)}: fewer than two original labels; no original domains to compare"
+            )
+        index = {n: i for i, n in enumerate(names)}
+        kept: dict[str, list[int]] = {"train": [], "eval": []}  # spool rows
+        for row, label in enumerate(spool.labels):
+            split = "train" if row < n_rows_train else "eval"
+            if label in index:
+                kept[split].append(row)
             else:
-                why = "no original label" if r.label is None else f"label {r.label!r} has no train records"
-                rejects.append(Reject(r.id, str(r.meta.get("source", split)), "missing_field", why))
-    writers = {}
-    for split, records in kept.items():
-        labels = np.array([index[r.label] for r in records], dtype=np.int64)
-        w, late = write_shards(out, split, records, labels, np.zeros(len(records)), opts.maxcount, progress=False)
-        writers[split] = w
-        (rej_train if split == "train" else rej_eval).extend(late)
-    write_rejects(out, {"train": rej_train, "eval": rej_eval})
+                why = "no original label" if label is None else f"label {label!r} has no train records"
+                rejects.add(split, spool[row], "missing_field", why)
+        writers = {}
+        for split, rows in kept.items():
+            labels = np.array([index[spool.labels[r]] for r in rows], dtype=np.int64)
+            writers[split] = write_shards(
+                out, split, spool.rows(rows), labels, np.zeros(len(rows)), opts.maxcount, opts.seed, rejects, False
+            )
+    finally:
+        spool.close()
+    rejects.write(out / "rejects.jsonl")
+    n_notes = images.write_notes(out, writers["train"].notes + writers["eval"].notes)
     clusters = []
     for c, name in enumerate(names):
         train_shards, sizes = writers["train"].shards(c)
@@ -308,10 +325,13 @@ def write_label_manifest(opts) -> dict:
         "eval_distribution": q,
         "train_distribution": [c["n_train"] / n_train_kept for c in clusters],
         "counts": {
-            "train": {"in": n_train, "written": n_train_kept, "rejected": len(rej_train)},
-            "eval": {"in": n_eval, "written": n_eval_kept, "rejected": len(rej_eval)},
+            "train": {"in": n_train, "written": n_train_kept, "rejected": rejects.count("train")},
+            "eval": {"in": n_eval, "written": n_eval_kept, "rejected": rejects.count("eval")},
         },
+        "seed": opts.seed,
+        "shard_order": {"shuffled": True, "seed": opts.seed},
         "rejects": "rejects.jsonl",
+        "image_notes": {"file": images.NOTES if n_notes else None, "count": n_notes},
     }
     outdir.commit(out, Path(opts.out), manifest)  # moved into place, manifest last
     return manifest

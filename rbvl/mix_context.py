@@ -36,11 +36,11 @@ class HeldOut:
     def domain_batch(self, d: int, n: int):
         """n fresh training samples of domain d → (inputs on the device, collate info)."""
         if d not in self._readers:
-            shards = self.domains.domains[d].train_shards
-            it = domain_samples(shards, 0, 1, self.seed + 104_729, d, shuffle_buffer=0)
-            for _ in range(self.counts[d]):  # resume: skip what earlier draws handed out
-                next(it)
-            self._readers[d] = it
+            dom = self.domains.domains[d]
+            # resume: skip what earlier draws handed out, without reading it
+            self._readers[d] = domain_samples(
+                dom.train_shards, 0, 1, self.seed + 104_729, d, 0, dom.shard_sizes, self.counts[d]
+            )
         samples = []
         while len(samples) < n:
             self.counts[d] += 1

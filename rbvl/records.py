@@ -5,6 +5,10 @@ could not be used (see `docs/formats.md` for the field-by-field contract).
     for item in read_records(["data/llava.json"], ReadOptions(image_root="data/images")):
         ...  # a Record, or a Reject(id, source, reason, detail)
 
+One pass, bounded memory: a JSON array is parsed as a stream (ijson), JSON lines line by line, Parquet batch by batch;
+`RecordSpool` keeps read records on disk (an offset index in memory) for the stages after reading, and one `Rejects`
+collector gathers what read, embed and write could not use, to be written once as rejects.jsonl.
+
 Inputs (auto-detected, or `ReadOptions.format`): LLaVA JSON / JSONL with an image root; WebDataset shards (image +
 `.json` / `.txt`); text-only JSONL / Parquet (presets: `s1` for S1-59k reasoning traces, `text` for prompt/response
 rows). Readers stream: image bytes stay on disk (`Record.image_path`) until a DataLoader worker asks for them.
@@ -14,9 +18,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
+import os
 import re
+import struct
+from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,8 +59,9 @@ class Record:
     image_ext: str | None = None  # "png", "jpg", ...
     label: str | None = None  # the source's own domain label
     text: str = ""  # what gets embedded
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # "format", anything else worth keeping (JSON-serialisable)
     image_path: str | None = None  # read lazily by `load_image` (LLaVA JSON keeps images on disk)
+    source: str = ""  # file (and line / row / key) the record came from, as in a Reject
 
     def load_image(self) -> tuple[bytes, str] | None:
         """(bytes, extension) of the record's image, or None for a text-only record."""
@@ -110,7 +118,7 @@ def read_records(paths: str | Iterable[str], opts: ReadOptions | None = None) ->
         for item in reader[fmt](path, opts):
             if isinstance(item, Record):
                 if item.id in seen:
-                    item = Reject(item.id, item.meta.get("source", path), "duplicate_id", "id seen earlier")
+                    item = Reject(item.id, item.source or path, "duplicate_id", "id seen earlier")
                 else:
                     seen.add(item.id)
             yield item
@@ -152,43 +160,63 @@ def detect_format(path: str) -> str:
 
 
 def _peek_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1 << 16).lstrip()
-    if head.startswith("["):
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            return data[0] if data else None
-        except json.JSONDecodeError:
-            return None
-    for line in head.splitlines():
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    """The first record of a JSON array or JSON-lines file, reading only the file's start (None if there is none)."""
+    with open(path, "rb") as f:
+        if _first_byte(f) == b"[":
+            try:
+                return next(_array_items(f), None)
+            except RecordsError:
+                return None
+        for _, line in zip(range(20), f):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
     return None
 
 
+def _first_byte(f) -> bytes:
+    """The first non-blank byte of a binary file (after a UTF-8 BOM), leaving the file after the BOM."""
+    head = f.read(4096)
+    f.seek(3 if head.startswith(b"\xef\xbb\xbf") else 0)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+
+
+def _array_items(f) -> Iterator[object]:
+    """The items of a JSON array, parsed as a stream (ijson: memory holds one item, not the file)."""
+    import ijson
+
+    n = 0
+    try:
+        for item in ijson.items(f, "item", use_float=True):
+            yield item
+            n += 1
+    except (ijson.JSONError, UnicodeDecodeError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecordsError(f"{getattr(f, 'name', 'input')}: not valid JSON after {n} records: {problem}") from None
+
+
 def _json_items(path: str) -> Iterator[tuple[str, object]]:
-    """(source, parsed object or the JSONDecodeError) for a JSON array file or a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1).strip() or f.read(64).lstrip()[:1]
-    if head == "{":
-        _refuse_single_object(path)
-    if head == "[":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise RecordsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-        for i, row in enumerate(data):
-            yield f"{path}[{i}]", row
-        return
-    with open(path, encoding="utf-8") as f:
+    """(source, parsed object or the decoding error) for a JSON array file or a JSON-lines file, streamed.
+
+    Raises:
+        RecordsError: a JSON array that stops parsing (the records before the fault were already yielded), or a
+            `.json` file holding one JSON object where a list of records is expected.
+    """
+    with open(path, "rb") as f:
+        head = _first_byte(f)
+        if head == b"{":
+            _refuse_single_object(path)
+        if head == b"[":
+            for i, row in enumerate(_array_items(f)):
+                yield f"{path}[{i}]", row
+            return
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as e:
+                yield f"{path}:{n}", json.loads(line)  # bytes: bad UTF-8 is a ValueError like bad JSON
+            except ValueError as e:
                 yield f"{path}:{n}", e
 
 
@@ -196,7 +224,7 @@ def _refuse_single_object(path: str) -> None:
     """A `.json` file holding one JSON object (not a list of records, not JSON lines) is an error naming the file."""
     if Path(path).suffix.lower() != ".json":
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # only the shape matters here
         first = f.readline()
         rest = f.read(1 << 16)
     try:
@@ -205,7 +233,7 @@ def _refuse_single_object(path: str) -> None:
             return  # JSON lines in a .json file
     except json.JSONDecodeError:
         try:  # an object spread over several lines (json.dump with indent)
-            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+            obj = json.loads(Path(path).read_text(encoding="utf-8-sig", errors="replace"))
         except json.JSONDecodeError:
             return  # broken lines: each becomes a bad_json reject
     if isinstance(obj, dict):
@@ -249,7 +277,7 @@ def _llava_record(row, source: str, opts: ReadOptions, root: Path | None = None,
     if n_tokens != n_images:
         yield Reject(rid, source, "image_placeholder_mismatch", f"{n_tokens} '<image>' for {n_images} image(s)")
         return
-    record = Record(rid, conversation, label=_label(row, opts, "domain"), meta={"source": source, "format": "llava"})
+    record = Record(rid, conversation, label=_label(row, opts, "domain"), meta={"format": "llava"}, source=source)
     if image is not None:
         record.image, record.image_ext = image
     elif images:
@@ -293,8 +321,14 @@ def normalise_conversation(turns) -> tuple[list[dict], tuple[str, str] | None]:
 def _read_webdataset(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:
     from webdataset import tariterators
 
-    for sample in tariterators.tarfile_samples([{"url": path}]):
+    for sample in _tar_samples(tariterators.tarfile_samples([{"url": path}]), path):
         key = sample["__key__"]
+        files = [ext for ext in sample if not ext.startswith("__")]
+        stems = {ext.rpartition(".")[0] for ext in files}
+        if len(stems) == 1 and "" not in stems:  # webdataset splits "a.b.jpg" at the first dot: the id was "a.b"
+            stem = stems.pop()
+            key = f"{key}.{stem}"
+            sample = {"__key__": key, **{ext.rpartition(".")[2]: sample[ext] for ext in files}}
         source = f"{path}:{key}"
         image = next(((sample[e], "jpg" if e == "jpeg" else e) for e in IMAGE_EXTS if e in sample), None)
         if "json" in sample:
@@ -318,6 +352,20 @@ def _read_webdataset(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:
         if "label" in row and "domain" not in row:
             row["domain"] = row["label"]
         yield from _llava_record(row, source, opts, image=image)
+
+
+def _tar_samples(samples: Iterator[dict], path: str) -> Iterator[dict]:
+    n = 0
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - tarfile / webdataset raise several types for a broken shard
+            problem = " ".join(str(e.args[0] if e.args else e).split())
+            raise RecordsError(f"{path}: not a readable tar shard after {n} samples: {problem}") from None
+        n += 1
+        yield sample
 
 
 def _read_rows(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:
@@ -356,22 +404,23 @@ def _read_rows(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:
         if preset == "s1" and opts.with_trajectory and row.get("thinking_trajectories"):
             text = f"{text}\n{trajectory}"
         label_default = PRESETS.get(preset, {}).get("label_field", "domain")
-        meta = {"source": source, "format": "s1" if preset == "s1" else "text"}
-        yield Record(rid, conversation, label=_label(row, opts, label_default, preset), text=text, meta=meta)
+        meta = {"format": "s1" if preset == "s1" else "text"}
+        label = _label(row, opts, label_default, preset)
+        yield Record(rid, conversation, label=label, text=text, meta=meta, source=source)
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """Rows of a Parquet file, batch by batch (pyarrow `iter_batches`: memory holds one batch)."""
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise RecordsError(f"{path}: not a readable Parquet file: {e}") from None
     i = 0
-    for batch in table.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield f"{path}[{i}]", row
-            i += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{path}[{i}]", row
+                i += 1
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise RecordsError(f"{path}: not a readable Parquet file after {i} rows: {e}") from None
 
 
 def _label(row: dict, opts: ReadOptions, default: str, preset: str | None = None) -> str | None:
@@ -394,26 +443,128 @@ def _text(row: dict, conversation: list[dict], opts: ReadOptions, preset: str | 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def check_image(data: bytes) -> str | None:
-    """An error message if `data` does not decode as an image, else None."""
-    from PIL import Image
+class Rejects:
+    """The one collector of what could not be used, per split, from every stage (read, embed, write).
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
-        return f"{type(e).__name__}: {e}"
-    return None
+    `rejects.add("train", Reject(...))` or `rejects.add("train", record, "unreadable_image", detail)`; written once,
+    as rejects.jsonl (one line per reject, with its split); `count(split)` closes the manifest's books
+    (in = written + rejected).
+    """
+
+    def __init__(self):
+        self.items: list[tuple[str, Reject]] = []
+
+    def add(self, split: str, item: Reject | Record, reason: str | None = None, detail: str = "") -> None:
+        if isinstance(item, Record):
+            if reason not in REASONS:
+                raise ValueError(f"unknown reject reason {reason!r}")
+            item = Reject(item.id, item.source or split, reason, detail)
+        self.items.append((split, item))
+
+    def count(self, split: str) -> int:
+        return sum(1 for s, _ in self.items if s == split)
+
+    def by_reason(self, split: str) -> dict[str, int]:
+        return dict(Counter(r.reason for s, r in self.items if s == split))
+
+    def ids(self, split: str) -> list:
+        return [r.id for s, r in self.items if s == split]
+
+    def write(self, path: str | Path) -> int:
+        """rejects.jsonl, train then eval in the order found; returns how many lines were written."""
+        with open(path, "w", encoding="utf-8") as f:
+            for split, r in self.items:
+                f.write(json.dumps({"split": split, **r.to_json()}, ensure_ascii=False) + "\n")
+        return len(self.items)
 
 
-def write_rejects(path: str | Path, rejects: Iterable[Reject], **extra) -> int:
-    """Append rejects as JSON lines; returns how many were written."""
-    n = 0
-    with open(path, "a", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(json.dumps({**r.to_json(), **extra}) + "\n")
-            n += 1
-    return n
+class RecordSpool:
+    """Records kept on disk, one after another, with an offset index in memory (8 bytes per record).
+
+    Regroup spools what it reads and takes records back by row for embedding (in DataLoader workers: reads use
+    `os.pread`, which shares no file position across forked processes), for the report and for writing shards.
+    Each entry is a small binary header, the record's fields as JSON and its image bytes when it carries them.
+    """
+
+    _HEAD = struct.Struct("<II")  # JSON length, image length
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.path, "wb")  # closed by finish()
+        self.offsets = array("q", [0])  # entry i is bytes offsets[i]..offsets[i + 1]
+        self.labels: list[str | None] = []  # kept in memory for clustering metrics (one object per distinct label)
+        self._names: dict[str, str] = {}
+        self._fd: int | None = None
+
+    def append(self, rec: Record) -> None:
+        fields = {k: v for k, v in rec.__dict__.items() if k != "image"}
+        head = json.dumps(fields, ensure_ascii=False).encode()
+        image = rec.image or b""
+        self._out.write(self._HEAD.pack(len(head), len(image)) + head + image)
+        self.offsets.append(self.offsets[-1] + self._HEAD.size + len(head) + len(image))
+        self.labels.append(None if rec.label is None else self._names.setdefault(rec.label, rec.label))
+
+    def finish(self) -> RecordSpool:
+        """Done appending: flush, and from now on read."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        return self
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return SpoolRows(self, range(len(self))[i])
+        if self._fd is None:
+            self.finish()
+            self._fd = os.open(self.path, os.O_RDONLY)
+        start, end = self.offsets[i], self.offsets[i + 1]
+        data = os.pread(self._fd, end - start, start)
+        n_head, n_image = self._HEAD.unpack_from(data)
+        rec = Record(**json.loads(data[self._HEAD.size : self._HEAD.size + n_head]))
+        if n_image:
+            rec.image = data[self._HEAD.size + n_head :]
+        return rec
+
+    def __iter__(self) -> Iterator[Record]:
+        return (self[i] for i in range(len(self)))
+
+    def rows(self, rows) -> SpoolRows:
+        return SpoolRows(self, rows)
+
+    def close(self, delete: bool = True) -> None:
+        self.finish()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+    def __getstate__(self) -> dict:  # DataLoader workers started by spawn reopen the file themselves
+        state = dict(self.__dict__)
+        state.update(_out=None, _fd=None)
+        return state
+
+
+class SpoolRows:
+    """A list-like view of some rows of a spool (the train rows, the eval rows)."""
+
+    def __init__(self, spool: RecordSpool, rows):
+        self.spool, self.rows_ = spool, rows
+
+    def __len__(self) -> int:
+        return len(self.rows_)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return SpoolRows(self.spool, self.rows_[i])
+        return self.spool[int(self.rows_[i])]
+
+    def __iter__(self) -> Iterator[Record]:
+        return (self.spool[int(r)] for r in self.rows_)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")

@@ -9,7 +9,16 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from rbvl.records import ReadOptions, Record, RecordsError, Reject, check_image, read_records, sanitize_key
+from rbvl.records import (
+    ReadOptions,
+    Record,
+    RecordsError,
+    RecordSpool,
+    Reject,
+    Rejects,
+    read_records,
+    sanitize_key,
+)
 
 
 def png(color=(10, 20, 30)) -> bytes:
@@ -65,6 +74,7 @@ def test_llava_json_and_every_reason(tmp_path):
         None: "missing_field",
     }
     assert all(r.source.startswith(str(path) + "[") for r in rejects)
+    assert [r.source for r in records] == [f"{path}[0]", f"{path}[1]"]
     assert len(records) + len(rejects) == len(rows)
 
 
@@ -97,8 +107,10 @@ def test_webdataset_shards(tmp_path):
             }
         )
         sink.write({"__key__": "k2", "png": png()})
+        sink.write({"__key__": "img.v2", "png": png(), "txt": "a dotted id"})  # stored as img.v2.png, img.v2.txt
     records, rejects = split(read_records(str(tmp_path)))
-    assert [r.id for r in records] == ["k0", "r1"]
+    assert [r.id for r in records] == ["k0", "r1", "img.v2"]
+    assert records[2].image == png() and records[2].conversation[1]["content"] == "a dotted id"
     assert records[0].image == png() and records[0].conversation[1]["content"] == "a red square"
     assert records[1].label == "greet"
     assert [(r.id, r.reason) for r in rejects] == [("k2", "missing_field")]
@@ -134,12 +146,68 @@ def test_fatal_inputs_are_one_line(tmp_path):
     with pytest.raises(RecordsError, match="no input matches"):
         list(read_records(str(tmp_path / "nothing*.json")))
     (tmp_path / "broken.json").write_text('[{"id": 1,\n oops]')
-    with pytest.raises(RecordsError, match=r"broken.json: not valid JSON \(line 2"):
+    with pytest.raises(RecordsError, match=r"broken.json: not valid JSON after 0 records: lexical error"):
         list(read_records(str(tmp_path / "broken.json")))
+    (tmp_path / "cut.json").write_text(
+        json.dumps([{"id": i, "conversations": turns("Q", "A")} for i in range(3)])[:-30]
+    )
+    items = []
+    with pytest.raises(RecordsError, match=r"cut.json: not valid JSON after 2 records: parse error: premature EOF"):
+        for item in read_records(str(tmp_path / "cut.json")):
+            items.append(item)
+    assert [r.id for r in items] == ["0", "1"]  # streamed: what came before the fault was already handed out
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 200)
+    with pytest.raises(RecordsError, match="bad.tar: not a readable tar shard after 0 samples"):
+        list(read_records(str(tmp_path / "bad.tar")))
 
 
-def test_check_image_and_keys():
-    assert check_image(png()) is None and "Error" in check_image(b"\x89PNG nope")
+def test_keys():
     keys = {sanitize_key(x) for x in ("a.b", "a_b", "a/b", "a b", "ab")}
     assert len(keys) == 5 and all("." not in k and "/" not in k for k in keys)
     assert sanitize_key("plain-id_1") == "plain-id_1"
+
+
+def test_json_array_is_streamed_with_a_bom(tmp_path):
+    rows = [{"id": f"r{i}", "conversations": turns(f"Q{i}?", "A"), "domain": "d", "score": 0.5} for i in range(5)]
+    path = tmp_path / "a.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=1).encode())
+    records, rejects = split(read_records(str(path)))
+    assert [r.id for r in records] == [f"r{i}" for i in range(5)] and not rejects
+    assert records[3].text == "Q3?" and records[3].meta == {"format": "llava"}
+
+
+def test_spool_round_trips_records_and_rows(tmp_path):
+    recs = [
+        Record("a", [{"role": "user", "content": "<image>\nQ"}], image=png(), image_ext="png", label="x", source="s:1"),
+        Record("b", [{"role": "user", "content": "Q"}], label=None, text="Q", meta={"format": "text"}, source="s:2"),
+        Record("c", [], image_path="/data/c.jpg", label="x"),
+    ]
+    spool = RecordSpool(tmp_path / "spool.bin")
+    for r in recs:
+        spool.append(r)
+    spool.finish()
+    assert len(spool) == 3 and list(spool) == recs and spool[1] == recs[1]
+    assert spool.labels == ["x", None, "x"] and spool.labels[0] is spool.labels[2]
+    assert list(spool.rows([2, 0])) == [recs[2], recs[0]] and list(spool[1:]) == recs[1:]
+    spool.close()
+    assert not (tmp_path / "spool.bin").exists()
+
+
+def test_rejects_collector_counts_and_writes(tmp_path):
+    rejects = Rejects()
+    rejects.add("train", Reject("a", "f.json[0]", "bad_json", "oops"))
+    rejects.add("eval", Record("b", [], source="f.json[1]"), "unreadable_image", "broken")
+    rejects.add("train", Record("c", []), "missing_image", "gone")
+    with pytest.raises(ValueError, match="unknown reject reason"):
+        rejects.add("train", Record("d", []), "typo")
+    assert rejects.count("train") == 2 and rejects.by_reason("train") == {"bad_json": 1, "missing_image": 1}
+    assert rejects.write(tmp_path / "rejects.jsonl") == 3
+    lines = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert lines[1] == {
+        "split": "eval",
+        "id": "b",
+        "source": "f.json[1]",
+        "reason": "unreadable_image",
+        "detail": "broken",
+    }
+    assert lines[2]["source"] == "train"  # a record with no source is named by its split

@@ -104,6 +104,8 @@ def test_llava_end_to_end(llava, tmp_path, capsys):
     assert set(manifest["labels"]) >= {"nmi", "silhouette_labels", "silhouette_clusters", "n_labels"}
     assert manifest["labels"]["n_labels"] == 3
     assert sum(manifest["eval_distribution"]) == pytest.approx(1.0)
+    assert manifest["shard_order"] == {"shuffled": True, "seed": 0}
+    assert not (out / ".cache" / "records.bin").exists()  # the read spool is removed once the shards are written
 
     # shards read back with plain webdataset: every record exactly once, in its cluster's folder
     samples = read_shards(out, "train")

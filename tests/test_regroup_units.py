@@ -122,3 +122,21 @@ def test_options_yaml_unknown_key_and_override(tmp_path):
     cfg.write_text("inptu: a.json\n")
     with pytest.raises(RegroupError, match="unknown key 'inptu'.*did you mean 'input'"):
         load_options(str(cfg))
+
+
+def test_outdir_takes_a_leftover_gallery_as_its_own(tmp_path):
+    """A crash after the manifest was removed can leave gallery/ (written after the manifest) beside no manifest."""
+    from rbvl import runlock
+    from rbvl.regroup import outdir
+
+    out = tmp_path / "shards"
+    for rel in ("gallery/index.html", "gallery.tmp/thumbs/a.jpg", ".cache/ids.json"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("old")
+    staging = outdir.prepare(out, overwrite=False)
+    assert staging == out / ".staging" and staging.is_dir()
+    runlock.release(out)
+    (out / "photo.png").write_bytes(b"user data")  # anything else still makes the folder foreign
+    with pytest.raises(RegroupError, match=r"not a regroup output .*photo\.png"):
+        outdir.prepare(out, overwrite=True)
+    assert (out / "photo.png").read_bytes() == b"user data"

@@ -1,8 +1,16 @@
-"""`rbvl bench regroup`: Regroup's embedding throughput against the model's raw encode speed, and k-means times.
+"""`rbvl bench regroup`: Regroup's embedding throughput against the model's raw encode speed, and k-means times;
+or, with --synthetic-records, the memory and speed of reading and writing a LLaVA-665k-sized JSON.
 
     rbvl bench regroup                                          # tiny open_clip config, 32 px
     rbvl bench regroup --embedder open_clip:ViT-B-32 --n 128    # random-init ViT-B-32 at 224 px: encode dominates
     python -m rbvl.regroup.bench --kmeans-sizes 10000,100000,1000000
+    rbvl bench regroup --synthetic-records 665000               # read + write only: peak RSS vs the JSON's size
+
+Read + write (--synthetic-records N): a generated LLaVA JSON array of N records (multi-turn text, ~1.5 kB each like
+llava_v1_5_mix665k.json; `--synthetic-image-share` of them point at tiny PNGs) is read in one streaming pass into
+Regroup's spool and written into per-cluster shards in Regroup's shuffled order (clusters drawn at random: embedding
+is excluded, its speed is the first benchmark). It runs in a child process whose peak RSS (getrusage) is reported
+against the JSON file's size (goal <= 1.5x), with the RSS right after imports (torch comes with webdataset).
 
 Pipeline throughput is the whole path (read LLaVA JSON + decode + preprocess in DataLoader workers + encode + write
 the memmap), over a generated folder of real photos (scikit-image / scikit-learn samples, cropped and resized,
@@ -40,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minibatch-above", type=int, default=50_000, help="MiniBatchKMeans above this N")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the main process (0 = default)")
     p.add_argument("--skip-embed", action="store_true", help="only time k-means")
+    p.add_argument("--synthetic-records", type=int, default=0, help="only read + write N generated LLaVA records")
+    p.add_argument("--synthetic-image-share", type=float, default=0.0, help="share of them with a tiny image")
+    p.add_argument("--workdir", default=None, help="where the generated JSON and shards go (default: a temp folder)")
+    p.add_argument("--clusters", type=int, default=16, help="clusters the records are written into")
 
 
 # ---------------------------------------------------------------- input
@@ -221,7 +233,134 @@ def bench_kmeans(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- read + write at scale
+
+
+def make_synthetic_llava(path: Path, n: int, image_share: float = 0.0, seed: int = 0) -> int:
+    """A LLaVA JSON array of n records written as a stream; returns its size in bytes.
+
+    Text-only records get 1-6 rounds of question/answer (LLaVA-665k's are ~1.5 kB on average); a share of them
+    point at one of 16 tiny PNGs in `images/` beside the JSON.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    words = "the a of image shows what is in this picture colour red green blue left right object person two".split()
+    if image_share > 0:
+        (path.parent / "images").mkdir(parents=True, exist_ok=True)
+        for i in range(16):
+            Image.new("RGB", (8, 8), (i * 16, 255 - i * 16, 90)).save(path.parent / "images" / f"t{i:02d}.png")
+    with path.open("w") as f:
+        f.write("[\n")
+        for i in range(n):
+            turns = []
+            for _ in range(int(rng.integers(1, 7))):
+                q = " ".join(rng.choice(words, int(rng.integers(5, 30))))
+                a = " ".join(rng.choice(words, int(rng.integers(10, 110))))
+                turns += [{"from": "human", "value": q + "?"}, {"from": "gpt", "value": a + "."}]
+            row = {"id": f"syn{i:07d}", "model": "", "conversations": turns}
+            if rng.random() < image_share:
+                row["image"] = f"images/t{i % 16:02d}.png"
+                turns[0]["value"] = "<image>\n" + turns[0]["value"]
+            f.write(("" if i == 0 else ",\n") + json.dumps(row))
+        f.write("\n]\n")
+    return path.stat().st_size
+
+
+def _read_write_child(json_path: str, out: str, clusters: int) -> dict:
+    """In a fresh process: read the JSON into a spool, write shards in Regroup's order; times and peak RSS."""
+    import resource
+
+    from rbvl.records import ReadOptions, RecordSpool, Rejects
+    from rbvl.regroup.pipeline import read_split
+    from rbvl.regroup.write import write_shards
+
+    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports kB)
+    out_path = Path(out)
+    spool, rejects = RecordSpool(out_path / ".cache" / "records.bin"), Rejects()
+    t0 = time.perf_counter()
+    n_in, _ = read_split([json_path], ReadOptions(), spool, rejects, "train")
+    spool.finish()
+    t_read = time.perf_counter() - t0
+    rss_read = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    labels = np.random.default_rng(0).integers(0, clusters, len(spool))
+    t0 = time.perf_counter()
+    writer = write_shards(
+        out_path,
+        "train",
+        spool.rows(range(len(spool))),
+        labels,
+        np.zeros(len(spool)),
+        10_000,
+        0,
+        rejects,
+        progress=False,
+    )
+    t_write = time.perf_counter() - t0
+    spool.close()
+    written = sum(sum(sizes.values()) for sizes in writer.shard_sizes.values())
+    assert n_in == written + rejects.count("train"), (n_in, written, rejects.count("train"))
+    return {
+        "records": n_in,
+        "written": written,
+        "rejected": rejects.count("train"),
+        "read_s": t_read,
+        "write_s": t_write,
+        "rss_imports": rss_imports,
+        "rss_after_read": rss_read,
+        "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def bench_read_write(args) -> dict:
+    import shutil
+    import subprocess
+    import sys
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rbvl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    json_path, out = work / "synthetic.json", work / "out"
+    try:
+        t0 = time.perf_counter()
+        size = make_synthetic_llava(json_path, args.synthetic_records, args.synthetic_image_share)
+        t_gen = time.perf_counter() - t0
+        code = (
+            "import json, sys; from rbvl.regroup.bench import _read_write_child; "
+            "print(json.dumps(_read_write_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(json_path), str(out), str(args.clusters)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"read/write child failed: {proc.stderr.strip().splitlines()[-1:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    r.update(json_bytes=size, generate_s=t_gen, image_share=args.synthetic_image_share)
+    r["read_rec_s"] = r["records"] / r["read_s"]
+    r["write_rec_s"] = r["written"] / r["write_s"]
+    r["read_write_rec_s"] = r["records"] / (r["read_s"] + r["write_s"])
+    r["rss_ratio"] = r["rss_peak"] / size
+    mb = 1 / 2**20
+    print(
+        f"read + write  {r['records']} synthetic LLaVA records ({args.synthetic_image_share:.0%} with a tiny image), "
+        f"JSON {size * mb:.0f} MiB\n"
+        f"  read (streaming JSON -> spool)   {r['read_s']:7.1f} s  {r['read_rec_s']:9.0f} rec/s\n"
+        f"  write (shuffled shards, k={args.clusters})  {r['write_s']:7.1f} s  {r['write_rec_s']:9.0f} rec/s\n"
+        f"  read + write                     {r['read_s'] + r['write_s']:7.1f} s  {r['read_write_rec_s']:9.0f} rec/s\n"
+        f"  peak RSS {r['rss_peak'] * mb:.0f} MiB = {r['rss_ratio']:.2f}x the JSON (goal <= 1.5x); "
+        f"after imports {r['rss_imports'] * mb:.0f} MiB, after reading {r['rss_after_read'] * mb:.0f} MiB"
+    )
+    return r
+
+
 def run(args) -> dict:
+    if args.synthetic_records:
+        return {"read_write": bench_read_write(args)}
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -7,7 +7,9 @@
 Rules (docs/formats.md, "Output folders"): OUT is a new folder, an empty one, or a previous regroup output
 (recognised by its manifest.json). Regroup never deletes what it did not write: `--overwrite` removes exactly the
 files the previous manifest lists under `files` (older manifests: its shards and the fixed report names), and a
-folder holding anything else is refused, naming what it found. OUT/.cache (the resumable embedding cache) is kept.
+folder holding anything else is refused, naming what it found. OUT/.cache (the resumable embedding cache) is kept;
+OUT/gallery/ (written after the manifest, so a crash can leave it beside none) is regroup's too and is replaced at
+the end of the run.
 One regroup at a time per OUT (`rbvl.runlock`).
 """
 
@@ -27,7 +29,8 @@ MARK = ".rbvl-staging"  # inside the staging folder: it is ours to remove
 CACHE = ".cache"
 # What an older manifest (without `files`) wrote besides its shards.
 KNOWN = ("rejects.jsonl", "centroids.npy", "summary.md", "sweep.png", "cluster_sizes.png", "projection.png")
-OURS = {STAGING, CACHE, runlock.LOCK_NAME}
+GALLERY = ("gallery", "gallery.tmp")  # written after the manifest (rbvl.regroup.gallery), so never in its `files`
+OURS = {STAGING, CACHE, runlock.LOCK_NAME, *GALLERY}
 
 
 def staging_path(out: Path) -> Path:

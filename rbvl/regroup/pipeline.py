@@ -5,7 +5,8 @@
                                       embedder="open_clip:rbvl-tiny", k="4,8"))
 
 Every record that enters leaves in exactly one shard or in rejects.jsonl with its reason; the manifest's counts
-say so (in = written + rejected, train and eval separately).
+say so (in = written + rejected, train and eval separately). Records are read in one streaming pass into a spool on
+disk (OUT/.cache/records*.bin, removed at the end); one `Rejects` collector gathers the rejects of every stage.
 """
 
 from __future__ import annotations
@@ -19,18 +20,17 @@ import numpy as np
 
 import rbvl
 from rbvl import images
-from rbvl.records import ReadOptions, Record, Reject, read_records
+from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, read_records
 from rbvl.regroup import cluster as C
 from rbvl.regroup import gallery, outdir, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.options import RegroupOptions
-from rbvl.regroup.write import cluster_name, save_centroids, write_rejects, write_shards
+from rbvl.regroup.write import cluster_name, save_centroids, write_shards
 
 
-def read_split(paths: list[str], opts: RegroupOptions) -> tuple[list[Record], list[Reject], int]:
-    """All records and rejects of one split, and how many items came in."""
-    read_opts = ReadOptions(
+def read_options(opts: RegroupOptions) -> ReadOptions:
+    return ReadOptions(
         format=opts.format,
         image_root=opts.image_root,
         preset=opts.preset,
@@ -38,10 +38,27 @@ def read_split(paths: list[str], opts: RegroupOptions) -> tuple[list[Record], li
         label_field=opts.label_field,
         with_trajectory=opts.with_trajectory,
     )
-    records, rejects = [], []
-    for item in read_records(paths, read_opts):
-        (rejects if isinstance(item, Reject) else records).append(item)
-    return records, rejects, len(records) + len(rejects)
+
+
+def read_split(
+    paths: list[str], opts: ReadOptions, spool: RecordSpool, rejects: Rejects, split: str, exclude: set | None = None
+) -> tuple[int, set[str]]:
+    """Append one split's records to `spool` and its rejects to `rejects`, in one streaming pass.
+
+    Records whose id is in `exclude` (eval ids also in train) are rejected as duplicates.
+    Returns (items that came in, ids of the records kept).
+    """
+    n_in, ids = 0, set()
+    for item in read_records(paths, opts):
+        n_in += 1
+        if isinstance(item, Reject):
+            rejects.add(split, item)
+        elif exclude is not None and item.id in exclude:
+            rejects.add(split, item, "duplicate_id", "id also in the train set")
+        else:
+            spool.append(item)
+            ids.add(item.id)
+    return n_in, ids
 
 
 def regroup(opts: RegroupOptions) -> dict:
@@ -60,28 +77,27 @@ def regroup(opts: RegroupOptions) -> dict:
     _barrier(world)
     timings: dict[str, float] = {}
 
-    # ---- read
+    # ---- read (one streaming pass per split into a spool on disk: train rows, then eval rows)
     t0 = time.perf_counter()
-    train, rejects_train, n_in_train = read_split(opts.input, opts)
-    evals, rejects_eval, n_in_eval = read_split(opts.eval, opts) if opts.eval else ([], [], 0)
-    train_ids = {r.id for r in train}
-    kept = []
-    for r in evals:
-        if r.id in train_ids:
-            rejects_eval.append(Reject(r.id, _source(r, "eval"), "duplicate_id", "id also in the train set"))
-        else:
-            kept.append(r)
-    evals = kept
-    if not train:
-        raise RegroupError(f"no usable train records in {', '.join(opts.input)} ({len(rejects_train)} rejected)")
-    if max(ks) > len(train):
-        raise RegroupError(f"k={max(ks)} is larger than the number of usable train records ({len(train)})")
+    spool = RecordSpool(final / outdir.CACHE / (f"records-{rank}.bin" if world > 1 else "records.bin"))
+    rejects = Rejects()
+    read_opts = read_options(opts)
+    n_in_train, train_ids = read_split(opts.input, read_opts, spool, rejects, "train")
+    n_train = len(spool)
+    n_in_eval = read_split(opts.eval, read_opts, spool, rejects, "eval", exclude=train_ids)[0] if opts.eval else 0
+    everything = spool.finish()
+    del train_ids
+    if not n_train or max(ks) > n_train:
+        everything.close()
+    if not n_train:
+        raise RegroupError(f"no usable train records in {', '.join(opts.input)} ({rejects.count('train')} rejected)")
+    if max(ks) > n_train:
+        raise RegroupError(f"k={max(ks)} is larger than the number of usable train records ({n_train})")
     timings["read_s"] = time.perf_counter() - t0
 
     # ---- embed (train rows, then eval rows, one cache)
     t0 = time.perf_counter()
     embedder = load_embedder(opts.embedder, opts.combine, opts.seed, opts.device)
-    everything = train + evals
     embed = dict(
         embedder=embedder,
         batch_size=opts.batch_size,
@@ -97,22 +113,19 @@ def regroup(opts: RegroupOptions) -> dict:
     else:
         emb, errors, embed_stats = _embed_across_ranks(everything, final, rank, world, opts.progress, embed)
         if rank != 0:  # rank 0 clusters and writes; the others are done
+            everything.close()
             _barrier(world)
             return {}
     timings["embed_s"] = time.perf_counter() - t0
     ok = np.ones(len(everything), dtype=bool)
-    for row, err in errors.items():
+    for row, err in sorted(errors.items()):
         ok[row] = False
-        rec = everything[row]
-        split_rejects = rejects_train if row < len(train) else rejects_eval
-        split_rejects.append(
-            Reject(rec.id, _source(rec, "train" if row < len(train) else "eval"), "unreadable_image", err)
-        )
-    train_rows = np.flatnonzero(ok[: len(train)])
-    eval_rows = len(train) + np.flatnonzero(ok[len(train) :])
-    train = [everything[i] for i in train_rows]
-    evals = [everything[i] for i in eval_rows]
-    if not train:
+        rejects.add("train" if row < n_train else "eval", everything[row], "unreadable_image", err)
+    train_rows = np.flatnonzero(ok[:n_train])
+    eval_rows = n_train + np.flatnonzero(ok[n_train:])
+    train, evals = everything.rows(train_rows), everything.rows(eval_rows)
+    if not len(train):
+        everything.close()
         raise RegroupError("no usable train records: every image failed to decode")
 
     # ---- cluster train, assign eval
@@ -121,17 +134,17 @@ def regroup(opts: RegroupOptions) -> dict:
     x_eval = np.asarray(emb[eval_rows], dtype=np.float32)  # (N_eval, d)
     cl = C.cluster(x_train, ks, opts.seed, opts.minibatch_above, opts.silhouette_sample, opts.progress)
     eval_labels, eval_dist = C.assign(x_eval, cl.centroids) if len(evals) else (np.zeros(0, int), np.zeros(0))
-    train_labels_src = [r.label for r in train]
+    train_labels_src = [everything.labels[i] for i in train_rows]
     labels = C.label_metrics(x_train, cl.labels, train_labels_src, opts.seed, opts.silhouette_sample)
     timings["cluster_s"] = time.perf_counter() - t0
 
-    # ---- write shards, rejects, centroids
+    # ---- write shards (each cluster in a seeded random order), rejects, centroids
     t0 = time.perf_counter()
-    w_train, late = write_shards(out, "train", train, cl.labels, cl.distances, opts.maxcount, opts.progress)
-    rejects_train += late
-    w_eval, late = write_shards(out, "eval", evals, eval_labels, eval_dist, opts.maxcount, opts.progress)
-    rejects_eval += late
-    write_rejects(out, {"train": rejects_train, "eval": rejects_eval})
+    w_train = write_shards(
+        out, "train", train, cl.labels, cl.distances, opts.maxcount, opts.seed, rejects, opts.progress
+    )
+    w_eval = write_shards(out, "eval", evals, eval_labels, eval_dist, opts.maxcount, opts.seed, rejects, opts.progress)
+    rejects.write(out / "rejects.jsonl")
     n_notes = images.write_notes(out, w_train.notes + w_eval.notes)  # images re-encoded, rescaled or cut to a frame
     centroids = save_centroids(out, cl.centroids)
     timings["write_s"] = time.perf_counter() - t0
@@ -160,8 +173,8 @@ def regroup(opts: RegroupOptions) -> dict:
     n_written_train = sum(c["n_train"] for c in clusters)
     n_written_eval = sum(c["n_eval"] for c in clusters)
     counts = {
-        "train": {"in": n_in_train, "written": n_written_train, "rejected": len(rejects_train)},
-        "eval": {"in": n_in_eval, "written": n_written_eval, "rejected": len(rejects_eval)},
+        "train": {"in": n_in_train, "written": n_written_train, "rejected": rejects.count("train")},
+        "eval": {"in": n_in_eval, "written": n_written_eval, "rejected": rejects.count("eval")},
     }
     for split, cnt in counts.items():
         if cnt["in"] != cnt["written"] + cnt["rejected"]:  # a bug, not a user error: say it loudly
@@ -188,6 +201,7 @@ def regroup(opts: RegroupOptions) -> dict:
         "labels": labels,
         "counts": counts,
         "seed": opts.seed,
+        "shard_order": {"shuffled": True, "seed": opts.seed},
         "clustering": {
             "algorithm": "MiniBatchKMeans" if len(train) > opts.minibatch_above else "KMeans",
             "metric": "euclidean on L2-normalised embeddings",
@@ -196,9 +210,10 @@ def regroup(opts: RegroupOptions) -> dict:
         "image_notes": {"file": images.NOTES if n_notes else None, "count": n_notes},
     }
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
+    everything.close()
     outdir.commit(out, final, manifest)  # the old output out (only with --overwrite), the new one in, manifest last
     report.print_summary(manifest, {**timings, **embed_stats}, final)
-    gallery.after_regroup(final, manifest, [r.id for r in train], x_train, opts.gallery, opts.plots)  # OUT/gallery/
+    gallery.after_regroup(final, manifest, w_train.ids, x_train, opts.gallery, opts.plots)  # OUT/gallery/
     _barrier(world)
     return manifest
 
@@ -252,12 +267,7 @@ def _embed_across_ranks(records: list, out: Path, rank: int, world: int, progres
     return np.concatenate(pieces), errors, stats
 
 
-def _source(rec: Record, split: str) -> str:
-    meta = getattr(rec, "meta", None) or {}
-    return str(meta.get("source") or getattr(rec, "source", None) or split)
-
-
-def _input_format(records: list[Record], opts: RegroupOptions) -> str | None:
+def _input_format(records, opts: RegroupOptions) -> str | None:
     if opts.format:
         return opts.format
     meta = getattr(records[0], "meta", None) or {}

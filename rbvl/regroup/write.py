@@ -2,7 +2,8 @@
 
 Layout and fields follow docs/formats.md:
 
-    OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/images.py contract) + <key>.json
+    OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/images.py contract) + <key>.json,
+                                             in a seeded random order
     OUT/eval/cluster_003/shard-000000.tar    eval records, assigned to the nearest train centroid
     OUT/centroids.npy  OUT/rejects.jsonl  OUT/manifest.json
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from rbvl import images
-from rbvl.records import sanitize_key
+from rbvl.records import Rejects, sanitize_key
 
 MANIFEST = "manifest.json"
+SPLIT_CODES = {"train": 0, "eval": 1}  # seeds the write order of each split
 FORMAT = "rbvl-regroup/1"
 
 
@@ -33,7 +35,9 @@ class _SplitWriter:
         self.out, self.split, self.maxcount = out, split, maxcount
         self.writers: dict[int, object] = {}
         self.shard_sizes: dict[int, dict[str, int]] = {}
+        self._names: dict[str, str] = {}  # shard file → its path relative to OUT
         self.notes: list[dict] = []  # images changed to fit the shard contract (rbvl/images.py)
+        self.ids: list[str | None] = []  # record id per input row (the gallery matches embeddings rows to samples)
 
     def write(self, cluster: int, sample: dict) -> None:
         import webdataset as wds
@@ -48,7 +52,9 @@ class _SplitWriter:
             self.shard_sizes[cluster] = {}
         w = self.writers[cluster]
         w.write(sample)
-        rel = Path(w.fname).relative_to(self.out).as_posix()
+        rel = self._names.get(w.fname) or self._names.setdefault(
+            w.fname, Path(w.fname).relative_to(self.out).as_posix()
+        )
         sizes = self.shard_sizes[cluster]
         sizes[rel] = sizes.get(rel, 0) + 1
 
@@ -65,42 +71,43 @@ class _SplitWriter:
 def write_shards(
     out: Path,
     split: str,
-    records: list,
+    records,
     clusters: np.ndarray,
     distances: np.ndarray,
     maxcount: int,
+    seed: int,
+    rejects: Rejects,
     progress: bool = True,
-) -> tuple[_SplitWriter, list]:
-    """Write `records` (each with its cluster and distance) into OUT/split/cluster_XXX/ shards.
+) -> _SplitWriter:
+    """Write `records` (each with its cluster and distance) into OUT/split/cluster_XXX/ shards, in a seeded random
+    order, so each cluster's shards hold its records shuffled and any window of the stream is a uniform sample.
 
-    Returns the writer (for shard lists and sizes) and rejects for records whose image vanished since embedding.
+    `records` is anything indexable (a list, `RecordSpool.rows`); a record whose image vanished since embedding goes
+    to `rejects` (missing_image), and so does one whose image `images.for_shard` refuses (unreadable_image); an image
+    it changes gets an `image_note` in its JSON and a line in `writer.notes`. Returns the writer (shard lists,
+    per-shard sample counts, image notes, `ids`: the record id of each row of `records`).
     """
     from tqdm.auto import tqdm
 
-    from rbvl.records import Reject
-
+    order = np.random.default_rng([seed, SPLIT_CODES[split]]).permutation(len(records))
     writer = _SplitWriter(out, split, maxcount)
-    late_rejects = []
+    writer.ids = [None] * len(records)
     try:
-        for rec, c, dist in tqdm(
-            zip(records, clusters.tolist(), distances.tolist()),
-            total=len(records),
-            desc=f"write {split}",
-            unit="rec",
-            disable=not progress,
-        ):
+        for i in tqdm(order.tolist(), desc=f"write {split}", unit="rec", disable=not progress):
+            rec, c, dist = records[i], int(clusters[i]), float(distances[i])
+            writer.ids[i] = rec.id
             sample = {"__key__": sanitize_key(rec.id)}
             try:
                 loaded = rec.load_image()
             except OSError as e:
-                late_rejects.append(Reject(rec.id, _source(rec, split), "missing_image", str(e)))
+                rejects.add(split, rec, "missing_image", str(e))
                 continue
             note = None
             if loaded is not None:
                 try:
                     img = images.for_shard(*loaded)  # PNG/JPEG/WebP, 8-bit, one frame: what the stream reads
                 except images.ImageRejected as e:
-                    late_rejects.append(Reject(rec.id, _source(rec, split), "unreadable_image", str(e)))
+                    rejects.add(split, rec, "unreadable_image", str(e))
                     continue
                 sample[img.ext] = img.data
                 note = img.note
@@ -110,28 +117,15 @@ def write_shards(
                 "id": rec.id,
                 "conversation": rec.conversation,
                 "label": rec.label,
-                "cluster": int(c),
-                "distance": round(float(dist), 6),
+                "cluster": c,
+                "distance": round(dist, 6),
                 "text": rec.text,
                 **({"image_note": note} if note else {}),
             }
-            writer.write(int(c), sample)
+            writer.write(c, sample)
     finally:
         writer.close()
-    return writer, late_rejects
-
-
-def _source(rec, split: str) -> str:
-    meta = getattr(rec, "meta", None) or {}
-    return str(meta.get("source") or getattr(rec, "source", None) or split)
-
-
-def write_rejects(out: Path, rejects: dict[str, list]) -> None:
-    """rejects.jsonl: one line per rejected record, with its split."""
-    with (out / "rejects.jsonl").open("w") as f:
-        for split, items in rejects.items():
-            for r in items:
-                f.write(json.dumps({"split": split, **r.to_json()}, ensure_ascii=False) + "\n")
+    return writer
 
 
 def write_manifest(out: Path, manifest: dict) -> Path:
