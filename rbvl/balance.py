@@ -531,17 +531,20 @@ def select_modules(model: nn.Module, params: str | Sequence[str]) -> list[tuple[
             raise ValueError("params='lora' but the model has no LoRA adapters (wrap it with peft.get_peft_model)")
         return found
     if params == "head":
-        found = []
+        from rbvl.families import head_patterns  # the family table: LM head + the projector's last linear
+
+        patterns = head_patterns(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        for n, mod in linears:
-            if "original_module" in n:  # PEFT's frozen copy beside a modules_to_save module
-                continue
-            is_head = mod is head or re.search(r"(^|\.)lm_head(\.modules_to_save\.[^.]+)?$", n)
-            is_projector = re.search(r"multi_modal_projector\.(modules_to_save\.[^.]+\.)?linear_2$", n)
-            if is_head or is_projector:
-                found.append((n, mod))
+        found = [
+            (n, mod)
+            for n, mod in linears
+            if "original_module" not in n  # PEFT's frozen copy beside a modules_to_save module
+            and (mod is head or any(re.search(p, n) for p in patterns))
+        ]
         if not found:
-            raise ValueError("params='head' found no LM head or projector linear in this model")
+            raise ValueError(
+                f"params='head' found no LM head or projector linear in this model (looked for {patterns})"
+            )
         return found
     if isinstance(params, str):
         params = [params]

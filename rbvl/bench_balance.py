@@ -146,6 +146,8 @@ def _projections(target_modules) -> list[str]:
     """`.*language_model.*\\.(q_proj|v_proj)` → ["q_proj", "v_proj"] (the same layers in a bare language model)."""
     if isinstance(target_modules, list):
         return target_modules
+    if target_modules is None:  # the recipe leaves it to the model family: the attention projections
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
     found = re.search(r"\(([^()]*)\)\$?$", target_modules)
     return found.group(1).split("|") if found else ["q_proj", "v_proj"]
 

@@ -234,14 +234,15 @@ class LoraConfig(Checked):
     """Scaling numerator: the adapter's output is multiplied by lora_alpha / r."""
     lora_dropout: float = option(0.05, ge=0.0, lt=1.0)
     """Dropout on the adapter's input."""
-    target_modules: str | list[str] = option(
-        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
-        check=_regex_or_names,
-        allowed="a regex or a list of names",
+    target_modules: str | list[str] | None = option(
+        None, check=_regex_or_names, allowed="a regex, a list of names, or null (the model family's)"
     )
-    """A regex or a list of names. The default keeps adapters off the vision tower, whose attention shares names."""
-    modules_to_save: list[str] = option(factory=lambda: ["multi_modal_projector"])
-    """Modules trained in full and saved with the adapter (the projector, as in LLaVA stage 2)."""
+    """A regex or a list of names. None: the model family's regex (rbvl/families.py), the language model's attention
+    projections only (e.g. `.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)`): bare names would also hit the vision
+    tower, whose attention shares them."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter. None: the family's projector (`multi_modal_projector`,
+    Qwen2-VL's `merger`, Idefics3's `connector`; none for a text-only LM), as in LLaVA stage 2."""
 
 
 @dataclass

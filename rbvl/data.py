@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from rbvl.collate import Encoder, to_messages  # noqa: F401  (to_messages: rbvl 0.1's import path)
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -607,124 +609,9 @@ def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_sa
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class Collator:
+class Collator(Encoder):
     """Conversations → model inputs with the processor's chat template; loss only on assistant turns.
 
-    Over-long samples (more than `max_length` tokens, image tokens included): `truncate` keeps the first max_length
-    tokens unless that would cut the image-token run (the model would then see fewer image tokens than image
-    features), in which case the sample is dropped; `drop` drops every over-long sample. Both are counted.
+    Every family (rbvl/families.py): image placeholders expanded by the processor, assistant-only labels, the
+    projector's rows and their domains; see rbvl.collate.Encoder.
     """
-
-    def __init__(self, processor, max_length: int = 512, overlong: str = "truncate"):
-        self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.max_length, self.overlong = max_length, overlong
-        self.image_token = getattr(processor, "image_token", "<image>")
-        self.image_token_id = getattr(processor, "image_token_id", None)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def __call__(self, samples: list[dict], domain_ids: list[int]):
-        """Returns (model inputs, or None when every sample was dropped; info).
-
-        info: "truncated" and "dropped" counts, "domain_ids" (B,), "image_domain_ids" (n_images,) in the order
-        the vision tower sees the images, "label_tokens" (B,).
-        """
-        messages = [to_messages(s["conversation"]) for s in samples]
-        texts = [self._render(msg) for msg in messages]
-        images = [s["image"] for s in samples if s["image"] is not None]
-        kwargs = {"images": images} if images else {}
-        enc = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
-        rows, labels, keep = [], [], []
-        truncated = dropped = 0
-        for i in range(len(samples)):
-            ids = enc["input_ids"][i][enc["attention_mask"][i].bool()]
-            label = self._labels(ids, messages[i])
-            if len(ids) > self.max_length:
-                image_pos = (ids == self.image_token_id).nonzero().flatten() if self.image_token_id is not None else []
-                cuts_image = len(image_pos) and int(image_pos[-1]) >= self.max_length
-                if self.overlong == "drop" or cuts_image:
-                    dropped += 1
-                    continue
-                ids, label = ids[: self.max_length], label[: self.max_length]
-                truncated += 1
-            rows.append(ids)
-            labels.append(label)
-            keep.append(i)
-        if not keep:
-            return None, {"truncated": truncated, "dropped": dropped}
-        width = max(len(r) for r in rows)
-        batch = {
-            "input_ids": torch.full((len(rows), width), self.pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-            "labels": torch.full((len(rows), width), -100, dtype=torch.long),
-        }
-        for j, (ids, label) in enumerate(zip(rows, labels)):
-            batch["input_ids"][j, : len(ids)] = ids
-            batch["attention_mask"][j, : len(ids)] = 1
-            batch["labels"][j, : len(ids)] = label
-        has_image = torch.tensor([samples[i]["image"] is not None for i in keep])
-        if images:  # pixel_values rows follow the samples that have an image, in order
-            image_row = {i: r for r, i in enumerate(i for i, s in enumerate(samples) if s["image"] is not None)}
-            kept_images = [image_row[i] for i in keep if i in image_row]
-            if kept_images:
-                batch["pixel_values"] = enc["pixel_values"][kept_images]
-                if "image_sizes" in enc:
-                    batch["image_sizes"] = enc["image_sizes"][kept_images]
-        kept_domains = torch.tensor([domain_ids[i] for i in keep], dtype=torch.long)
-        info = {
-            "truncated": truncated,
-            "dropped": dropped,
-            "domain_ids": kept_domains,
-            "image_domain_ids": kept_domains[has_image],
-            "label_tokens": (batch["labels"][:, 1:] != -100).sum(1),
-        }
-        return batch, info
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def _labels(self, ids: torch.Tensor, messages: list[dict]) -> torch.Tensor:
-        """-100 except on the assistant turns' tokens (their end-of-turn token included).
-
-        Works for any chat template: for each assistant turn, the tokens of the conversation rendered up to the
-        turn's start (with the generation prompt) and up to its end bound the turn in the full token sequence.
-        """
-        label = torch.full_like(ids, -100)
-        n_image = int((ids == self.image_token_id).sum()) if self.image_token_id is not None else 0
-        for j, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            start = _common_prefix(self._tokens(self._render(messages[:j], True), n_image), ids)
-            end = _common_prefix(self._tokens(self._render(messages[: j + 1]), n_image), ids)
-            label[start:end] = ids[start:end]
-        return label
-
-    def _tokens(self, text: str, n_image: int) -> torch.Tensor:
-        if n_image:  # the processor expands each image placeholder into its image tokens: do the same
-            text = text.replace(self.image_token, self.image_token * n_image, 1)
-        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
-
-
-def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    n = min(len(a), len(b))
-    diff = (a[:n] != b[:n]).nonzero()
-    return int(diff[0]) if len(diff) else n
-
-
-def to_messages(conversation: list[dict]) -> list[dict]:
-    """rbvl turns (`<image>` in the text) → chat-template messages with typed content parts."""
-    messages = []
-    for turn in conversation:
-        text = turn["content"]
-        if "<image>" not in text:
-            parts = [{"type": "text", "text": text}]
-        else:
-            parts = []
-            for k, piece in enumerate(text.split("<image>")):
-                if k:
-                    parts.append({"type": "image"})
-                piece = piece.strip("\n") if k else piece
-                if piece:
-                    parts.append({"type": "text", "text": piece})
-        messages.append({"role": turn["role"], "content": parts})
-    return messages

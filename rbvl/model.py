@@ -1,12 +1,13 @@
-"""Build an image-text-to-text model and its processor, and put LoRA on it.
+"""Build a model of any supported family and its processor, and put LoRA on its language model.
 
-One path for every model: `load_model(cfg.model)` takes a hub id (`llava-hf/llava-1.5-7b-hf`), a local
-`save_pretrained` folder, or `tiny-llava` — a 2-layer Llama with a tiny CLIP vision tower whose config, BPE
-tokenizer and processor are built offline, for tests and the CPU demo. Everything after that (LoRA, freezing,
-collate, saving) is the same for all of them.
+One path for every model: `load_model(cfg.model)` takes a hub id (`Qwen/Qwen2-VL-2B-Instruct`), a local
+`save_pretrained` folder, or a tiny offline model (`tiny-llava`, `tiny-qwen2-vl`, ... see rbvl/tiny.py). The config's
+`model_type` picks the family (rbvl/families.py): image-text-to-text families load with AutoModelForImageTextToText
+and AutoProcessor, text-only causal LMs (Llama, Qwen2/2.5/3, Mistral) with AutoModelForCausalLM and AutoTokenizer.
+Everything after that (LoRA, freezing, collate, saving) is the same for all of them.
 
-    model, processor = load_model(ModelConfig(name="tiny-llava"))
-    model = apply_lora(model, LoraConfig())        # adapters on the language model, projector trained in full
+    model, processor = load_model(ModelConfig(name="tiny-qwen2-vl"))
+    model = apply_lora(model, LoraConfig())   # adapters on the language model, projector trained in full (family table)
 """
 
 from __future__ import annotations
@@ -18,41 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rbvl import tiny
 from rbvl.config import LoraConfig, ModelConfig
+from rbvl.families import FamilyError, family_for, is_text_only_config
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny-llava"
 IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# ChatML turns; `{% generation %}` marks what the assistant says, so `return_assistant_tokens_mask` works too.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
-    "{% else %}{% set parts = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{% for part in parts %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
-
-# What the tiny tokenizer's BPE merges are learnt from: the words of instruction data, and digits kept apart.
-_TINY_CORPUS = """
-user assistant system image digit number handwritten shown picture photo what which is the this that a an of in on
-odd even greater less than yes no plus minus times equals answer question reasoning think step because so and or
-describe show tell me how many what's name write say identify classify read count compute solve sum product result
-The digit is and so the answer is. What is this digit? Is the digit odd or even? Is it greater than four?
-explain solution problem math science physics chemistry biology puzzle crossword code function value equation
-""" + " ".join(f"{a} + {b} = {a + b}. {a} * {b} = {a * b}." for a in range(10) for b in range(10))
+CHAT_TEMPLATE = tiny.CHATML
+is_tiny = tiny.is_tiny
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -61,24 +38,28 @@ explain solution problem math science physics chemistry biology puzzle crossword
 
 
 def load_model(cfg: ModelConfig, seed: int = 0):
-    """(model, processor) for `cfg.name`: a hub id, a local folder, or `tiny-llava`."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    """(model, processor) for `cfg.name`: a hub id, a local folder, or a tiny model (`tiny-<family>`).
 
-    dtype = DTYPES[cfg.dtype]
-    kwargs = {"dtype": dtype}
+    The processor of a text-only LM is its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    kwargs = {"dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.name == TINY:
-        processor = tiny_processor()
+    if is_tiny(cfg.name):
+        config, processor = tiny.build(cfg.name)
+        auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
         with _seeded(seed):
-            model = AutoModelForImageTextToText.from_config(tiny_config(processor), **kwargs)
+            model = auto.from_config(config, **kwargs)
     else:
+        remote = {"trust_remote_code": cfg.trust_remote_code}
         try:
-            processor = AutoProcessor.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
-            model = AutoModelForImageTextToText.from_pretrained(
-                cfg.name, trust_remote_code=cfg.trust_remote_code, **kwargs
-            )
-        except OSError as e:
+            config = AutoConfig.from_pretrained(cfg.name, **remote)
+            text_only = is_text_only_config(config)
+            auto = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+            processor = (AutoTokenizer if text_only else AutoProcessor).from_pretrained(cfg.name, **remote)
+            model = auto.from_pretrained(cfg.name, **remote, **kwargs)
+        except (OSError, ValueError) as e:
             raise ModelError(f"cannot load model '{cfg.name}': {str(e).splitlines()[0]}") from None
     if cfg.freeze_vision:
         for p in vision_tower(model).parameters():
@@ -94,31 +75,46 @@ class ModelError(RuntimeError):
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
-    for name in ("vision_tower", "vision_model", "visual"):
-        for module_name, module in model.named_modules():
-            if module_name.split(".")[-1] == name:
-                return module
+    """The family's vision tower (an empty module for a text-only LM)."""
+    try:
+        name = family_for(model).vision
+    except FamilyError:
+        return nn.Module()
+    for module_name, module in model.named_modules():
+        if name and module_name.split(".")[-1] == name:
+            return module
     return nn.Module()
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig):
-    """Wrap `model` in a PEFT LoRA model; knobs map 1:1 onto `peft.LoraConfig`."""
+    """Wrap `model` in a PEFT LoRA model; knobs map 1:1 onto `peft.LoraConfig`.
+
+    `target_modules` / `modules_to_save` left None come from the model's family (rbvl/families.py): the language
+    model's attention projections, and the projector."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     if not cfg.enabled:
         return model
+    target, save = cfg.target_modules, cfg.modules_to_save
+    if target is None or save is None:
+        try:
+            fam = family_for(model)
+        except FamilyError as e:
+            raise ModelError(str(e)) from None
+        target = fam.target_modules() if target is None else target
+        save = fam.modules_to_save if save is None else save
     peft_config = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        modules_to_save=list(cfg.modules_to_save) or None,
+        target_modules=target,
+        modules_to_save=list(save) or None,
     )
     try:
         return get_peft_model(model, peft_config)
     except ValueError as e:
-        raise ModelError(f"lora.target_modules={cfg.target_modules!r} does not fit this model: {e}") from None
+        raise ModelError(f"lora.target_modules={target!r} does not fit this model: {e}") from None
 
 
 def trainable_summary(model: nn.Module) -> str:
@@ -135,91 +131,22 @@ def _seeded(seed: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The tiny model: built offline, the same classes as the real ones
+# The tiny LLaVA (rbvl 0.1's names; every family's tiny model is in rbvl/tiny.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def tiny_tokenizer():
-    """A byte-level BPE (vocab 512) trained in-process on a fixed corpus: deterministic, offline, reads any text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    """The tiny LLaVA's byte-level BPE (vocab 512), trained in-process: deterministic, offline, reads any text."""
+    return tiny_processor().tokenizer
 
 
 def tiny_processor(image_size: int = 32, patch_size: int = 8):
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tiny_tokenizer(),
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,  # CLIP's CLS token, which the "default" strategy drops again
-    )
+    return tiny.llava(image_size, patch_size)[1]
 
 
 def tiny_config(processor, hidden_size: int = 64, n_layers: int = 2, n_heads: int = 4, vocab_size: int | None = None):
     """A LLaVA config: 2-layer Llama text model, 2-layer CLIP vision tower on 32 px images (16 image tokens)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    tok = processor.tokenizer
-    image_size = processor.image_processor.crop_size["height"]
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=processor.patch_size,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size if hidden_size <= 64 else 4 * hidden_size,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=max(1, n_heads // 2) if hidden_size <= 64 else n_heads,
-        vocab_size=vocab_size or len(tok),
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(image_size // processor.patch_size) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        pad_token_id=tok.pad_token_id,
-    )
+    return tiny.llava_config(processor, hidden_size, n_layers, n_heads, vocab_size)
 
 
 def save_base(model: nn.Module, processor, path: str | Path) -> None:

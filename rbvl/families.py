@@ -1,0 +1,314 @@
+"""Per-family facts: the one table that says where LoRA goes, what the projector is, and how images reach it.
+
+Everything that differs between model families and matters to rbvl lives here, keyed by transformers'
+`config.model_type`; the rest of the code asks this table instead of branching on names:
+
+    fam = family_for(model.config)               # Family("qwen2_vl", ...) or one found by introspection
+    fam.target_modules()                          # LoRA regex on the language model only
+    fam.modules_to_save                           # the projector, trained in full beside the adapters
+    fam.head_patterns()                           # what `balance.params: head` tracks (LM head + projector's last linear)
+
+`projector_rows` says how the images of a batch map to the rows the projector sees, which the tracker needs to give
+each row its domain (rbvl.collate.projector_rows computes it):
+  image    one row per image (LLaVA-1.5, PaliGemma, Gemma 3 without pan-and-scan crops)
+  anyres   one row per tile of an any-resolution grid (LLaVA-NeXT; LLaVA-OneVision for single-image samples)
+  tiles    one row per image split (Idefics3 / SmolVLM: the row × column crops plus the global image)
+  patches  one row per merged patch token, a flat (N, d) tensor (Qwen2-VL, Qwen2.5-VL: t·h·w / merge² per image)
+
+A model_type the table does not know is read by introspection (`introspect`): the language model's attention
+projections and a module named like a projector, with a warning naming the recipe keys that override it.
+
+    python -m rbvl.families          # prints the README's table of families from this one
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What rbvl needs to know about one model family."""
+
+    model_type: str
+    """transformers' `config.model_type`."""
+    kind: str = "vlm"
+    """`vlm` (AutoModelForImageTextToText + AutoProcessor) or `text` (AutoModelForCausalLM + AutoTokenizer)."""
+    language_model: str = "language_model"
+    """Name of the module that holds the language model's layers (empty for a text-only LM: all of it is)."""
+    projector: str | None = None
+    """Module trained in full through `lora.modules_to_save` (PEFT matches it by name suffix)."""
+    head_linear: str | None = None
+    """The projector's last nn.Linear, relative to the projector (`linear_2`), tracked by `balance.params: head`."""
+    vision: str | None = None
+    """The vision tower's module name (frozen when `model.freeze_vision`)."""
+    image_token: str | None = None
+    """The image placeholder of the chat text, before the processor expands it."""
+    projector_rows: str = "image"
+    """How images map to the rows the projector sees: image | anyres | tiles | patches (see the module docstring)."""
+    text_only_samples: bool = True
+    """Whether a batch may mix text-only samples with image samples."""
+    multi_image: bool = True
+    """Whether a sample may hold several images."""
+    prefix_lm: bool = False
+    """PaliGemma: the prompt is a bidirectional prefix (`token_type_ids` 0), the answer the suffix (1); loss on the
+    last assistant turn only."""
+    tiny: str | None = None
+    """The offline `model.name` that builds a ~1M-parameter model of this family (rbvl.tiny)."""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+    """Hub checkpoints of this family (documentation)."""
+
+    def target_modules(self, names: tuple[str, ...] = ATTENTION) -> str:
+        """PEFT regex (fullmatch) for `names` inside the language model, never the vision tower."""
+        inside = f".*{re.escape(self.language_model)}" if self.language_model else ""
+        return rf"{inside}.*\.({'|'.join(names)})"
+
+    @property
+    def modules_to_save(self) -> list[str]:
+        return [self.projector] if self.projector else []
+
+    def head_patterns(self) -> list[str]:
+        """Regexes (re.search) of what `params: head` tracks: the LM head and the projector's last linear.
+
+        PEFT's `modules_to_save` wraps a module as `NAME.modules_to_save.default.…`; the trained copy is matched,
+        its frozen `original_module` is not (see rbvl.balance.select_modules)."""
+        patterns = [r"(^|\.)lm_head(\.modules_to_save\.[^.]+)?$"]
+        if self.projector and self.head_linear:
+            patterns.append(
+                rf"(^|\.){re.escape(self.projector)}\.(modules_to_save\.[^.]+\.)?{re.escape(self.head_linear)}$"
+            )
+        return patterns
+
+
+_LLAVA = dict(projector="multi_modal_projector", head_linear="linear_2", vision="vision_tower", image_token="<image>")
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in [
+        Family("llava", **_LLAVA, tiny="tiny-llava", aliases=("llava-hf/llava-1.5-7b-hf",)),
+        Family(
+            "llava_next",
+            **_LLAVA,
+            projector_rows="anyres",
+            tiny="tiny-llava-next",
+            aliases=("llava-hf/llava-v1.6-mistral-7b-hf",),
+        ),
+        Family(
+            "llava_onevision",
+            **_LLAVA,
+            projector_rows="anyres",
+            tiny="tiny-llava-onevision",
+            aliases=("llava-hf/llava-onevision-qwen2-0.5b-ov-hf",),
+        ),
+        Family(
+            "qwen2_vl",
+            projector="merger",
+            head_linear="mlp.2",
+            vision="visual",
+            image_token="<|image_pad|>",
+            projector_rows="patches",
+            tiny="tiny-qwen2-vl",
+            aliases=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
+        ),
+        Family(
+            "qwen2_5_vl",
+            projector="merger",
+            head_linear="mlp.2",
+            vision="visual",
+            image_token="<|image_pad|>",
+            projector_rows="patches",
+            tiny="tiny-qwen2.5-vl",
+            aliases=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+        ),
+        Family(
+            "idefics3",
+            language_model="text_model",
+            projector="connector",
+            head_linear="modality_projection.proj",
+            vision="vision_model",
+            image_token="<image>",
+            projector_rows="tiles",
+            tiny="tiny-idefics3",
+            aliases=("HuggingFaceM4/Idefics3-8B-Llama3", "HuggingFaceTB/SmolVLM-256M-Instruct"),
+        ),
+        Family(
+            "smolvlm",  # SmolVLM2; SmolVLM (v1) checkpoints are model_type idefics3. Its processor needs num2words.
+            language_model="text_model",
+            projector="connector",
+            head_linear="modality_projection.proj",
+            vision="vision_model",
+            image_token="<image>",
+            projector_rows="tiles",
+            aliases=("HuggingFaceTB/SmolVLM2-2.2B-Instruct",),
+        ),
+        Family(
+            "paligemma",
+            projector="multi_modal_projector",
+            head_linear="linear",
+            vision="vision_tower",
+            image_token="<image>",
+            prefix_lm=True,
+            tiny="tiny-paligemma",
+            aliases=("google/paligemma-3b-pt-224",),
+        ),
+        Family(
+            "gemma3",  # the projector is a matmul with a Parameter, no nn.Linear: params=head tracks lm_head alone
+            projector="multi_modal_projector",
+            vision="vision_tower",
+            image_token="<start_of_image>",
+            tiny="tiny-gemma3",
+            aliases=("google/gemma-3-4b-it",),
+        ),
+        *[
+            Family(t, kind="text", language_model="", multi_image=False, tiny=tiny, aliases=hub)
+            for t, tiny, hub in [
+                ("llama", "tiny-llama", ("meta-llama/Llama-3.1-8B-Instruct",)),
+                ("qwen2", "tiny-qwen2", ("Qwen/Qwen2.5-7B-Instruct",)),
+                ("qwen3", "tiny-qwen3", ("Qwen/Qwen3-8B",)),
+                ("mistral", None, ("mistralai/Mistral-7B-Instruct-v0.3",)),
+            ]
+        ],
+    ]
+}
+
+TINY_FAMILIES = {f.tiny: f for f in FAMILIES.values() if f.tiny}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lookup
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / PEFT wrappers (for its config)."""
+    model = getattr(model, "module", model)  # DDP
+    return model
+
+
+def model_type_of(model_or_config) -> str | None:
+    config = getattr(unwrap(model_or_config), "config", model_or_config)
+    return getattr(config, "model_type", None)
+
+
+def lookup(model_type: str | None) -> Family | None:
+    return FAMILIES.get(model_type or "")
+
+
+def family_for(model: nn.Module) -> Family:
+    """The table's entry for `model`, or one found by introspection (with a warning that says what to set)."""
+    fam = lookup(model_type_of(model))
+    return fam if fam is not None else introspect(model)
+
+
+def head_patterns(model: nn.Module) -> list[str]:
+    """What `balance.params: head` tracks in `model` (the LM head alone when its family cannot be worked out)."""
+    try:
+        return family_for(model).head_patterns()
+    except FamilyError:
+        return Family("unknown").head_patterns()
+
+
+def is_text_only_config(config) -> bool:
+    """A config that AutoModelForCausalLM builds and AutoModelForImageTextToText does not."""
+    fam = lookup(getattr(config, "model_type", None))
+    if fam is not None:
+        return fam.kind == "text"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    t = getattr(config, "model_type", None)
+    return t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and t not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+_PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "connector", "merger", "projector", "aligner", "adapter")
+_LM_NAMES = ("language_model", "text_model", "llm")
+_VISION_NAMES = ("vision_tower", "vision_model", "visual", "vision_encoder")
+
+
+def introspect(model: nn.Module) -> Family:
+    """A Family for a model_type the table does not know, read off its module names."""
+    model_type = model_type_of(model) or type(unwrap(model)).__name__
+    names = [n for n, _ in unwrap(model).named_modules()]
+    leaves = {n.split(".")[-1] for n in names}
+    lm = next((x for x in _LM_NAMES if x in leaves), "")
+    vision = next((x for x in _VISION_NAMES if x in leaves), None)
+    projector = next((x for x in _PROJECTOR_NAMES if x in leaves), None)
+    linears = [n for n, mod in unwrap(model).named_modules() if isinstance(mod, nn.Linear)]
+    head_linear = None
+    if projector:
+        inside = [n.split(f"{projector}.", 1)[1] for n in linears if f"{projector}." in n]
+        head_linear = inside[-1] if inside else None
+    fam = Family(
+        model_type,
+        kind="vlm" if vision else "text",
+        language_model=lm,
+        projector=projector,
+        head_linear=head_linear,
+        vision=vision,
+    )
+    attn = [n for n in linears if re.fullmatch(fam.target_modules(), n)]
+    if not attn:
+        found = sorted({n.split(".")[-1] for n in linears})[:12]
+        raise FamilyError(
+            f"rbvl has no entry for model_type '{model_type}' and found no attention projections "
+            f"({', '.join(ATTENTION)}) in its language model; set lora.target_modules (a regex over these nn.Linear "
+            f"names: {', '.join(found)} ...), lora.modules_to_save and balance.params in the recipe"
+        )
+    log.warning(
+        "rbvl has no entry for model_type '%s'; by introspection: lora.target_modules=%r, lora.modules_to_save=%s, "
+        "balance.params=head tracks %s. Set these keys in the recipe if they are wrong (and see rbvl/families.py).",
+        model_type,
+        fam.target_modules(),
+        fam.modules_to_save,
+        fam.head_patterns(),
+    )
+    return fam
+
+
+class FamilyError(ValueError):
+    """A model whose family rbvl cannot work out; the message says which recipe keys to set."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The README's table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def markdown_table() -> str:
+    rows = [
+        "| model_type | loads with | LoRA target_modules (default) | modules_to_save | params: head | image "
+        "placeholder | projector rows | text-only / multi-image samples | tiny config |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for f in FAMILIES.values():
+        loads = "AutoModelForCausalLM" if f.kind == "text" else "AutoModelForImageTextToText"
+        head = "lm_head" + (f" + {f.projector}.{f.head_linear}" if f.head_linear else "")
+        mixed = "n/a (text)" if f.kind == "text" else f"{_yes(f.text_only_samples)} / {_yes(f.multi_image)}"
+        rows.append(
+            f"| {f.model_type} | {loads} | `{_cell(f.target_modules())}` | {', '.join(f.modules_to_save) or '—'} | {head} | "
+            f"{f'`{_cell(f.image_token)}`' if f.image_token else '—'} | {f.projector_rows if f.kind == 'vlm' else '—'}"
+            f"{' (prefix-LM)' if f.prefix_lm else ''} | {mixed} | {f.tiny or '—'} |"
+        )
+    return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a pipe inside a table cell, even in code, must be escaped
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+if __name__ == "__main__":
+    print(markdown_table())

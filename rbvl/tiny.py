@@ -1,0 +1,456 @@
+"""Tiny models of every supported family, built offline from configs: `model.name: tiny-<family>`.
+
+Each builder returns (config, processor) with the family's real classes: a byte-level BPE tokenizer trained
+in-process (deterministic, vocab ~512) carrying the family's special tokens and a chat template shaped like the
+real one (role names, image placeholders, system prompt, quirks), the family's image processor at 32–64 px, and a
+2-layer language model of hidden 64 beside a 2-layer vision tower of hidden 32 — a few hundred thousand parameters,
+a training step in tens of milliseconds on a CPU. Nothing is downloaded.
+
+    config, processor = build("tiny-qwen2-vl")
+    model = AutoModelForImageTextToText.from_config(config)     # rbvl.model.load_model does this (and seeds it)
+"""
+
+from __future__ import annotations
+
+from rbvl.families import TINY_FAMILIES
+
+# What the tiny tokenizer's BPE merges are learnt from: the words of instruction data, and digits kept apart.
+_CORPUS = """
+user assistant system image digit number handwritten shown picture photo what which is the this that a an of in on
+odd even greater less than yes no plus minus times equals answer question reasoning think step because so and or
+describe show tell me how many what's name write say identify classify read count compute solve sum product result
+The digit is and so the answer is. What is this digit? Is the digit odd or even? Is it greater than four?
+explain solution problem math science physics chemistry biology puzzle crossword code function value equation
+""" + " ".join(f"{a} + {b} = {a + b}. {a} * {b} = {a * b}." for a in range(10) for b in range(10))
+
+# ChatML turns; `{% generation %}` marks what the assistant says, so `return_assistant_tokens_mask` works too.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{% set parts = [{'type': 'text', 'text': message['content']}] %}"
+    "{% else %}{% set parts = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% for part in parts %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{% for part in parts %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen2-VL / Qwen2.5-VL: a default system turn, images as <|vision_start|><|image_pad|><|vision_end|>.
+QWEN2_VL = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# LLaVA-NeXT (Mistral): [INST] images first, then text [/INST] answer</s>.
+LLAVA_NEXT = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST] "
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}<image>\n{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    " [/INST]"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %} {{ content['text'] }}{% endfor %}"
+    "</s>{% endif %}{% endfor %}"
+)
+
+# LLaVA-OneVision (Qwen2 ChatML): the generation prompt ends in '\n' where a rendered turn has ' \n' — a real quirk
+# of the hub template, kept so the collator's assistant spans are tested against it.
+LLAVA_ONEVISION = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}<image>{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}\n{{ content['text'] }}"
+    "{% endfor %}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Idefics3 / SmolVLM: 'User:' / 'Assistant:' turns closed by <end_of_utterance>.
+IDEFICS3 = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+# Gemma 3: <bos>, 'user' / 'model' turns, an image as <start_of_image>.
+GEMMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Qwen2.5 (text only): string contents, a default system turn.
+QWEN2 = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Llama 3 (text only): header tokens, <|eot_id|> ends a turn.
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+BASE_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def bpe_tokenizer(
+    special: list[str],
+    chat_template: str | None,
+    eos: str = "<|im_end|>",
+    bos: str = "<s>",
+    named: dict[str, str] | None = None,
+):
+    """A byte-level BPE (vocab 512 + specials) trained in-process on a fixed corpus: deterministic, reads any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=special
+        if special[:1] == ["<pad>"]
+        else BASE_SPECIAL + [t for t in special if t not in BASE_SPECIAL],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        pad_token="<pad>",
+        bos_token=bos,
+        eos_token=eos,
+        unk_token="<unk>",
+        extra_special_tokens=named or {},
+    )
+    tok.chat_template = chat_template
+    return tok
+
+
+def _llama(tok, hidden: int = 64, layers: int = 2, heads: int = 4, **extra) -> dict:
+    """Keyword arguments of a tiny decoder (Llama, Qwen2, Gemma ... share these names)."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _vision(image_size: int, patch_size: int, **extra) -> dict:
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders: name → (config, processor)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def llava(image_size: int = 32, patch_size: int = 8):
+    """LLaVA-1.5: CLIP tower on 32 px (16 image tokens, CLS dropped), 2-layer Llama."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]  # as rbvl 0.1 (same ids)
+    tok = bpe_tokenizer(special, CHATML, named={"image_token": "<image>"})
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHATML,
+        num_additional_image_tokens=1,  # CLIP's CLS token, which the "default" strategy drops again
+    )
+    return llava_config(processor), processor
+
+
+def llava_config(processor, hidden_size: int = 64, n_layers: int = 2, n_heads: int = 4, vocab_size: int | None = None):
+    """The tiny LLaVA's config; `hidden_size` / `n_layers` scale its language model (rbvl.bench_balance)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tok = processor.tokenizer
+    image_size = processor.image_processor.crop_size["height"]
+    vision = CLIPVisionConfig(**_vision(image_size, processor.patch_size, projection_dim=32))
+    text = _llama(tok, hidden_size, n_layers, n_heads)
+    if hidden_size > 64:  # the benchmark's larger slices: Llama's 4× MLP and full multi-head attention
+        text.update(intermediate_size=4 * hidden_size, num_key_value_heads=n_heads)
+    if vocab_size:
+        text["vocab_size"] = vocab_size
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**text),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // processor.patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def llava_next():
+    """LLaVA-NeXT: any-resolution tiles of 32 px (a 64×32 image → 2 tiles + the base image) and `image_sizes`."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        MistralConfig,
+    )
+
+    tok = bpe_tokenizer(["<image>"], LLAVA_NEXT, eos="</s>", named={"image_token": "<image>"})
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=_PINPOINTS
+        ),
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_NEXT,
+        num_additional_image_tokens=1,
+    )
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**_vision(32, 8, projection_dim=32)),
+        text_config=MistralConfig(**_llama(tok, head_dim=16)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=tok.pad_token_id,
+    )
+    return config, processor
+
+
+def llava_onevision():
+    """LLaVA-OneVision: SigLIP tiles (any-resolution for one image, one tile per image for several), Qwen2 LM."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tok = bpe_tokenizer(
+        ["<image>", "<video>"], LLAVA_ONEVISION, named={"image_token": "<image>", "video_token": "<video>"}
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=_PINPOINTS),
+        tokenizer=tok,
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_ONEVISION,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**_vision(32, 8)),
+        text_config=Qwen2Config(**_llama(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        pad_token_id=tok.pad_token_id,
+    )
+    return config, processor
+
+
+def qwen2_vl(version: str = "2"):
+    """Qwen2-VL / Qwen2.5-VL: 4 px patches merged 2×2 (a 32×32 image → 16 <|image_pad|> tokens), M-RoPE."""
+    import transformers as tf
+
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    tok = bpe_tokenizer(special, QWEN2_VL, named=named)
+    vision_kw = dict(depth=2, hidden_size=64, num_heads=4, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if version == "2":
+        image_cls, video_cls, proc_cls, cfg_cls = (
+            tf.Qwen2VLImageProcessor,
+            tf.Qwen2VLVideoProcessor,
+            tf.Qwen2VLProcessor,
+            tf.Qwen2VLConfig,
+        )
+        vision_kw.update(embed_dim=32, mlp_ratio=2)
+    else:
+        image_cls, video_cls, proc_cls, cfg_cls = (
+            tf.Qwen2VLImageProcessor,
+            tf.Qwen2VLVideoProcessor,
+            tf.Qwen2_5_VLProcessor,
+            tf.Qwen2_5_VLConfig,
+        )
+        vision_kw.update(
+            out_hidden_size=64, hidden_size=32, intermediate_size=64, window_size=16, fullatt_block_indexes=[1]
+        )
+    pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = proc_cls(
+        image_processor=image_cls(size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}, **pixels),
+        tokenizer=tok,
+        video_processor=video_cls(**pixels),
+        chat_template=QWEN2_VL,
+    )
+    ids = tok.convert_tokens_to_ids
+    config = cfg_cls(
+        vision_config=vision_kw,
+        text_config=_llama(tok, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return config, processor
+
+
+def idefics3():
+    """Idefics3 / SmolVLM: a 64 px image splits into 2×2 tiles of 32 px plus the global image; 4 tokens each."""
+    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    special = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *grid]
+    tok = bpe_tokenizer(special, IDEFICS3, eos="<end_of_utterance>")
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(
+            do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+        ),
+        tokenizer=tok,
+        image_seq_len=4,  # (32 / 8)² patches / scale_factor²
+        chat_template=IDEFICS3,
+    )
+    config = Idefics3Config(
+        vision_config=_vision(32, 8),
+        text_config=_llama(tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return config, processor
+
+
+def paligemma():
+    """PaliGemma: SigLIP on 32 px (16 image tokens), Gemma LM; prefix-LM (the prompt attends both ways)."""
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessor, SiglipVisionConfig
+
+    tok = bpe_tokenizer(["<image>", "<bos>", "<eos>"], None, eos="<eos>", bos="<bos>", named={"image_token": "<image>"})
+    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(**_vision(32, 8, projection_dim=64)),
+        text_config=GemmaConfig(**_llama(tok, head_dim=16)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        projection_dim=64,
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,  # as every tiny model: the tracker's LM head is the head's own weight
+    )
+    return config, processor
+
+
+def gemma3():
+    """Gemma 3: SigLIP on 32 px pooled to 4 soft tokens per image, <start_of_image> placeholder, bidirectional images."""
+    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    special = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", *named.values()]
+    tok = bpe_tokenizer(special, GEMMA3, eos="<end_of_turn>", bos="<bos>", named=named)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tok,
+        chat_template=GEMMA3,
+        image_seq_length=4,
+    )
+    ids = tok.convert_tokens_to_ids
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(**_vision(32, 8)),
+        text_config=Gemma3TextConfig(**_llama(tok, head_dim=16, sliding_window=64)),
+        mm_tokens_per_image=4,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+        tie_word_embeddings=False,
+    )
+    return config, processor
+
+
+def text_lm(model_type: str):
+    """A text-only causal LM (Llama 3 or Qwen2.5/Qwen3 shaped); its 'processor' is the tokenizer."""
+    import transformers as tf
+
+    if model_type == "llama":
+        special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        tok = bpe_tokenizer(special, LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
+        return tf.LlamaConfig(**_llama(tok)), tok
+    tok = bpe_tokenizer([], QWEN2)
+    if model_type == "qwen3":
+        return tf.Qwen3Config(**_llama(tok, head_dim=16)), tok
+    return tf.Qwen2Config(**_llama(tok)), tok
+
+
+BUILDERS = {
+    "tiny-llava": llava,
+    "tiny-llava-next": llava_next,
+    "tiny-llava-onevision": llava_onevision,
+    "tiny-qwen2-vl": lambda: qwen2_vl("2"),
+    "tiny-qwen2.5-vl": lambda: qwen2_vl("2.5"),
+    "tiny-idefics3": idefics3,
+    "tiny-paligemma": paligemma,
+    "tiny-gemma3": gemma3,
+    "tiny-llama": lambda: text_lm("llama"),
+    "tiny-qwen2": lambda: text_lm("qwen2"),
+    "tiny-qwen3": lambda: text_lm("qwen3"),
+}
+assert set(BUILDERS) == set(TINY_FAMILIES), "every tiny name in the family table needs a builder"
+
+
+def is_tiny(name: str) -> bool:
+    return name in BUILDERS
+
+
+def build(name: str):
+    """(config, processor) of the tiny model `name` (one of BUILDERS)."""
+    return BUILDERS[name]()

@@ -1,0 +1,424 @@
+"""Every supported family on its tiny offline model: load + LoRA, collate, forward/backward, export, tracker.
+
+For each family (rbvl/families.py): LoRA lands on the language model only and the projector trains; a mixed batch
+(images, text-only and multi-image samples where the family takes them) gets labels on the assistant turns only; a
+forward/backward runs; `rbvl export --merge` reloads with equal logits; and GradientTracker's per-domain gradients
+(params lora and head) equal plain autograd on each domain's samples collated and run on their own.
+"""
+
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from rbvl.balance import GradientTracker
+from rbvl.collate import Encoder
+from rbvl.config import LoraConfig, ModelConfig
+from rbvl.families import FAMILIES, TINY_FAMILIES, family_for, introspect, markdown_table
+from rbvl.model import apply_lora, load_model
+
+NAMES = sorted(TINY_FAMILIES)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def image(colour: str, w: int = 32, h: int = 32) -> Image.Image:
+    return Image.new("RGB", (w, h), COLOURS[colour])
+
+
+def samples_for(fam) -> list[tuple[dict, int]]:
+    """(sample, domain) pairs: 3 domains; each holds what the family takes (images, text-only, multi-image, tiles)."""
+    out = []
+    if fam.kind == "vlm":
+        out += [
+            ({"id": "img-0", "conversation": _turns("<image>\nWhat colour is this?", "red"), "image": image("red")}, 0),
+            (
+                {
+                    "id": "img-1",
+                    "conversation": _turns("What colour?\n<image>", "green is the colour"),
+                    "image": image("green", 64, 32),  # any-resolution / split: more than one tile
+                },
+                2,
+            ),
+        ]
+    if fam.kind == "text" or fam.text_only_samples:
+        two_turns = [*_turns("What is 2 + 3?", "2 + 3 = 5."), *_turns("And 4 + 4?", "8")]
+        out += [({"id": "txt-0", "conversation": two_turns, "image": None}, 1)]
+        out += [({"id": "txt-1", "conversation": _turns("Say yes.", "yes"), "image": None}, 2)]
+    if fam.kind == "vlm" and fam.multi_image:
+        pair = {"id": "multi", "conversation": _turns("<image> or <image>: which is blue?", "the second")}
+        out += [({**pair, "images": [image("red"), image("blue", 64, 64)]}, 1)]
+    if fam.kind == "text":
+        out += [({"id": "txt-2", "conversation": _turns("What is 1 + 1?", "2"), "image": None}, 0)]
+    return out
+
+
+def _turns(user: str, assistant: str) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def answers(sample: dict, prefix_lm: bool) -> str:
+    said = [t["content"] for t in sample["conversation"] if t["role"] == "assistant"]
+    return said[-1] if prefix_lm else "".join(said)  # a prefix-LM learns the last answer (the suffix) only
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def build(name: str, seed: int = 0):
+    model, processor = load_model(ModelConfig(name=name), seed=seed)
+    torch.manual_seed(seed)
+    return apply_lora(model, LoraConfig(r=4, lora_dropout=0.0)), processor
+
+
+def perturb(model, scale: float = 0.05):
+    """Move adapters and projector copies off their initial values (LoRA B starts at 0: gradients of A vanish)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_table_covers_the_families_users_bring():
+    wanted = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"}
+    assert wanted | {"gemma3", "llama", "qwen2", "qwen3", "mistral"} <= set(FAMILIES)
+    for fam in FAMILIES.values():
+        re.compile(fam.target_modules())
+        assert all(re.compile(p) for p in fam.head_patterns())
+
+
+def test_readme_lists_the_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "README's table of families is out of date: python -m rbvl.families"
+
+
+def test_unknown_family_falls_back_to_introspection(caplog):
+    model, _ = load_model(ModelConfig(name="tiny-llava"))
+    model.config.model_type = "my_vlm"
+    fam = introspect(model)
+    assert "no entry for model_type 'my_vlm'" in caplog.text and "lora.target_modules" in caplog.text
+    assert fam.projector == "multi_modal_projector" and fam.head_linear == "linear_2"
+    assert fam.target_modules() == FAMILIES["llava"].target_modules()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per family
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_lora_collate_forward_backward(name):
+    fam = TINY_FAMILIES[name]
+    model, processor = build(name)
+    assert family_for(model).model_type == fam.model_type
+
+    # LoRA on the language model's attention only; never in the vision tower; the projector trains in full
+    adapters = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+    assert adapters and all(re.search(r"\.(q|k|v|o)_proj\.lora_A$", n) for n in adapters)
+    if fam.kind == "vlm":
+        assert all(f".{fam.language_model}." in n for n in adapters)
+        assert not any(f".{fam.vision}." in n for n in adapters), "an adapter landed in the vision tower"
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert any(f"{fam.projector}.modules_to_save" in n for n in trainable), "the projector does not train"
+        frozen_vision = [
+            p.requires_grad
+            for n, p in model.named_parameters()
+            if f".{fam.vision}." in n and f".{fam.projector}." not in n
+        ]
+        assert frozen_vision and not any(frozen_vision)
+
+    # a mixed batch: labels on the assistant turns only
+    pairs = samples_for(fam)
+    samples, domains = [s for s, _ in pairs], [d for _, d in pairs]
+    batch, info = Encoder(processor, max_length=512)(samples, domains)
+    assert (info["truncated"], info["dropped"]) == (0, 0)
+    tok = getattr(processor, "tokenizer", processor)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+    for b, sample in enumerate(samples):
+        said = tok.decode(labels[b][labels[b] != -100], skip_special_tokens=True)
+        assert re.sub(r"\s", "", said) == re.sub(r"\s", "", answers(sample, fam.prefix_lm)), (sample["id"], said)
+    assert info["domain_ids"].tolist() == domains
+    n_images = sum(len(s.get("images") or ([s["image"]] if s.get("image") else [])) for s in samples)
+    assert info["image_domain_ids"].numel() >= n_images  # one row per image, or more (tiles, patches)
+
+    # forward / backward: gradients reach the adapters and the projector, never the frozen vision tower
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for n, g in grads.items() if "lora_A" in n)
+    if fam.kind == "vlm":
+        assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if fam.projector in n)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if TINY_FAMILIES[n].kind == "vlm"])
+def test_overlong_samples_never_lose_image_tokens(name):
+    from rbvl.tiny import build as build_tiny
+
+    _, processor = build_tiny(name)
+    image_sample = samples_for(TINY_FAMILIES[name])[0][0]
+    long_text = {"id": "long", "conversation": _turns("What is this? " * 40, "7"), "image": None}
+    probe = Encoder(processor, max_length=10_000)
+    prepared = [(0, *probe._prepare(image_sample)), (1, *probe._prepare(long_text))]
+    _, lengths, last_image = probe._encode(prepared)
+    assert last_image[0] >= 0 and last_image[1] == -1
+    cut = last_image[0]  # keeping `cut` tokens would lose the image's last token
+    batch, info = Encoder(processor, max_length=cut)([image_sample, long_text], [0, 1])
+    assert (info["dropped"], info["truncated"]) == (1, 1) and info["domain_ids"].tolist() == [1]
+    assert batch["input_ids"].shape == (1, cut) and "pixel_values" not in batch
+    batch, info = Encoder(processor, max_length=cut + 1)([image_sample], [0])
+    expected = (0, 1) if lengths[0] > cut + 1 else (0, 0)
+    assert (info["dropped"], info["truncated"]) == expected and batch["input_ids"].shape[1] <= cut + 1
+    batch, info = Encoder(processor, max_length=lengths[1] - 1, overlong="drop")([image_sample, long_text], [0, 1])
+    assert info["dropped"] >= 1 and 1 not in info["domain_ids"].tolist()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_merge_reloads_with_equal_logits(name, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from rbvl.config import RunConfig, dump_config
+    from rbvl.export import export_merged
+
+    fam = TINY_FAMILIES[name]
+    model, processor = build(name, seed=3)
+    perturb(model)
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    cfg = RunConfig()
+    cfg.model.name, cfg.seed, cfg.lora.lora_dropout = name, 3, 0.0
+    dump_config(cfg, ckpt / "config.yaml")
+
+    export_merged(ckpt, tmp_path / "merged")  # what `rbvl export CKPT --merge OUT` calls
+    auto = AutoModelForCausalLM if fam.kind == "text" else AutoModelForImageTextToText
+    merged = auto.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    pairs = samples_for(fam)
+    batch, _ = Encoder(processor)([s for s, _ in pairs], [d for _, d in pairs])
+    with torch.no_grad():
+        expected = model.eval()(**model_inputs(batch)).logits
+        torch.testing.assert_close(merged(**model_inputs(batch)).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_tracker_equals_separate_per_domain_backward(name):
+    """One backward over the mixed batch; each domain's token-mean gradient = autograd on its samples alone."""
+    fam = TINY_FAMILIES[name]
+    model, processor = build(name, seed=5)
+    perturb(model)
+    encoder = Encoder(processor)
+    pairs = samples_for(fam)
+    samples, domains = [s for s, _ in pairs], [d for _, d in pairs]
+    batch, info = encoder(samples, domains)
+    m = 3
+    for params in ("lora", "head"):
+        tracker = GradientTracker(model, m, params=params)
+        if params == "head" and fam.head_linear:
+            assert any(fam.projector in n for n in tracker.tracked_names), tracker.tracked_names
+        rows = {}  # what the tracked projector layer sees: as many rows as image_domain_ids
+        handles = [
+            mod.register_forward_pre_hook(lambda mod, a, n=n, rows=rows: rows.__setitem__(n, a[0].shape[0]))
+            for n, mod in tracker.modules
+            if fam.projector and fam.projector in n
+        ]
+        model.zero_grad(set_to_none=True)
+        tracker.set_domains(info["domain_ids"], tokens=info["label_tokens"], image_domain_ids=info["image_domain_ids"])
+        loss = model(**batch).loss  # the mean over the batch's label tokens
+        tracker.watch_loss(loss, normalizer=info["label_tokens"].sum())
+        loss.backward()
+        got = tracker.domain_grads()  # (m, P): each domain's token-mean gradient
+        tracker.remove()
+        for h in handles:
+            h.remove()
+        assert all(r == info["image_domain_ids"].numel() for r in rows.values()), rows
+
+        weights = [mod.weight for _, mod in tracker.modules]
+        frozen = [w for w in weights if not w.requires_grad]  # a frozen LM head is tracked too
+        for w in frozen:
+            w.requires_grad_(True)
+        for d in range(m):
+            mine = [s for s, dd in zip(samples, domains) if dd == d]
+            sub, _ = encoder(mine, [d] * len(mine))
+            ref = torch.autograd.grad(model(**sub).loss, weights, allow_unused=True)  # domain d's token-mean loss
+            ref = torch.cat([(g if g is not None else torch.zeros_like(w)).flatten() for g, w in zip(ref, weights)])
+            err = (got[d] - ref).abs().max() / ref.abs().max().clamp(min=1e-8)
+            assert err < 1e-4, f"{name} params={params} domain {d}: relative error {err:.2e}"
+            assert ref.abs().sum() > 0
+        for w in frozen:
+            w.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `rbvl train` per family: 10 steps of rnb on a regrouped manifest, eval, exact resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def family_manifest(root, fam):
+    """The conftest's 3-domain shards (images, arithmetic, phrases); a text-only LM gets 3 text domains."""
+    import json
+
+    from conftest import write_tiny_manifest
+
+    if fam.kind == "vlm":
+        return write_tiny_manifest(root, n_domains=3, n_train=16, n_eval=4)
+    path = write_tiny_manifest(root, n_domains=4, n_train=16, n_eval=4)
+    manifest = json.loads(path.read_text())
+    manifest["clusters"] = manifest["clusters"][1:]  # domain 0 holds the images
+    manifest["k"] = 3
+    manifest["eval_distribution"] = manifest["train_distribution"] = [1 / 3] * 3
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_train_rnb_and_resume_exactly(name, tmp_path):
+    import shutil
+
+    from rbvl.config import load_config
+    from rbvl.metrics import read_metrics
+    from rbvl.train import train
+
+    fam = TINY_FAMILIES[name]
+    manifest = family_manifest(tmp_path / "shards", fam)
+
+    def config(run, *extra):
+        return load_config(
+            None,
+            [
+                f"model.name={name}",
+                f"manifest={manifest}",
+                f"output_dir={run}",
+                "max_steps=10",
+                "train.batch_size=4",
+                "train.log_every=2",
+                "train.save_every=5",
+                "balance.update_every=3",  # updates at 3, 6, 9: checkpoint-5 falls inside a window
+                "balance.lam=10",
+                f"balance.params={'head' if fam.head_linear else 'lora'}",
+                "lora.lora_dropout=0.1",  # dropout on: resume must restore its RNG too
+                "eval.every=0",
+                "data.max_length=256",
+                "data.num_workers=0",
+                "optim.lr=0.005",
+                "optim.warmup_steps=2",
+                "logging.progress=false",
+                "logging.plots=false",
+                "logging.tensorboard=false",
+                *extra,
+            ],
+        )
+
+    full = train(config(tmp_path / "a"))
+    assert [r["step"] for r in read_metrics(tmp_path / "a", "balance")] == [3, 6, 9]
+    assert all(x is not None for x in full["eval"]["loss_per_domain"]), full["eval"]
+    assert max(abs(x - 1 / 3) for x in full["proportions"][-1][1]) > 1e-3, "p never moved"
+
+    run_b = tmp_path / "b"
+    run_b.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-5", run_b / "checkpoint-5")
+    resumed = train(config(run_b, "resume=true"))
+    assert resumed["proportions"] == full["proportions"]
+    assert resumed["eval"]["loss_per_domain"] == full["eval"]["loss_per_domain"]
+    a = [r["loss"] for r in read_metrics(tmp_path / "a", "train") if r["step"] > 5]
+    b = [r["loss"] for r in read_metrics(run_b, "train") if r["step"] > 5]
+    assert a == b and len(a) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_balance_trainer_runs_with_the_familys_processor(name, tmp_path):
+    """`BalanceTrainer` (transformers.Trainer + Balance) with each family's processor and rbvl's collator."""
+    from transformers import TrainingArguments
+
+    from rbvl.integrations.hf import BalanceTrainer
+
+    fam = TINY_FAMILIES[name]
+    model, processor = build(name)
+    encoder = Encoder(processor, max_length=256)
+    rows = [{**s, "domain": d} for s, d in samples_for(fam)] * 4
+
+    def collate(features: list[dict]) -> dict:
+        batch, _ = encoder(features, [f["domain"] for f in features])
+        return batch
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=2,
+        disable_tqdm=True,
+    )
+    trainer = BalanceTrainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=collate,
+        n_domains=3,
+        balance={"update_every": 2, "lam": 10.0, "params": "lora"},
+    )
+    trainer.train()
+    p = trainer.proportions
+    assert abs(sum(p) - 1) < 1e-6 and max(abs(x - 1 / 3) for x in p) > 1e-4, p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Recipe models, built on the meta device from the configs shipped in rbvl/assets/configs
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Published sizes (model cards): a wrong value in a shipped config shows here.
+PUBLISHED = {
+    "Qwen/Qwen2.5-7B-Instruct": 7.61e9,
+    "Qwen/Qwen2-VL-2B-Instruct": 2.21e9,
+    "llava-hf/llava-1.5-7b-hf": 7.06e9,
+}
+RECIPES = {
+    "Qwen/Qwen2.5-7B-Instruct": "recipes/s1_59k_rnb.yaml",
+    "Qwen/Qwen2-VL-2B-Instruct": "recipes/qwen2_vl_2b_rnb.yaml",
+    "llava-hf/llava-1.5-7b-hf": "recipes/llava15_7b_lora_rnb.yaml",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED))
+def test_recipe_model_configs_build_and_take_the_recipes_lora(hub_id):
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from rbvl.config import load_config
+    from rbvl.families import is_text_only_config
+
+    path = Path(__file__).parents[1] / "rbvl" / "assets" / "configs" / f"{hub_id.replace('/', '--')}.json"
+    config = AutoConfig.for_model(**json.loads(path.read_text()))
+    auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / PUBLISHED[hub_id] - 1) < 0.01, f"{hub_id}: {n:,} parameters"
+
+    cfg = load_config(RECIPES[hub_id])
+    assert cfg.model.name == hub_id
+    fam = family_for(model)
+    model = apply_lora(model, cfg.lora)
+    adapters = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+    assert adapters and not any(fam.vision and f".{fam.vision}." in n for n in adapters)
+    for name in cfg.lora.modules_to_save or []:
+        assert any(n.endswith(f"{name}.modules_to_save") for n, _ in model.named_modules()), name
