@@ -396,6 +396,11 @@ class GradientTracker:
         vision_side = re.search(VISION_SIDE, name) is not None
         if vision_side and self._image_domains is not None and batch_dim == self._image_domains.numel():
             return self._groups["image"]
+        if vision_side and self._image_domains is None:
+            raise RuntimeError(
+                f"GradientTracker: {name} sees images, not samples: pass image_domain_ids (the domain of each of its "
+                f"{batch_dim} rows) to set_domains"
+            )
         if batch_dim == self._sample_domains.numel():
             return self._groups["sample"]
         if self._image_domains is not None and batch_dim == self._image_domains.numel():

@@ -101,11 +101,13 @@ def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from rbvl.balance import GradientTracker
+    from rbvl.families import is_text_only_config
     from rbvl.model import apply_lora
 
     config = model_config(cfg.model)
+    auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
     with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(config)
+        model = auto.from_config(config)
     model = apply_lora(model, cfg.lora)
     text = getattr(config, "text_config", config)
 

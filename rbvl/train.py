@@ -31,7 +31,7 @@ from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.metrics import MetricsLogger
 from rbvl.mix_context import build_mix_context
 from rbvl.mixing import PEERS, build_mixer
-from rbvl.model import TINY, apply_lora, load_model, save_base, trainable_summary
+from rbvl.model import apply_lora, is_tiny, load_model, save_base, trainable_summary
 from rbvl.plots import plot_run
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,12 @@ def train(cfg: RunConfig) -> dict:
 
     # -------------------------------------------------------------------------------------------------------- model
     model, processor = load_model(cfg.model, seed=cfg.seed)
-    if cfg.model.name == TINY and dist.is_main:
+    if is_tiny(cfg.model.name) and dist.is_main:
         save_base(model, processor, run_dir / "base_model")  # so the adapter reloads without rbvl
     torch.manual_seed(cfg.seed)  # adapters start the same on every rank and for every world size
     model = apply_lora(model, cfg.lora)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs between ranks, as their data does
-    if cfg.model.name == TINY and hasattr(model, "peft_config"):
+    if is_tiny(cfg.model.name) and hasattr(model, "peft_config"):
         model.peft_config["default"].base_model_name_or_path = str((run_dir / "base_model").resolve())
     model.to(dist.device)
     log.info(trainable_summary(model))

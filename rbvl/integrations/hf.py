@@ -103,13 +103,14 @@ class BalanceMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         domain_ids = inputs.pop("domain_ids", None)
+        image_domain_ids = inputs.pop("image_domain_ids", None)  # domain of each projector row, for params: head
         if domain_ids is None:
             raise KeyError(f"BalanceTrainer: the batch has no domain ids (is '{self.domain_column}' in each example?)")
         training = model.training and torch.is_grad_enabled()  # evaluation passes through here too
         labels = inputs.get("labels")
         if training:
             tokens = label_tokens(labels) if labels is not None else None
-            self.tracker.set_domains(domain_ids, tokens=tokens)
+            self.tracker.set_domains(domain_ids, tokens=tokens, image_domain_ids=image_domain_ids)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if training and labels is not None:
             loss = out[0] if return_outputs else out
@@ -192,7 +193,7 @@ class DomainCollator:
         batch = self.collator(features)
         batch.pop(self.column, None)
         batch["domain_ids"] = torch.tensor(ids, dtype=torch.long)
-        return batch
+        return batch  # an `image_domain_ids` the user's collator returns (params: head on a VLM) rides along
 
 
 def domain_ids_of(dataset, column: str) -> np.ndarray:
