@@ -34,11 +34,11 @@ anyway. What is left is adding each part into its domain's accumulator, O(tracke
 domain present, not O(params × tokens). A frozen tracked layer (a frozen LM head under `params="head"`) has no
 weight gradient to split, so it pays one weight-gradient product. No extra forward or backward pass.
 
-Memory. Exact (`sketch_dim=0`): m × tracked params fp32 for the window and m × tracked params for each domain's
-last seen gradient. Sketched: each layer's part goes through a seeded Kronecker count sketch (rows and columns
-hashed into k_out × k_in buckets with random signs; E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased) into its slice
-of a `sketch_dim` vector, so memory is m × sketch_dim whatever the model. The hashes depend only on the seed and
-the layer shapes, so every rank sketches alike.
+Memory. Exact (`sketch_dim=0`): m × tracked params fp32 for the window, and each domain's last seen gradient in a
+small sketch (FALLBACK_DIM numbers). Sketched: each layer's part goes through a seeded tensor sketch (entry (i, j)
+into bucket (a_i + b_j) mod n with sign s_i · t_j; E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased) into its slice of
+a `sketch_dim` vector, so memory is 2 × m × sketch_dim (window + last seen) whatever the model. The hashes depend only
+on the seed and the layer shapes, so every rank sketches alike.
 
 A domain with no samples in a window keeps its last seen gradient in G (stale, but the best estimate there is;
 zero if it was never seen): its column still counts in G q, and its score stays defined. `update_proportions`
@@ -414,8 +414,8 @@ class GradientTracker:
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
         if self.sketches is None or self.sketches[index] is None:
             return 2 * weight.numel()  # scale + add
-        k_out = self.sketches[index][0]
-        return 4 * weight.numel() + 2 * k_out * weight.shape[1]  # scale, sign + scatter rows, sign + scatter columns
+        n = self.sketches[index][0]
+        return 3 * weight.numel() + 3 * n * min(weight.shape)  # scale, sign + fold the long side; sign + scatter
 
     @torch.no_grad()
     def _add_part(self, index: int, domain: int, part: torch.Tensor) -> None:
@@ -429,32 +429,40 @@ class GradientTracker:
             _sketch_into(target[0][domain], self.sketches, index, part * self._scale)
 
 
-FALLBACK_DIM = 2**16  # an exact tracker's store of last seen gradients: m × this many numbers
-
-
 def _sketch_into(out: torch.Tensor, plans: _Plans, index: int, part: torch.Tensor) -> None:
-    """Add the count sketch of layer `index`'s (out, in) `part` into its slice of the (N,) vector `out`."""
+    """Add the sketch of layer `index`'s (out, in) `part` into its slice of the (N,) vector `out`.
+
+    A tensor sketch of the matrix: entry (i, j) goes to bucket (a_i + b_j) mod n with sign s_i · t_j, for seeded
+    hashes a, b and signs s, t. Collisions are pairwise independent, so E[⟨S(A), S(B)⟩] = ⟨A, B⟩ with the variance
+    of an n-bucket count sketch, also for the near-low-rank matrices gradients are (a row hash times a column hash,
+    k_out × k_in buckets, errs like min(k_out, k_in) buckets on those). Cost: two passes over the part (fold the
+    longer side into n buckets), then n × (shorter side).
+    """
     plan, offset = plans[index], plans.offsets[index]
     if plan is None:  # a layer no larger than its share of the sketch: kept exactly in its slice
         out[offset : offset + part.numel()] += part.flatten()
         return
-    k_out, h_out, s_out, k_in, h_in, s_in, _ = plan
-    rows = torch.zeros(k_out, part.shape[1], device=part.device)
-    rows.index_add_(0, h_out, part * s_out[:, None])  # (k_out, in)
-    cells = torch.zeros(k_out, k_in, device=part.device)
-    cells.index_add_(1, h_in, rows * s_in[None, :])  # (k_out, k_in)
-    out[offset : offset + k_out * k_in] += cells.flatten()
+    n, a, s_a, b, s_b, _ = plan
+    if part.shape[0] < part.shape[1]:  # fold the longer side first: view the part as its transpose
+        part, a, s_a, b, s_b = part.T, b, s_b, a, s_a
+    folded = torch.zeros(n, part.shape[1], device=part.device, dtype=part.dtype)
+    folded.index_add_(0, a, part * s_a[:, None])  # (n, short): rows gathered by their bucket a_i
+    buckets = (torch.arange(n, device=part.device)[:, None] + b[None, :]) % n  # (n, short): (a_i + b_j) mod n
+    out[offset : offset + n].index_add_(0, buckets.flatten(), (folded * s_b[None, :]).flatten())
 
 
 class _Plans(list):
-    """Per layer: None (exact within its slice) or (k_out, h_out, s_out, k_in, h_in, s_in, offset)."""
+    """Per layer: None (exact within its slice) or (n, a, s_a, b, s_b, offset): a tensor sketch into n buckets."""
 
     offsets: list[int]
     dim: int  # numbers used
 
 
+FALLBACK_DIM = 2**16  # an exact tracker's store of last seen gradients: m × this many numbers
+
+
 def _plan_sketches(shapes, sketch_dim: int, seed: int, device) -> _Plans | None:
-    """Split sketch_dim over the layers by their size; each layer gets a k_out × k_in Kronecker count sketch."""
+    """Split sketch_dim over the layers by their size; each layer gets a tensor sketch of its share."""
     if sketch_dim <= 0:
         return None
     sizes = [int(s[0]) * int(s[1]) for s in shapes]
@@ -463,23 +471,19 @@ def _plan_sketches(shapes, sketch_dim: int, seed: int, device) -> _Plans | None:
         raise ValueError(f"sketch_dim={sketch_dim} is smaller than the {len(shapes)} tracked layers")
     plans, offsets, offset = _Plans(), [], 0
     budget = [max(1, (sketch_dim * n) // total) for n in sizes]
-    for i, ((out, inp), n, share) in enumerate(zip(shapes, sizes, budget, strict=True)):
+    for i, ((rows, cols), size, n) in enumerate(zip(shapes, sizes, budget, strict=True)):
         offsets.append(offset)
-        if share >= n:  # no compression: keep the layer exactly
+        if n >= size:  # no compression: keep the layer exactly
             plans.append(None)
-            offset += n
+            offset += size
             continue
-        k_out = max(1, min(out, round(math.sqrt(share * out / inp))))
-        k_in = max(1, min(inp, share // k_out))
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        h_out = torch.randint(0, k_out, (out,), generator=g).to(device)
-        s_out = (torch.randint(0, 2, (out,), generator=g) * 2 - 1).float().to(device)
-        h_in = torch.randint(0, k_in, (inp,), generator=g).to(device)
-        s_in = (torch.randint(0, 2, (inp,), generator=g) * 2 - 1).float().to(device)
-        plans.append((k_out, h_out, s_out, k_in, h_in, s_in, offset))
-        offset += k_out * k_in
-    if offset > sketch_dim:
-        raise ValueError(f"sketch_dim={sketch_dim} is too small for {len(shapes)} tracked layers")
+        a = torch.randint(0, n, (rows,), generator=g).to(device)
+        s_a = (torch.randint(0, 2, (rows,), generator=g) * 2 - 1).float().to(device)
+        b = torch.randint(0, n, (cols,), generator=g).to(device)
+        s_b = (torch.randint(0, 2, (cols,), generator=g) * 2 - 1).float().to(device)
+        plans.append((n, a, s_a, b, s_b, offset))
+        offset += n
     plans.offsets, plans.dim = offsets, offset
     return plans
 

@@ -235,7 +235,7 @@ def test_sketch_is_unbiased_and_close():
     assert (stack.std(0) > 0).any(), "the sketch compresses: it has variance"
     p_exact = update_proportions(G, lam=3.0)
     l1 = torch.stack([(update_proportions(g, lam=3.0) - p_exact).abs().sum() for g in sketched])
-    assert l1.mean() < 0.2, l1  # measured 0.13 at a 4× compression of 2,688 parameters
+    assert l1.mean() < 0.12, l1  # measured 0.068 at a 4× compression of 2,688 parameters
 
 
 def test_sketch_is_exact_when_it_is_large_enough():
