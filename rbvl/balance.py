@@ -414,8 +414,7 @@ class GradientTracker:
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
         if self.sketches is None or self.sketches[index] is None:
             return 2 * weight.numel()  # scale + add
-        n = self.sketches[index][0]
-        return 3 * weight.numel() + 3 * n * min(weight.shape)  # scale, sign + fold the long side; sign + scatter
+        return 6 * weight.numel()  # scale; bucket index (add, mod); two signs; scatter-add
 
     @torch.no_grad()
     def _add_part(self, index: int, domain: int, part: torch.Tensor) -> None:
@@ -430,29 +429,35 @@ class GradientTracker:
 
 
 def _sketch_into(out: torch.Tensor, plans: _Plans, index: int, part: torch.Tensor) -> None:
-    """Add the sketch of layer `index`'s (out, in) `part` into its slice of the (N,) vector `out`.
+    """Add the sketch of layer `index`'s (out, in) `part` into the (N,) vector `out`.
 
-    A tensor sketch of the matrix: entry (i, j) goes to bucket (a_i + b_j) mod n with sign s_i · t_j, for seeded
-    hashes a, b and signs s, t. Collisions are pairwise independent, so E[⟨S(A), S(B)⟩] = ⟨A, B⟩ with the variance
-    of an n-bucket count sketch, also for the near-low-rank matrices gradients are (a row hash times a column hash,
-    k_out × k_in buckets, errs like min(k_out, k_in) buckets on those). Cost: two passes over the part (fold the
-    longer side into n buckets), then n × (shorter side).
+    One count sketch over every tracked weight: entry (i, j) of layer l goes to bucket (a_i + b_j) mod N with sign
+    s_i · t_j, with seeded hashes a, b and signs s, t of its own per layer. Every layer spreads over all N buckets
+    and collisions are pairwise independent, so E[⟨S(A), S(B)⟩] = ⟨A, B⟩ with the variance of one N-bucket count
+    sketch, (‖A‖²‖B‖² + ⟨A, B⟩²) / N, however the gradient's energy is spread over the layers (per-layer slices of
+    the N numbers err like the slice of the layer that holds the most energy). Rows are taken in chunks so the
+    temporaries stay small; about five passes over the part.
     """
-    plan, offset = plans[index], plans.offsets[index]
-    if plan is None:  # a layer no larger than its share of the sketch: kept exactly in its slice
+    plan = plans[index]
+    if plan is None:  # the sketch is no smaller than the tracked weights: each layer exact in its own slice
+        offset = plans.offsets[index]
         out[offset : offset + part.numel()] += part.flatten()
         return
-    n, a, s_a, b, s_b, _ = plan
-    if part.shape[0] < part.shape[1]:  # fold the longer side first: view the part as its transpose
-        part, a, s_a, b, s_b = part.T, b, s_b, a, s_a
-    folded = torch.zeros(n, part.shape[1], device=part.device, dtype=part.dtype)
-    folded.index_add_(0, a, part * s_a[:, None])  # (n, short): rows gathered by their bucket a_i
-    buckets = (torch.arange(n, device=part.device)[:, None] + b[None, :]) % n  # (n, short): (a_i + b_j) mod n
-    out[offset : offset + n].index_add_(0, buckets.flatten(), (folded * s_b[None, :]).flatten())
+    a, s_a, b, s_b = plan
+    n = out.numel()
+    step = max(1, CHUNK // part.shape[1])
+    for r in range(0, part.shape[0], step):
+        rows = slice(r, r + step)
+        buckets = (a[rows, None] + b[None, :]).remainder_(n)  # (rows, in)
+        values = part[rows] * s_a[rows, None] * s_b[None, :]
+        out.index_add_(0, buckets.flatten(), values.flatten())
+
+
+CHUNK = 2**22  # elements of a part sketched at once (bounds the temporaries)
 
 
 class _Plans(list):
-    """Per layer: None (exact within its slice) or (n, a, s_a, b, s_b, offset): a tensor sketch into n buckets."""
+    """Per layer: None (the exact layout: each layer in its own slice) or (a, s_a, b, s_b): its hashes and signs."""
 
     offsets: list[int]
     dim: int  # numbers used
@@ -462,29 +467,25 @@ FALLBACK_DIM = 2**16  # an exact tracker's store of last seen gradients: m × th
 
 
 def _plan_sketches(shapes, sketch_dim: int, seed: int, device) -> _Plans | None:
-    """Split sketch_dim over the layers by their size; each layer gets a tensor sketch of its share."""
+    """Hashes and signs of every layer into one sketch of sketch_dim buckets (the exact layout if that is no
+    smaller than the layers together)."""
     if sketch_dim <= 0:
         return None
     sizes = [int(s[0]) * int(s[1]) for s in shapes]
-    total = sum(sizes)
-    if sketch_dim < len(shapes):
-        raise ValueError(f"sketch_dim={sketch_dim} is smaller than the {len(shapes)} tracked layers")
-    plans, offsets, offset = _Plans(), [], 0
-    budget = [max(1, (sketch_dim * n) // total) for n in sizes]
-    for i, ((rows, cols), size, n) in enumerate(zip(shapes, sizes, budget, strict=True)):
-        offsets.append(offset)
-        if n >= size:  # no compression: keep the layer exactly
-            plans.append(None)
-            offset += size
-            continue
+    plans = _Plans()
+    plans.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    if sketch_dim >= sum(sizes):
+        plans.extend([None] * len(shapes))
+        plans.dim = sum(sizes)
+        return plans
+    for i, (rows, cols) in enumerate(shapes):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        a = torch.randint(0, n, (rows,), generator=g).to(device)
+        a = torch.randint(0, sketch_dim, (rows,), generator=g).to(device)
         s_a = (torch.randint(0, 2, (rows,), generator=g) * 2 - 1).float().to(device)
-        b = torch.randint(0, n, (cols,), generator=g).to(device)
+        b = torch.randint(0, sketch_dim, (cols,), generator=g).to(device)
         s_b = (torch.randint(0, 2, (cols,), generator=g) * 2 - 1).float().to(device)
-        plans.append((n, a, s_a, b, s_b, offset))
-        offset += n
-    plans.offsets, plans.dim = offsets, offset
+        plans.append((a, s_a, b, s_b))
+    plans.dim = sketch_dim
     return plans
 
 
