@@ -35,10 +35,10 @@ domain present, not O(params × tokens). A frozen tracked layer (a frozen LM hea
 weight gradient to split, so it pays one weight-gradient product. No extra forward or backward pass.
 
 Memory. Exact (`sketch_dim=0`): m × tracked params fp32 for the window, and each domain's last seen gradient in a
-small sketch (FALLBACK_DIM numbers). Sketched: each layer's part goes through a seeded tensor sketch (entry (i, j)
-into bucket (a_i + b_j) mod n with sign s_i · t_j; E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased) into its slice of
-a `sketch_dim` vector, so memory is 2 × m × sketch_dim (window + last seen) whatever the model. The hashes depend only
-on the seed and the layer shapes, so every rank sketches alike.
+small sketch (FALLBACK_DIM numbers). Sketched: every layer's part goes into one count sketch of `sketch_dim` buckets
+(entry (i, j) of a layer into bucket (a_i + b_j) mod N with sign s_i · t_j, hashes of its own per layer;
+E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased), so memory is 2 × m × sketch_dim (window + last seen) whatever the
+model. The hashes depend only on the seed and the layer shapes, so every rank sketches alike.
 
 A domain with no samples in a window keeps its last seen gradient in G (stale, but the best estimate there is;
 zero if it was never seen): its column still counts in G q, and its score stays defined. `update_proportions`
