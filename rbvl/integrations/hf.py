@@ -97,7 +97,10 @@ class BalanceMixin:
             log.warning("BalanceTrainer: an iterable dataset cannot be reweighted here; use rbvl.data.MixtureStream")
             return super()._get_train_sampler(train_dataset)
         unit = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
-        return DomainSampler(domain_ids_of(dataset, self.domain_column), self.balancer, unit, self.args.seed, self)
+        return DomainSampler(
+            domain_ids_of(dataset, self.domain_column), self.balancer, unit, self.args.seed, self,
+            block=self.args.per_device_train_batch_size,
+        )  # fmt: skip
 
     # -- the step ----------------------------------------------------------------------------------------------------
 
@@ -208,12 +211,13 @@ class DomainSampler(Sampler):
     `unit` = examples per optimizer step over all ranks; an epoch is `len(self)` indices, a whole number of steps.
     """
 
-    def __init__(self, domains: np.ndarray, balancer: Balancer, unit: int, seed: int, trainer=None):
+    def __init__(self, domains: np.ndarray, balancer: Balancer, unit: int, seed: int, trainer=None, block: int = 0):
         self.by_domain = [np.flatnonzero(domains == d) for d in range(balancer.m)]
         empty = [d for d, idx in enumerate(self.by_domain) if len(idx) == 0]
         if empty:
             raise ValueError(f"no training example has domain id(s) {empty}; n_domains={balancer.m}")
         self.balancer, self.unit, self.seed, self.trainer = balancer, unit, seed, trainer
+        self.block = block  # micro-batch size: each micro-batch's examples come sorted by domain (see __iter__)
         self.steps_per_epoch = max(1, math.ceil(len(domains) / unit))
         self.epoch = 0
 
@@ -229,7 +233,10 @@ class DomainSampler(Sampler):
             self._check_not_ahead(step)
             p = np.asarray(self.balancer.proportions_at(step), dtype=np.float64)
             rng = np.random.default_rng([self.seed, step])
-            for d in rng.choice(len(p), size=self.unit, p=p / p.sum()):
+            drawn = rng.choice(len(p), size=self.unit, p=p / p.sum())
+            if self.block:  # sorted within each micro-batch: the tracker splits the gradient with views, not copies
+                drawn = np.concatenate([np.sort(drawn[i : i + self.block]) for i in range(0, self.unit, self.block)])
+            for d in drawn:
                 pool = self.by_domain[d]
                 yield int(pool[rng.integers(len(pool))])
 
