@@ -319,7 +319,7 @@ class GradientTracker:
         """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts).
 
         Per tracked layer and domain present: one scale-and-add of the part into its accumulator (exact), or the
-        count sketch (two signed scatter-adds) — O(out · in), independent of tokens. A frozen tracked layer also
+        count sketch (bucket index, signs, scatter-add) — O(out · in), independent of tokens. A frozen tracked layer also
         pays its weight-gradient product, 2 · tokens · out · in.
         """
         ids = torch.as_tensor(domain_ids).flatten()

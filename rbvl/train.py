@@ -299,7 +299,7 @@ class WindowStats:
 
     @torch.no_grad()
     def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor, domain_ids: torch.Tensor) -> None:
-        """loss_sum, tokens, domain_ids: (B,) per sample; counts one optimizer step per grad_accum calls."""
+        """One micro-batch: loss_sum, tokens, domain_ids are (B,) per sample (the loop counts `steps` itself)."""
         d = domain_ids.to(torch.long).cpu()
         self.stats[0].index_add_(0, d, loss_sum.double().cpu())
         self.stats[1].index_add_(0, d, tokens.double().cpu())
