@@ -343,6 +343,7 @@ class GradientTracker:
             "sketch_dim": self.sketch_dim,
             "seed": self.seed,
             "skipped_steps": self.skipped_steps,
+            "extra_flops": self.extra_flops,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -359,6 +360,7 @@ class GradientTracker:
         self.tokens = state["tokens"].clone().double()
         self.seen = state["seen"].clone().bool()
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.extra_flops = int(state.get("extra_flops", 0))
 
     # -- inside the backward pass -----------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""`rbvl bench balance`: what R&B Balance costs, exact vs sketched tracker vs the naive per-domain backward.
+"""`rbvl bench balance`: what R&B Balance costs: exact vs sketched tracker vs the naive per-domain backward vs peers.
 
     rbvl bench balance --recipe recipes/llava15_7b_lora_rnb.yaml --domains 64     # the flagship recipe
     rbvl bench balance --recipe recipes/demo_tiny_rnb.yaml --slice-layers 2 --seq 64 --batch 4   # quick look
+    rbvl bench balance --slice-layers 0 --peer-rounds 3          # the 7B table and the peers, no slice
 
 Two parts, both printed as one table.
 
@@ -18,6 +19,9 @@ Two parts, both printed as one table.
    tracker; each window's sketch is the sketch of the exact window sums (the count sketch is linear, so this is
    exactly what the sketched tracker accumulates), giving the relative Frobenius error of G and the L1 distance of p.
    The slice's sketch keeps the recipe's compression (tracked params per sketch number) unless `--slice-sketch-dim`.
+3. R&B against the peer mixers (odm, dga, doremi, aioli) in real training runs of a small model, every strategy's
+   overhead measured the same way: wall clock per step against stratified in the same process, and the extra forward
+   and backward tokens and FLOPs each mixer counts (rbvl/bench_peers.py; `--no-peers` skips it).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from rbvl import bench_peers
 
 CONFIGS = Path(__file__).parent / "assets" / "configs"
 GIB = 2**30
@@ -53,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-every", type=int, default=2, help="K on the slice (steps per window)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", help="also write the results here")
+    bench_peers.add_arguments(p)
 
 
 def run(args) -> dict:
@@ -70,6 +77,8 @@ def run(args) -> dict:
             result["slice"] = slice_costs(cfg, args, ratio)
         except ValueError as e:  # e.g. a text config no causal-LM class builds alone (Qwen2-VL's)
             print(f"no CPU slice for {cfg.model.name}: {str(e).splitlines()[0]}")
+    if args.peers:
+        result["peers"] = bench_peers.peer_costs(args)
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -327,9 +336,13 @@ def print_table(r: dict) -> None:
             f"  {label:22s}{x['memory_gib']:9.3f} GiB{100 * x['flops_fraction']:12.4f} %"
             f"{x['allreduce_bytes'] / GIB:16.3f} GiB"
         )
-    if "slice" not in r:
-        return
-    s = r["slice"]
+    if "slice" in r:
+        print_slice(r["slice"])
+    if "peers" in r:
+        bench_peers.print_peers(r["peers"], f)
+
+
+def print_slice(s: dict) -> None:
     print(f"  CPU slice: {s['shape']}; tracked {s['tracked_params']:,}, sketch {s['sketch_dim']:,}")
     print(f"  {'':22s}{'step (median)':>14s}{'overhead':>11s}{'memory':>12s}")
     for mode in ("off", "exact", "sketched", "naive"):

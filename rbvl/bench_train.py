@@ -173,12 +173,13 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def time_rbvl_train(cfg, warmup: int) -> float:
-    """Seconds `rbvl train` spent on steps warmup+1 … max_steps, from the step_time of its metrics rows."""
+def time_rbvl_train(cfg, warmup: int, return_summary: bool = False):
+    """Seconds `rbvl train` spent on steps warmup+1 … max_steps, from the step_time of its metrics rows (and the
+    run's summary, with `return_summary`)."""
     from rbvl.metrics import read_metrics
     from rbvl.train import train
 
-    train(cfg)
+    summary = train(cfg)
     seconds, previous = 0.0, 0
     for row in read_metrics(cfg.output_dir, "train"):  # rows at warmup, 2·warmup, …, max_steps
         if row["step"] > warmup:
@@ -186,7 +187,7 @@ def time_rbvl_train(cfg, warmup: int) -> float:
         previous = row["step"]
     if previous != cfg.max_steps:
         raise RuntimeError(f"{cfg.output_dir}: the last train row is at step {previous}, not {cfg.max_steps}")
-    return seconds
+    return (seconds, summary) if return_summary else seconds
 
 
 def time_trainer(cfg, samples: list[dict], balance: bool, warmup: int) -> float:

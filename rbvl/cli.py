@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="EXPERIMENT.yaml (see experiments/)")
     p.add_argument("--out", help="report folder (default: the file's `out`)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, run nothing")
+    p.add_argument("--readme", help="also rewrite this README's results block for the experiment (README.md)")
     p.set_defaults(func=cmd_experiment)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
@@ -209,7 +210,7 @@ def cmd_gallery(args) -> int:
 def cmd_experiment(args) -> int:
     from rbvl.experiment import run_experiment
 
-    report = run_experiment(args.experiment, out=args.out, report_only=args.report_only)
+    report = run_experiment(args.experiment, out=args.out, report_only=args.report_only, readme=args.readme)
     print(f"report: {report}")
     return 0
 

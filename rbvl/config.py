@@ -218,6 +218,9 @@ class ModelConfig(Checked):
     """Recompute activations in backward to save memory (enables PEFT's input-grads fix)."""
     attn_implementation: str | None = option(None, check=_attn, allowed="eager, sdpa, flash_attention_2, ... or null")
     """`eager`, `sdpa`, `flash_attention_2`; None lets transformers choose."""
+    init_seed: int = option(-1, ge=-1)
+    """Seed of a tiny model's random weights; -1 = the run's `seed`. Fix it to compare seeds on one base model, as
+    runs of a pretrained checkpoint are (only data order, adapter init and dropout then change with `seed`)."""
 
 
 @dataclass

@@ -363,8 +363,15 @@ def read_results(out: Path) -> list[dict]:
     return rows
 
 
-def run_experiment(path: str | Path, out: str | None = None, report_only: bool = False, progress: bool = True) -> Path:
-    """Run every missing cell of the experiment at `path`, then write the report; returns OUT/report.md."""
+def run_experiment(
+    path: str | Path,
+    out: str | None = None,
+    report_only: bool = False,
+    progress: bool = True,
+    readme: str | None = None,
+) -> Path:
+    """Run every missing cell of the experiment at `path`, then write the report (and the README's results block
+    for it, with `readme`); returns OUT/report.md."""
     from tqdm.auto import tqdm
 
     from rbvl.experiment_report import write_report
@@ -395,7 +402,12 @@ def run_experiment(path: str | Path, out: str | None = None, report_only: bool =
     if _rank() != 0:
         return out_dir / "report.md"
     rows = read_results(out_dir)
-    return write_report(spec, cells, rows, out_dir, source=str(path))
+    report = write_report(spec, cells, rows, out_dir, source=str(path))
+    if readme:
+        from rbvl.experiment_report import update_readme
+
+        update_readme(Path(readme), out_dir)
+    return report
 
 
 def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
@@ -448,7 +460,24 @@ def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
         "cost": _plain(summary.get("cost")),
         "train_flops": summary.get("train_flops"),
         "config": to_dict(cfg),
+        "machine": machine(),
         "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def machine() -> dict:
+    """Where a run ran, for the report and the README (its timings mean something only there)."""
+    import platform
+
+    import torch
+
+    return {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

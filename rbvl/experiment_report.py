@@ -99,8 +99,8 @@ def _resolve(name: str, groups: dict, k: int | None) -> str | None:
     return key if key in groups else None
 
 
-def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> Path:
-    """report.md + summary.json + PNG plots in `out` from the finished rows; returns report.md."""
+def summarise_experiment(spec, rows: list[dict]) -> tuple[dict, str | None, str | None]:
+    """(summary, baseline group, headline group) from the finished rows: what report.md and the README print."""
     main = groups = _groups(rows)
     base_key = _resolve(spec.baseline, groups, spec.data.k)
     head_key = _resolve(spec.headline, groups, spec.data.k)
@@ -123,16 +123,31 @@ def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> 
     summary["cost"] = _cost_table(main)
     summary["k_sweep"] = _k_sweep(rows, spec)
     summary["domains_differ"] = _domains_differ(main.get(base_key) or [])
+    return summary, base_key, head_key
+
+
+def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> Path:
+    """report.md + summary.json + PNG plots in `out` from the finished rows; returns report.md."""
+    main = _groups(rows)
+    summary, base_key, head_key = summarise_experiment(spec, rows)
     plots = _plots(main, summary, out, base_key)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     lines = [f"# {spec.name}: R&B against its ablations and peers", ""]
     if spec.notes:
         lines += [spec.notes.strip(), ""]
+    where = (rows[0].get("machine") if rows else None) or {  # where the runs ran (rows of rbvl ≤ 0.2: here)
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": _torch_version(),
+    }
+    finished = sorted(r["finished"] for r in rows if r.get("finished"))
     lines += [
         f"Produced by `rbvl experiment {source}` from {len(rows)} finished runs ({out / 'results.jsonl'}); "
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, torch {_torch_version()}; "
-        f"written {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"machine: {where['machine']}, {where['cpus']} CPUs, {where['platform']}, torch {where['torch']}"
+        + (f"; runs finished {finished[0]} to {finished[-1]}" if finished else "")
+        + f"; report written {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
         f"Metric: final eval loss over every eval token (`{METRIC}`): the same eval records for every grouping, "
         "so original and regrouped domains compare directly. The q-weighted loss (each grouping's own eval "
@@ -342,3 +357,94 @@ def _plots(groups: dict, summary: dict, out: Path, base_key: str | None) -> list
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# README blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+BLOCK_BEGIN = "<!-- results:{path} -->"
+BLOCK_END = "<!-- /results:{path} -->"
+
+
+def readme_block(out: Path, readme_dir: Path) -> str:
+    """The README's results block for the experiment in `out`, from its results.jsonl and experiment.yaml alone.
+
+    Main table (the cells at the experiment's k; mean ± std over seeds, the paired difference against the baseline
+    with its 95% interval and verdict, wall clock, extra FLOPs), the k sweep's correlations, the plots.
+    """
+    from rbvl.experiment import load_experiment, read_results
+
+    out = Path(out)
+    spec, _ = load_experiment(out / "experiment.yaml")
+    rows = read_results(out)
+    if not rows:
+        raise ValueError(f"{out / 'results.jsonl'}: no finished runs to report")
+    summary, base_key, head_key = summarise_experiment(spec, rows)
+    rel = Path(os.path.relpath(out, readme_dir)).as_posix()
+    machine = rows[0].get("machine") or {}
+    days = sorted({r["finished"][:10] for r in rows if r.get("finished")})
+    when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}" if days else "?"
+    lines = [
+        BLOCK_BEGIN.format(path=rel),
+        f"**{spec.name}**: `rbvl experiment {rel.replace('out/', '', 1)}.yaml`, {len(rows)} runs; "
+        f"{machine.get('cpus', '?')} CPUs ({machine.get('machine', '?')}), torch {machine.get('torch', '?')}, "
+        f"run {when}. Full report: [{rel}/report.md]({rel}/report.md).",
+        "",
+        f"| cell | seeds | eval loss (all tokens) | Δ vs {base_key} [95% CI] | verdict | wall s | extra FLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    k_main = f"regrouped-k{spec.data.k}/"
+    order = [g for g in summary["groups"] if g.startswith("original/") or g.startswith(k_main)]
+    order.sort(key=lambda g: (g != base_key, g != head_key, not g.startswith("original/"), g))
+    for g in order:
+        s, c = summary["groups"][g][METRIC], summary["cost"][g]
+        p = summary["paired"].get(g)
+        delta = (
+            "baseline"
+            if g == base_key
+            else "–"
+            if p is None
+            else f"{_fmt(p['mean'])} [{_fmt(p['low'])}, {_fmt(p['high'])}]"
+        )
+        verdict = "" if g == base_key or p is None else p["verdict"]
+        share = c["extra_flops_share"]
+        lines.append(
+            f"| {g}{' (headline)' if g == head_key else ''} | {s['n']} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | "
+            f"{delta} | {verdict} | {_fmt(c['wall_s'], 1)} | {'–' if share is None else f'{100 * share:.3f}%'} |"
+        )
+    sweep = summary["k_sweep"]
+    if sweep:
+        ks = ", ".join(sweep["by_k"])
+        c = sweep["loss_vs_silhouette"]
+        corr = (
+            "too few points for a correlation"
+            if c["pearson"] is None
+            else f"Pearson r = {c['pearson']:.3f} (p = {c['pearson_p']:.3g}), Spearman ρ = {c['spearman']:.3f}"
+        )
+        lines += ["", f"k sweep ({sweep['strategy']} at k = {ks}): eval loss against silhouette: {corr}."]
+    plots = [name for name in ("eval_loss.png", "k_sweep.png") if (out / name).exists()]
+    if plots:
+        lines += ["", " ".join(f"![{spec.name} {Path(n).stem}]({rel}/{n})" for n in plots)]
+    lines.append(BLOCK_END.format(path=rel))
+    return "\n".join(lines)
+
+
+def blocks_in(readme: str) -> list[str]:
+    """The experiment folders (relative to the README) whose results blocks the README holds."""
+    import re
+
+    return re.findall(r"<!-- results:(\S+) -->", readme)
+
+
+def update_readme(readme: Path, out: Path) -> None:
+    """Replace the README's results block for `out` (it must hold the two marker lines) with a fresh one."""
+    readme = Path(readme)
+    text = readme.read_text()
+    rel = Path(os.path.relpath(out, readme.parent)).as_posix()
+    begin, end = BLOCK_BEGIN.format(path=rel), BLOCK_END.format(path=rel)
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme}: no results block for {rel}; add the lines `{begin}` and `{end}` where it goes")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + readme_block(out, readme.parent) + tail)

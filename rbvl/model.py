@@ -40,7 +40,8 @@ is_tiny = tiny.is_tiny
 def load_model(cfg: ModelConfig, seed: int = 0):
     """(model, processor) for `cfg.name`: a hub id, a local folder, or a tiny model (`tiny-<family>`).
 
-    The processor of a text-only LM is its tokenizer."""
+    The processor of a text-only LM is its tokenizer. A tiny model's random weights come from `cfg.init_seed`, or
+    from `seed` (the run's) when that is -1."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     kwargs = {"dtype": DTYPES[cfg.dtype]}
@@ -49,7 +50,7 @@ def load_model(cfg: ModelConfig, seed: int = 0):
     if is_tiny(cfg.name):
         config, processor = tiny.build(cfg.name)
         auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
-        with _seeded(seed):
+        with _seeded(seed if cfg.init_seed < 0 else cfg.init_seed):
             model = auto.from_config(config, **kwargs)
     else:
         remote = {"trust_remote_code": cfg.trust_remote_code}

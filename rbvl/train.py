@@ -30,7 +30,7 @@ from rbvl.distributed import Distributed
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.metrics import MetricsLogger
 from rbvl.mix_context import build_mix_context
-from rbvl.mixing import PEERS, build_mixer
+from rbvl.mixing import PEERS, build_mixer, input_tokens
 from rbvl.model import apply_lora, is_tiny, load_model, save_base, trainable_summary
 from rbvl.plots import plot_run
 
@@ -156,7 +156,7 @@ def train(cfg: RunConfig) -> dict:
             if tracker is not None:
                 tracker.watch_loss(loss, normalizer=n_tokens)  # so it can undo 1/grad_accum and the fp16 scale
             scaler.scale(loss / cfg.train.grad_accum).backward()
-            window.add(token_loss.detach().sum(1), meta.label_tokens, meta.domain_ids)
+            window.add(token_loss.detach().sum(1), meta.label_tokens, meta.domain_ids, input_tokens(inputs))
             if mixer is not None:  # ODM's reward, DoReMi's excess loss: from the loss this step computed
                 token_loss = token_loss.detach()[:, :-1]  # (B, T-1)
                 mixer.observe({**inputs, "labels": labels}, meta, token_loss.sum(1), meta.label_tokens, token_loss)
@@ -244,6 +244,9 @@ def train(cfg: RunConfig) -> dict:
         "proportions": schedule.history(),
         "run_dir": str(run_dir),
         "cost": mixing_cost(mixer, tracker),
+        # this rank's training work in the mixers' terms (forward + 2 · backward, 2 · parameters FLOPs per token)
+        "train_tokens": window.input_tokens,
+        "train_flops": 3 * 2.0 * sum(p.numel() for p in model.parameters()) * window.input_tokens,
     }
     if tracker is not None:
         tracker.remove()
@@ -291,6 +294,7 @@ class WindowStats:
 
     def __init__(self, n_domains: int):
         self.m = n_domains
+        self.input_tokens = 0  # tokens this rank's forward passes processed since step 0 (not reset: the run's FLOPs)
         self.reset()
 
     def reset(self):
@@ -298,8 +302,11 @@ class WindowStats:
         self.steps = 0
 
     @torch.no_grad()
-    def add(self, loss_sum: torch.Tensor, tokens: torch.Tensor, domain_ids: torch.Tensor) -> None:
+    def add(
+        self, loss_sum: torch.Tensor, tokens: torch.Tensor, domain_ids: torch.Tensor, input_tokens: int = 0
+    ) -> None:
         """One micro-batch: loss_sum, tokens, domain_ids are (B,) per sample (the loop counts `steps` itself)."""
+        self.input_tokens += int(input_tokens)
         d = domain_ids.to(torch.long).cpu()
         self.stats[0].index_add_(0, d, loss_sum.double().cpu())
         self.stats[1].index_add_(0, d, tokens.double().cpu())
@@ -320,11 +327,12 @@ class WindowStats:
         }
 
     def state_dict(self) -> dict:
-        return {"stats": self.stats.clone(), "steps": self.steps}
+        return {"stats": self.stats.clone(), "steps": self.steps, "input_tokens": self.input_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = state["stats"].clone().double()
         self.steps = int(state["steps"])
+        self.input_tokens = int(state.get("input_tokens", 0))  # absent from checkpoints of rbvl 0.2
 
 
 def format_eval(step: int, names: list[str], result: dict) -> str:

@@ -15,7 +15,7 @@ def test_bench_balance_smoke(tmp_path, capsys):
     args = parser.parse_args(
         ["--recipe", "recipes/demo_tiny_rnb.yaml", "--domains", "8", "--sketch-dim", "4096", "--seq", "16",
          "--batch", "3", "--slice-domains", "3", "--rounds", "1", "--windows", "2", "--update-every", "1",
-         "--json", str(tmp_path / "b.json")]
+         "--no-peers", "--json", str(tmp_path / "b.json")]
     )  # fmt: skip
     result = run(args)
     full, sliced = result["full"], result["slice"]
@@ -26,3 +26,29 @@ def test_bench_balance_smoke(tmp_path, capsys):
     assert all(0 <= e < 1 for e in sliced["gram_rel_error"])
     out = capsys.readouterr().out
     assert "naive / sketched" in out and (tmp_path / "b.json").exists()
+
+
+def test_bench_balance_peers_side_by_side(capsys):
+    """Part 3 trains each strategy for real and reads every mixer's counted work the same way."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--recipe", "recipes/demo_tiny_rnb.yaml", "--domains", "4", "--slice-layers", "0", "--peer-steps", "3",
+         "--peer-warmup", "1", "--peer-rounds", "1", "--peer-strategies", "rnb,dga,doremi"]
+    )  # fmt: skip
+    rows = run(args)["peers"]["strategies"]
+    assert list(rows) == ["stratified", "rnb", "dga", "doremi"]  # stratified added: the overheads are against it
+    assert rows["stratified"]["wall_overhead"] == 0 and rows["stratified"]["extra_flops_share"] == 0
+    # R&B: no extra pass, only the tracker's FLOPs
+    assert rows["rnb"]["extra_forward_share"] == 0 and 0 < rows["rnb"]["extra_flops_share"] < 0.01
+    # DoReMi: the reference model reads every training token once more, forward only: 1/3 of training's FLOPs
+    assert rows["doremi"]["extra_forward_share"] == pytest.approx(1.0)
+    assert rows["doremi"]["extra_backward_share"] == 0
+    assert rows["doremi"]["extra_flops_share"] == pytest.approx(1 / 3)
+    # DGA: m + 1 held-out batches forward and backward every step
+    assert rows["dga"]["extra_backward_share"] == rows["dga"]["extra_forward_share"] > 0.5
+    assert rows["dga"]["extra_flops_share"] == pytest.approx(rows["dga"]["extra_forward_share"])
+    out = capsys.readouterr().out
+    assert "Peers, measured alike" in out and "doremi" in out

