@@ -458,6 +458,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
         "wall_s": wall,
         "resumed": resume,
         "cost": _plain(summary.get("cost")),
+        "train_tokens": summary.get("train_tokens"),
         "train_flops": summary.get("train_flops"),
         "config": to_dict(cfg),
         "machine": machine(),

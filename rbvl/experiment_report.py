@@ -186,6 +186,15 @@ def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> 
             f"{_fmt(dd['max'])} (spread {_fmt(dd['spread'])}; the seed-to-seed std of one domain's loss is at most "
             f"{_fmt(dd['max_seed_std'])}).",
         ]
+    natural = _resolve(spec.baseline.rsplit("/", 1)[0] + "/natural", summary["groups"], spec.data.k)
+    if natural in summary["paired"]:
+        p = summary["paired"][natural]
+        lines += [
+            "",
+            f"Does the mixture matter here? {natural} (sampling by domain size) against {base_key}: "
+            f"{_fmt(p['mean'])} [{_fmt(p['low'])}, {_fmt(p['high'])}], {p['verdict']}. When this is within noise, "
+            "the setting cannot tell mixers apart at these seeds either.",
+        ]
     lines += _k_sweep_lines(summary["k_sweep"])
     lines += _cost_lines(summary["cost"])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -413,6 +422,7 @@ def readme_block(out: Path, readme_dir: Path) -> str:
             f"| {g}{' (headline)' if g == head_key else ''} | {s['n']} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | "
             f"{delta} | {verdict} | {_fmt(c['wall_s'], 1)} | {'–' if share is None else f'{100 * share:.3f}%'} |"
         )
+    lines += ["", _reading(summary, spec, base_key, head_key)]
     sweep = summary["k_sweep"]
     if sweep:
         ks = ", ".join(sweep["by_k"])
@@ -448,3 +458,19 @@ def update_readme(readme: Path, out: Path) -> None:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(head + readme_block(out, readme.parent) + tail)
+
+
+def _reading(summary: dict, spec, base_key: str | None, head_key: str | None) -> str:
+    """One generated sentence: the verdicts the issue asks about (full R&B, Regroup alone, does the mixture matter)."""
+    said = []
+    for name, what in (
+        (head_key, "full R&B"),
+        (_resolve("original/stratified", summary["groups"], None), "the original domains (stratified)"),
+        (_resolve(spec.baseline.rsplit("/", 1)[0] + "/natural", summary["groups"], spec.data.k), "natural mixing"),
+    ):
+        p = summary["paired"].get(name)
+        if p:
+            said.append(f"{what}: {p['verdict']}")
+    if not said:
+        return f"No paired comparison against {base_key} yet."
+    return f"Against {base_key}, seed by seed: " + "; ".join(said) + "."

@@ -144,6 +144,7 @@ def train(cfg: RunConfig) -> dict:
         for micro in range(cfg.train.grad_accum):
             inputs, meta = next(batches)  # meta: BatchMeta, never passed to the model
             stream.consumed(meta)
+            n_input = input_tokens(inputs)  # counted on the loader's CPU tensors: no device sync
             inputs = {k: v.to(dist.device, non_blocking=True) for k, v in inputs.items()}
             labels = inputs.pop("labels")
             n_tokens = meta.label_tokens.sum().clamp(min=1)
@@ -156,7 +157,7 @@ def train(cfg: RunConfig) -> dict:
             if tracker is not None:
                 tracker.watch_loss(loss, normalizer=n_tokens)  # so it can undo 1/grad_accum and the fp16 scale
             scaler.scale(loss / cfg.train.grad_accum).backward()
-            window.add(token_loss.detach().sum(1), meta.label_tokens, meta.domain_ids, input_tokens(inputs))
+            window.add(token_loss.detach().sum(1), meta.label_tokens, meta.domain_ids, n_input)
             if mixer is not None:  # ODM's reward, DoReMi's excess loss: from the loss this step computed
                 token_loss = token_loss.detach()[:, :-1]  # (B, T-1)
                 mixer.observe({**inputs, "labels": labels}, meta, token_loss.sum(1), meta.label_tokens, token_loss)

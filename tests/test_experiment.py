@@ -28,6 +28,7 @@ FAST = [
 
 
 def experiment_file(tmp_path, **extra) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = {
         "name": "ci",
         "out": str(tmp_path / "out"),
@@ -177,3 +178,35 @@ def test_experiment_files_load_and_every_cell_validates(path):
         overrides = [*spec.overrides, *spec.strategy_overrides.get(cell.strategy, []), *cell.overrides]
         extra = ["mixing.reference=x"] if cell.strategy == "doremi" else []
         load_config(spec.recipe, [*overrides, f"mixing.strategy={cell.strategy}", *extra])
+
+
+@pytest.mark.slow
+def test_interrupted_cell_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """A cell stopped after its step-2 checkpoint resumes from it and ends where an uninterrupted run ends."""
+    import rbvl.checkpoint as ckpt
+
+    cells = [{"domains": "regrouped", "strategy": "rnb"}]
+    extra = {"overrides": [*FAST, "max_steps=4", "train.save_every=2", "balance.update_every=1",
+                           "balance.warmup_steps=1"], "cells": cells}  # fmt: skip
+    whole = run_experiment(experiment_file(tmp_path / "a", **extra), progress=False).parent
+    path = experiment_file(tmp_path / "b", **extra)
+    real_save = ckpt.save
+
+    def save_then_stop(run_dir, step, *args, **kwargs):
+        saved = real_save(run_dir, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C, right after the checkpoint
+        return saved
+
+    monkeypatch.setattr(ckpt, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(path, progress=False)
+    out = tmp_path / "b" / "out"
+    assert not (out / "results.jsonl").exists()  # nothing is reported for an unfinished cell
+    monkeypatch.setattr(ckpt, "save", real_save)
+    run_experiment(path, progress=False)
+    (a,) = [json.loads(x) for x in (whole / "results.jsonl").read_text().splitlines()]
+    (b,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert b["resumed"] and not a["resumed"]
+    assert b["eval"]["loss_per_domain"] == pytest.approx(a["eval"]["loss_per_domain"], abs=1e-6)
+    assert b["train_tokens"] == a["train_tokens"] > 0  # the run's token count survives the resume
