@@ -136,18 +136,20 @@ def print_peers(p: dict, full: dict | None = None) -> None:
         f"{p['warmup']}, {p['rounds']} alternating round(s); one eval measurement reads {p['eval_tokens']:,} tokens"
     )
     print(
-        f"  {'':12s}{'step (median)':>14s}{'vs stratified':>15s}{'extra fwd':>11s}{'extra bwd':>11s}"
+        f"  {'':12s}{'step (median)':>14s}{'vs stratified':>15s}{'per round':>11s}{'extra fwd':>11s}{'extra bwd':>11s}"
         f"{'extra FLOPs':>13s}{'mixer s':>9s}"
     )
     for s, r in p["strategies"].items():
         share = r["extra_flops_share"]
         print(
             f"  {s:12s}{r['step_s'] * 1000:11.1f} ms{100 * r['wall_overhead']:+13.1f} %"
+            f"{100 * r['wall_overhead_paired']:+9.1f} %"
             f"{_pct(r['extra_forward_share']):>11s}{_pct(r['extra_backward_share']):>11s}{_pct(share, 4):>13s}"
             f"{'–' if r['mixer_s'] is None else format(r['mixer_s'], '.2f'):>9s}"
         )
     print(
-        "  (extra fwd / bwd: tokens beyond training's, as a share of training's; FLOPs likewise, forward + 2·backward)"
+        "  (vs stratified: ratio of the medians; per round: median of the ratios within a round; extra fwd / bwd:\n"
+        "   tokens beyond training's, as a share of training's; FLOPs likewise, forward + 2·backward)"
     )
     if full:
         print(

@@ -113,17 +113,32 @@ def summarise_experiment(spec, rows: list[dict]) -> tuple[dict, str | None, str 
             "seeds": sorted(r["seed"] for r in rs),
         }
     if base_key:
-        base = {r["seed"]: r for r in main[base_key]}
         for g, rs in main.items():
-            if g == base_key:
-                continue
-            common = [r for r in rs if r["seed"] in base]
-            if common:
-                summary["paired"][g] = paired([r[METRIC] for r in common], [base[r["seed"]][METRIC] for r in common])
+            if g != base_key and (p := _paired_by_seed(rs, main[base_key])):
+                summary["paired"][g] = p
+    # Balance's own effect: every cell against stratified on the same domains; and the headline against the
+    # original domains' stratified cell (does full R&B beat what a user would run without rbvl?)
+    summary["paired_vs_stratified"] = {}
+    for g, rs in main.items():
+        ref = g.split("/")[0] + "/stratified"
+        if g != ref and ref in main and (p := _paired_by_seed(rs, main[ref])):
+            summary["paired_vs_stratified"][g] = {"reference": ref, **p}
+    if head_key and "original/stratified" in main:
+        p = _paired_by_seed(main[head_key], main["original/stratified"])
+        summary["headline_vs_original"] = {"reference": "original/stratified", **p} if p else None
     summary["cost"] = _cost_table(main)
     summary["k_sweep"] = _k_sweep(rows, spec)
     summary["domains_differ"] = _domains_differ(main.get(base_key) or [])
     return summary, base_key, head_key
+
+
+def _paired_by_seed(rows: list[dict], reference: list[dict]) -> dict | None:
+    """`paired` over the seeds both cells ran (None when they share none)."""
+    ref = {r["seed"]: r[METRIC] for r in reference}
+    common = [r for r in rows if r["seed"] in ref]
+    if not common:
+        return None
+    return paired([r[METRIC] for r in common], [ref[r["seed"]] for r in common])
 
 
 def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> Path:
@@ -178,6 +193,26 @@ def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> 
         if head_key in summary["paired"]:
             p = summary["paired"][head_key]
             lines += ["", f"Headline: {head_key} vs {base_key}: {_fmt(p['mean'])} ({p['verdict']})."]
+    vs_orig = summary.get("headline_vs_original")
+    if vs_orig:
+        lines.append(
+            f"Headline vs original/stratified (the original domains, no mixing): {_fmt(vs_orig['mean'])} "
+            f"[{_fmt(vs_orig['low'])}, {_fmt(vs_orig['high'])}] ({vs_orig['verdict']})."
+        )
+    others = {g: p for g, p in summary["paired_vs_stratified"].items() if p["reference"] != base_key}
+    if others:  # those against the baseline are in the table above
+        lines += [
+            "",
+            "## Against stratified on the same domains (the mixer's own effect; same seed, 95% t interval)",
+            "",
+            "| cell | against | n | mean difference | 95% interval | verdict |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for g, p in sorted(others.items()):
+            lines.append(
+                f"| {g} | {p['reference']} | {p['n']} | {_fmt(p['mean'])} | [{_fmt(p['low'])}, {_fmt(p['high'])}] | "
+                f"{p['verdict']} |"
+            )
     dd = summary["domains_differ"]
     if dd:
         lines += [
@@ -473,4 +508,8 @@ def _reading(summary: dict, spec, base_key: str | None, head_key: str | None) ->
             said.append(f"{what}: {p['verdict']}")
     if not said:
         return f"No paired comparison against {base_key} yet."
-    return f"Against {base_key}, seed by seed: " + "; ".join(said) + "."
+    text = f"Against {base_key}, seed by seed: " + "; ".join(said) + "."
+    vs_orig = summary.get("headline_vs_original")
+    if vs_orig:
+        text += f" Full R&B against original/stratified: {vs_orig['verdict']}."
+    return text
