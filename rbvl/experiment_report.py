@@ -485,6 +485,8 @@ def blocks_in(readme: str) -> list[str]:
 def update_readme(readme: Path, out: Path) -> None:
     """Replace the README's results block for `out` (it must hold the two marker lines) with a fresh one."""
     readme = Path(readme)
+    if not readme.is_file():
+        raise ValueError(f"--readme {readme}: no such file")
     text = readme.read_text()
     rel = Path(os.path.relpath(out, readme.parent)).as_posix()
     begin, end = BLOCK_BEGIN.format(path=rel), BLOCK_END.format(path=rel)
