@@ -29,6 +29,7 @@ demo: install
 	$(PY) -m data_tools.make_demo $(DEMO)/data --overwrite
 	$(VENV)/bin/rbvl-regroup --input $(DEMO)/data/train.json --eval $(DEMO)/data/eval.json \
 	    --embedder open_clip:rbvl-tiny --k 3,4,5,6,8 --out $(DEMO)/shards --overwrite
+	rm -rf $(DEMO)/runs  # the demo's own runs: a second `make demo` trains afresh
 	$(RBVL) train recipes/demo_tiny_rnb.yaml manifest=$(DEMO)/shards/manifest.json output_dir=$(DEMO)/runs/rnb
 	$(RBVL) train recipes/demo_tiny_rnb.yaml mixing.strategy=stratified \
 	    manifest=$(DEMO)/shards/manifest.json output_dir=$(DEMO)/runs/stratified
