@@ -429,9 +429,13 @@ def readme_block(out: Path, readme_dir: Path) -> str:
     machine = rows[0].get("machine") or {}
     days = sorted({r["finished"][:10] for r in rows if r.get("finished")})
     when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}" if days else "?"
+    source = out.parent.parent / f"{out.name}.yaml"  # experiments/out/NAME was written by experiments/NAME.yaml
+    if not source.is_file():
+        source = out / "experiment.yaml"  # the copy the run left (its `out` is this folder): it runs as well
+    command = f"rbvl experiment {Path(os.path.relpath(source, readme_dir)).as_posix()}"
     lines = [
         BLOCK_BEGIN.format(path=rel),
-        f"**{spec.name}**: `rbvl experiment {rel.replace('out/', '', 1)}.yaml`, {len(rows)} runs; "
+        f"**{spec.name}**: `{command}`, {len(rows)} runs; "
         f"{machine.get('cpus', '?')} CPUs ({machine.get('machine', '?')}), torch {machine.get('torch', '?')}, "
         f"run {when}. Full report: [{rel}/report.md]({rel}/report.md).",
         "",
