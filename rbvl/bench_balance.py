@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     from rbvl.config import load_config
 
+    if args.peers:
+        bench_peers.check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.recipe)

@@ -50,12 +50,9 @@ def add_arguments(p) -> None:
     p.add_argument("--peer-strategies", default=",".join(STRATEGIES), help="comma-separated subset")
 
 
-def peer_costs(args) -> dict:
-    """Train every strategy `--peer-rounds` times; returns step times, overheads and each mixer's counted work."""
-    from rbvl.bench_train import time_rbvl_train
-    from rbvl.config import load_config
-    from rbvl.synthetic import write_tiny_manifest
-
+def check_arguments(args) -> list[str]:
+    """The strategies to run (stratified first if not named), or SystemExit naming the bad option: called before
+    any part of the bench runs, so a typo does not wait for parts 1 and 2."""
     strategies = [s.strip() for s in args.peer_strategies.split(",") if s.strip()]
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown:
@@ -64,6 +61,18 @@ def peer_costs(args) -> dict:
         strategies.insert(0, "stratified")  # every overhead is against it
     if min(args.peer_steps, args.peer_warmup, args.peer_rounds) < 1:
         raise SystemExit("--peer-steps, --peer-warmup and --peer-rounds must be at least 1")
+    if args.peer_manifest and not Path(args.peer_manifest).is_file():
+        raise SystemExit(f"--peer-manifest {args.peer_manifest}: no such file")
+    return strategies
+
+
+def peer_costs(args) -> dict:
+    """Train every strategy `--peer-rounds` times; returns step times, overheads and each mixer's counted work."""
+    from rbvl.bench_train import time_rbvl_train
+    from rbvl.config import load_config
+    from rbvl.synthetic import write_tiny_manifest
+
+    strategies = check_arguments(args)
     logging.getLogger("rbvl").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     total = args.peer_warmup + args.peer_steps

@@ -52,3 +52,23 @@ def test_bench_balance_peers_side_by_side(capsys):
     assert rows["dga"]["extra_flops_share"] == pytest.approx(rows["dga"]["extra_forward_share"])
     out = capsys.readouterr().out
     assert "Peers, measured alike" in out and "doremi" in out
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--peer-strategies", "odm,fooo"], "--peer-strategies: unknown fooo"),
+        (["--peer-steps", "0"], "must be at least 1"),
+        (["--peer-manifest", "no/such/manifest.json"], "no such file"),
+    ],
+)
+def test_bench_balance_peer_options_checked_before_any_part_runs(option, message, monkeypatch):
+    import argparse
+
+    import rbvl.bench_balance as bench
+
+    monkeypatch.setattr(bench, "full_model_costs", lambda *a: pytest.fail("part 1 ran before the options were checked"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit, match=message):
+        run(parser.parse_args(["--recipe", "recipes/demo_tiny_rnb.yaml", *option]))
