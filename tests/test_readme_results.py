@@ -78,7 +78,9 @@ def test_update_readme_writes_the_block_from_results(tmp_path):
     assert table[0].startswith("| regrouped-k3/stratified | 3 | 0.5000 ± 0.0200 | baseline |")
     d = np.subtract(rnb, base)  # paired by seed, by hand
     half = 4.302652729911275 * d.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
-    assert f"| {d.mean():.4f} [{d.mean() - half:.4f}, {d.mean() + half:.4f}] | lower (better) beyond noise |" in table[1]
+    assert (
+        f"| {d.mean():.4f} [{d.mean() - half:.4f}, {d.mean() + half:.4f}] | lower (better) beyond noise |" in table[1]
+    )
     assert "0.100%" in table[1]  # extra FLOPs / training FLOPs
     assert "k = 2, 3, 4" in text and "Pearson r" in text
     update_readme(readme, out)
