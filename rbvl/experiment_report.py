@@ -518,4 +518,7 @@ def _reading(summary: dict, spec, base_key: str | None, head_key: str | None) ->
     vs_orig = summary.get("headline_vs_original")
     if vs_orig:
         text += f" Full R&B against original/stratified: {vs_orig['verdict']}."
+    alone = summary["paired_vs_stratified"].get("original/rnb")
+    if alone:
+        text += f" Balance alone (original/rnb against original/stratified): {alone['verdict']}."
     return text
