@@ -257,7 +257,7 @@ def write_label_manifest(opts) -> dict:
     from rbvl.records import RecordSpool, Rejects
     from rbvl.regroup import outdir
     from rbvl.regroup.pipeline import read_options, read_split
-    from rbvl.regroup.write import write_shards
+    from rbvl.regroup.write import cluster_entry, write_shards
 
     final = Path(opts.out)
     out = outdir.prepare(final, opts.overwrite)  # a staging folder inside opts.out
@@ -294,23 +294,9 @@ def write_label_manifest(opts) -> dict:
         spool.close()
     rejects.write(out / "rejects.jsonl")
     n_notes = images.write_notes(out, writers["train"].notes + writers["eval"].notes)
-    clusters = []
-    for c, name in enumerate(names):
-        train_shards, sizes = writers["train"].shards(c)
-        eval_shards, eval_sizes = writers["eval"].shards(c)
-        clusters.append(
-            {
-                "id": c,
-                "name": name,
-                "train_shards": train_shards,
-                "n_train": int(sum(sizes)),
-                "eval_shards": eval_shards,
-                "n_eval": int(sum(eval_sizes)),
-                "shard_sizes": sizes,
-                "eval_shard_sizes": eval_sizes,
-                "top_labels": [[name, int(sum(sizes))]],
-            }
-        )
+    clusters = [cluster_entry(c, name, writers["train"], writers["eval"]) for c, name in enumerate(names)]
+    for entry in clusters:  # one label per domain: all of its records
+        entry["top_labels"] = [[entry["name"], entry["n_train"]]]
     n_eval_kept = sum(c["n_eval"] for c in clusters)
     q = [c["n_eval"] / n_eval_kept for c in clusters] if n_eval_kept else []
     n_train_kept = sum(c["n_train"] for c in clusters)

@@ -26,7 +26,7 @@ from rbvl.regroup import gallery, outdir, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.options import RegroupOptions
-from rbvl.regroup.write import cluster_name, save_centroids, write_shards
+from rbvl.regroup.write import cluster_entry, cluster_name, save_centroids, write_shards
 
 
 def read_options(opts: RegroupOptions) -> ReadOptions:
@@ -152,24 +152,10 @@ def regroup(opts: RegroupOptions) -> dict:
     # ---- manifest (last)
     tops = C.top_labels(cl.labels, train_labels_src, cl.k)
     examples = report.examples_per_cluster(train, cl.labels, cl.distances, cl.k)
-    clusters = []
-    for c in range(cl.k):
-        train_shards, sizes = w_train.shards(c)
-        eval_shards, eval_sizes = w_eval.shards(c)
-        clusters.append(
-            {
-                "id": c,
-                "name": cluster_name(c),
-                "train_shards": train_shards,
-                "n_train": int(sum(sizes)),
-                "eval_shards": eval_shards,
-                "n_eval": int(sum(eval_sizes)),
-                "shard_sizes": sizes,
-                "eval_shard_sizes": eval_sizes,
-                "top_labels": tops[c],
-                "examples": examples[c],
-            }
-        )
+    clusters = [
+        cluster_entry(c, cluster_name(c), w_train, w_eval, top_labels=tops[c], examples=examples[c])
+        for c in range(cl.k)
+    ]
     n_written_train = sum(c["n_train"] for c in clusters)
     n_written_eval = sum(c["n_eval"] for c in clusters)
     counts = {

@@ -28,6 +28,23 @@ def cluster_name(c: int) -> str:
     return f"cluster_{c:03d}"
 
 
+def cluster_entry(c: int, name: str, train: _SplitWriter, eval_: _SplitWriter, **extra) -> dict:
+    """One domain of the manifest (docs/formats.md): its shards and sizes in both splits, plus `extra` fields."""
+    train_shards, sizes = train.shards(c)
+    eval_shards, eval_sizes = eval_.shards(c)
+    return {
+        "id": c,
+        "name": name,
+        "train_shards": train_shards,
+        "n_train": int(sum(sizes)),
+        "eval_shards": eval_shards,
+        "n_eval": int(sum(eval_sizes)),
+        "shard_sizes": sizes,
+        "eval_shard_sizes": eval_sizes,
+        **extra,
+    }
+
+
 class _SplitWriter:
     """One lazily opened `webdataset.ShardWriter` per cluster of one split; counts samples per shard."""
 
