@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl import manifest as manifest_file
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", default=None, help="a regroup manifest.json (default: generated shards)")
@@ -69,12 +71,8 @@ def make_shards(root: Path, n_domains: int, n: int, maxcount: int, seed: int = 0
                 sink.write(sample)
         shards = sorted(p.relative_to(root).as_posix() for p in folder.glob("*.tar"))
         sizes = [min(maxcount, n - k * maxcount) for k in range(len(shards))]
-        clusters.append(
-            {"id": d, "name": f"cluster_{d:03d}", "train_shards": shards, "n_train": n, "shard_sizes": sizes}
-        )
-    manifest = {"format": "rbvl-regroup/1", "clusters": clusters, "eval_distribution": [], "k": n_domains}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root / "manifest.json"
+        clusters.append(manifest_file.domain_entry(d, f"cluster_{d:03d}", shards, sizes))
+    return manifest_file.write(root, manifest_file.build(clusters))
 
 
 # ---------------------------------------------------------------- the two sides

@@ -156,11 +156,10 @@ def cmd_train(args) -> int:
 
 def _note_empty_eval(manifest: str) -> None:
     """Say it up front when the manifest has no eval records (eval loss is then reported as null)."""
-    import json
-    from pathlib import Path
+    from rbvl import manifest as manifest_file
 
     try:
-        clusters = json.loads(Path(manifest).read_text())["clusters"]
+        clusters = manifest_file.read(manifest)["clusters"]
         n_eval = sum(int(c.get("n_eval", 0)) for c in clusters)
     except Exception:  # noqa: BLE001 - a broken manifest gets its own error from training
         return

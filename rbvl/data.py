@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from rbvl import manifest as manifest_file
 from rbvl.collate import Encoder, to_messages  # noqa: F401  (to_messages: rbvl 0.1's import path)
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,11 @@ def load_domains(manifest_path: str | Path, check_eval: bool = True) -> Domains:
     path = Path(manifest_path)
     if not str(manifest_path):
         raise DataError("no manifest given: set manifest=path/to/manifest.json (written by rbvl-regroup)")
-    if not path.is_file():
-        raise DataError(f"manifest not found: {path} (run rbvl-regroup first; the manifest is written last)")
     try:
-        manifest = json.loads(path.read_text())
-        clusters = manifest["clusters"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a regroup manifest ({e})") from None
+        manifest = manifest_file.read(path)
+    except manifest_file.ManifestError as e:
+        raise DataError(str(e)) from None
+    clusters = manifest["clusters"]
     root = path.parent
     domains = []
     for c in clusters:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rbvl import manifest as manifest_file
 from rbvl.config import ConfigError, from_dict
 
 log = logging.getLogger(__name__)
@@ -300,25 +301,23 @@ def write_label_manifest(opts) -> dict:
     n_eval_kept = sum(c["n_eval"] for c in clusters)
     q = [c["n_eval"] / n_eval_kept for c in clusters] if n_eval_kept else []
     n_train_kept = sum(c["n_train"] for c in clusters)
-    manifest = {
-        "format": "rbvl-regroup/1",
-        "grouping": "original labels",
-        "embedder": {"name": "none (grouped by the source's label)"},
-        "input": {"train": list(opts.input), "eval": list(opts.eval)},
-        "k": len(names),
-        "sweep": [],
-        "clusters": clusters,
-        "eval_distribution": q,
-        "train_distribution": [c["n_train"] / n_train_kept for c in clusters],
-        "counts": {
+    manifest = manifest_file.build(
+        clusters,
+        eval_distribution=q,
+        grouping="original labels",
+        embedder={"name": "none (grouped by the source's label)"},
+        input={"train": list(opts.input), "eval": list(opts.eval)},
+        sweep=[],
+        train_distribution=[c["n_train"] / n_train_kept for c in clusters],
+        counts={
             "train": {"in": n_train, "written": n_train_kept, "rejected": rejects.count("train")},
             "eval": {"in": n_eval, "written": n_eval_kept, "rejected": rejects.count("eval")},
         },
-        "seed": opts.seed,
-        "shard_order": {"shuffled": True, "seed": opts.seed},
-        "rejects": "rejects.jsonl",
-        "image_notes": {"file": images.NOTES if n_notes else None, "count": n_notes},
-    }
+        seed=opts.seed,
+        shard_order={"shuffled": True, "seed": opts.seed},
+        rejects="rejects.jsonl",
+        image_notes={"file": images.NOTES if n_notes else None, "count": n_notes},
+    )
     outdir.commit(out, Path(opts.out), manifest)  # moved into place, manifest last
     return manifest
 
@@ -326,7 +325,7 @@ def write_label_manifest(opts) -> dict:
 def silhouette_of(manifest_path: Path, k: int | None) -> float | None:
     if k is None:
         return None
-    sweep = json.loads(Path(manifest_path).read_text()).get("sweep") or []
+    sweep = manifest_file.read(manifest_path).get("sweep") or []
     return next((s.get("silhouette") for s in sweep if s.get("k") == k), None)
 
 
@@ -436,7 +435,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
         "sweep": cell.sweep,
         "run_dir": str(run_dir),
         "manifest": str(manifest),
-        "domain_names": [c["name"] for c in json.loads(Path(manifest).read_text())["clusters"]],
+        "domain_names": [c["name"] for c in manifest_file.read(manifest)["clusters"]],
         "silhouette": silhouette_of(manifest, cell.k),
         "eval_loss_q": ev["loss"],
         "eval_loss_all": token_weighted(ev),

@@ -21,6 +21,8 @@ def write_tiny_manifest(root, n_domains: int = 3, n_train: int = 24, n_eval: int
     import webdataset as wds
     from PIL import Image
 
+    from rbvl import manifest as manifest_file
+
     root = Path(root)
     rng = random.Random(seed)
     colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -60,29 +62,35 @@ def write_tiny_manifest(root, n_domains: int = 3, n_train: int = 24, n_eval: int
 
     clusters = []
     for d in range(n_domains):
-        entry = {"id": d, "name": f"cluster_{d:03d}", "top_labels": [[f"label{d}", n_train]], "examples": []}
+        shards, sizes = {}, {}
         for split, n in (("train", n_train), ("eval", n_eval)):
             folder = root / split / f"cluster_{d:03d}"
             folder.mkdir(parents=True, exist_ok=True)
-            with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=max(1, n // 2), verbose=0) as sink:
+            per_shard = max(1, n // 2)
+            with wds.ShardWriter(str(folder / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
                 for i in range(n):
                     sink.write(sample(d, i, split))
-            shards = sorted(p.relative_to(root).as_posix() for p in folder.glob("*.tar"))
-            entry[f"{split}_shards"] = shards
-            entry[f"n_{split}"] = n
-        entry["shard_sizes"] = [max(1, n_train // 2)] * (len(entry["train_shards"]) - 1)
-        entry["shard_sizes"].append(n_train - sum(entry["shard_sizes"]))
-        clusters.append(entry)
-    manifest = {
-        "format": "rbvl-regroup/1",
-        "tool_version": "test",
-        "embedder": {"name": "none"},
-        "k": n_domains,
-        "sweep": [],
-        "clusters": clusters,
-        "eval_distribution": [1.0 / n_domains] * n_domains,
-        "train_distribution": [1.0 / n_domains] * n_domains,
-        "counts": {"train": {"in": n_train * n_domains, "written": n_train * n_domains, "rejected": 0}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root / "manifest.json"
+            shards[split] = sorted(p.relative_to(root).as_posix() for p in folder.glob("*.tar"))
+            sizes[split] = [min(per_shard, n - k * per_shard) for k in range(len(shards[split]))]
+        clusters.append(
+            manifest_file.domain_entry(
+                d,
+                f"cluster_{d:03d}",
+                shards["train"],
+                sizes["train"],
+                shards["eval"],
+                sizes["eval"],
+                top_labels=[[f"label{d}", n_train]],
+                examples=[],
+            )  # fmt: skip
+        )
+    uniform = [1.0 / n_domains] * n_domains
+    manifest = manifest_file.build(
+        clusters,
+        eval_distribution=uniform,
+        embedder={"name": "none"},
+        sweep=[],
+        train_distribution=uniform,
+        counts={"train": {"in": n_train * n_domains, "written": n_train * n_domains, "rejected": 0}},
+    )
+    return manifest_file.write(root, manifest)

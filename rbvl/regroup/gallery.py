@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl import manifest as manifest_file
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.gallery_page import draw_plots, render
 
@@ -161,16 +162,12 @@ def after_regroup(out: Path, manifest: dict, ids: list[str], x: np.ndarray, enab
 
 
 def read_manifest(out: Path) -> dict:
-    path = Path(out) / "manifest.json"
-    if not path.is_file():
+    if not (Path(out) / manifest_file.FILENAME).is_file():
         raise RegroupError(f"no manifest.json in {out} (is it a finished rbvl-regroup output?)")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RegroupError(f"{path} cannot be read as JSON: {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("clusters"), list):
-        raise RegroupError(f"{path} is not a regroup manifest (no 'clusters' list)")
-    return manifest
+        return manifest_file.read(Path(out) / manifest_file.FILENAME)
+    except manifest_file.ManifestError as e:
+        raise RegroupError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

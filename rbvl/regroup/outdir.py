@@ -15,14 +15,15 @@ One regroup at a time per OUT (`rbvl.runlock`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
+from rbvl import manifest as manifest_file
 from rbvl import runlock
 from rbvl.regroup.errors import RegroupError
-from rbvl.regroup.write import MANIFEST, write_manifest
+
+MANIFEST = manifest_file.FILENAME
 
 STAGING = ".staging"
 MARK = ".rbvl-staging"  # inside the staging folder: it is ours to remove
@@ -69,11 +70,9 @@ def prepare(out: str | Path, overwrite: bool) -> Path:
 def previous_files(out: Path) -> list[str]:
     """The files (relative to OUT) that the regroup output in OUT wrote, from its manifest."""
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise RegroupError(f"{out / MANIFEST} cannot be read ({e}); remove the old output by hand") from None
-    if not isinstance(manifest, dict):
-        raise RegroupError(f"{out / MANIFEST} is not a regroup manifest; remove the old output by hand")
+        manifest = manifest_file.read(out / MANIFEST)
+    except manifest_file.ManifestError as e:
+        raise RegroupError(f"{e}; remove the old output by hand") from None
     if "files" in manifest:
         files = list(manifest["files"])
     else:
@@ -104,7 +103,7 @@ def commit(staging: Path, out: Path, manifest: dict) -> Path:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / rel, out / rel)
     shutil.rmtree(staging)
-    path = write_manifest(out, {**manifest, "files": new})
+    path = manifest_file.write(out, {**manifest, "files": new})
     runlock.release(out)
     return path
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-import rbvl
 from rbvl import images
+from rbvl import manifest as manifest_file
 from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, read_records
 from rbvl.regroup import cluster as C
 from rbvl.regroup import gallery, outdir, report
@@ -172,29 +172,26 @@ def regroup(opts: RegroupOptions) -> dict:
             "`rbvl train` will report no eval loss",
             file=sys.stderr,
         )
-    manifest = {
-        "format": "rbvl-regroup/1",
-        "tool_version": rbvl.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "embedder": embedder.manifest_entry(),
-        "input": {"train": list(opts.input), "eval": list(opts.eval), "format": _input_format(train, opts)},
-        "k": cl.k,
-        "sweep": cl.sweep,
-        "centroids": centroids,
-        "clusters": clusters,
-        "eval_distribution": C.distribution(eval_labels, cl.k),
-        "train_distribution": C.distribution(cl.labels, cl.k),
-        "labels": labels,
-        "counts": counts,
-        "seed": opts.seed,
-        "shard_order": {"shuffled": True, "seed": opts.seed},
-        "clustering": {
+    manifest = manifest_file.build(
+        clusters,
+        eval_distribution=C.distribution(eval_labels, cl.k),
+        created=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        embedder=embedder.manifest_entry(),
+        input={"train": list(opts.input), "eval": list(opts.eval), "format": _input_format(train, opts)},
+        sweep=cl.sweep,
+        centroids=centroids,
+        train_distribution=C.distribution(cl.labels, cl.k),
+        labels=labels,
+        counts=counts,
+        seed=opts.seed,
+        shard_order={"shuffled": True, "seed": opts.seed},
+        clustering={
             "algorithm": "MiniBatchKMeans" if len(train) > opts.minibatch_above else "KMeans",
             "metric": "euclidean on L2-normalised embeddings",
         },
-        "rejects": "rejects.jsonl",
-        "image_notes": {"file": images.NOTES if n_notes else None, "count": n_notes},
-    }
+        rejects="rejects.jsonl",
+        image_notes={"file": images.NOTES if n_notes else None, "count": n_notes},
+    )
     report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
     everything.close()
     outdir.commit(out, final, manifest)  # the old output out (only with --overwrite), the new one in, manifest last

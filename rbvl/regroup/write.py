@@ -10,18 +10,14 @@ Layout and fields follow docs/formats.md:
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from rbvl import images
+from rbvl import images, manifest
 from rbvl.records import Rejects, sanitize_key
 
-MANIFEST = "manifest.json"
 SPLIT_CODES = {"train": 0, "eval": 1}  # seeds the write order of each split
-FORMAT = "rbvl-regroup/1"
 
 
 def cluster_name(c: int) -> str:
@@ -30,19 +26,7 @@ def cluster_name(c: int) -> str:
 
 def cluster_entry(c: int, name: str, train: _SplitWriter, eval_: _SplitWriter, **extra) -> dict:
     """One domain of the manifest (docs/formats.md): its shards and sizes in both splits, plus `extra` fields."""
-    train_shards, sizes = train.shards(c)
-    eval_shards, eval_sizes = eval_.shards(c)
-    return {
-        "id": c,
-        "name": name,
-        "train_shards": train_shards,
-        "n_train": int(sum(sizes)),
-        "eval_shards": eval_shards,
-        "n_eval": int(sum(eval_sizes)),
-        "shard_sizes": sizes,
-        "eval_shard_sizes": eval_sizes,
-        **extra,
-    }
+    return manifest.domain_entry(c, name, *train.shards(c), *eval_.shards(c), **extra)
 
 
 class _SplitWriter:
@@ -143,14 +127,6 @@ def write_shards(
     finally:
         writer.close()
     return writer
-
-
-def write_manifest(out: Path, manifest: dict) -> Path:
-    """manifest.json via a temp file and os.replace, so its presence means everything else is complete."""
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / MANIFEST)
-    return out / MANIFEST
 
 
 def save_centroids(out: Path, centroids: np.ndarray) -> str:
