@@ -5,22 +5,32 @@ RUN_DIR/checkpoint-N/
     processor / tokenizer files                      so the adapter loads and generates on its own
     config.yaml                                      the resolved run config
     trainer_state.pt                                 trainable weights, optimizer, scheduler, step
-    rbvl_state.json                                  Balance state (the p schedule), step, world size
-    rank-000.pt, rank-001.pt ...                     per rank: RNG, stream readers + cursors, Balance window part,
-                                                     per-domain loss stats since the last log line
+    rbvl_state.json                                  the p schedule (under "balance"), step, world size
+    rank-000.pt, rank-001.pt ...                     per rank: RNG, stream readers + cursors, the mixer's state (R&B:
+                                                     its part of the Balance window), held-out draws, per-domain loss
+                                                     stats since the last log line
+
+A TrainState holds the live objects all of that comes from, so `save(run_dir, state)` / `load(path, state)` take one
+object; `open_run` decides at the start whether a run resumes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from rbvl import runlock
 from rbvl.config import dump_config
+
+log = logging.getLogger(__name__)
 
 STATE = "trainer_state.pt"
 RBVL_STATE = "rbvl_state.json"
@@ -40,16 +50,50 @@ def latest(run_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save(
-    run_dir, step, cfg, model, processor, optimizer, scheduler, stream, tracker, balancer, window, dist,
-    mixer=None, held_out=None,
-) -> Path:  # fmt: skip
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the run's live objects, and the optimizer step they have reached."""
+
+    cfg: Any
+    model: Any
+    processor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: Any  # MixtureStream: per-domain readers and cursors
+    schedule: Any  # ProportionSchedule: p over optimizer steps
+    mixer: Any  # rbvl.mixing.Mixer
+    held_out: Any  # HeldOut: the mixers' own draws
+    window: Any  # WindowStats: per-domain loss since the last log line
+    dist: Any
+    step: int = 0
+
+
+def open_run(cfg, dist) -> Path | None:
+    """Claim `cfg.output_dir` for this run (a lock, its config.yaml); the checkpoint to resume from, or None.
+
+    A folder that already holds a checkpoint is refused unless `resume=true`."""
+    run_dir = Path(cfg.output_dir)
+    if dist.is_main:  # one run per output_dir: a second one is refused while this one lives (released at exit)
+        runlock.acquire(run_dir, "rbvl train")
+    found = latest(run_dir)
+    if cfg.resume and found is None:
+        log.warning("resume=true but %s holds no checkpoint: starting from scratch", run_dir)
+    if not cfg.resume and found is not None:
+        raise CheckpointError(f"{run_dir} already holds a run; pass resume=true, or choose another output_dir")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    return found if cfg.resume else None
+
+
+def save(run_dir: str | Path, state: TrainState) -> Path:
     """Write `run_dir/checkpoint-{step}`: rank 0 the shared state, every rank its own; then one atomic rename.
 
-    What differs between ranks (RNG, the stream's readers and cursors, the tracker's part of the Balance window,
-    the per-domain loss stats since the last log line) goes into `rank-NNN.pt`, one per rank, so a resume under
+    What differs between ranks (RNG, the stream's readers and cursors, the mixer's part of the window, the held-out
+    draws, the per-domain loss stats since the last log line) goes into `rank-NNN.pt`, one per rank, so a resume under
     torchrun restores each rank exactly. The folder appears under its final name only once every file is in it.
     """
+    dist, step = state.dist, state.step
     final = Path(run_dir) / f"checkpoint-{step}"
     tmp = Path(run_dir) / f".tmp-checkpoint-{step}"
     if dist.is_main:
@@ -61,30 +105,29 @@ def save(
             "rank": dist.rank,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None,
-            "stream": stream.state_dict(),
-            "tracker": tracker.state_dict() if tracker is not None else {},
-            "window": window.state_dict(),
-            "mixer": mixer.state_dict() if mixer is not None else {},
-            "held_out": held_out.state_dict() if held_out is not None else {},
+            "stream": state.stream.state_dict(),
+            "window": state.window.state_dict(),
+            "mixer": state.mixer.state_dict(),
+            "held_out": state.held_out.state_dict() if state.held_out is not None else {},
         },
         tmp / RANK_STATE.format(dist.rank),
     )
     dist.barrier()
     if dist.is_main:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        dump_config(cfg, tmp / "config.yaml")
+        state.model.save_pretrained(tmp)
+        state.processor.save_pretrained(tmp)
+        dump_config(state.cfg, tmp / "config.yaml")
         torch.save(
             {
                 "step": step,
-                "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "trainable": {n: p.detach().cpu() for n, p in state.model.named_parameters() if p.requires_grad},
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
             },
             tmp / STATE,
         )
-        state = {"step": step, "world_size": dist.world_size, "balance": balancer.state_dict()}
-        (tmp / RBVL_STATE).write_text(json.dumps(state, indent=1))
+        shared = {"step": step, "world_size": dist.world_size, "balance": {"schedule": state.schedule.state_dict()}}
+        (tmp / RBVL_STATE).write_text(json.dumps(shared, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -92,11 +135,12 @@ def save(
     return final
 
 
-def load(path, model, optimizer, scheduler, stream, tracker, balancer, window, dist, mixer=None, held_out=None) -> dict:
-    """Restore everything `save` wrote into live objects, each rank its own part; returns the saved state."""
-    path = Path(path)
+def load(path: str | Path, state: TrainState) -> dict:
+    """Restore everything `save` wrote into `state`'s live objects, each rank its own part; returns the saved
+    rbvl_state.json (step, world size, schedule)."""
+    path, dist = Path(path), state.dist
     try:
-        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+        saved = torch.load(path / STATE, map_location="cpu", weights_only=True)
         extra = json.loads((path / RBVL_STATE).read_text())
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
@@ -110,27 +154,29 @@ def load(path, model, optimizer, scheduler, stream, tracker, balancer, window, d
         mine = torch.load(rank_file, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot read this rank's state {rank_file}: {e}") from None
-    named = dict(model.named_parameters())
-    missing = sorted(set(state["trainable"]) ^ {n for n, p in named.items() if p.requires_grad})
+    named = dict(state.model.named_parameters())
+    missing = sorted(set(saved["trainable"]) ^ {n for n, p in named.items() if p.requires_grad})
     if missing:
         raise CheckpointError(f"{path} does not match this model's trainable parameters (e.g. {missing[0]})")
     with torch.no_grad():
-        for name, value in state["trainable"].items():
+        for name, value in saved["trainable"].items():
             named[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(mine["rng"])
     if mine["cuda_rng"] is not None and dist.device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda_rng"], dist.device)
-    if tracker is not None:
-        if not mine["tracker"]:
-            raise CheckpointError(f"{path} holds no Balance window (was it written with mixing.strategy=rnb?)")
-        tracker.load_state_dict(mine["tracker"])
-    stream.load_state_dict(mine["stream"])
-    window.load_state_dict(mine["window"])
-    if mixer is not None:
-        mixer.load_state_dict(mine["mixer"])
-    if held_out is not None:
-        held_out.load_state_dict(mine["held_out"])
-    balancer.load_state_dict(extra["balance"])
-    return {"step": state["step"], **extra}
+    mixer_state = mine["mixer"]
+    if not mixer_state and mine.get("tracker"):  # rbvl 0.3 kept R&B's window beside an empty mixer state
+        mixer_state = {"tracker": mine["tracker"]}
+    try:
+        state.mixer.load_state_dict(mixer_state)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    state.stream.load_state_dict(mine["stream"])
+    state.window.load_state_dict(mine["window"])
+    if state.held_out is not None:
+        state.held_out.load_state_dict(mine["held_out"])
+    state.schedule.load_state_dict(extra["balance"]["schedule"])
+    state.step = int(saved["step"])
+    return {"step": state.step, **extra}

@@ -16,6 +16,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -97,3 +99,54 @@ def _plain(value):
 
 def _is_num(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class WindowStats:
+    """Per-domain training loss between two log lines, from the per-token loss the step already computed."""
+
+    def __init__(self, n_domains: int):
+        self.m = n_domains
+        self.input_tokens = 0  # tokens this rank's forward passes processed since step 0 (not reset: the run's FLOPs)
+        self.reset()
+
+    def reset(self):
+        self.stats = torch.zeros(3, self.m, dtype=torch.float64)  # (loss sum, tokens, samples) per domain
+        self.steps = 0
+
+    @torch.no_grad()
+    def add(
+        self, loss_sum: torch.Tensor, tokens: torch.Tensor, domain_ids: torch.Tensor, input_tokens: int = 0
+    ) -> None:
+        """One micro-batch: loss_sum, tokens, domain_ids are (B,) per sample (the loop counts `steps` itself)."""
+        self.input_tokens += int(input_tokens)
+        d = domain_ids.to(torch.long).cpu()
+        self.stats[0].index_add_(0, d, loss_sum.double().cpu())
+        self.stats[1].index_add_(0, d, tokens.double().cpu())
+        self.stats[2].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+
+    def pop(self, dist) -> dict:
+        stats = self.stats.to(dist.device)
+        dist.all_reduce(stats)
+        loss_sum, tokens, samples = stats.cpu()
+        steps = self.steps
+        self.reset()
+        per_domain = torch.where(tokens > 0, loss_sum / tokens.clamp(min=1), torch.full_like(tokens, float("nan")))
+        return {
+            "loss": (loss_sum.sum() / tokens.sum().clamp(min=1)).item(),
+            "loss_per_domain": [None if math.isnan(x) else x for x in per_domain.tolist()],
+            "samples_per_domain": samples.tolist(),
+            "steps": steps,
+        }
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.clone(), "steps": self.steps, "input_tokens": self.input_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = state["stats"].clone().double()
+        self.steps = int(state["steps"])
+        self.input_tokens = int(state["input_tokens"])
+
+
+def format_eval(step: int, names: list[str], result: dict) -> str:
+    parts = [f"{n}={v:.3f}" for n, v in zip(names, result["loss_per_domain"]) if v is not None]
+    return f"eval @ {step}: mixture {result['loss']:.4f} | " + " ".join(parts)

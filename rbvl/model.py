@@ -71,6 +71,26 @@ def load_model(cfg: ModelConfig, seed: int = 0):
     return model, processor
 
 
+def prepare_model(cfg, run_dir: Path, rank: int = 0, device: torch.device | str = "cpu"):
+    """`rbvl train`'s model: load it, put LoRA on it, move it to `device`; returns (model, processor).
+
+    Adapters start the same on every rank (seeded by `cfg.seed`); dropout then differs between ranks, as their data
+    does. A tiny model's base is saved into `run_dir/base_model` (by rank 0) and the adapter points at it, so the
+    adapter reloads without rbvl."""
+    model, processor = load_model(cfg.model, seed=cfg.seed)
+    base = Path(run_dir) / "base_model"
+    if is_tiny(cfg.model.name) and rank == 0:
+        save_base(model, processor, base)
+    torch.manual_seed(cfg.seed)
+    model = apply_lora(model, cfg.lora)
+    torch.manual_seed(cfg.seed + rank)
+    if is_tiny(cfg.model.name) and hasattr(model, "peft_config"):
+        model.peft_config["default"].base_model_name_or_path = str(base.resolve())
+    model.to(device)
+    log.info(trainable_summary(model))
+    return model, processor
+
+
 class ModelError(RuntimeError):
     """A model or processor that cannot be loaded; the message names it."""
 

@@ -1,7 +1,7 @@
-"""What `rbvl train` hands the peer mixers (`rbvl.mixing`): held-out draws, a target sampler, losses, eval.
+"""What `rbvl train` hands the mixers: the schedule, held-out draws, a target sampler, losses, eval.
 
-    ctx, held_out = build_mix_context(cfg, model, domains, collator, dist, target, scheduler)
-    mixer = build_mixer(cfg.mixing.strategy, m, target, cfg.mixing, ctx, initial=p0, seed=cfg.seed)
+    ctx, held_out = build_mix_context(cfg, model, domains, collator, dist, target, scheduler, schedule)
+    mixer = build_mixer(cfg.mixing.strategy, m, target, cfg.mixing, ctx, seed=cfg.seed, balance=cfg.balance)
 
 The held-out readers are separate from the training stream (their own seed), so a mixer's extra passes never change
 what training draws; they count what they handed out, and `HeldOut.state_dict()` goes into each checkpoint, so a
@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rbvl import checkpoint as ckpt
 from rbvl.data import decode_or_none, domain_samples, read_shard
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
-from rbvl.mixing import MixContext
+from rbvl.families import head_patterns
+from rbvl.mixing.base import MixContext
+from rbvl.model import load_model
 
 
 class HeldOut:
@@ -78,6 +81,8 @@ class HeldOut:
         return {"counts": list(self.counts), "target_draws": self.target_draws}
 
     def load_state_dict(self, state: dict) -> None:
+        if not state:  # rbvl 0.3 saved no held-out state for R&B and static runs
+            return
         self.counts, self.target_draws = list(state["counts"]), int(state["target_draws"])
         self._readers.clear()
 
@@ -99,10 +104,7 @@ def per_sample_loss(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_reference(run_dir: str, cfg, device) -> torch.nn.Module:
     """A frozen model from `run_dir`'s newest checkpoint (base + adapter), for DoReMi's excess loss."""
-    from peft import PeftModel
-
-    from rbvl import checkpoint as ckpt
-    from rbvl.model import load_model
+    from peft import PeftModel  # only DoReMi needs it
 
     path = ckpt.latest(run_dir)
     if path is None:
@@ -116,7 +118,10 @@ def load_reference(run_dir: str, cfg, device) -> torch.nn.Module:
     return model
 
 
-def build_mix_context(cfg, model, domains, collator, dist, target, scheduler) -> tuple[MixContext, HeldOut]:
+def build_mix_context(
+    cfg, model, domains, collator, dist, target, scheduler, schedule=None
+) -> tuple[MixContext, HeldOut]:
+    """The context every mixer gets in `rbvl train`, and the held-out reader (its state goes into checkpoints)."""
     held_out = HeldOut(domains, collator, cfg.seed + dist.rank, dist.device, target)
     ctx = MixContext(
         model=model,
@@ -128,5 +133,10 @@ def build_mix_context(cfg, model, domains, collator, dist, target, scheduler) ->
         flops_per_token=2.0 * sum(p.numel() for p in model.parameters()),
         load_reference=lambda run_dir: load_reference(run_dir, cfg, dist.device),
         lr=lambda: scheduler.get_last_lr()[0],
+        schedule=schedule,
+        publish=None if schedule is None else lambda p, step: schedule.publish(p, after_step=step),
+        spread=dist.spread,
+        head_patterns=head_patterns(model) if cfg.balance.params == "head" else None,
+        fp16=cfg.train.precision == "fp16",
     )
     return ctx, held_out
