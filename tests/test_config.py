@@ -221,6 +221,30 @@ def test_there_are_recipes():
     assert "demo_tiny_rnb.yaml" in names
 
 
+# `python -m rbvl.cli ARGS` in a fresh interpreter, which then says whether torch was imported along the way.
+NO_TORCH_PROBE = """
+import runpy, sys
+sys.argv = ["rbvl", *sys.argv[1:]]
+try:
+    runpy.run_module("rbvl.cli", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    "args", [[], ["validate", "recipes/demo_tiny_rnb.yaml"], ["validate", "--help-config", "x"], ["--help"]]
+)
+def test_config_and_validate_never_import_torch(args):
+    """`rbvl validate` and `--help` stay instant: neither the config package nor the CLI's path to it imports torch."""
+    root = Path(__file__).parents[1]
+    code = "import sys, rbvl.config; print('torch imported:', 'torch' in sys.modules)" if not args else NO_TORCH_PROBE
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("torch imported: False"), r.stdout[-500:]
+
+
 def test_cli_validate_one_clear_line(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "rbvl.cli", *args], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""Regroup options: one typed dataclass, validated by the same layer as the training config (`rbvl.config`).
+"""Regroup options: one typed dataclass, checked by the field engine the training config uses (`rbvl.config.engine`).
 
 Defaults ← YAML (`--config`) ← `key=value` ← `--flags`. Every field below is a YAML key, a `key=value` override
 and a `--flag` (underscores become dashes); `rbvl-regroup --help` is generated from the fields and their docstrings.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from rbvl.config import Checked, ConfigError, from_dict, option, parse_override, read_yaml, set_dotted
+from rbvl.config.engine import Checked, ConfigError, from_dict, option, parse_override, read_yaml, set_dotted
 from rbvl.regroup.errors import RegroupError
 
 
