@@ -2,7 +2,7 @@
 
     domains = load_domains("shards/manifest.json")
     schedule = ProportionSchedule(len(domains), initial=p0, lag=loader_lag(2, 2))   # rbvl.balance; shared memory
-    stream = MixtureStream(domains, schedule, batch_size=8, collate=Collator(processor), num_workers=2)
+    stream = MixtureStream(domains, schedule, batch_size=8, collate=Encoder(processor), num_workers=2)
     loader = DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2)
     for step, (inputs, meta) in enumerate(loader, 1):                # meta: BatchMeta (domain ids, bookkeeping)
         stream.consumed(meta)                                         # advance the resumable state
@@ -43,7 +43,6 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rbvl import manifest as manifest_file
-from rbvl.collate import Encoder, to_messages  # noqa: F401  (to_messages: rbvl 0.1's import path)
 
 log = logging.getLogger(__name__)
 
@@ -147,34 +146,6 @@ def _check_eval_shards(domain: Domain) -> None:
             raise DataError(f"eval shard {shard} holds {got} samples, the manifest lists {want} (truncated?)")
     if sum(counted) != domain.n_eval:
         raise DataError(f"domain {domain.name}: eval shards hold {sum(counted)} samples, the manifest {domain.n_eval}")
-
-
-def initial_proportions(strategy: str, domains: Domains, weights: dict | None = None) -> list[float]:
-    """p at step 0: uniform (`stratified`, `rnb` and the peer mixers), by size (`natural`), or from named weights
-    (`manual`)."""
-    m = len(domains)
-    if strategy in ("stratified", "rnb", "odm", "dga", "doremi", "aioli"):
-        p = np.ones(m)
-    elif strategy == "natural":
-        p = np.array([d.n_train for d in domains.domains], dtype=float)
-    elif strategy == "manual":
-        p = np.zeros(m)
-        for key, w in (weights or {}).items():
-            index = _domain_index(str(key), domains.names)
-            p[index] = float(w)
-        if p.sum() <= 0:
-            raise DataError("mixing.weights give every domain weight 0")
-    else:
-        raise DataError(f"unknown mixing strategy {strategy!r}")
-    return (p / p.sum()).tolist()
-
-
-def _domain_index(key: str, names: list[str]) -> int:
-    if key in names:
-        return names.index(key)
-    if key.isdigit() and int(key) < len(names):
-        return int(key)
-    raise DataError(f"mixing.weights names unknown domain '{key}' (domains: {', '.join(names)})")
 
 
 def loader_lag(num_workers: int, prefetch_factor: int, grad_accum: int = 1) -> int:
@@ -601,16 +572,3 @@ def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_sa
         batch, _ = collate(samples, [d] * len(samples))
         if batch is not None:
             yield batch
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Collate
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class Collator(Encoder):
-    """Conversations → model inputs with the processor's chat template; loss only on assistant turns.
-
-    Every family (rbvl/families.py): image placeholders expanded by the processor, assistant-only labels, the
-    projector's rows and their domains; see rbvl.collate.Encoder.
-    """

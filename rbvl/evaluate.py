@@ -69,8 +69,9 @@ def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: 
     from peft import PeftModel
 
     from rbvl import checkpoint as ckpt
+    from rbvl.collate import Encoder
     from rbvl.config import load_config
-    from rbvl.data import Collator, load_domains
+    from rbvl.data import load_domains
     from rbvl.model import load_model
 
     path = Path(run_dir)
@@ -84,7 +85,7 @@ def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: 
     if (path / "adapter_config.json").exists():
         model = PeftModel.from_pretrained(model, path)
     domains = load_domains(manifest or cfg.manifest)
-    collator = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+    collator = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
     result = evaluate_domains(model, domains, collator, cfg.eval, target=domains.eval_distribution)
     print(f"{path}: mixture eval loss {result['loss']:.4f}")
     for name, loss in zip(domains.names, result["loss_per_domain"]):

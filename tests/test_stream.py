@@ -8,18 +8,17 @@ from conftest import write_tiny_manifest
 from torch.utils.data import DataLoader
 
 from rbvl.balance import ProportionSchedule
+from rbvl.collate import Encoder, to_messages
 from rbvl.data import (
-    Collator,
     DataError,
     MixtureStream,
     decode,
     domain_samples,
-    initial_proportions,
     load_domains,
     loader_lag,
     read_shard,
-    to_messages,
 )
+from rbvl.mixing import initial_proportions
 from rbvl.model import tiny_processor
 
 
@@ -39,7 +38,7 @@ def make_stream(domains, processor, p0, workers=0, batch_size=8, seed=0, **kw):
         domains,
         schedule,
         batch_size=batch_size,
-        collate=Collator(processor, max_length=128),
+        collate=Encoder(processor, max_length=128),
         seed=seed,
         num_workers=workers,
         **kw,
@@ -146,7 +145,7 @@ def test_resume_is_exact_with_workers(domains, processor):
 def test_collate_labels_only_assistant_turns(processor):
     from PIL import Image
 
-    collate = Collator(processor, max_length=256)
+    collate = Encoder(processor, max_length=256)
     samples = [
         {
             "conversation": [
@@ -186,7 +185,7 @@ def test_collate_works_with_another_chat_template(processor):
         "{% endfor %} [/INST]{% else %} {% for p in m['content'] %}{{ p['text'] }}{% endfor %}</s>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{% endif %}"
     )
-    batch, _ = Collator(other)(
+    batch, _ = Encoder(other)(
         [
             {
                 "conversation": [
@@ -221,12 +220,12 @@ def test_overlong_rules(processor):
         },
         {"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo"}], "image": None},
     ]
-    batch, stats = Collator(processor, max_length=40, overlong="truncate")(samples, [0, 1, 2])
+    batch, stats = Encoder(processor, max_length=40, overlong="truncate")(samples, [0, 1, 2])
     assert (stats["truncated"], stats["dropped"]) == (2, 0) and batch["input_ids"].shape == (3, 40)
-    batch, stats = Collator(processor, max_length=40, overlong="drop")(samples, [0, 1, 2])
+    batch, stats = Encoder(processor, max_length=40, overlong="drop")(samples, [0, 1, 2])
     assert (stats["truncated"], stats["dropped"]) == (0, 2) and stats["domain_ids"].tolist() == [2]
     assert "pixel_values" not in batch
-    batch, stats = Collator(processor, max_length=10, overlong="truncate")(samples[1:2], [1])
+    batch, stats = Encoder(processor, max_length=10, overlong="truncate")(samples[1:2], [1])
     assert batch is None and stats["dropped"] == 1, "cutting into the image tokens drops the sample"
 
 

@@ -143,8 +143,10 @@ def test_the_loops_window_is_the_token_mean_gradient_of_what_it_drew(tmp_path, t
     import torch
 
     from rbvl.balance import ProportionSchedule, select_modules
-    from rbvl.data import Collator, MixtureStream, initial_proportions, load_domains
+    from rbvl.collate import Encoder
+    from rbvl.data import MixtureStream, load_domains
     from rbvl.evaluate import causal_lm_token_loss
+    from rbvl.mixing import initial_proportions
     from rbvl.model import apply_lora, load_model
 
     cfg = config(
@@ -163,7 +165,7 @@ def test_the_loops_window_is_the_token_mean_gradient_of_what_it_drew(tmp_path, t
     model.train()
     stream = MixtureStream(
         domains, ProportionSchedule(3, initial=initial_proportions("rnb", domains)), batch_size=4,
-        collate=Collator(processor, max_length=cfg.data.max_length), seed=cfg.seed, grad_accum=2,
+        collate=Encoder(processor, max_length=cfg.data.max_length), seed=cfg.seed, grad_accum=2,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )  # fmt: skip
     batches = [b for _, b in zip(range(4), stream)]
