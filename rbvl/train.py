@@ -28,6 +28,7 @@ from rbvl.config import RunConfig, dump_config
 from rbvl.data import Collator, MixtureStream, initial_proportions, load_domains, loader_lag
 from rbvl.distributed import Distributed
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
+from rbvl.families import head_patterns
 from rbvl.metrics import MetricsLogger
 from rbvl.mix_context import build_mix_context
 from rbvl.mixing import PEERS, build_mixer, input_tokens
@@ -85,7 +86,13 @@ def train(cfg: RunConfig) -> dict:
     if rnb:
         # Reads each domain's gradient off the backward pass; sketched, its memory is m × sketch_dim.
         tracker = GradientTracker(
-            model, m, params=cfg.balance.params, sketch_dim=cfg.balance.sketch_dim, seed=cfg.seed, guard_nonfinite=fp16
+            model,
+            m,
+            params=cfg.balance.params,
+            sketch_dim=cfg.balance.sketch_dim,
+            seed=cfg.seed,
+            guard_nonfinite=fp16,
+            head_patterns=head_patterns(model) if cfg.balance.params == "head" else None,
         )
     balancer = Balancer.from_config(m, cfg.balance, target=target, schedule=schedule)
     collator = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
