@@ -115,7 +115,7 @@ def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from rbvl.balance import GradientTracker
-    from rbvl.families import is_text_only_config
+    from rbvl.families import head_patterns, is_text_only_config
     from rbvl.model import apply_lora
 
     config = model_config(cfg.model)
@@ -146,7 +146,13 @@ def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
     domain_ids = torch.randint(0, m, (B,), generator=gen)  # a micro-batch drawn from a uniform p
     out = {"tracked_params": 0, "step_flops": step_flops, "m": m, "K": cfg.balance.update_every}
     for name, dim in (("exact", 0), ("sketched", sketch_dim)):
-        tracker = GradientTracker(model, m, params=cfg.balance.params, sketch_dim=dim)
+        tracker = GradientTracker(
+            model,
+            m,
+            params=cfg.balance.params,
+            sketch_dim=dim,
+            head_patterns=head_patterns(model) if cfg.balance.params == "head" else None,
+        )
         D = tracker.n_params if dim == 0 else dim
         track = tracker.flops(domain_ids, T) * cfg.train.grad_accum
         gram = 2 * m * m * D + 4 * m * m  # every K steps: m² dot products of length D, then G q and the softmax
