@@ -121,8 +121,9 @@ def test_every_format_round_trips_through_regroup_and_a_training_step(tmp_path):
     import webdataset as wds
 
     from data_tools.regroup import main
+    from rbvl.collate import Encoder
     from rbvl.config import ModelConfig
-    from rbvl.data import Collator, decode
+    from rbvl.data import decode
     from rbvl.model import load_model
 
     images = tmp_path / "images"
@@ -179,7 +180,7 @@ def test_every_format_round_trips_through_regroup_and_a_training_step(tmp_path):
     with_image = [s for s in samples if s["image"] is not None]
     assert len(with_image) == len(files) - len(unreadable)
     model, processor = load_model(ModelConfig(name="tiny-llava"), seed=0)
-    collate = Collator(processor, max_length=256)
+    collate = Encoder(processor, max_length=256)
     result = collate(with_image, [0] * len(with_image))
     batch = result[0] if isinstance(result, tuple) else result
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "pixel_values")}

@@ -7,6 +7,7 @@ import torch
 from conftest import write_tiny_manifest
 from torch.utils.data import DataLoader
 
+from rbvl import tiny
 from rbvl.balance import ProportionSchedule
 from rbvl.collate import Encoder, to_messages
 from rbvl.data import (
@@ -19,12 +20,11 @@ from rbvl.data import (
     read_shard,
 )
 from rbvl.mixing import initial_proportions
-from rbvl.model import tiny_processor
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return tiny_processor()
+    return tiny.build("tiny-llava")[1]
 
 
 @pytest.fixture(scope="module")
