@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rbvl import tiny
+from rbvl import tiny as tiny_models
 from rbvl.config import LoraConfig, ModelConfig
 from rbvl.model import apply_lora, load_model, save_base, trainable_summary
 
@@ -34,7 +34,7 @@ def tiny():
 
 
 def test_tiny_processor_is_deterministic_and_expands_images():
-    a, b = tiny.build("tiny-llava")[1], tiny.build("tiny-llava")[1]
+    a, b = tiny_models.build("tiny-llava")[1], tiny_models.build("tiny-llava")[1]
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
     inputs = batch(a)
     image_id = a.tokenizer.convert_tokens_to_ids("<image>")
