@@ -1,4 +1,4 @@
-"""Peer mixers (rbvl/mixing.py): each update rule against a hand computation from its definition, p on the simplex,
+"""Peer mixers (rbvl/mixing/): each update rule against a hand computation from its definition, p on the simplex,
 and exact resume (a state_dict round trip through JSON mid-run gives the same p afterwards)."""
 
 import copy
