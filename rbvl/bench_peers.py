@@ -70,7 +70,7 @@ def peer_costs(args) -> dict:
     """Train every strategy `--peer-rounds` times; returns step times, overheads and each mixer's counted work."""
     from rbvl.bench_train import time_rbvl_train
     from rbvl.config import load_config
-    from rbvl.synthetic import write_tiny_manifest
+    from rbvl.data.synthetic import write_tiny_manifest
 
     strategies = check_arguments(args)
     logging.getLogger("rbvl").setLevel(logging.WARNING)

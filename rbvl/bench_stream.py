@@ -138,7 +138,8 @@ def timed_round(loader, args) -> float:
 
 
 def run(args) -> dict:
-    from rbvl.data import Collator, load_domains
+    from rbvl.data import load_domains
+    from rbvl.data.collate import Encoder as Collator
     from rbvl.model import tiny_processor
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -194,7 +194,7 @@ def time_trainer(cfg, samples: list[dict], balance: bool, warmup: int) -> float:
     """Seconds a (Balance)Trainer spent on steps warmup+1 … max_steps, from `on_step_end` times."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from rbvl.data import Collator
+    from rbvl.data.collate import Encoder as Collator
     from rbvl.integrations.hf import BalanceTrainer
     from rbvl.model import apply_lora, load_model
 
@@ -271,7 +271,7 @@ def load_samples(manifest: Path) -> list[dict]:
 def write_bench_manifest(root: Path, n_domains: int = 3, n_train: int = 64, n_eval: int = 4, seed: int = 0) -> Path:
     """A small regrouped shard set + manifest.json (rbvl.synthetic): domain 0 asks for an image's colour, domain 1 a
     sum (text only), domain d ≥ 2 a fixed phrase."""
-    from rbvl.synthetic import write_tiny_manifest
+    from rbvl.data.synthetic import write_tiny_manifest
 
     return write_tiny_manifest(root, n_domains=n_domains, n_train=n_train, n_eval=n_eval, seed=seed)
 

@@ -254,8 +254,7 @@ def write_label_manifest(opts) -> dict:
     no train record has, go to rejects.jsonl (`missing_field`), so the counts add up as in Regroup; so do eval ids
     also in train (`duplicate_id`, as Regroup does).
     """
-    from rbvl import images
-    from rbvl.records import RecordSpool, Rejects
+    from rbvl.records import RecordSpool, Rejects, images
     from rbvl.regroup import outdir
     from rbvl.regroup.pipeline import read_options, read_split
     from rbvl.regroup.write import cluster_entry, write_shards

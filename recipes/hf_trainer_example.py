@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from transformers import TrainingArguments
 
 from rbvl.config import LoraConfig, ModelConfig
-from rbvl.data import Collator
+from rbvl.data.collate import Encoder
 from rbvl.integrations.hf import BalanceTrainer  # R&B
 from rbvl.model import apply_lora, load_model
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> BalanceTrainer:
             target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
         ),
     )
-    chat = Collator(processor, max_length=128)
+    chat = Encoder(processor, max_length=128)
 
     def collate(features: list[dict]) -> dict:
         return chat(features, [f["domain"] for f in features])[0]  # model inputs only

@@ -1,4 +1,4 @@
-"""The image contract (rbvl/images.py): every format Pillow can write here survives regroup and a training step."""
+"""The image contract (rbvl/records/images.py): every format Pillow writes survives regroup and a training step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rbvl.images import EIGHT_BIT_MODES, ImageRejected, for_shard, open_rgb
+from rbvl.records.images import EIGHT_BIT_MODES, ImageRejected, for_shard, open_rgb
 
 SHARD_EXTS = {"png", "jpg", "webp"}
 
@@ -122,7 +122,8 @@ def test_every_format_round_trips_through_regroup_and_a_training_step(tmp_path):
 
     from data_tools.regroup import main
     from rbvl.config import ModelConfig
-    from rbvl.data import Collator, decode
+    from rbvl.data import decode
+    from rbvl.data.collate import Encoder
     from rbvl.model import load_model
 
     images = tmp_path / "images"
@@ -179,7 +180,7 @@ def test_every_format_round_trips_through_regroup_and_a_training_step(tmp_path):
     with_image = [s for s in samples if s["image"] is not None]
     assert len(with_image) == len(files) - len(unreadable)
     model, processor = load_model(ModelConfig(name="tiny-llava"), seed=0)
-    collate = Collator(processor, max_length=256)
+    collate = Encoder(processor, max_length=256)
     result = collate(with_image, [0] * len(with_image))
     batch = result[0] if isinstance(result, tuple) else result
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "pixel_values")}
