@@ -100,6 +100,7 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    mixer_state = dict(state.mixer.state_dict())
     torch.save(
         {
             "rank": dist.rank,
@@ -107,7 +108,8 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
             "cuda_rng": torch.cuda.get_rng_state(dist.device) if dist.device.type == "cuda" else None,
             "stream": state.stream.state_dict(),
             "window": state.window.state_dict(),
-            "mixer": state.mixer.state_dict(),
+            "tracker": mixer_state.pop("tracker", {}),  # R&B's Balance window keeps its own key (the 0.3 layout)
+            "mixer": mixer_state,
             "held_out": state.held_out.state_dict() if state.held_out is not None else {},
         },
         tmp / RANK_STATE.format(dist.rank),
@@ -166,9 +168,7 @@ def load(path: str | Path, state: TrainState) -> dict:
     torch.set_rng_state(mine["rng"])
     if mine["cuda_rng"] is not None and dist.device.type == "cuda":
         torch.cuda.set_rng_state(mine["cuda_rng"], dist.device)
-    mixer_state = mine["mixer"]
-    if not mixer_state and mine.get("tracker"):  # rbvl 0.3 kept R&B's window beside an empty mixer state
-        mixer_state = {"tracker": mine["tracker"]}
+    mixer_state = {**mine["mixer"], **({"tracker": mine["tracker"]} if mine.get("tracker") else {})}
     try:
         state.mixer.load_state_dict(mixer_state)
     except ValueError as e:

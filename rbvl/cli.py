@@ -17,6 +17,7 @@ import logging
 import sys
 
 from rbvl import __version__
+from rbvl.bench import BENCHMARKS
 
 
 class CliError(RuntimeError):
@@ -45,14 +46,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rbvl: error: {e}", file=sys.stderr)
             return 2
         raise
-
-
-BENCHMARKS = {
-    "regroup": ("rbvl.regroup.bench", "regroup pipeline throughput vs raw encode_image; k-means times"),
-    "balance": ("rbvl.bench_balance", "training step time with Balance on vs off; analytic FLOPs"),
-    "stream": ("rbvl.bench_stream", "mixture stream + collate vs a raw webdataset pipeline (same decode, workers)"),
-    "train": ("rbvl.bench_train", "rbvl train (stratified, rnb) and BalanceTrainer vs a plain HF Trainer, samples/s"),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(metavar="WHAT")
     for name, (module, text) in BENCHMARKS.items():
-        # The benchmark modules import torch and friends: build their options only when they run.
+        # The benchmark modules import torch and friends: build their options only when they run (rbvl/bench/).
         p = bench_sub.add_parser(name, help=text, description=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_bench, module=module, bench_name=name)

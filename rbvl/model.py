@@ -25,10 +25,7 @@ from rbvl.families import FamilyError, family_for, is_text_only_config
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny-llava"
-IMAGE_TOKEN = "<image>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CHAT_TEMPLATE = tiny.CHATML
 is_tiny = tiny.is_tiny
 
 
@@ -149,25 +146,6 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The tiny LLaVA (rbvl 0.1's names; every family's tiny model is in rbvl/tiny.py)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_tokenizer():
-    """The tiny LLaVA's byte-level BPE (vocab 512), trained in-process: deterministic, offline, reads any text."""
-    return tiny_processor().tokenizer
-
-
-def tiny_processor(image_size: int = 32, patch_size: int = 8):
-    return tiny.llava(image_size, patch_size)[1]
-
-
-def tiny_config(processor, hidden_size: int = 64, n_layers: int = 2, n_heads: int = 4, vocab_size: int | None = None):
-    """A LLaVA config: 2-layer Llama text model, 2-layer CLIP vision tower on 32 px images (16 image tokens)."""
-    return tiny.llava_config(processor, hidden_size, n_layers, n_heads, vocab_size)
 
 
 def save_base(model: nn.Module, processor, path: str | Path) -> None:

@@ -205,7 +205,7 @@ def llava(image_size: int = 32, patch_size: int = 8):
 
 
 def llava_config(processor, hidden_size: int = 64, n_layers: int = 2, n_heads: int = 4, vocab_size: int | None = None):
-    """The tiny LLaVA's config; `hidden_size` / `n_layers` scale its language model (rbvl.bench_balance)."""
+    """The tiny LLaVA's config; `hidden_size` / `n_layers` scale its language model (rbvl.bench.balance)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     tok = processor.tokenizer

@@ -17,8 +17,8 @@ from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig
 
+from rbvl import tiny
 from rbvl.integrations.hf import BalanceSFTTrainer  # R&B
-from rbvl.model import tiny_tokenizer
 
 DOMAINS = ["addition", "multiplication", "spelling"]
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny.build("tiny-llava")[1].tokenizer
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(

@@ -17,6 +17,7 @@ from rbvl.balance import (
     update_proportions,
     update_proportions_with_info,
 )
+from rbvl.families import head_patterns
 
 M = 3
 VOCAB = 128
@@ -118,7 +119,7 @@ def train_window(model, tracker, window, scale=1.0):
 @pytest.mark.parametrize("params", ["lora", "head", [r"layers\.1\.mlp\.down_proj$", r"lora_A"]])
 def test_domain_grads_are_the_token_mean_loss_gradients(params):
     model = tiny_lora(modules_to_save=["lm_head"] if params == "head" else None)
-    tracker = GradientTracker(model, M, params=params)
+    tracker = GradientTracker(model, M, params=params, head_patterns=head_patterns(model))
     expected = reference(model, tracker, WINDOW)
     train_window(model, tracker, WINDOW, scale=1024.0)  # grad_accum over 3 mixed micro-batches and a loss scale
     torch.testing.assert_close(tracker.domain_grads(), expected, rtol=1e-4, atol=1e-7)
@@ -170,10 +171,10 @@ def test_tied_head_reads_only_its_own_use():
     head = model.get_output_embeddings()
     head.weight.requires_grad_(True)
     assert head.weight is model.get_input_embeddings().weight
-    tracker = GradientTracker(model, M, params="head")
+    tracker = GradientTracker(model, M, params="head", head_patterns=head_patterns(model))
     untied = tiny_lora(tie=True)  # the same weights, the head given its own copy: its gradient is the head's use
     untied.get_output_embeddings().weight = torch.nn.Parameter(head.weight.detach().clone())
-    expected = reference(untied, GradientTracker(untied, M, params="head"), WINDOW)
+    expected = reference(untied, GradientTracker(untied, M, params="head", head_patterns=head_patterns(untied)), WINDOW)
     train_window(model, tracker, WINDOW)
     torch.testing.assert_close(tracker.domain_grads(), expected, rtol=1e-4, atol=1e-7)
 
@@ -187,7 +188,7 @@ def test_head_of_a_llava_includes_the_projector_per_image():
 
     model, processor = load_model(ModelConfig())
     model = apply_lora(model, RbvlLora(lora_dropout=0.0, modules_to_save=["multi_modal_projector", "lm_head"]))
-    tracker = GradientTracker(model, 2, params="head")
+    tracker = GradientTracker(model, 2, params="head", head_patterns=head_patterns(model))
     assert any("multi_modal_projector" in n for n in tracker.tracked_names)
     inputs = llava_batch(processor)  # sample 0 has the image, sample 1 is text only
     labels = inputs.pop("labels")
@@ -394,7 +395,7 @@ def test_balancer_windows_and_state():
         info = bal.step(step, tracker)
         if info is not None:
             updates.append(step)
-            assert info["applies_from"] == step + 2 and abs(sum(info["p"]) - 1) < 1e-9
+            assert info["applies_from_step"] == step + 2 and abs(sum(info["p"]) - 1) < 1e-9
     assert updates == [3, 5, 7]
     assert bal.proportions_at(4) == pytest.approx([1 / 3] * 3) and bal.proportions_at(5) != bal.proportions_at(4)
     other = Balancer(3, update_every=2, schedule=ProportionSchedule(3, lag=1))
@@ -413,3 +414,55 @@ def test_one_tracker_at_a_time():
     first.attach()
     train_window(model, first, WINDOW[:1])
     assert first.tokens.sum() > 0 and second.tokens.sum() == 0
+
+
+def test_balancer_step_is_commit_gram_update_reset_publish():
+    """Balancer.step's dict, by hand: p is update_proportions of the G the tracker holds at the window's end."""
+    model = tiny_lora(seed=4)
+    tracker = GradientTracker(model, 2, guard_nonfinite=True)
+    schedule = ProportionSchedule(2, lag=1)
+    bal = Balancer(2, target=[0.25, 0.75], update_every=3, lam=3.0, schedule=schedule)
+    for step, batch in enumerate([micro_batch([0, 1, 1], 11), micro_batch([1, 1, 0, 0], 12)], 1):
+        train_window(model, tracker, [batch])
+        assert bal.step(step, tracker) is None
+    G = tracker.gram()  # (2, 2): the window's G; the step that ends it overflows and must not join it
+    assert tracker.tokens.tolist() == [2 + 2 * 2, 2 * 5 + 2 * 5]
+    p_before = bal.proportions
+    ids, mask, lab, dom = micro_batch([0, 1], 13)
+    tracker.set_domains(dom, tokens=label_tokens(lab))
+    token_losses(model, ids, mask, lab).sum().backward()
+
+    info = bal.step(3, tracker, skip=True)
+    assert info is not None
+    assert info["p"] == pytest.approx(update_proportions(G, [0.25, 0.75], lam=3.0).tolist(), rel=1e-12)
+    assert info["p_before"] == p_before == [0.5, 0.5]
+    assert info["gram"] == G.tolist()
+    assert info["gram_eigenvalues"] == pytest.approx(torch.linalg.eigvalsh(G).tolist())
+    assert info["tokens"] == [6.0, 20.0] and info["stale"] == []
+    assert info["degenerate"] is None and info["skipped_steps"] == 1
+    assert info["applies_from_step"] == 3 + 1 + schedule.lag
+    assert bal.proportions_at(4) == pytest.approx(p_before) and bal.proportions_at(5) == pytest.approx(info["p"])
+    assert tracker.tokens.sum() == 0 and tracker.domain_grads().abs().sum() == 0, "the window is emptied"
+
+
+def test_head_needs_the_familys_patterns():
+    model = tiny_lora(modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match="head_patterns="):
+        GradientTracker(model, M, params="head")
+
+
+def test_balance_imports_torch_alone():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    code = "import json, sys, rbvl.balance; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    modules = json.loads(out)
+    rbvl = [n for n in modules if n.startswith("rbvl.") and not n.startswith("rbvl.balance")]
+    assert rbvl == [], rbvl
+    assert not [n for n in modules if n == "transformers" or n.startswith("transformers.")]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rbvl.bench_balance import add_arguments, run
+from rbvl.bench.balance import add_arguments, run
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_bench_balance_peers_side_by_side(capsys):
 def test_bench_balance_peer_options_checked_before_any_part_runs(option, message, monkeypatch):
     import argparse
 
-    import rbvl.bench_balance as bench
+    import rbvl.bench.balance as bench
 
     monkeypatch.setattr(bench, "full_model_costs", lambda *a: pytest.fail("part 1 ran before the options were checked"))
     parser = argparse.ArgumentParser()

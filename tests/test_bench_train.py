@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from rbvl import bench_train
+from rbvl.bench import train as bench_train
 from rbvl.data import load_domains
 
 

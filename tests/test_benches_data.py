@@ -16,7 +16,7 @@ def test_bench_stream_prints_both_rates_and_the_ratio(capsys):
 
 @pytest.mark.slow
 def test_bench_regroup_synthetic_reads_and_writes_every_record(tmp_path, capsys):
-    from rbvl.regroup.bench import make_synthetic_llava
+    from rbvl.bench.regroup import make_synthetic_llava
 
     size = make_synthetic_llava(tmp_path / "x.json", 50, image_share=0.5)
     rows = json.loads((tmp_path / "x.json").read_text())

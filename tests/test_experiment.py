@@ -9,8 +9,16 @@ import pytest
 import yaml
 from conftest import write_tiny_manifest
 
-from rbvl.experiment import Cell, expand, load_experiment, run_experiment, token_weighted, write_label_manifest
-from rbvl.experiment_report import correlation, paired
+from rbvl.experiment import (
+    Cell,
+    correlation,
+    expand,
+    load_experiment,
+    paired,
+    run_experiment,
+    token_weighted,
+    write_label_manifest,
+)
 
 FAST = [
     "max_steps=2",
@@ -192,9 +200,9 @@ def test_interrupted_cell_continues_from_its_checkpoint(tmp_path, monkeypatch):
     path = experiment_file(tmp_path / "b", **extra)
     real_save = ckpt.save
 
-    def save_then_stop(run_dir, step, *args, **kwargs):
-        saved = real_save(run_dir, step, *args, **kwargs)
-        if step == 2:
+    def save_then_stop(run_dir, state):
+        saved = real_save(run_dir, state)
+        if state.step == 2:
             raise KeyboardInterrupt  # the user's Ctrl-C, right after the checkpoint
         return saved
 
@@ -210,3 +218,51 @@ def test_interrupted_cell_continues_from_its_checkpoint(tmp_path, monkeypatch):
     assert b["resumed"] and not a["resumed"]
     assert b["eval"]["loss_per_domain"] == pytest.approx(a["eval"]["loss_per_domain"], abs=1e-6)
     assert b["train_tokens"] == a["train_tokens"] > 0  # the run's token count survives the resume
+
+
+def _imports_of(path, package: str) -> set[str]:
+    """Every rbvl module a file imports, at module level or inside functions (`from rbvl.x import y` counts y when
+    it is a module of the package)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("rbvl")}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: `.` is the package's own folder, `..` its parent
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            if base.startswith("rbvl"):
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names}
+    return found
+
+
+def test_experiment_package_has_no_import_cycle():
+    """spec ← report ← readme, and run → (spec, report, readme): no cycle, counting imports inside functions."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "rbvl" / "experiment"
+    modules = {"rbvl.experiment" + ("" if f.stem == "__init__" else f".{f.stem}"): f for f in sorted(root.glob("*.py"))}
+    graph = {m: sorted(_imports_of(f, "rbvl.experiment") & set(modules) - {m}) for m, f in modules.items()}
+    assert {"rbvl.experiment.spec", "rbvl.experiment.run", "rbvl.experiment.report"} <= set(graph)
+
+    done, on_path = set(), []
+
+    def visit(m):
+        if m in on_path:
+            cycle = on_path[on_path.index(m) :] + [m]
+            pytest.fail(f"import cycle: {' → '.join(cycle)} (graph: {graph})")
+        if m in done:
+            return
+        on_path.append(m)
+        for n in graph[m]:
+            visit(n)
+        on_path.pop()
+        done.add(m)
+
+    for m in graph:
+        visit(m)
+    assert graph["rbvl.experiment.spec"] == []  # the spec imports no other part of the package

@@ -15,7 +15,7 @@ from PIL import Image
 from rbvl.balance import GradientTracker
 from rbvl.config import LoraConfig, ModelConfig
 from rbvl.data.collate import Encoder
-from rbvl.families import FAMILIES, TINY_FAMILIES, family_for, introspect, markdown_table
+from rbvl.families import FAMILIES, TINY_FAMILIES, family_for, head_patterns, introspect, markdown_table
 from rbvl.model import apply_lora, load_model
 
 NAMES = sorted(TINY_FAMILIES)
@@ -224,7 +224,7 @@ def test_tracker_equals_separate_per_domain_backward(name):
     batch, info = encoder(samples, domains)
     m = 3
     for params in ("lora", "head"):
-        tracker = GradientTracker(model, m, params=params)
+        tracker = GradientTracker(model, m, params=params, head_patterns=head_patterns(model))
         if params == "head" and fam.head_linear:
             assert any(fam.projector in n for n in tracker.tracked_names), tracker.tracked_names
         rows = {}  # what the tracked projector layer sees: as many rows as image_domain_ids

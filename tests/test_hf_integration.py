@@ -84,9 +84,9 @@ def user_collators():
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from rbvl.model import tiny_processor
+    from rbvl import tiny
 
-    tok = tiny_processor().tokenizer
+    tok = tiny.build("tiny-llava")[1].tokenizer
 
     def strip_labels(collator):  # DataCollatorWithPadding pads what the tokenizer knows: no ragged labels
         return lambda feats: collator([{k: v for k, v in f.items() if k != "labels"} for f in feats])

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from rbvl import tiny as tiny_models
 from rbvl.config import LoraConfig, ModelConfig
-from rbvl.model import apply_lora, load_model, save_base, tiny_processor, trainable_summary
+from rbvl.model import apply_lora, load_model, save_base, trainable_summary
 
 
 def batch(processor):
@@ -33,7 +34,7 @@ def tiny():
 
 
 def test_tiny_processor_is_deterministic_and_expands_images():
-    a, b = tiny_processor(), tiny_processor()
+    a, b = tiny_models.build("tiny-llava")[1], tiny_models.build("tiny-llava")[1]
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
     inputs = batch(a)
     image_id = a.tokenizer.convert_tokens_to_ids("<image>")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rbvl.experiment_report import blocks_in, readme_block, update_readme
+from rbvl.experiment import blocks_in, readme_block, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("experiments/out/digits", "experiments/out/easyvqa", "experiments/out/reasoning")

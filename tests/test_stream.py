@@ -11,6 +11,7 @@ import torch
 from conftest import write_tiny_manifest
 from torch.utils.data import DataLoader
 
+from rbvl import tiny
 from rbvl.balance import ProportionSchedule
 from rbvl.data import (
     DataError,
@@ -23,12 +24,11 @@ from rbvl.data import (
 )
 from rbvl.data.collate import Encoder, to_messages
 from rbvl.mixing import initial_proportions
-from rbvl.model import tiny_processor
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return tiny_processor()
+    return tiny.build("tiny-llava")[1]
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ class MixingConfig(Checked):
     strategy: str = option("rnb", choices=MIXING_STRATEGIES)
     """`stratified` (uniform over domains), `natural` (by domain size), `manual` (`weights`), `rnb` (R&B Balance), or
     a peer for comparison: `odm` (Online Data Mixing), `dga` (gradient alignment, DoGE/DGA), `doremi` (needs
-    `reference`), `aioli`. See rbvl/mixing.py."""
+    `reference`), `aioli`. See rbvl/mixing/."""
     weights: dict[str, float] = option(factory=dict, check=_weights, allowed="domain → weight >= 0")
     """For `manual`: domain name (e.g. `cluster_003`) or index → weight; normalised; missing domains get 0."""
     reference: str = ""

@@ -45,6 +45,7 @@ from transformers import Trainer, TrainerCallback
 
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule, label_tokens
 from rbvl.config import BalanceConfig, from_dict
+from rbvl.families import head_patterns
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class BalanceMixin:
             self.model,
             n_domains,
             params=balance.params,
+            head_patterns=head_patterns(self.model) if balance.params == "head" else None,
             sketch_dim=balance.sketch_dim,
             seed=self.args.seed,
             guard_nonfinite=bool(self.args.fp16),

@@ -5,8 +5,8 @@
 
 Modules: `embed` (embedders, DataLoader decoding, resumable memmap cache), `cluster` (k-means, silhouette sweep,
 eval assignment), `write` (shards, rejects, manifest), `report` (summary.md, plots), `gallery` + `gallery_page`
-(gallery/index.html, `rbvl gallery`), `pipeline` (end to end), `bench` (`rbvl bench regroup`). The command line is
-`rbvl-regroup` (data_tools/regroup.py).
+(gallery/index.html, `rbvl gallery`), `pipeline` (end to end). The command line is `rbvl-regroup`
+(data_tools/regroup.py); `rbvl bench regroup` (rbvl/bench/regroup.py) measures it.
 """
 
 from rbvl.regroup.errors import RegroupError

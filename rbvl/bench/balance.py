@@ -4,7 +4,7 @@
     rbvl bench balance --recipe recipes/demo_tiny_rnb.yaml --slice-layers 2 --seq 64 --batch 4   # quick look
     rbvl bench balance --slice-layers 0 --peer-rounds 3          # the 7B table and the peers, no slice
 
-Two parts, both printed as one table.
+Three parts, all printed as one table.
 
 1. The recipe's full model, built on the meta device from the config shipped in `rbvl/assets/configs/` (no download,
    no memory): the tracker's accumulator memory (window + each domain's last seen gradient), the extra FLOPs of
@@ -21,12 +21,13 @@ Two parts, both printed as one table.
    The slice's sketch keeps the recipe's compression (tracked params per sketch number) unless `--slice-sketch-dim`.
 3. R&B against the peer mixers (odm, dga, doremi, aioli) in real training runs of a small model, every strategy's
    overhead measured the same way: wall clock per step against stratified in the same process, and the extra forward
-   and backward tokens and FLOPs each mixer counts (rbvl/bench_peers.py; `--no-peers` skips it).
+   and backward tokens and FLOPs each mixer counts (rbvl/bench/peers.py; `--no-peers` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import statistics
@@ -34,11 +35,20 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-from rbvl import bench_peers
+from rbvl.balance import GradientTracker, _sketch_into, label_tokens, update_proportions
+from rbvl.bench import peers
+from rbvl.bench._timing import alternate, medians, set_threads
+from rbvl.config import load_config
+from rbvl.families import head_patterns, is_text_only_config
+from rbvl.model import apply_lora, load_model
 
-CONFIGS = Path(__file__).parent / "assets" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs"
 GIB = 2**30
+MODES = ("off", "exact", "sketched", "naive")  # tracking on the CPU slice
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,16 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-every", type=int, default=2, help="K on the slice (steps per window)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", help="also write the results here")
-    bench_peers.add_arguments(p)
+    peers.add_arguments(p)
 
 
 def run(args) -> dict:
-    from rbvl.config import load_config
-
     if args.peers:
-        bench_peers.check_arguments(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        peers.check_arguments(args)
+    set_threads(args.threads)
     cfg = load_config(args.recipe)
     sketch_dim = args.sketch_dim or cfg.balance.sketch_dim or 2**20
     result = {"recipe": args.recipe, "model": cfg.model.name, "sketch_dim": sketch_dim}
@@ -80,7 +87,7 @@ def run(args) -> dict:
         except ValueError as e:  # e.g. a text config no causal-LM class builds alone (Qwen2-VL's)
             print(f"no CPU slice for {cfg.model.name}: {str(e).splitlines()[0]}")
     if args.peers:
-        result["peers"] = bench_peers.peer_costs(args)
+        result["peers"] = peers.peer_costs(args)
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -94,8 +101,6 @@ def run(args) -> dict:
 
 def model_config(model_cfg):
     """The recipe's model config: a local folder's config.json, the one shipped for a hub id, or a tiny model's."""
-    from transformers import AutoConfig
-
     name = model_cfg.name
     if Path(name, "config.json").exists():
         return AutoConfig.from_pretrained(name)
@@ -104,20 +109,11 @@ def model_config(model_cfg):
         data = json.loads(shipped.read_text())
         return AutoConfig.for_model(data.pop("model_type"), **data)
     if name.startswith("tiny-"):
-        from rbvl.model import load_model
-
         return load_model(model_cfg)[0].config
     raise FileNotFoundError(f"no config for {name!r}: ship it as {shipped} or pass a local model folder")
 
 
 def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from rbvl.balance import GradientTracker
-    from rbvl.families import is_text_only_config
-    from rbvl.model import apply_lora
-
     config = model_config(cfg.model)
     auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
     with torch.device("meta"):
@@ -146,7 +142,13 @@ def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
     domain_ids = torch.randint(0, m, (B,), generator=gen)  # a micro-batch drawn from a uniform p
     out = {"tracked_params": 0, "step_flops": step_flops, "m": m, "K": cfg.balance.update_every}
     for name, dim in (("exact", 0), ("sketched", sketch_dim)):
-        tracker = GradientTracker(model, m, params=cfg.balance.params, sketch_dim=dim)
+        tracker = GradientTracker(
+            model,
+            m,
+            params=cfg.balance.params,
+            sketch_dim=dim,
+            head_patterns=head_patterns(model) if cfg.balance.params == "head" else None,
+        )
         D = tracker.n_params if dim == 0 else dim
         track = tracker.flops(domain_ids, T) * cfg.train.grad_accum
         gram = 2 * m * m * D + 4 * m * m  # every K steps: m² dot products of length D, then G q and the softmax
@@ -176,28 +178,7 @@ def _projections(target_modules) -> list[str]:
 
 
 def slice_costs(cfg, args, compression: float) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from rbvl.balance import GradientTracker, _sketch_into, label_tokens, update_proportions
-
-    full = model_config(cfg.model)
-    text = getattr(full, "text_config", None) or full
-    config = type(text).from_dict({**text.to_dict(), "num_hidden_layers": args.slice_layers})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=_projections(cfg.lora.target_modules),
-    )
-    model = get_peft_model(model, lora)
-    with torch.no_grad():  # as after some training: lora_B away from zero, so lora_A has gradients too
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 1e-3)
-    model.train()
+    model, config = slice_model(cfg, args.slice_layers)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     m, B, T = args.slice_domains, args.batch, args.seq
@@ -207,12 +188,13 @@ def slice_costs(cfg, args, compression: float) -> dict:
     sketch_dim = args.slice_sketch_dim or max(len(exact.modules), int(P / compression))
     sketch = GradientTracker(model, m, params="lora", sketch_dim=sketch_dim)
     sketch.remove()
-    vocab = config.vocab_size
-    batches = synthetic_batches(m, B, T, vocab)
+    trackers = {"exact": exact, "sketched": sketch}
+    batches = synthetic_batches(m, B, T, config.vocab_size)
+    batch_index = itertools.count()  # every step, timed or not, trains on the next batch
 
-    def step(mode: str, i: int) -> float:
-        ids, labels, domains = batches(i)
-        tracker = {"exact": exact, "sketched": sketch}.get(mode)
+    def step(mode: str) -> float:
+        ids, labels, domains = batches(next(batch_index))
+        tracker = trackers.get(mode)
         t = time.perf_counter()
         if tracker is not None:
             tracker.set_domains(domains, tokens=label_tokens(labels))
@@ -230,31 +212,68 @@ def slice_costs(cfg, args, compression: float) -> dict:
             tracker.commit()
         return time.perf_counter() - t
 
-    modes = ("off", "exact", "sketched", "naive")
-    times = {mode: [] for mode in modes}
-    i = 0
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for mode in modes if r % 2 else reversed(modes):
-            if mode in ("exact", "sketched"):
-                {"exact": exact, "sketched": sketch}[mode].attach()
-            dt = step(mode, i)
-            i += 1
-            exact.remove(), sketch.remove()
-            if r:
-                times[mode].append(dt)
-    med = {mode: statistics.median(v) for mode, v in times.items()}
+    def timed_step(mode: str, _round: int) -> float:
+        if mode in trackers:
+            trackers[mode].attach()
+        dt = step(mode)
+        exact.remove(), sketch.remove()
+        return dt
 
-    # Gram + update time, and the sketch's error over windows of real training. The reference keeps every domain's
-    # last seen gradient exactly (the exact tracker itself keeps it in a small sketch), so the error is the sketch's.
+    med = medians(alternate(MODES, args.rounds, timed_step, order="mirror", warmup=1))  # round 0 warms up
+    errors, l1s, gram_time = sketch_error(exact, sketch, step, args.windows, args.update_every, cfg.balance.lam)
+    return {
+        "shape": f"{args.slice_layers} layers of hidden {config.hidden_size} (intermediate {config.intermediate_size}), "
+        f"seq {T}, batch {B}, m {m}, LoRA r {cfg.lora.r} on {'/'.join(_projections(cfg.lora.target_modules))}",
+        "tracked_params": P,
+        "sketch_dim": sketch_dim,
+        "step_s": med,
+        "overhead": {mode: med[mode] / med["off"] - 1 for mode in MODES},
+        "memory_gib": {"exact": exact.nbytes / GIB, "sketched": sketch.nbytes / GIB},
+        "gram_s": medians(gram_time),
+        "gram_rel_error": errors,
+        "p_l1": l1s,
+        "rounds": args.rounds,
+    }
+
+
+def slice_model(cfg, n_layers: int):
+    """The recipe's language model cut to `n_layers` layers, random weights, with the recipe's LoRA (lora_B away
+    from zero, as after some training, so lora_A has gradients too); returns it and its config."""
+    full = model_config(cfg.model)
+    text = getattr(full, "text_config", None) or full
+    config = type(text).from_dict({**text.to_dict(), "num_hidden_layers": n_layers})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=_projections(cfg.lora.target_modules),
+    )
+    model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    model.train()
+    return model, config
+
+
+def sketch_error(exact, sketch, step, windows: int, update_every: int, lam: float):
+    """Gram + update time, and the sketch's error over `windows` windows of real training with the exact tracker:
+    each window's relative Frobenius error of G and L1 distance of p, sketched against exact.
+
+    The reference keeps every domain's last seen gradient exactly (the exact tracker itself keeps it in a small
+    sketch), so the error is the sketch's."""
+    m = len(exact.tokens)  # (m,) label tokens per domain in the window
     for tracker in (exact, sketch):  # forget the timing rounds: both start from nothing
         tracker.reset(), tracker.last.zero_(), tracker.seen.zero_()
     exact.attach()
     last = [torch.zeros_like(s) for s in exact.sums]  # (m, out, in) per layer: exact last seen token-mean gradients
     errors, l1s, gram_time = [], [], {"exact": [], "sketched": []}
-    for _ in range(args.windows):
-        for _step in range(args.update_every):
-            step("exact", i)
-            i += 1
+    for _ in range(windows):
+        for _step in range(update_every):
+            step("exact")
         sketch.tokens.copy_(exact.tokens)
         for index, sums in enumerate(exact.sums):  # the sketch of the window = the window of the sketches
             for d in range(m):
@@ -271,24 +290,12 @@ def slice_costs(cfg, args, compression: float) -> dict:
         t = time.perf_counter()
         Gs = sketch.gram()
         gram_time["sketched"].append(time.perf_counter() - t)
-        p, ps = update_proportions(G, lam=cfg.balance.lam), update_proportions(Gs, lam=cfg.balance.lam)
+        p, ps = update_proportions(G, lam=lam), update_proportions(Gs, lam=lam)
         errors.append(float((Gs - G).norm() / G.norm()))
         l1s.append(float((ps - p).abs().sum()))
         exact.reset(), sketch.reset()
     exact.remove()
-    return {
-        "shape": f"{args.slice_layers} layers of hidden {config.hidden_size} (intermediate {config.intermediate_size}), "
-        f"seq {T}, batch {B}, m {m}, LoRA r {cfg.lora.r} on {'/'.join(_projections(cfg.lora.target_modules))}",
-        "tracked_params": P,
-        "sketch_dim": sketch_dim,
-        "step_s": med,
-        "overhead": {mode: med[mode] / med["off"] - 1 for mode in modes},
-        "memory_gib": {"exact": exact.nbytes / GIB, "sketched": sketch.nbytes / GIB},
-        "gram_s": {k: statistics.median(v) for k, v in gram_time.items()},
-        "gram_rel_error": errors,
-        "p_l1": l1s,
-        "rounds": args.rounds,
-    }
+    return errors, l1s, gram_time
 
 
 def synthetic_batches(m: int, B: int, T: int, vocab: int):
@@ -341,13 +348,13 @@ def print_table(r: dict) -> None:
     if "slice" in r:
         print_slice(r["slice"])
     if "peers" in r:
-        bench_peers.print_peers(r["peers"], f)
+        peers.print_peers(r["peers"], f)
 
 
 def print_slice(s: dict) -> None:
     print(f"  CPU slice: {s['shape']}; tracked {s['tracked_params']:,}, sketch {s['sketch_dim']:,}")
     print(f"  {'':22s}{'step (median)':>14s}{'overhead':>11s}{'memory':>12s}")
-    for mode in ("off", "exact", "sketched", "naive"):
+    for mode in MODES:
         mem = s["memory_gib"].get(mode)
         print(
             f"  {mode:22s}{s['step_s'][mode]:12.3f} s{100 * s['overhead'][mode]:+10.2f} %"
@@ -363,9 +370,3 @@ def print_slice(s: dict) -> None:
         f"  sketch vs exact over {len(e)} windows: ‖ΔG‖/‖G‖ mean {statistics.mean(e):.4f} (max {max(e):.4f}); "
         f"L1(p) mean {statistics.mean(l1):.4f} (max {max(l1):.4f})"
     )
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_arguments(parser)
-    run(parser.parse_args())

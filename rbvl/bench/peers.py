@@ -5,7 +5,7 @@
 
 Every strategy trains the same model (`--peer-recipe`, default the tiny demo recipe) with `rbvl.train.train`, on the
 same manifest (default: a generated 4-domain one), batch, optimizer and seed; only `mixing.strategy` changes. Each
-peer runs with its authors' defaults (rbvl/config.py: DGA's m + 1 extra forward + backward passes every step, Aioli's
+peer runs with its authors' defaults (rbvl.config: DGA's m + 1 extra forward + backward passes every step, Aioli's
 4 × 4 LearnParams steps per domain in rounds of 250, DoReMi's reference forward on every batch, ODM's EXP3 every step).
 
 What is measured, in the same run, for every strategy:
@@ -25,14 +25,17 @@ prints the eval tokens one measurement reads.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import statistics
 import tempfile
 from pathlib import Path
 
+from rbvl.bench._timing import alternate, medians, paired_ratio, quiet_training
+from rbvl.bench.train import time_rbvl_train, timed_overrides
+from rbvl.config import load_config
+from rbvl.data.synthetic import write_tiny_manifest
+from rbvl.train import train
+
 STRATEGIES = ("stratified", "rnb", "odm", "dga", "doremi", "aioli")
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_tiny_rnb.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny_rnb.yaml"
 
 
 def add_arguments(p) -> None:
@@ -68,49 +71,34 @@ def check_arguments(args) -> list[str]:
 
 def peer_costs(args) -> dict:
     """Train every strategy `--peer-rounds` times; returns step times, overheads and each mixer's counted work."""
-    from rbvl.bench_train import time_rbvl_train
-    from rbvl.config import load_config
-    from rbvl.data.synthetic import write_tiny_manifest
-
     strategies = check_arguments(args)
-    logging.getLogger("rbvl").setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    total = args.peer_warmup + args.peer_steps
+    quiet_training()
     with tempfile.TemporaryDirectory(prefix="rbvl-bench-peers-") as tmp:
         tmp = Path(tmp)
         manifest = args.peer_manifest or write_tiny_manifest(tmp / "shards", n_domains=4, n_train=64, n_eval=16)
-        base = [
-            f"manifest={manifest}",
-            f"max_steps={total}",
-            f"train.log_every={args.peer_warmup}",
-            "train.save_every=0",
-            "eval.every=0",
-            "data.num_workers=0",  # lag 0, so Aioli's LearnParams mixtures reach the very next batch
-            "logging.tensorboard=false",
-            "logging.plots=false",
-            "logging.progress=false",
-        ]
+        # 0 loader workers: lag 0, so Aioli's LearnParams mixtures reach the very next batch
+        base = timed_overrides(manifest, args.peer_warmup, args.peer_steps, workers=0)
         reference = tmp / "reference"
         if "doremi" in strategies:  # DoReMi's reference model: a stratified run of the same length, not timed
-            from rbvl.train import train
-
             train(load_config(args.peer_recipe, [*base, f"output_dir={reference}", "mixing.strategy=stratified"]))
-        step_s: dict[str, list[float]] = {s: [] for s in strategies}
         summaries: dict[str, dict] = {}
-        for r in range(args.peer_rounds):
-            order = strategies[r % len(strategies) :] + strategies[: r % len(strategies)]
-            for s in order:
-                extra = [f"mixing.reference={reference}"] if s == "doremi" else []
-                run = [*base, *extra, f"output_dir={tmp / f'{r}-{s}'}", f"mixing.strategy={s}"]
-                cfg = load_config(args.peer_recipe, run)
-                seconds, summary = time_rbvl_train(cfg, args.peer_warmup, return_summary=True)
-                step_s[s].append(seconds / args.peer_steps)
-                summaries[s] = summary
+
+        def measure(s: str, r: int) -> float:
+            extra = [f"mixing.reference={reference}"] if s == "doremi" else []
+            cfg = load_config(
+                args.peer_recipe, [*base, *extra, f"output_dir={tmp / f'{r}-{s}'}", f"mixing.strategy={s}"]
+            )
+            seconds, summaries[s] = time_rbvl_train(cfg, args.peer_warmup, return_summary=True)
+            return seconds / args.peer_steps
+
+        def print_round(r: int, step_s: dict[str, list[float]]) -> None:
             times = "  ".join(f"{s} {step_s[s][-1] * 1000:.1f} ms" for s in strategies)
             print(f"peers round {r + 1}/{args.peer_rounds}: {times}", flush=True)
+
+        step_s = alternate(strategies, args.peer_rounds, measure, order="rotate", after_round=print_round)
         eval_tokens = int(sum(summaries["stratified"]["eval"].get("tokens_per_domain") or [0]))
         m = len(summaries["stratified"]["eval"]["loss_per_domain"])
-    median = {s: statistics.median(v) for s, v in step_s.items()}
+    median = medians(step_s)
     rows = {}
     for s in strategies:
         summary, cost = summaries[s], summaries[s].get("cost") or {}
@@ -120,7 +108,7 @@ def peer_costs(args) -> dict:
             "step_s_rounds": step_s[s],
             "wall_overhead": median[s] / median["stratified"] - 1,
             # the same ratio within each round, then the median: robust to the machine drifting between rounds
-            "wall_overhead_paired": statistics.median(a / b - 1 for a, b in zip(step_s[s], step_s["stratified"])),
+            "wall_overhead_paired": paired_ratio(step_s[s], step_s["stratified"]) - 1,
             "extra_forward_share": cost.get("forward_tokens", 0) / tokens if tokens else None,
             "extra_backward_share": cost.get("backward_tokens", 0) / tokens if tokens else None,
             "extra_flops_share": cost.get("flops", 0) / flops if flops else None,

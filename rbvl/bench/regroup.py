@@ -3,7 +3,7 @@ or, with --synthetic-records, the memory and speed of reading and writing a LLaV
 
     rbvl bench regroup                                          # tiny open_clip config, 32 px
     rbvl bench regroup --embedder open_clip:ViT-B-32 --n 128    # random-init ViT-B-32 at 224 px: encode dominates
-    python -m rbvl.regroup.bench --kmeans-sizes 10000,100000,1000000
+    rbvl bench regroup --kmeans-sizes 10000,100000,1000000
     rbvl bench regroup --synthetic-records 665000               # read + write only: peak RSS vs the JSON's size
 
 Read + write (--synthetic-records N): a generated LLaVA JSON array of N records (multi-turn text, ~1.5 kB each like
@@ -25,13 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rbvl.bench._timing import alternate, medians, ratio_line, set_threads
+
+# The library's modules are imported inside the functions that use them: each part is optional (--skip-embed,
+# --kmeans-sizes '', --synthetic-records), and the read/write child imports this module, its RSS after imports
+# being one of the figures.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,10 +158,11 @@ def bench_embedding(args) -> dict:
         json_path = make_photo_dataset(Path(tmp) / "data", n, args.image_size)
         _pipeline_run(json_path, embedder, Path(tmp) / "cache", args)  # warm-up: page cache, lazy init
         _raw_run(embedder, args.batch_size, args.batch_size, images, tokens)
-        pipe, raw = [], []
-        for _ in range(args.repeats):  # alternate, so drift in machine speed hits both sides alike
-            pipe.append(_pipeline_run(json_path, embedder, Path(tmp) / "cache", args))
-            raw.append(_raw_run(embedder, n, args.batch_size, images, tokens))
+        runs = {
+            "pipeline": lambda: _pipeline_run(json_path, embedder, Path(tmp) / "cache", args),
+            "raw": lambda: _raw_run(embedder, n, args.batch_size, images, tokens),
+        }
+        rates = medians(alternate(tuple(runs), args.repeats, lambda side, _round: runs[side]()))
     result = {
         "embedder": args.embedder,
         "combine": args.combine,
@@ -164,8 +170,8 @@ def bench_embedding(args) -> dict:
         "n": n,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
-        "pipeline_rec_s": statistics.median(pipe),
-        "raw_rec_s": statistics.median(raw),
+        "pipeline_rec_s": rates["pipeline"],
+        "raw_rec_s": rates["raw"],
     }
     result["ratio"] = result["pipeline_rec_s"] / result["raw_rec_s"]
     print(
@@ -173,7 +179,7 @@ def bench_embedding(args) -> dict:
         f"{args.num_workers} workers, n={n}, median of {args.repeats})\n"
         f"  pipeline (read+decode+preprocess+encode+memmap) {result['pipeline_rec_s']:9.1f} rec/s\n"
         f"  raw encode on ready tensors                     {result['raw_rec_s']:9.1f} rec/s\n"
-        f"  ratio {result['ratio']:.3f}   (goal >= 0.9)"
+        + ratio_line(result["ratio"], goal=0.9)
     )
     return result
 
@@ -325,7 +331,7 @@ def bench_read_write(args) -> dict:
         size = make_synthetic_llava(json_path, args.synthetic_records, args.synthetic_image_share)
         t_gen = time.perf_counter() - t0
         code = (
-            "import json, sys; from rbvl.regroup.bench import _read_write_child; "
+            "import json, sys; from rbvl.bench.regroup import _read_write_child; "
             "print(json.dumps(_read_write_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))))"
         )
         proc = subprocess.run(
@@ -361,8 +367,7 @@ def bench_read_write(args) -> dict:
 def run(args) -> dict:
     if args.synthetic_records:
         return {"read_write": bench_read_write(args)}
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result: dict = {}
     if not args.skip_embed:
@@ -370,16 +375,3 @@ def run(args) -> dict:
     if args.kmeans_sizes:
         result["kmeans"] = bench_kmeans(args)
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="rbvl bench regroup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

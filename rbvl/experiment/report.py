@@ -1,6 +1,6 @@
 """The report of `rbvl experiment`, written from results.jsonl alone: report.md, plots, summary.json.
 
-    from rbvl.experiment_report import summarise, paired
+    from rbvl.experiment import summarise, paired
     paired([0.31, 0.30, 0.33], [0.35, 0.36, 0.34])   # mean difference, 95% t interval, verdict
 
 Every number in the report comes from a finished run's row; nothing is typed by hand. Differences are paired by
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC = "eval_loss_all"  # every eval token, the same records for every grouping (see experiment.token_weighted)
+from rbvl.experiment.spec import ExperimentSpec
+
+METRIC = "eval_loss_all"  # every eval token, the same records for every grouping (see run.token_weighted)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,7 +83,8 @@ def correlation(x: list[float], y: list[float]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(x, digits: int = 4) -> str:
+def fmt(x, digits: int = 4) -> str:
+    """x to `digits` decimals; `–` for None."""
     return "–" if x is None else f"{x:.{digits}f}"
 
 
@@ -92,18 +95,18 @@ def _groups(rows: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _resolve(name: str, groups: dict, k: int | None) -> str | None:
+def resolve_group(name: str, groups: dict, k: int | None) -> str | None:
     """`regrouped/stratified` → the group key `regrouped-k4/stratified`."""
     domains, _, strategy = name.partition("/")
     key = f"regrouped-k{k}/{strategy}" if domains == "regrouped" else name
     return key if key in groups else None
 
 
-def summarise_experiment(spec, rows: list[dict]) -> tuple[dict, str | None, str | None]:
+def summarise_experiment(spec: ExperimentSpec, rows: list[dict]) -> tuple[dict, str | None, str | None]:
     """(summary, baseline group, headline group) from the finished rows: what report.md and the README print."""
     main = groups = _groups(rows)
-    base_key = _resolve(spec.baseline, groups, spec.data.k)
-    head_key = _resolve(spec.headline, groups, spec.data.k)
+    base_key = resolve_group(spec.baseline, groups, spec.data.k)
+    head_key = resolve_group(spec.headline, groups, spec.data.k)
     summary = {"experiment": spec.name, "metric": METRIC, "groups": {}, "paired": {}, "k_sweep": {}, "cost": {}}
     for g, rs in main.items():
         summary["groups"][g] = {
@@ -141,13 +144,34 @@ def _paired_by_seed(rows: list[dict], reference: list[dict]) -> dict | None:
     return paired([r[METRIC] for r in common], [ref[r["seed"]] for r in common])
 
 
-def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> Path:
+def write_report(spec: ExperimentSpec, cells, rows: list[dict], out: Path, source: str = "") -> Path:
     """report.md + summary.json + PNG plots in `out` from the finished rows; returns report.md."""
     main = _groups(rows)
     summary, base_key, head_key = summarise_experiment(spec, rows)
     plots = _plots(main, summary, out, base_key)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
+    lines = _header_lines(spec, rows, out, source)
+    for g in sorted(main):
+        s = summary["groups"][g]
+        mark = " (baseline)" if g == base_key else " (headline)" if g == head_key else ""
+        lines.append(
+            f"| {g}{mark} | {s[METRIC]['n']} | {fmt(s[METRIC]['mean'])} ± {fmt(s[METRIC]['std'])} | "
+            f"{fmt(s['eval_loss_q']['mean'])} ± {fmt(s['eval_loss_q']['std'])} | "
+            f"{fmt(s['wall_s']['mean'], 1)} ± {fmt(s['wall_s']['std'], 1)} |"
+        )
+    lines += _paired_lines(spec, summary, base_key, head_key)
+    lines += _k_sweep_lines(summary["k_sweep"])
+    lines += _cost_lines(summary["cost"])
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Every run's resolved config, final per-domain losses and cost are in `results.jsonl`."]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _header_lines(spec: ExperimentSpec, rows: list[dict], out: Path, source: str) -> list[str]:
+    """Title, notes, where and when the runs ran, the metric, and the head of the results table."""
     lines = [f"# {spec.name}: R&B against its ablations and peers", ""]
     if spec.notes:
         lines += [spec.notes.strip(), ""]
@@ -173,31 +197,29 @@ def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> 
         "| cell | seeds | eval loss (all tokens) | q-weighted | wall clock s |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for g in sorted(main):
-        s = summary["groups"][g]
-        mark = " (baseline)" if g == base_key else " (headline)" if g == head_key else ""
-        lines.append(
-            f"| {g}{mark} | {s[METRIC]['n']} | {_fmt(s[METRIC]['mean'])} ± {_fmt(s[METRIC]['std'])} | "
-            f"{_fmt(s['eval_loss_q']['mean'])} ± {_fmt(s['eval_loss_q']['std'])} | "
-            f"{_fmt(s['wall_s']['mean'], 1)} ± {_fmt(s['wall_s']['std'], 1)} |"
-        )
-    lines += ["", f"## Paired differences against {base_key or spec.baseline} (same seed; 95% t interval)", ""]
+    return lines
+
+
+def _paired_lines(spec: ExperimentSpec, summary: dict, base_key: str | None, head_key: str | None) -> list[str]:
+    """Paired differences against the baseline and against stratified on the same domains; do the domains and
+    the mixture matter here?"""
+    lines = ["", f"## Paired differences against {base_key or spec.baseline} (same seed; 95% t interval)", ""]
     if not summary["paired"]:
         lines.append("No baseline runs finished yet.")
     else:
         lines += ["| cell | n | mean difference | 95% interval | verdict |", "| --- | --- | --- | --- | --- |"]
         for g, p in sorted(summary["paired"].items()):
             lines.append(
-                f"| {g} | {p['n']} | {_fmt(p['mean'])} | [{_fmt(p['low'])}, {_fmt(p['high'])}] | {p['verdict']} |"
+                f"| {g} | {p['n']} | {fmt(p['mean'])} | [{fmt(p['low'])}, {fmt(p['high'])}] | {p['verdict']} |"
             )
         if head_key in summary["paired"]:
             p = summary["paired"][head_key]
-            lines += ["", f"Headline: {head_key} vs {base_key}: {_fmt(p['mean'])} ({p['verdict']})."]
+            lines += ["", f"Headline: {head_key} vs {base_key}: {fmt(p['mean'])} ({p['verdict']})."]
     vs_orig = summary.get("headline_vs_original")
     if vs_orig:
         lines.append(
-            f"Headline vs original/stratified (the original domains, no mixing): {_fmt(vs_orig['mean'])} "
-            f"[{_fmt(vs_orig['low'])}, {_fmt(vs_orig['high'])}] ({vs_orig['verdict']})."
+            f"Headline vs original/stratified (the original domains, no mixing): {fmt(vs_orig['mean'])} "
+            f"[{fmt(vs_orig['low'])}, {fmt(vs_orig['high'])}] ({vs_orig['verdict']})."
         )
     others = {g: p for g, p in summary["paired_vs_stratified"].items() if p["reference"] != base_key}
     if others:  # those against the baseline are in the table above
@@ -210,33 +232,27 @@ def write_report(spec, cells, rows: list[dict], out: Path, source: str = "") -> 
         ]
         for g, p in sorted(others.items()):
             lines.append(
-                f"| {g} | {p['reference']} | {p['n']} | {_fmt(p['mean'])} | [{_fmt(p['low'])}, {_fmt(p['high'])}] | "
+                f"| {g} | {p['reference']} | {p['n']} | {fmt(p['mean'])} | [{fmt(p['low'])}, {fmt(p['high'])}] | "
                 f"{p['verdict']} |"
             )
     dd = summary["domains_differ"]
     if dd:
         lines += [
             "",
-            f"Do the domains differ? On the baseline runs, per-domain eval losses range from {_fmt(dd['min'])} to "
-            f"{_fmt(dd['max'])} (spread {_fmt(dd['spread'])}; the seed-to-seed std of one domain's loss is at most "
-            f"{_fmt(dd['max_seed_std'])}).",
+            f"Do the domains differ? On the baseline runs, per-domain eval losses range from {fmt(dd['min'])} to "
+            f"{fmt(dd['max'])} (spread {fmt(dd['spread'])}; the seed-to-seed std of one domain's loss is at most "
+            f"{fmt(dd['max_seed_std'])}).",
         ]
-    natural = _resolve(spec.baseline.rsplit("/", 1)[0] + "/natural", summary["groups"], spec.data.k)
+    natural = resolve_group(spec.baseline.rsplit("/", 1)[0] + "/natural", summary["groups"], spec.data.k)
     if natural in summary["paired"]:
         p = summary["paired"][natural]
         lines += [
             "",
             f"Does the mixture matter here? {natural} (sampling by domain size) against {base_key}: "
-            f"{_fmt(p['mean'])} [{_fmt(p['low'])}, {_fmt(p['high'])}], {p['verdict']}. When this is within noise, "
+            f"{fmt(p['mean'])} [{fmt(p['low'])}, {fmt(p['high'])}], {p['verdict']}. When this is within noise, "
             "the setting cannot tell mixers apart at these seeds either.",
         ]
-    lines += _k_sweep_lines(summary["k_sweep"])
-    lines += _cost_lines(summary["cost"])
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "Every run's resolved config, final per-domain losses and cost are in `results.jsonl`."]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return lines
 
 
 def _torch_version() -> str:
@@ -300,10 +316,10 @@ def _cost_lines(cost: dict) -> list[str]:
         pct = c["wall_overhead_vs_stratified"]
         share, flops = c["extra_flops_share"], c["extra_flops"]
         lines.append(
-            f"| {g} | {_fmt(c['wall_s'], 1)} | {'–' if pct is None else f'{100 * pct:+.1f}%'} | "
-            f"{_fmt(c['extra_forward_tokens'], 0)} | {_fmt(c['extra_backward_tokens'], 0)} | "
+            f"| {g} | {fmt(c['wall_s'], 1)} | {'–' if pct is None else f'{100 * pct:+.1f}%'} | "
+            f"{fmt(c['extra_forward_tokens'], 0)} | {fmt(c['extra_backward_tokens'], 0)} | "
             f"{'–' if flops is None else f'{flops:.3g}'} | "
-            f"{'–' if share is None else f'{100 * share:.3f}%'} | {_fmt(c['mixer_seconds'], 2)} |"
+            f"{'–' if share is None else f'{100 * share:.3f}%'} | {fmt(c['mixer_seconds'], 2)} |"
         )
     lines.append("")
     lines.append(
@@ -313,7 +329,7 @@ def _cost_lines(cost: dict) -> list[str]:
     return lines
 
 
-def _k_sweep(rows: list[dict], spec) -> dict:
+def _k_sweep(rows: list[dict], spec: ExperimentSpec) -> dict:
     ks = sorted({r["k"] for r in rows if r.get("k") in spec.k_sweep.ks})
     if not ks:
         return {}
@@ -344,7 +360,7 @@ def _k_sweep_lines(sweep: dict) -> list[str]:
         "| --- | --- | --- |",
     ]
     for k, v in sweep["by_k"].items():
-        lines.append(f"| {k} | {_fmt(v['silhouette'])} | {_fmt(v['loss']['mean'])} ± {_fmt(v['loss']['std'])} |")
+        lines.append(f"| {k} | {fmt(v['silhouette'])} | {fmt(v['loss']['mean'])} ± {fmt(v['loss']['std'])} |")
     for name, c in (("k", sweep["loss_vs_k"]), ("silhouette", sweep["loss_vs_silhouette"])):
         if c["pearson"] is None:
             lines.append(f"\nLoss vs {name}: too few points (or no spread) for a correlation ({c['n']} points).")
@@ -401,124 +417,3 @@ def _plots(groups: dict, summary: dict, out: Path, base_key: str | None) -> list
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# README blocks
-# ---------------------------------------------------------------------------------------------------------------------
-
-BLOCK_BEGIN = "<!-- results:{path} -->"
-BLOCK_END = "<!-- /results:{path} -->"
-
-
-def readme_block(out: Path, readme_dir: Path) -> str:
-    """The README's results block for the experiment in `out`, from its results.jsonl and experiment.yaml alone.
-
-    Main table (the cells at the experiment's k; mean ± std over seeds, the paired difference against the baseline
-    with its 95% interval and verdict, wall clock, extra FLOPs), the k sweep's correlations, the plots.
-    """
-    from rbvl.experiment import load_experiment, read_results
-
-    out = Path(out)
-    spec, _ = load_experiment(out / "experiment.yaml")
-    rows = read_results(out)
-    if not rows:
-        raise ValueError(f"{out / 'results.jsonl'}: no finished runs to report")
-    summary, base_key, head_key = summarise_experiment(spec, rows)
-    rel = Path(os.path.relpath(out, readme_dir)).as_posix()
-    machine = rows[0].get("machine") or {}
-    days = sorted({r["finished"][:10] for r in rows if r.get("finished")})
-    when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}" if days else "?"
-    source = out.parent.parent / f"{out.name}.yaml"  # experiments/out/NAME was written by experiments/NAME.yaml
-    if not source.is_file():
-        source = out / "experiment.yaml"  # the copy the run left (its `out` is this folder): it runs as well
-    command = f"rbvl experiment {Path(os.path.relpath(source, readme_dir)).as_posix()}"
-    lines = [
-        BLOCK_BEGIN.format(path=rel),
-        f"**{spec.name}**: `{command}`, {len(rows)} runs; "
-        f"{machine.get('cpus', '?')} CPUs ({machine.get('machine', '?')}), torch {machine.get('torch', '?')}, "
-        f"run {when}. Full report: [{rel}/report.md]({rel}/report.md).",
-        "",
-        f"| cell | seeds | eval loss (all tokens) | Δ vs {base_key} [95% CI] | verdict | wall s | extra FLOPs |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    k_main = f"regrouped-k{spec.data.k}/"
-    order = [g for g in summary["groups"] if g.startswith("original/") or g.startswith(k_main)]
-    order.sort(key=lambda g: (g != base_key, g != head_key, not g.startswith("original/"), g))
-    for g in order:
-        s, c = summary["groups"][g][METRIC], summary["cost"][g]
-        p = summary["paired"].get(g)
-        delta = (
-            "baseline"
-            if g == base_key
-            else "–"
-            if p is None
-            else f"{_fmt(p['mean'])} [{_fmt(p['low'])}, {_fmt(p['high'])}]"
-        )
-        verdict = "" if g == base_key or p is None else p["verdict"]
-        share = c["extra_flops_share"]
-        lines.append(
-            f"| {g}{' (headline)' if g == head_key else ''} | {s['n']} | {_fmt(s['mean'])} ± {_fmt(s['std'])} | "
-            f"{delta} | {verdict} | {_fmt(c['wall_s'], 1)} | {'–' if share is None else f'{100 * share:.3f}%'} |"
-        )
-    lines += ["", _reading(summary, spec, base_key, head_key)]
-    sweep = summary["k_sweep"]
-    if sweep:
-        ks = ", ".join(sweep["by_k"])
-        c = sweep["loss_vs_silhouette"]
-        corr = (
-            "too few points for a correlation"
-            if c["pearson"] is None
-            else f"Pearson r = {c['pearson']:.3f} (p = {c['pearson_p']:.3g}), Spearman ρ = {c['spearman']:.3f}"
-        )
-        lines += ["", f"k sweep ({sweep['strategy']} at k = {ks}): eval loss against silhouette: {corr}."]
-    plots = [name for name in ("eval_loss.png", "k_sweep.png") if (out / name).exists()]
-    if plots:
-        lines += ["", " ".join(f"![{spec.name} {Path(n).stem}]({rel}/{n})" for n in plots)]
-    lines.append(BLOCK_END.format(path=rel))
-    return "\n".join(lines)
-
-
-def blocks_in(readme: str) -> list[str]:
-    """The experiment folders (relative to the README) whose results blocks the README holds."""
-    import re
-
-    return re.findall(r"<!-- results:(\S+) -->", readme)
-
-
-def update_readme(readme: Path, out: Path) -> None:
-    """Replace the README's results block for `out` (it must hold the two marker lines) with a fresh one."""
-    readme = Path(readme)
-    if not readme.is_file():
-        raise ValueError(f"--readme {readme}: no such file")
-    text = readme.read_text()
-    rel = Path(os.path.relpath(out, readme.parent)).as_posix()
-    begin, end = BLOCK_BEGIN.format(path=rel), BLOCK_END.format(path=rel)
-    if begin not in text or end not in text:
-        raise ValueError(f"{readme}: no results block for {rel}; add the lines `{begin}` and `{end}` where it goes")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(head + readme_block(out, readme.parent) + tail)
-
-
-def _reading(summary: dict, spec, base_key: str | None, head_key: str | None) -> str:
-    """One generated sentence: the verdicts the issue asks about (full R&B, Regroup alone, does the mixture matter)."""
-    said = []
-    for name, what in (
-        (head_key, "full R&B"),
-        (_resolve("original/stratified", summary["groups"], None), "the original domains (stratified)"),
-        (_resolve(spec.baseline.rsplit("/", 1)[0] + "/natural", summary["groups"], spec.data.k), "natural mixing"),
-    ):
-        p = summary["paired"].get(name)
-        if p:
-            said.append(f"{what}: {p['verdict']}")
-    if not said:
-        return f"No paired comparison against {base_key} yet."
-    text = f"Against {base_key}, seed by seed: " + "; ".join(said) + "."
-    vs_orig = summary.get("headline_vs_original")
-    if vs_orig:
-        text += f" Full R&B against original/stratified: {vs_orig['verdict']}."
-    alone = summary["paired_vs_stratified"].get("original/rnb")
-    if alone:
-        text += f" Balance alone (original/rnb against original/stratified): {alone['verdict']}."
-    return text

@@ -12,7 +12,7 @@ same batch size, optimizer (AdamW, lr, weight decay, grad-norm clip), precision 
     trainer        a plain `transformers.Trainer`
 
 The two Trainer arms read a map-style dataset of the manifest's training samples, decoded once up front, through
-the same `rbvl.data.Collator`; `rbvl train` reads the shards through `MixtureStream` (tar reading, PNG decoding and
+the same `rbvl.collate.Encoder`; `rbvl train` reads the shards through `MixtureStream` (tar reading, PNG decoding and
 collation in its loader workers), as it does in real use.
 
 What is timed: the loop from the end of optimizer step `warmup` to the end of step `warmup + steps`, i.e. `steps`
@@ -38,14 +38,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from rbvl.bench._timing import alternate, medians, paired_ratio, quiet_training, set_threads
+from rbvl.config import load_config
+from rbvl.data import decode, load_domains, read_shard
+from rbvl.data.collate import Encoder
+from rbvl.data.synthetic import write_tiny_manifest
+from rbvl.metrics import read_metrics
+from rbvl.model import apply_lora, load_model
+from rbvl.train import train
 
 ARMS = ("stratified", "rnb", "balance_hf", "trainer")
 RATIOS = (  # (numerator, denominator, goal)
@@ -53,7 +60,7 @@ RATIOS = (  # (numerator, denominator, goal)
     ("rnb", "stratified", 0.95),
     ("balance_hf", "trainer", 0.95),
 )
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_tiny_rnb.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny_rnb.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,18 +78,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    from rbvl.config import load_config
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         raise SystemExit("--steps, --warmup and --rounds must be at least 1")
-    logging.getLogger("rbvl").setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_training()
 
     with tempfile.TemporaryDirectory(prefix="rbvl-bench-train-") as tmp:
         tmp = Path(tmp)
@@ -92,45 +95,34 @@ def run(args) -> dict:
         workers = cfg.data.num_workers if args.workers is None else args.workers
         update_every = args.update_every or min(cfg.balance.update_every, args.steps)
         overrides = [
-            f"manifest={manifest}",
-            f"max_steps={args.warmup + args.steps}",
+            *timed_overrides(manifest, args.warmup, args.steps, workers),
             f"train.batch_size={batch}",
             "train.grad_accum=1",
-            f"train.log_every={args.warmup}",
-            "train.save_every=0",
-            "eval.every=0",
             "eval.max_samples=1",
-            f"data.num_workers={workers}",
             f"balance.update_every={update_every}",
             "balance.warmup_steps=0",
-            "logging.tensorboard=false",
-            "logging.plots=false",
-            "logging.progress=false",
         ]
         samples = load_samples(manifest) if {"balance_hf", "trainer"} & set(arms) else []
-        rates: dict[str, list[float]] = {a: [] for a in arms}
-        for r in range(args.rounds):
-            order = arms[r % len(arms) :] + arms[: r % len(arms)]
-            for arm in order:
-                out = tmp / f"round{r}-{arm}"
-                if arm in ("stratified", "rnb"):
-                    run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}", f"mixing.strategy={arm}"])
-                    seconds = time_rbvl_train(run_cfg, args.warmup)
-                else:
-                    run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}"])
-                    seconds = time_trainer(run_cfg, samples, balance=arm == "balance_hf", warmup=args.warmup)
-                rates[arm].append(batch * args.steps / seconds)
+
+        def measure(arm: str, r: int) -> float:
+            out = tmp / f"round{r}-{arm}"
+            if arm in ("stratified", "rnb"):
+                run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}", f"mixing.strategy={arm}"])
+                seconds = time_rbvl_train(run_cfg, args.warmup)
+            else:
+                run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}"])
+                seconds = time_trainer(run_cfg, samples, balance=arm == "balance_hf", warmup=args.warmup)
+            return batch * args.steps / seconds
+
+        def print_round(r: int, rates: dict[str, list[float]]) -> None:
             print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{a} {rates[a][-1]:7.1f}" for a in arms), flush=True)
 
-    median = {a: statistics.median(v) for a, v in rates.items()}
+        rates = alternate(arms, args.rounds, measure, order="rotate", after_round=print_round)
+
+    median = medians(rates)
     ratios = {f"{a}/{b}": median[a] / median[b] for a, b, _ in RATIOS if a in median and b in median}
     # the same ratios taken within each round, then the median: robust to the machine's speed drifting between rounds
-    paired = {
-        f"{a}/{b}": statistics.median(x / y for x, y in zip(rates[a], rates[b]))
-        for a, b, _ in RATIOS
-        if a in rates and b in rates
-    }
-    load = os.getloadavg()
+    paired = {f"{a}/{b}": paired_ratio(rates[a], rates[b]) for a, b, _ in RATIOS if a in rates and b in rates}
     result = {
         "setup": {
             "recipe": str(args.recipe),
@@ -147,14 +139,23 @@ def run(args) -> dict:
         "median_samples_per_s": median,
         "ratios": ratios,
         "paired_ratios": paired,
-        "loadavg": list(load),
+        "loadavg": list(os.getloadavg()),
     }
+    print_result(result, cfg.model.name)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def print_result(result: dict, model_name: str) -> None:
+    setup, rates, median = result["setup"], result["samples_per_s"], result["median_samples_per_s"]
+    ratios, paired, load = result["ratios"], result["paired_ratios"], result["loadavg"]
     print(
-        f"rbvl bench train — {cfg.model.name}, batch {batch}, {args.steps} timed steps after {args.warmup}, "
-        f"{args.rounds} rounds, {workers} loader worker(s), {torch.get_num_threads()} torch thread(s), "
-        f"Balance every {update_every} steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        f"rbvl bench train — {model_name}, batch {setup['batch']}, {setup['steps']} timed steps after "
+        f"{setup['warmup']}, {setup['rounds']} rounds, {setup['workers']} loader worker(s), {setup['threads']} torch "
+        f"thread(s), Balance every {setup['update_every']} steps; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
-    for arm in arms:
+    for arm in rates:
         spread = f"{min(rates[arm]):.1f}–{max(rates[arm]):.1f}"
         print(f"  {arm:<11} {median[arm]:8.1f} samples/s (median; rounds {spread})")
     for a, b, goal in RATIOS:
@@ -163,9 +164,6 @@ def run(args) -> dict:
             print(
                 f"  {a + ' / ' + b:<24} {ratios[key]:6.3f}×   (per round, median {paired[key]:.3f}×; goal ≥ {goal:.2f}×)"
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,12 +171,25 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def timed_overrides(manifest, warmup: int, steps: int, workers: int) -> list[str]:
+    """Recipe overrides for a run `time_rbvl_train` can time: a train row (with its step_time) every `warmup` steps up
+    to warmup + steps; no checkpoints, periodic eval, TensorBoard, plots or progress bar inside the span."""
+    return [
+        f"manifest={manifest}",
+        f"max_steps={warmup + steps}",
+        f"train.log_every={warmup}",
+        "train.save_every=0",
+        "eval.every=0",
+        f"data.num_workers={workers}",
+        "logging.tensorboard=false",
+        "logging.plots=false",
+        "logging.progress=false",
+    ]
+
+
 def time_rbvl_train(cfg, warmup: int, return_summary: bool = False):
     """Seconds `rbvl train` spent on steps warmup+1 … max_steps, from the step_time of its metrics rows (and the
     run's summary, with `return_summary`)."""
-    from rbvl.metrics import read_metrics
-    from rbvl.train import train
-
     summary = train(cfg)
     seconds, previous = 0.0, 0
     for row in read_metrics(cfg.output_dir, "train"):  # rows at warmup, 2·warmup, …, max_steps
@@ -192,16 +203,16 @@ def time_rbvl_train(cfg, warmup: int, return_summary: bool = False):
 
 def time_trainer(cfg, samples: list[dict], balance: bool, warmup: int) -> float:
     """Seconds a (Balance)Trainer spent on steps warmup+1 … max_steps, from `on_step_end` times."""
+    # Imported here: transformers' Trainer (accelerate) takes seconds to import, and only these two arms use it.
     from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
-    from rbvl.data.collate import Encoder as Collator
     from rbvl.integrations.hf import BalanceTrainer
-    from rbvl.model import apply_lora, load_model
 
     model, processor = load_model(cfg.model, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = apply_lora(model, cfg.lora)
-    chat = Collator(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+    chat = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
 
     def collate(features: list[dict]) -> dict:
         return chat(features, [f["domain"] for f in features])[0]  # model inputs only
@@ -239,15 +250,9 @@ def time_trainer(cfg, samples: list[dict], balance: bool, warmup: int) -> float:
         trainer = BalanceTrainer(**kwargs, n_domains=1 + max(s["domain"] for s in samples), balance=cfg.balance)
     else:
         trainer = Trainer(**kwargs)
-    trainer.remove_callback(transformers_printer())  # logs go nowhere, as rbvl's do (to a file)
+    trainer.remove_callback(PrinterCallback)  # logs go nowhere, as rbvl's do (to a file)
     trainer.train()
     return ends[cfg.max_steps] - ends[warmup]
-
-
-def transformers_printer():
-    from transformers.trainer_callback import PrinterCallback
-
-    return PrinterCallback
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,8 +262,6 @@ def transformers_printer():
 
 def load_samples(manifest: Path) -> list[dict]:
     """Every training sample of the manifest, decoded ({"conversation", "image", "domain"}): the Trainers' dataset."""
-    from rbvl.data import decode, load_domains, read_shard
-
     rows = []
     for d, domain in enumerate(load_domains(manifest).domains):
         for shard in domain.train_shards:
@@ -271,12 +274,4 @@ def load_samples(manifest: Path) -> list[dict]:
 def write_bench_manifest(root: Path, n_domains: int = 3, n_train: int = 64, n_eval: int = 4, seed: int = 0) -> Path:
     """A small regrouped shard set + manifest.json (rbvl.synthetic): domain 0 asks for an image's colour, domain 1 a
     sum (text only), domain d ≥ 2 a fixed phrase."""
-    from rbvl.data.synthetic import write_tiny_manifest
-
     return write_tiny_manifest(root, n_domains=n_domains, n_train=n_train, n_eval=n_eval, seed=seed)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_arguments(parser)
-    run(parser.parse_args())

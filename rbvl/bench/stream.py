@@ -3,7 +3,7 @@
     rbvl bench stream                                   # generated 4-domain shards, tiny processor, batch 16
     rbvl bench stream --manifest shards/manifest.json --num-workers 2 --batch-size 16
 
-Both sides read the same shards with the same decode (`rbvl.data.decode`), the same collate (`rbvl.data.Collator`
+Both sides read the same shards with the same decode (`rbvl.data.decode`), the same collate (`rbvl.collate.Encoder`
 with the tiny LLaVA processor) and the same DataLoader workers; the raw side is `wds.WebDataset` (shards resampled) → shuffle buffer →
 map(decode) → batched(collate), as a user would write it. Rounds alternate (rbvl, raw, rbvl, raw, ...) so drift in
 machine speed hits both alike; each round warms its loader up first (workers started, buffers filled) and then times
@@ -15,14 +15,21 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from rbvl import manifest as manifest_file
+from rbvl import tiny
+from rbvl.balance import ProportionSchedule
+from rbvl.bench._timing import alternate, medians, ratio_line
+from rbvl.data import MixtureStream, decode, load_domains, loader_lag
+from rbvl.data.collate import Encoder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=40, help="timed batches per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches at the start of each round")
     p.add_argument("--rounds", type=int, default=5, help="rounds per side, alternating")
-    p.add_argument("--max-length", type=int, default=256, help="Collator max_length")
+    p.add_argument("--max-length", type=int, default=256, help="collate max_length")
 
 
 # ---------------------------------------------------------------- input
@@ -43,9 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def make_shards(root: Path, n_domains: int, n: int, maxcount: int, seed: int = 0) -> Path:
     """Regroup-style shards + manifest.json: per domain, 32 px PNG questions (even domains) or text-only ones."""
-    import webdataset as wds
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     clusters = []
     for d in range(n_domains):
@@ -86,11 +90,6 @@ def n_samples(item) -> int:
 
 
 def rbvl_loader(domains, collate, args):
-    from torch.utils.data import DataLoader
-
-    from rbvl.balance import ProportionSchedule
-    from rbvl.data import MixtureStream, loader_lag
-
     m = len(domains)
     lag = loader_lag(args.num_workers, _prefetch(args).get("prefetch_factor", 0))
     schedule = ProportionSchedule(m, initial=[1.0 / m] * m, lag=lag)
@@ -99,11 +98,6 @@ def rbvl_loader(domains, collate, args):
 
 
 def raw_loader(domains, collate, args):
-    import webdataset as wds
-    from torch.utils.data import DataLoader
-
-    from rbvl.data import decode
-
     urls = [s for d in domains.domains for s in d.train_shards]
 
     def collate_fn(samples):
@@ -138,23 +132,22 @@ def timed_round(loader, args) -> float:
 
 
 def run(args) -> dict:
-    from rbvl.data import load_domains
-    from rbvl.data.collate import Encoder as Collator
-    from rbvl.model import tiny_processor
-
+    loaders = {"rbvl": rbvl_loader, "raw": raw_loader}
     with tempfile.TemporaryDirectory() as tmp:
         manifest = args.manifest or make_shards(Path(tmp), args.domains, args.samples, args.maxcount)
         domains = load_domains(manifest)
-        collate = Collator(tiny_processor(), max_length=args.max_length)
-        rates: dict[str, list[float]] = {"rbvl": [], "raw": []}
-        for _ in range(args.rounds):
-            rates["rbvl"].append(timed_round(rbvl_loader(domains, collate, args), args))
-            rates["raw"].append(timed_round(raw_loader(domains, collate, args), args))
+        collate = Encoder(tiny.build("tiny-llava")[1], max_length=args.max_length)
+
+        def measure(side: str, _round: int) -> float:  # a fresh loader each round; its warm-up starts the workers
+            return timed_round(loaders[side](domains, collate, args), args)
+
+        rates = alternate(tuple(loaders), args.rounds, measure)
+    median = medians(rates)
     result = {
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
-        "rbvl_samples_s": statistics.median(rates["rbvl"]),
-        "raw_samples_s": statistics.median(rates["raw"]),
+        "rbvl_samples_s": median["rbvl"],
+        "raw_samples_s": median["raw"],
         "rounds": rates,
     }
     result["ratio"] = result["rbvl_samples_s"] / result["raw_samples_s"]
@@ -164,20 +157,6 @@ def run(args) -> dict:
         f"  rbvl MixtureStream + Collator      {result['rbvl_samples_s']:9.1f} samples/s  "
         f"(rounds {', '.join(f'{r:.0f}' for r in rates['rbvl'])})\n"
         f"  raw webdataset + same decode/collate {result['raw_samples_s']:7.1f} samples/s  "
-        f"(rounds {', '.join(f'{r:.0f}' for r in rates['raw'])})\n"
-        f"  ratio {result['ratio']:.3f}   (goal >= 0.9)"
+        f"(rounds {', '.join(f'{r:.0f}' for r in rates['raw'])})\n" + ratio_line(result["ratio"], goal=0.9)
     )
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="rbvl bench stream", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

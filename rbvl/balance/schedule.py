@@ -1,0 +1,179 @@
+"""p over optimizer steps (`ProportionSchedule`) and when and how it changes (`Balancer`).
+
+`Balancer.step` is the one place that runs a window's end, for `rbvl train` and the Trainer integration alike:
+commit the step → is the window over? → sum it over ranks → G → new p → empty the tracker → publish p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rbvl.balance.tracker import GradientTracker
+from rbvl.balance.update import update_proportions_with_info
+
+
+class ProportionSchedule:
+    """The proportions p over optimizer steps: a p published after step s applies from step s + 1 + lag.
+
+    `lag` covers what a data loader prepares ahead (`rbvl.data.loader_lag`), so the data drawn for a step never
+    depends on timing and a resumed run draws what the first one drew. The table lives in shared memory, so
+    DataLoader workers (forked after it is built) read every p the training process publishes.
+    """
+
+    def __init__(self, n_domains: int, initial=None, lag: int = 0, capacity: int = 4096):
+        self.m, self.lag, self.capacity = n_domains, lag, capacity
+        self.table = torch.zeros(capacity + 1, n_domains, dtype=torch.float64).share_memory_()  # (updates, m)
+        self.applies_from = torch.zeros(capacity + 1, dtype=torch.long).share_memory_()  # (updates,) step
+        self.count = torch.ones(1, dtype=torch.long).share_memory_()
+        self.table[0] = torch.as_tensor(initial if initial is not None else [1.0 / n_domains] * n_domains)
+
+    def publish(self, p, after_step: int) -> int:
+        """Make `p` apply from optimizer step `after_step + 1 + lag`; returns that step."""
+        n = int(self.count.item())
+        if n > self.capacity:
+            raise RuntimeError(f"more than {self.capacity} proportion updates; raise ProportionSchedule capacity")
+        start = int(after_step) + 1 + self.lag
+        self.table[n] = torch.as_tensor(p, dtype=torch.float64)
+        self.applies_from[n] = start
+        self.count[0] = n + 1  # written last: a reader never sees a half-written row
+        return start
+
+    def at(self, step: int) -> torch.Tensor:
+        """(m,) the p for the batches of optimizer step `step` (1-based), normalised."""
+        n = int(self.count.item())
+        eligible = (self.applies_from[:n] <= step).nonzero().flatten()
+        p = self.table[int(eligible[-1])]
+        return p / p.sum()
+
+    def current(self) -> list[float]:
+        """The newest published p (which may not apply yet)."""
+        return self.table[int(self.count.item()) - 1].tolist()
+
+    def history(self) -> list[tuple[int, list[float]]]:
+        """[(applies_from_step, p)] for every published p, the initial one first (from step 0)."""
+        n = int(self.count.item())
+        return [(int(s), p) for s, p in zip(self.applies_from[:n].tolist(), self.table[:n].tolist(), strict=True)]
+
+    def state_dict(self) -> dict:
+        n = int(self.count.item())
+        return {"p": self.table[:n].tolist(), "applies_from": self.applies_from[:n].tolist(), "lag": self.lag}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "lag" in state and int(state["lag"]) != self.lag:
+            raise ValueError(
+                f"the proportion schedule was saved with lag {state['lag']} (num_workers × prefetch / grad_accum); "
+                f"this run has lag {self.lag}: an exact resume needs the same loader settings"
+            )
+        n = len(state["p"])
+        self.table[:n] = torch.tensor(state["p"], dtype=torch.float64)
+        self.applies_from[:n] = torch.tensor(state["applies_from"], dtype=torch.long)
+        self.count[0] = n
+
+
+class Balancer:
+    """When to update, and how: the every-K-steps bookkeeping of `rbvl train` and the Trainer integration.
+
+    After optimizer step s (counting from 1): if s > warmup_steps and (s − warmup_steps) % update_every == 0, the
+    window's domain gradients give G and a new p (`step`). Steps up to `warmup_steps` sample from the initial p
+    and their gradients are dropped at the warmup boundary, so every update sees exactly K steps of data. The new p
+    goes into `schedule`, which the data side reads.
+    """
+
+    def __init__(
+        self,
+        n_domains: int,
+        target=None,
+        update_every: int = 20,
+        lam: float = 3.0,
+        warmup_steps: int = 0,
+        floor: float = 0.0,
+        smoothing: float = 0.0,
+        schedule: ProportionSchedule | None = None,
+    ):
+        self.m = n_domains
+        self.target = None if target is None else [float(x) for x in target]
+        self.update_every, self.lam, self.warmup_steps = update_every, lam, warmup_steps
+        self.floor, self.smoothing = floor, smoothing
+        self.schedule = schedule if schedule is not None else ProportionSchedule(n_domains)
+
+    @classmethod
+    def from_config(cls, n_domains: int, config, target=None, schedule: ProportionSchedule | None = None) -> Balancer:
+        """From anything with BalanceConfig's fields (duck-typed, so torch stays the only import here)."""
+        return cls(
+            n_domains,
+            target=target,
+            update_every=config.update_every,
+            lam=config.lam,
+            warmup_steps=config.warmup_steps,
+            floor=config.floor,
+            smoothing=config.smoothing,
+            schedule=schedule,
+        )
+
+    @property
+    def proportions(self) -> list[float]:
+        """The newest p."""
+        return self.schedule.current()
+
+    def due(self, step: int, tracker: GradientTracker | None = None) -> bool:
+        """Whether optimizer step `step` ends a window; at the warmup boundary it also empties the tracker."""
+        if step <= self.warmup_steps:
+            if step == self.warmup_steps and tracker is not None:
+                tracker.reset()
+            return False
+        return (step - self.warmup_steps) % self.update_every == 0
+
+    def update(self, G: torch.Tensor) -> tuple[list[float], dict]:
+        """(m, m) G → the new p (not yet published) and a dict for the logs (`gram`, `eigenvalues`, `degenerate`)."""
+        p, info = update_proportions_with_info(
+            G, self.target, self.lam, prev=self.proportions, floor=self.floor, smoothing=self.smoothing
+        )
+        finite = bool(torch.isfinite(G).all())
+        info.update(gram=G.tolist(), eigenvalues=torch.linalg.eigvalsh(G).tolist() if finite else None)
+        return p.tolist(), info
+
+    def step(self, step: int, tracker: GradientTracker, skip: bool = False) -> dict | None:
+        """After optimizer step `step`: the step joins the window; at a window's end, sync → G → p → reset → publish.
+
+        Args:
+            step: the optimizer step just taken (1-based).
+            tracker: the GradientTracker that read this step's backward passes.
+            skip: the optimizer skipped the step (its fp16 gradients overflowed): they do not join the window.
+
+        Returns:
+            None between updates. At an update, what to log: `p` (the new p), `p_before` (the p it replaces),
+            `gram` (G as a list of lists), `gram_eigenvalues` (None when G is not finite), `tokens` (label tokens per
+            domain in the window, over all ranks), `stale` (domains the window missed), `degenerate` (why p kept its
+            previous value, else None), `applies_from_step` (the first optimizer step whose data p draws) and
+            `skipped_steps` (steps dropped from windows so far).
+        """
+        tracker.commit(skip=skip)
+        if not self.due(step, tracker):
+            return None
+        tracker.sync()  # sum every rank's window: all ranks now hold the same sums
+        stale, tokens = tracker.stale(), tracker.tokens.tolist()
+        G = tracker.gram()  # (m, m) G_ij = g_i · g_j, token-mean domain gradients of the window
+        p_before = self.proportions
+        p, info = self.update(G)  # p = softmax(λ · G q / ‖G q‖)
+        tracker.reset()
+        return {
+            "p": p,
+            "p_before": p_before,
+            "gram": info["gram"],
+            "gram_eigenvalues": info["eigenvalues"],
+            "tokens": tokens,
+            "stale": stale,
+            "degenerate": info["degenerate"],
+            "applies_from_step": self.schedule.publish(p, after_step=step),  # the data draws p from this step on
+            "skipped_steps": tracker.skipped_steps,
+        }
+
+    def proportions_at(self, step: int) -> list[float]:
+        """The p for batches of optimizer step `step` (1-based)."""
+        return self.schedule.at(step).tolist()
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])

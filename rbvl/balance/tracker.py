@@ -1,0 +1,418 @@
+"""GradientTracker: each domain's gradient of the tracked linear layers, read off the ordinary backward pass.
+
+The tracked linears run `_TrackedLinear`, whose backward computes the weight gradient as the sum of per-domain parts
+Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa) and hands each part to the tracker. The tracker keeps, per domain,
+Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py) and the window's label tokens, so
+g_i is the gradient of domain i's token-mean loss (see rbvl/balance/__init__.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rbvl.balance.layers import VISION_SIDE, select_modules
+from rbvl.balance.sketch import FALLBACK_DIM, _plan_sketches, _sketch_domains, _sketch_into
+
+log = logging.getLogger(__name__)
+
+
+def _row_groups(ids: torch.Tensor | None) -> list[tuple[int, slice | torch.Tensor]]:
+    """[(domain, rows)] for the rows of each domain present: a slice where they are contiguous, else indices."""
+    if ids is None or ids.numel() == 0:
+        return []
+    present = torch.unique(ids).tolist()
+    groups = []
+    for d in present:
+        rows = (ids == d).nonzero().flatten()
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        groups.append((d, slice(lo, hi) if hi - lo == rows.numel() else rows))
+    return groups
+
+
+def label_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B,) label tokens per sample that a causal LM loss averages over (labels shifted by one, as HF models do)."""
+    return (labels[:, 1:] != ignore_index).sum(1)
+
+
+class GradientTracker:
+    """Accumulates each domain's gradient of the tracked linear layers' weights, read off the normal backward pass.
+
+    Args:
+        model: any nn.Module (a PEFT model, a DDP-wrapped model's `.module`, a plain transformers model).
+        n_domains: m.
+        params: `"lora"` (every LoRA adapter linear), `"head"` (LM head + projector's last linear, as
+            `head_patterns` names them), or a list of regexes matched with `re.search` against module names
+            (nn.Linear modules only).
+        head_patterns: for `params="head"`: regexes (re.search) of the projector's last linear and the LM head of
+            this model's family, e.g. `rbvl.families.head_patterns(model)`; the model's output embedding is
+            tracked too. Ignored for other `params`.
+        sketch_dim: 0 for exact accumulators (m × tracked params); N > 0 keeps each domain's gradient in an
+            N-dimensional count sketch (m × N), unbiased inner products.
+        seed: the sketch's hash seed (the same on every rank).
+        guard_nonfinite: buffer each optimizer step's contribution and add it to the window only if it is finite
+            (`commit`), so an fp16 step that overflowed (and that GradScaler skips) does not poison the window.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_domains: int,
+        params: str | Sequence[str] = "lora",
+        *,
+        head_patterns: Sequence[str] | None = None,
+        sketch_dim: int = 0,
+        seed: int = 0,
+        guard_nonfinite: bool = False,
+    ):
+        self.m = n_domains
+        self.enabled = True
+        self.modules = select_modules(model, params, head_patterns)  # [(name, nn.Linear)]
+        self.sketch_dim, self.seed, self.guard = sketch_dim, seed, guard_nonfinite
+        dev = self.modules[0][1].weight.device
+        self.sketches = _plan_sketches([mod.weight.shape for _, mod in self.modules], sketch_dim, seed, dev)
+        self.sums = self._zeros(dev)  # the window: Σ_t ∇ℓ_t per domain, [(m, *shape)] exact or [(m, N)] sketched
+        self.tokens = torch.zeros(n_domains, dtype=torch.float64)  # (m,) label tokens per domain in the window
+        # Each domain's last seen token-mean gradient, for windows that miss it: kept sketched (in the tracker's own
+        # sketch, or, exact, in a small one of FALLBACK_DIM), so it never doubles the exact tracker's memory.
+        shapes = [mod.weight.shape for _, mod in self.modules]
+        fallback = min(self.n_params, max(FALLBACK_DIM, 8 * len(shapes)))
+        self._fallback = self.sketches or _plan_sketches(shapes, fallback, seed + 1, dev)
+        self.last = torch.zeros(n_domains, sketch_dim or self._fallback.dim, device=dev)  # (m, N)
+        self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
+        self._step_sums = self._zeros(dev) if guard_nonfinite else None
+        self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
+        self._sample_domains: torch.Tensor | None = None  # (B,)
+        self._image_domains: torch.Tensor | None = None  # (rows the vision side sees,)
+        self._scale = 1.0  # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch)
+        self.skipped_steps = 0
+        self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
+        self._originals: list | None = None
+        self.attach()
+
+    def _zeros(self, dev) -> list[torch.Tensor]:
+        if self.sketches is None:
+            return [torch.zeros(self.m, *mod.weight.shape, dtype=torch.float32, device=dev) for _, mod in self.modules]
+        return [torch.zeros(self.m, self.sketch_dim, dtype=torch.float32, device=dev)]
+
+    # -- public API -----------------------------------------------------------------------------------------------
+
+    def set_domains(self, domain_ids, tokens=None, image_domain_ids=None) -> None:
+        """Before a micro-batch's forward pass: the domain of each sample, and what its loss averages over.
+
+        Args:
+            domain_ids: (B,) domain id per sample.
+            tokens: (B,) label tokens per sample (`label_tokens(labels)`); None counts each sample as one unit,
+                for a loss that is a mean over samples.
+            image_domain_ids: the domain of each row the vision side sees (one per image, or per tile / patch
+                row), for tracked layers whose batch dimension is images rather than samples.
+        """
+        ids = torch.as_tensor(domain_ids, dtype=torch.long).flatten().cpu()
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.m):
+            raise ValueError(f"domain ids must lie in [0, {self.m}), got {ids.tolist()}")
+        self._sample_domains = ids
+        self._image_domains = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten()
+        # Which rows belong to which domain, worked out once per micro-batch for every tracked layer.
+        self._groups = {"sample": _row_groups(ids), "image": _row_groups(self._image_domains)}
+        self._scale = 1.0
+        units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
+        if self.enabled:
+            (self._step_tokens if self.guard else self.tokens).index_add_(0, ids, units.flatten())
+
+    def watch_loss(self, loss: torch.Tensor, normalizer) -> torch.Tensor:
+        """Declare that `loss` = Σ_t ℓ_t / normalizer over this micro-batch's label tokens; returns `loss`.
+
+        Whatever scales `loss` before backward (1/grad_accum, a GradScaler, a world-size factor) is read off the
+        gradient that reaches it, so the tracker always accumulates Σ_t ∇ℓ_t per domain.
+        """
+        if not (self.enabled and loss.requires_grad):
+            return loss
+        norm = float(normalizer)
+
+        def hook(grad):
+            self._scale = norm / float(grad) if float(grad) != 0 else 0.0
+
+        loss.register_hook(hook)
+        return loss
+
+    def commit(self, skip: bool = False) -> bool:
+        """After each optimizer step: the step's contribution joins the window; returns False if it was dropped.
+
+        Dropped when `skip` (the optimizer skipped the step) or, with `guard_nonfinite`, when it is not finite.
+        """
+        if self._step_sums is None:
+            if skip:
+                log.warning("balance: a skipped step was already added to the window (guard_nonfinite is off)")
+            return True
+        tokens, self._step_tokens = self._step_tokens, torch.zeros_like(self._step_tokens)
+        finite = all(bool(torch.isfinite(s).all()) for s in self._step_sums)
+        if skip or not finite:
+            self.skipped_steps += 1
+            for s in self._step_sums:
+                s.zero_()
+            return False
+        for acc, s in zip(self.sums, self._step_sums, strict=True):
+            acc += s
+            s.zero_()
+        self.tokens += tokens
+        return True
+
+    def sync(self) -> None:
+        """Across DDP ranks: sum the window's gradient sums and token counts (no-op on one process)."""
+        self._commit_pending()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for s in self.sums:
+            torch.distributed.all_reduce(s)
+        tokens = self.tokens.to(self.sums[0].device)
+        torch.distributed.all_reduce(tokens)
+        self.tokens = tokens.cpu()
+
+    def domain_grads(self) -> torch.Tensor:
+        """(m, D): each domain's token-mean gradient over the window, 0 for a domain the window missed
+        (D = tracked params, or sketch_dim)."""
+        return torch.cat([g.flatten(1) for g in self._mean_grads()], dim=1)
+
+    def gram(self) -> torch.Tensor:
+        """(m, m) G_ij = g_i · g_j in float64, layer by layer (no (m, P) concatenation).
+
+        A domain the window missed but an earlier one saw enters with its last seen gradient: its row and column
+        come from the sketched store (exact entries among the domains the window saw).
+        """
+        self._commit_pending()
+        means = self._mean_grads()
+        G = torch.zeros(self.m, self.m, dtype=torch.float64)
+        for g in means:
+            g = g.flatten(1).double()  # (m, D_layer)
+            G += (g @ g.T).cpu()
+        stale = ((self.tokens == 0) & self.seen).to(self.last.device)
+        if stale.any():
+            S = torch.where(stale[:, None], self.last, self._sketch_rows(means)).double()  # (m, N)
+            Gs = (S @ S.T).cpu()
+            rows = stale.cpu()
+            G[rows, :] = Gs[rows, :]
+            G[:, rows] = Gs[:, rows]
+        return G
+
+    def _commit_pending(self) -> None:
+        if self.guard and bool(self._step_tokens.any()):
+            self.commit()
+
+    def stale(self) -> list[int]:
+        """Domains with no tokens in the current window (their last seen gradient stands in)."""
+        return (self.tokens == 0).nonzero().flatten().tolist()
+
+    def reset(self) -> None:
+        """End the window: remember each seen domain's gradient, then zero the accumulators."""
+        fresh = self.tokens > 0
+        if fresh.any():
+            rows = fresh.to(self.last.device)
+            self.last[rows] = self._sketch_rows(self._mean_grads())[rows]
+            self.seen |= fresh
+        for s in self.sums:
+            s.zero_()
+        self.tokens.zero_()
+
+    def attach(self) -> None:
+        """Route the tracked layers through the tracker (done on construction; again after `remove`)."""
+        if self._originals is not None:
+            return
+        for name, mod in self.modules:
+            if getattr(mod.__dict__.get("forward"), "tracker", None) is not None:
+                raise RuntimeError(f"{name} is already tracked by another GradientTracker: remove() that one first")
+        self._originals = [mod.__dict__.get("forward") for _, mod in self.modules]
+        for i, (_, mod) in enumerate(self.modules):
+            mod.forward = self._make_forward(i, mod)
+
+    def remove(self) -> None:
+        """Give the tracked layers back their own forward (the accumulators stay; `attach` resumes tracking)."""
+        if self._originals is None:
+            return
+        for (_, mod), orig in zip(self.modules, self._originals, strict=True):
+            if orig is None:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = orig
+        self._originals = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    @property
+    def tracked_names(self) -> list[str]:
+        return [name for name, _ in self.modules]
+
+    @property
+    def n_params(self) -> int:
+        return sum(mod.weight.numel() for _, mod in self.modules)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the accumulators (window, last seen, step buffer)."""
+        held = [*self.sums, self.last, *(self._step_sums or [])]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def allreduce_bytes(self) -> int:
+        """Bytes each `sync` all-reduces."""
+        return sum(t.numel() * t.element_size() for t in self.sums) + self.tokens.numel() * 8
+
+    def flops(self, domain_ids, tokens_per_sample: int) -> int:
+        """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts).
+
+        Per tracked layer and domain present: one scale-and-add of the part into its accumulator (exact), or the
+        count sketch (bucket index, signs, scatter-add) — O(out · in), independent of tokens. A frozen tracked layer also
+        pays its weight-gradient product, 2 · tokens · out · in.
+        """
+        ids = torch.as_tensor(domain_ids).flatten()
+        present = int(torch.unique(ids).numel())
+        total = 0
+        for i, (_, mod) in enumerate(self.modules):
+            total += present * self._part_flops(i, mod.weight)
+            if not mod.weight.requires_grad:
+                total += 2 * mod.weight.numel() * ids.numel() * tokens_per_sample
+        return total
+
+    def state_dict(self) -> dict:
+        if any(bool(s.any()) for s in self._step_sums or []) or bool(self._step_tokens.any()):
+            raise RuntimeError("GradientTracker: commit() the step before saving the tracker")
+        return {
+            "sums": [s.cpu().clone() for s in self.sums],
+            "tokens": self.tokens.clone(),
+            "last": self.last.cpu().clone(),
+            "seen": self.seen.clone(),
+            "names": self.tracked_names,
+            "sketch_dim": self.sketch_dim,
+            "seed": self.seed,
+            "skipped_steps": self.skipped_steps,
+            "extra_flops": self.extra_flops,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != self.tracked_names:
+            raise ValueError("tracker state was saved for other tracked layers")
+        if (state.get("sketch_dim", 0), state.get("seed", self.seed)) != (self.sketch_dim, self.seed):
+            raise ValueError(
+                f"tracker state was saved with sketch_dim={state.get('sketch_dim', 0)}, seed={state.get('seed')}; "
+                f"this tracker has sketch_dim={self.sketch_dim}, seed={self.seed}"
+            )
+        for dst, src in zip(self.sums, state["sums"], strict=True):
+            dst.copy_(src)
+        self.last.copy_(state["last"])
+        self.tokens = state["tokens"].clone().double()
+        self.seen = state["seen"].clone().bool()
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.extra_flops = int(state.get("extra_flops", 0))
+
+    # -- inside the backward pass -----------------------------------------------------------------------------------
+
+    def _mean_grads(self) -> list[torch.Tensor]:
+        """Per accumulator: window sums / tokens (0 where the window has no tokens)."""
+        out = []
+        for s in self.sums:
+            tokens = self.tokens.to(s.device, torch.float32).view(-1, *[1] * (s.dim() - 1))
+            out.append(s / tokens.clamp(min=1))
+        return out
+
+    def _sketch_rows(self, means: list[torch.Tensor]) -> torch.Tensor:
+        """(m, N): the domains' gradients in the store's sketch (the tracker's own sketch is already one)."""
+        if self.sketches is not None:
+            return means[0]
+        return _sketch_domains(means, self._fallback, torch.zeros_like(self.last))
+
+    def _make_forward(self, index: int, mod: nn.Linear):
+        def forward(x):
+            if not (self.enabled and torch.is_grad_enabled() and (x.requires_grad or mod.weight.requires_grad)):
+                return F.linear(x, mod.weight, mod.bias)
+            domains = self._domains_for(x.shape[0], self.modules[index][0])
+            return _TrackedLinear.apply(x, mod.weight, mod.bias, self, index, domains)
+
+        forward.tracker = self
+        return forward
+
+    def _domains_for(self, batch_dim: int, name: str) -> list[tuple[int, slice | torch.Tensor]]:
+        if self._sample_domains is None:
+            raise RuntimeError("GradientTracker: call set_domains(domain_ids) before the forward pass")
+        vision_side = re.search(VISION_SIDE, name) is not None
+        if vision_side and self._image_domains is not None and batch_dim == self._image_domains.numel():
+            return self._groups["image"]
+        if vision_side and self._image_domains is None:
+            raise RuntimeError(
+                f"GradientTracker: {name} sees images, not samples: pass image_domain_ids (the domain of each of its "
+                f"{batch_dim} rows) to set_domains"
+            )
+        if batch_dim == self._sample_domains.numel():
+            return self._groups["sample"]
+        if self._image_domains is not None and batch_dim == self._image_domains.numel():
+            return self._groups["image"]
+        raise RuntimeError(
+            f"GradientTracker: {name} sees a batch of {batch_dim}, but set_domains gave "
+            f"{self._sample_domains.numel()} sample ids"
+            + ("" if self._image_domains is None else f" and {self._image_domains.numel()} image ids")
+        )
+
+    def _part_flops(self, index: int, weight: torch.Tensor) -> int:
+        if self.sketches is None or self.sketches[index] is None:
+            return 2 * weight.numel()  # scale + add
+        return 6 * weight.numel()  # scale; bucket index (add, mod); two signs; scatter-add
+
+    @torch.no_grad()
+    def _add_part(self, index: int, domain: int, part: torch.Tensor) -> None:
+        """part: (out, in), domain's share of this call's weight gradient as backpropagated; stored as Σ_t ∇ℓ_t."""
+        target = self._step_sums if self._step_sums is not None else self.sums
+        weight = self.modules[index][1].weight
+        self.extra_flops += self._part_flops(index, weight)
+        if self.sketches is None:
+            target[index][domain].add_(part, alpha=self._scale)
+        else:
+            _sketch_into(target[0][domain], self.sketches, index, part * self._scale)
+
+
+class _TrackedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b whose backward computes ∂L/∂W as Σ_d δ_dᵀ a_d and hands each domain's part to the tracker."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tracker, index, domains):
+        out = F.linear(x, weight, bias)  # under autocast: the low-precision matmul autocast would do
+        ctx.compute_dtype = out.dtype
+        ctx.tracker, ctx.index, ctx.domains = tracker, index, domains
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        grad_out = grad_out.to(dt)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight.to(dt)).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
+        a = x.to(dt)
+        tracking = ctx.tracker.enabled
+        groups = ctx.domains  # [(domain, rows)]: rows a slice (contiguous) or an index tensor
+        for d, rows in groups:  # Σ_d δ_dᵀ a_d is the weight gradient: the same matmul FLOPs as one δᵀa, split by rows
+            if len(groups) == 1:  # the whole micro-batch is one domain: its part is the gradient
+                delta_d, a_d = grad_out, a
+            elif isinstance(rows, slice):
+                delta_d, a_d = grad_out[rows], a[rows]  # views, no copy
+            else:
+                rows = rows.to(x.device)
+                delta_d, a_d = grad_out.index_select(0, rows), a.index_select(0, rows)
+            part = delta_d.reshape(-1, delta_d.shape[-1]).T @ a_d.reshape(-1, a_d.shape[-1])  # (out, in)
+            part = part if part.dtype == torch.float32 else part.float()
+            if ctx.needs_input_grad[1]:
+                grad_w = part if grad_w is None else grad_w + part
+            if tracking:
+                ctx.tracker._add_part(ctx.index, d, part)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None

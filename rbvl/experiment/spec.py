@@ -1,0 +1,215 @@
+"""EXPERIMENT.yaml as typed dataclasses, the grid of runs it describes, and results.jsonl (one line per finished run).
+
+    spec, cell_specs = load_experiment("experiments/digits.yaml")   # every key checked; an unknown one is named
+    grid = expand(spec, cell_specs)                                   # every run: Cell(domains, k, strategy, seed)
+    rows = read_results(Path(spec.out))                               # the runs that finished
+
+Each key of the file is documented once, on the field it fills: `ExperimentSpec` (the top level), `DataSpec`
+(`data:`), `CellSpec` (each entry of `cells:`), `SweepSpec` (`k_sweep:`). experiments/*.yaml are worked examples.
+Relative paths stay relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rbvl.config import ConfigError, from_dict
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+
+DEFAULT_CELLS = [
+    {"domains": "original", "strategy": "stratified"},
+    {"domains": "regrouped", "strategy": "stratified"},
+    {"domains": "original", "strategy": "rnb"},
+    {"domains": "regrouped", "strategy": "rnb"},
+    {"domains": "regrouped", "strategy": "natural"},
+    {"domains": "regrouped", "strategy": "odm"},
+    {"domains": "regrouped", "strategy": "dga"},
+    {"domains": "regrouped", "strategy": "doremi"},
+    {"domains": "regrouped", "strategy": "aioli"},
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The experiment file
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellSpec:
+    domains: str = "regrouped"
+    """`original` (the source's labels) or `regrouped` (clusters)."""
+    strategy: str = "stratified"
+    """Any `mixing.strategy`."""
+    k: int = 0
+    """For regrouped cells: the k (0 = `data.k`)."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds of this cell (empty = the experiment's)."""
+    overrides: list[str] = field(default_factory=list)
+    """Recipe overrides for this cell only."""
+    label: str = ""
+    """Tells apart two cells with the same domains and strategy (e.g. an ablation of λ)."""
+
+    def __post_init__(self):
+        if self.domains not in ("original", "regrouped"):
+            raise ConfigError(f"cells[].domains: '{self.domains}' is not original or regrouped")
+
+
+@dataclass
+class DataSpec:
+    k: int = 4
+    """k of the `regrouped` cells."""
+    regroup: dict = field(default_factory=dict)
+    """RegroupOptions (input, eval, image_root, embedder, ...) shared by every regrouping; `k` and `out` are set here."""
+    original: str = ""
+    """A ready original-domains manifest (default: written from the records' labels)."""
+    regrouped: dict[str, str] = field(default_factory=dict)
+    """Ready regrouped manifests by k (default: regrouped here)."""
+
+
+@dataclass
+class SweepSpec:
+    ks: list[int] = field(default_factory=list)
+    """k values to regroup at and train (empty = no sweep)."""
+    strategy: str = "rnb"
+    """The `mixing.strategy` trained at each k."""
+    seeds: list[int] = field(default_factory=list)
+    """Empty = the experiment's seeds."""
+
+
+@dataclass
+class ExperimentSpec:
+    name: str = "experiment"
+    """Names the experiment in the report's title and the README block."""
+    out: str = "experiments/out/experiment"
+    """Report folder: report.md, results.jsonl, plots, runs/, shards/ (`--out` replaces it)."""
+    recipe: str = ""
+    """Base recipe of every run (required; each cell sets `mixing.strategy`)."""
+    overrides: list[str] = field(default_factory=list)
+    """Recipe overrides (`key=value`) applied to every run, e.g. `max_steps=300`."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of every cell."""
+    headline_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """Seeds of the headline and baseline cells (added to `seeds`)."""
+    headline: str = "regrouped/rnb"
+    """domains/strategy of the headline comparison (run at headline_seeds)."""
+    baseline: str = "regrouped/stratified"
+    """domains/strategy every other cell is compared with, seed by seed."""
+    strategy_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Overrides for every cell of a strategy (e.g. a peer's update interval): `{dga: [mixing.dga.update_every=10]}`."""
+    data: DataSpec = field(default_factory=DataSpec)
+    """Where each cell's domains come from (see `DataSpec`)."""
+    cells: list[dict] = field(default_factory=lambda: [dict(c) for c in DEFAULT_CELLS])
+    """The cells (see `CellSpec`); default: R&B, its ablations and the peers (`DEFAULT_CELLS`)."""
+    k_sweep: SweepSpec = field(default_factory=SweepSpec)
+    """One strategy trained at several k (see `SweepSpec`): does loss follow the clusters' silhouette?"""
+    notes: str = ""
+    """Free text copied into the report (what the setting is, how long it takes)."""
+
+
+def load_experiment(path: str | Path) -> tuple[ExperimentSpec, list[CellSpec]]:
+    """Read and check EXPERIMENT.yaml; relative paths stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    spec = from_dict(ExperimentSpec, tree)
+    cells = [from_dict(CellSpec, c, prefix=f"cells[{i}].") for i, c in enumerate(spec.cells)]
+    if not spec.recipe:
+        raise ConfigError(f"{path}: `recipe` (the base recipe of every run) is required")
+    return spec, cells
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One run of the grid."""
+
+    domains: str
+    """`original` or `regrouped`."""
+    k: int | None
+    """The regrouping's k (None for original domains)."""
+    strategy: str
+    seed: int
+    overrides: list[str]
+    label: str = ""
+    sweep: bool = False
+    """Added by the k sweep."""
+
+    @property
+    def group(self) -> str:
+        """domains/strategy[+label]: the rows of the report's tables."""
+        where = "original" if self.domains == "original" else f"regrouped-k{self.k}"
+        return f"{where}/{self.strategy}" + (f"+{self.label}" if self.label else "")
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}/seed{self.seed}"
+
+    @property
+    def dirname(self) -> str:
+        return self.id.replace("/", "_")
+
+
+def expand(spec: ExperimentSpec, cells: list[CellSpec]) -> list[Cell]:
+    """Every run of the grid, references before the DoReMi runs that need them."""
+    out: dict[str, Cell] = {}
+    key_of = {"headline": spec.headline, "baseline": spec.baseline}
+    for c in cells:
+        k = (c.k or spec.data.k) if c.domains == "regrouped" else None
+        seeds = c.seeds or spec.seeds
+        if f"{c.domains}/{c.strategy}" in key_of.values() and not c.label and not c.k:
+            seeds = sorted(set(seeds) | set(spec.headline_seeds))
+        for s in seeds:
+            cell = Cell(c.domains, k, c.strategy, s, list(c.overrides), c.label)
+            out.setdefault(cell.id, cell)
+    for k in spec.k_sweep.ks:
+        for s in spec.k_sweep.seeds or spec.seeds:
+            cell = Cell("regrouped", k, spec.k_sweep.strategy, s, [], sweep=True)
+            out.setdefault(cell.id, cell)
+    for cell in list(out.values()):  # DoReMi's reference: stratified on the same domains and seed
+        if cell.strategy == "doremi":
+            ref = Cell(cell.domains, cell.k, "stratified", cell.seed, [])
+            out.setdefault(ref.id, ref)
+    order = {"stratified": 0, "doremi": 2}
+    return sorted(out.values(), key=lambda c: (order.get(c.strategy, 1), c.domains, c.k or 0, c.seed, c.label))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# results.jsonl
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_results(out: Path) -> list[dict]:
+    """The finished runs in OUT/results.jsonl (none when it is not there); a line that is not JSON is skipped."""
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not JSON (an interrupted write?): ignored, the cell runs again", path, n)
+    return rows
+
+
+def append_result(out: Path, row: dict) -> None:
+    """Add one finished run's line to OUT/results.jsonl (written when the run ends, so a resume skips it)."""
+    with (Path(out) / RESULTS).open("a") as f:
+        f.write(json.dumps(row) + "\n")
