@@ -69,9 +69,9 @@ def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: 
     from peft import PeftModel
 
     from rbvl import checkpoint as ckpt
-    from rbvl.collate import Encoder
     from rbvl.config import load_config
     from rbvl.data import load_domains
+    from rbvl.data.collate import Encoder
     from rbvl.model import load_model
 
     path = Path(run_dir)

@@ -9,7 +9,7 @@ Everything that differs between model families and matters to rbvl lives here, k
     fam.head_patterns()                           # what `balance.params: head` tracks (LM head + projector's last linear)
 
 `projector_rows` says how the images of a batch map to the rows the projector sees, which the tracker needs to give
-each row its domain (rbvl.collate.projector_rows computes it):
+each row its domain (rbvl.data.collate.projector_rows computes it):
   image    one row per image (LLaVA-1.5, PaliGemma, Gemma 3 without pan-and-scan crops)
   anyres   one row per tile of an any-resolution grid (LLaVA-NeXT; LLaVA-OneVision for single-image samples)
   tiles    one row per image split (Idefics3 / SmolVLM: the row × column crops plus the global image)

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from rbvl import checkpoint as ckpt
 from rbvl import runlock
 from rbvl.balance import ProportionSchedule
-from rbvl.collate import Encoder
 from rbvl.config import RunConfig
 from rbvl.data import MixtureStream, load_domains, loader_lag
+from rbvl.data.collate import Encoder
 from rbvl.distributed import Distributed
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.metrics import MetricsLogger, WindowStats, format_eval

@@ -17,8 +17,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import TrainingArguments
 
-from rbvl.collate import Encoder
 from rbvl.config import LoraConfig, ModelConfig
+from rbvl.data.collate import Encoder
 from rbvl.integrations.hf import BalanceTrainer  # R&B
 from rbvl.model import apply_lora, load_model
 

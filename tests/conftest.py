@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rbvl.synthetic import write_tiny_manifest  # noqa: E402 - tests import it from here too
+from rbvl.data.synthetic import write_tiny_manifest  # noqa: E402 - tests import it from here too
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from conftest import write_tiny_manifest
 
-import rbvl.data as data
+import rbvl.data.shards as data
 from rbvl.data import DataError, decode_or_none, domain_samples, iter_eval_batches, load_domains, read_shard
 
 

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from rbvl.balance import GradientTracker
-from rbvl.collate import Encoder
 from rbvl.config import LoraConfig, ModelConfig
+from rbvl.data.collate import Encoder
 from rbvl.families import FAMILIES, TINY_FAMILIES, family_for, head_patterns, introspect, markdown_table
 from rbvl.model import apply_lora, load_model
 

@@ -1,4 +1,4 @@
-"""The image contract (rbvl/images.py): every format Pillow can write here survives regroup and a training step."""
+"""The image contract (rbvl/records/images.py): every format Pillow writes survives regroup and a training step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rbvl.images import EIGHT_BIT_MODES, ImageRejected, for_shard, open_rgb
+from rbvl.records.images import EIGHT_BIT_MODES, ImageRejected, for_shard, open_rgb
 
 SHARD_EXTS = {"png", "jpg", "webp"}
 
@@ -121,9 +121,9 @@ def test_every_format_round_trips_through_regroup_and_a_training_step(tmp_path):
     import webdataset as wds
 
     from data_tools.regroup import main
-    from rbvl.collate import Encoder
     from rbvl.config import ModelConfig
     from rbvl.data import decode
+    from rbvl.data.collate import Encoder
     from rbvl.model import load_model
 
     images = tmp_path / "images"

@@ -6,7 +6,7 @@ import pytest
 
 from rbvl import manifest
 from rbvl.data import DataError, load_domains
-from rbvl.synthetic import write_tiny_manifest
+from rbvl.data.synthetic import write_tiny_manifest
 
 
 def test_written_manifest_reads_back(tmp_path):

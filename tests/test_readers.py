@@ -2,6 +2,9 @@
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -211,3 +214,14 @@ def test_rejects_collector_counts_and_writes(tmp_path):
         "detail": "broken",
     }
     assert lines[2]["source"] == "train"  # a record with no source is named by its split
+
+
+def test_records_never_import_torch_or_training_code():
+    """Regroup and data tools read records without torch: the records package (images included) imports none of it."""
+    code = (
+        "import sys, rbvl.records, rbvl.records.images; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('rbvl.data', 'rbvl.train', 'rbvl.mix'))))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

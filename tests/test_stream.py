@@ -1,6 +1,10 @@
 """The mixture stream and collate: frequencies follow p, a new p arrives after the documented lag, readers are
 disjoint, resume is exact, and labels cover exactly the assistant turns."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from rbvl import tiny
 from rbvl.balance import ProportionSchedule
-from rbvl.collate import Encoder, to_messages
 from rbvl.data import (
     DataError,
     MixtureStream,
@@ -19,6 +22,7 @@ from rbvl.data import (
     loader_lag,
     read_shard,
 )
+from rbvl.data.collate import Encoder, to_messages
 from rbvl.mixing import initial_proportions
 
 
@@ -284,3 +288,14 @@ def test_a_broken_sample_is_skipped_and_counted(tmp_path, processor):
     stream.consumed(meta)
     assert stream.pop_counts()["dropped"] >= 1
     assert len(meta.domain_ids) >= 1
+
+
+def test_the_data_package_imports_no_training_code():
+    """Dependencies point one way: the loop, the mixers and evaluation import rbvl.data, never the reverse."""
+    code = (
+        "import sys, rbvl.data, rbvl.data.collate, rbvl.data.synthetic; "
+        "print(sorted(m for m in sys.modules if m.startswith(('rbvl.train', 'rbvl.mixing', 'rbvl.evaluate'))))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout

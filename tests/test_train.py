@@ -143,8 +143,8 @@ def test_the_loops_window_is_the_token_mean_gradient_of_what_it_drew(tmp_path, t
     import torch
 
     from rbvl.balance import ProportionSchedule, select_modules
-    from rbvl.collate import Encoder
     from rbvl.data import MixtureStream, load_domains
+    from rbvl.data.collate import Encoder
     from rbvl.evaluate import causal_lm_token_loss
     from rbvl.mixing import initial_proportions
     from rbvl.model import apply_lora, load_model

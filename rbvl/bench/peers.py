@@ -31,7 +31,7 @@ from pathlib import Path
 from rbvl.bench._timing import alternate, medians, paired_ratio, quiet_training
 from rbvl.bench.train import time_rbvl_train, timed_overrides
 from rbvl.config import load_config
-from rbvl.synthetic import write_tiny_manifest
+from rbvl.data.synthetic import write_tiny_manifest
 from rbvl.train import train
 
 STRATEGIES = ("stratified", "rnb", "odm", "dga", "doremi", "aioli")

@@ -28,8 +28,8 @@ from rbvl import manifest as manifest_file
 from rbvl import tiny
 from rbvl.balance import ProportionSchedule
 from rbvl.bench._timing import alternate, medians, ratio_line
-from rbvl.collate import Encoder
 from rbvl.data import MixtureStream, decode, load_domains, loader_lag
+from rbvl.data.collate import Encoder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

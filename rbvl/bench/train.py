@@ -46,12 +46,12 @@ from pathlib import Path
 import torch
 
 from rbvl.bench._timing import alternate, medians, paired_ratio, quiet_training, set_threads
-from rbvl.collate import Encoder
 from rbvl.config import load_config
 from rbvl.data import decode, load_domains, read_shard
+from rbvl.data.collate import Encoder
+from rbvl.data.synthetic import write_tiny_manifest
 from rbvl.metrics import read_metrics
 from rbvl.model import apply_lora, load_model
-from rbvl.synthetic import write_tiny_manifest
 from rbvl.train import train
 
 ARMS = ("stratified", "rnb", "balance_hf", "trainer")

@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rbvl import images
 from rbvl import manifest as manifest_file
 from rbvl.config import ConfigError, load_config, to_dict
 from rbvl.experiment.readme import update_readme
 from rbvl.experiment.report import write_report
 from rbvl.experiment.spec import Cell, ExperimentSpec, append_result, expand, load_experiment, read_results
-from rbvl.records import RecordSpool, Rejects
+from rbvl.records import RecordSpool, Rejects, images
 from rbvl.regroup import RegroupOptions, outdir, regroup
 from rbvl.regroup.write import cluster_entry, write_shards
 

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl import images
 from rbvl import manifest as manifest_file
-from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, read_records
+from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, images, read_records
 from rbvl.regroup import cluster as C
 from rbvl.regroup import gallery, outdir, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder

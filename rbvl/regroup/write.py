@@ -2,7 +2,7 @@
 
 Layout and fields follow docs/formats.md:
 
-    OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/images.py contract) + <key>.json,
+    OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/records/images.py contract) + <key>.json,
                                              in a seeded random order
     OUT/eval/cluster_003/shard-000000.tar    eval records, assigned to the nearest train centroid
     OUT/centroids.npy  OUT/rejects.jsonl  OUT/manifest.json
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl import images, manifest
-from rbvl.records import Rejects, sanitize_key
+from rbvl import manifest
+from rbvl.records import Rejects, images, sanitize_key
 
 SPLIT_CODES = {"train": 0, "eval": 1}  # seeds the write order of each split
 
@@ -37,7 +37,7 @@ class _SplitWriter:
         self.writers: dict[int, object] = {}
         self.shard_sizes: dict[int, dict[str, int]] = {}
         self._names: dict[str, str] = {}  # shard file → its path relative to OUT
-        self.notes: list[dict] = []  # images changed to fit the shard contract (rbvl/images.py)
+        self.notes: list[dict] = []  # images changed to fit the shard contract (rbvl/records/images.py)
         self.ids: list[str | None] = []  # record id per input row (the gallery matches embeddings rows to samples)
 
     def write(self, cluster: int, sample: dict) -> None:

@@ -1,6 +1,6 @@
 """Synthetic regrouped shard sets for tests, benchmarks and smoke runs: what `rbvl-regroup` writes, without running it.
 
-from rbvl.synthetic import write_tiny_manifest
+from rbvl.data.synthetic import write_tiny_manifest
 manifest = write_tiny_manifest("tmp/shards", n_domains=3, n_train=64)   # → tmp/shards/manifest.json
 """
 

@@ -1,6 +1,6 @@
 """The image contract between Regroup and the stream: what a shard may hold, and how anything else gets there.
 
-    from rbvl.images import for_shard, open_rgb
+    from rbvl.records.images import for_shard, open_rgb
     img = for_shard(data, "gif")     # ShardImage(data=PNG bytes, ext="png", note="animated GIF: frame 1 of 3 kept")
     pil = open_rgb(img.data)         # what the stream hands the processor: 8-bit RGB
 

@@ -1,13 +1,10 @@
-"""Records: one training example whatever its source, the readers that make them, and the rejects that explain what
-could not be used (see `docs/formats.md` for the field-by-field contract).
+"""Readers: every input format streamed into Records, every bad row a Reject with its reason and source.
 
     from rbvl.records import ReadOptions, Record, Reject, read_records
     for item in read_records(["data/llava.json"], ReadOptions(image_root="data/images")):
         ...  # a Record, or a Reject(id, source, reason, detail)
 
-One pass, bounded memory: a JSON array is parsed as a stream (ijson), JSON lines line by line, Parquet batch by batch;
-`RecordSpool` keeps read records on disk (an offset index in memory) for the stages after reading, and one `Rejects`
-collector gathers what read, embed and write could not use, to be written once as rejects.jsonl.
+One pass, bounded memory: a JSON array is parsed as a stream (ijson), JSON lines line by line, Parquet batch by batch.
 
 Inputs (auto-detected, or `ReadOptions.format`): LLaVA JSON / JSONL with an image root; WebDataset shards (image +
 `.json` / `.txt`); text-only JSONL / Parquet (presets: `s1` for S1-59k reasoning traces, `text` for prompt/response
@@ -17,71 +14,14 @@ rows). Readers stream: image bytes stay on disk (`Record.image_path`) until a Da
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
-import os
-import re
-import struct
-from array import array
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_TOKEN = "<image>"
+from rbvl.records.record import IMAGE_TOKEN, Record, RecordsError, Reject, normalise_conversation
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-
-# LLaVA's speaker names onto chat roles.
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-REASONS = (
-    "bad_json",
-    "missing_field",
-    "missing_image",
-    "unreadable_image",
-    "empty_conversation",
-    "malformed_conversation",
-    "image_placeholder_mismatch",
-    "duplicate_id",
-    "multiple_images",
-)
-
-
-class RecordsError(ValueError):
-    """An input that cannot be read at all (no file matches, a JSON file that does not parse); one line."""
-
-
-@dataclass
-class Record:
-    id: str
-    conversation: list[dict]  # [{"role": "user" | "assistant" | "system", "content": str}, ...]
-    image: bytes | None = None  # the image file's bytes, untouched
-    image_ext: str | None = None  # "png", "jpg", ...
-    label: str | None = None  # the source's own domain label
-    text: str = ""  # what gets embedded
-    meta: dict = field(default_factory=dict)  # "format", anything else worth keeping (JSON-serialisable)
-    image_path: str | None = None  # read lazily by `load_image` (LLaVA JSON keeps images on disk)
-    source: str = ""  # file (and line / row / key) the record came from, as in a Reject
-
-    def load_image(self) -> tuple[bytes, str] | None:
-        """(bytes, extension) of the record's image, or None for a text-only record."""
-        if self.image is not None:
-            return self.image, self.image_ext or "png"
-        if self.image_path is None:
-            return None
-        ext = Path(self.image_path).suffix.lower().lstrip(".") or "png"
-        return Path(self.image_path).read_bytes(), "jpg" if ext == "jpeg" else ext
-
-
-@dataclass
-class Reject:
-    id: str | None
-    source: str  # file (and line / row / key) the record came from
-    reason: str  # one of REASONS
-    detail: str = ""
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -102,11 +42,6 @@ PRESETS = {
 }
 PROMPT_FIELDS = ("prompt", "question", "instruction", "input", "query")
 RESPONSE_FIELDS = ("response", "answer", "output", "completion", "solution")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def read_records(paths: str | Iterable[str], opts: ReadOptions | None = None) -> Iterator[Record | Reject]:
@@ -290,34 +225,6 @@ def _llava_record(row, source: str, opts: ReadOptions, root: Path | None = None,
     yield record
 
 
-def normalise_conversation(turns) -> tuple[list[dict], tuple[str, str] | None]:
-    """LLaVA `from/value` or `role/content` turns → rbvl turns, or (reason, detail) for what is wrong."""
-    if not isinstance(turns, list):
-        return [], ("malformed_conversation", "the conversation is not a list of turns")
-    if not turns:
-        return [], ("empty_conversation", "no turns")
-    out = []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            return [], ("malformed_conversation", "a turn is not an object")
-        role = turn.get("from", turn.get("role"))
-        content = turn.get("value", turn.get("content"))
-        if role not in ROLE_NAMES or not isinstance(content, str):
-            return [], (
-                "malformed_conversation",
-                f"turn with role {role!r} and content of type {type(content).__name__}",
-            )
-        out.append({"role": ROLE_NAMES[role], "content": content})
-    if all(not t["content"].replace(IMAGE_TOKEN, "").strip() for t in out):
-        return [], ("empty_conversation", "every turn is empty")
-    speakers = [t["role"] for t in out if t["role"] != "system"]
-    if not speakers or speakers[0] != "user":
-        return [], ("malformed_conversation", "the first turn is not the user's")
-    if "assistant" not in speakers:
-        return [], ("malformed_conversation", "no assistant turn")
-    return out, None
-
-
 def _read_webdataset(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:
     from webdataset import tariterators
 
@@ -436,146 +343,3 @@ def _text(row: dict, conversation: list[dict], opts: ReadOptions, preset: str | 
         return "\n".join(str(row[f]) for f in fields if row.get(f))
     users = [t["content"].replace(IMAGE_TOKEN, "").strip() for t in conversation if t["role"] == "user"]
     return "\n".join(u for u in users if u)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Helpers for the stages after reading
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class Rejects:
-    """The one collector of what could not be used, per split, from every stage (read, embed, write).
-
-    `rejects.add("train", Reject(...))` or `rejects.add("train", record, "unreadable_image", detail)`; written once,
-    as rejects.jsonl (one line per reject, with its split); `count(split)` closes the manifest's books
-    (in = written + rejected).
-    """
-
-    def __init__(self):
-        self.items: list[tuple[str, Reject]] = []
-
-    def add(self, split: str, item: Reject | Record, reason: str | None = None, detail: str = "") -> None:
-        if isinstance(item, Record):
-            if reason not in REASONS:
-                raise ValueError(f"unknown reject reason {reason!r}")
-            item = Reject(item.id, item.source or split, reason, detail)
-        self.items.append((split, item))
-
-    def count(self, split: str) -> int:
-        return sum(1 for s, _ in self.items if s == split)
-
-    def by_reason(self, split: str) -> dict[str, int]:
-        return dict(Counter(r.reason for s, r in self.items if s == split))
-
-    def ids(self, split: str) -> list:
-        return [r.id for s, r in self.items if s == split]
-
-    def write(self, path: str | Path) -> int:
-        """rejects.jsonl, train then eval in the order found; returns how many lines were written."""
-        with open(path, "w", encoding="utf-8") as f:
-            for split, r in self.items:
-                f.write(json.dumps({"split": split, **r.to_json()}, ensure_ascii=False) + "\n")
-        return len(self.items)
-
-
-class RecordSpool:
-    """Records kept on disk, one after another, with an offset index in memory (8 bytes per record).
-
-    Regroup spools what it reads and takes records back by row for embedding (in DataLoader workers: reads use
-    `os.pread`, which shares no file position across forked processes), for the report and for writing shards.
-    Each entry is a small binary header, the record's fields as JSON and its image bytes when it carries them.
-    """
-
-    _HEAD = struct.Struct("<II")  # JSON length, image length
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._out = open(self.path, "wb")  # closed by finish()
-        self.offsets = array("q", [0])  # entry i is bytes offsets[i]..offsets[i + 1]
-        self.labels: list[str | None] = []  # kept in memory for clustering metrics (one object per distinct label)
-        self._names: dict[str, str] = {}
-        self._fd: int | None = None
-
-    def append(self, rec: Record) -> None:
-        fields = {k: v for k, v in rec.__dict__.items() if k != "image"}
-        head = json.dumps(fields, ensure_ascii=False).encode()
-        image = rec.image or b""
-        self._out.write(self._HEAD.pack(len(head), len(image)) + head + image)
-        self.offsets.append(self.offsets[-1] + self._HEAD.size + len(head) + len(image))
-        self.labels.append(None if rec.label is None else self._names.setdefault(rec.label, rec.label))
-
-    def finish(self) -> RecordSpool:
-        """Done appending: flush, and from now on read."""
-        if self._out is not None:
-            self._out.close()
-            self._out = None
-        return self
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return SpoolRows(self, range(len(self))[i])
-        if self._fd is None:
-            self.finish()
-            self._fd = os.open(self.path, os.O_RDONLY)
-        start, end = self.offsets[i], self.offsets[i + 1]
-        data = os.pread(self._fd, end - start, start)
-        n_head, n_image = self._HEAD.unpack_from(data)
-        rec = Record(**json.loads(data[self._HEAD.size : self._HEAD.size + n_head]))
-        if n_image:
-            rec.image = data[self._HEAD.size + n_head :]
-        return rec
-
-    def __iter__(self) -> Iterator[Record]:
-        return (self[i] for i in range(len(self)))
-
-    def rows(self, rows) -> SpoolRows:
-        return SpoolRows(self, rows)
-
-    def close(self, delete: bool = True) -> None:
-        self.finish()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if delete:
-            self.path.unlink(missing_ok=True)
-
-    def __getstate__(self) -> dict:  # DataLoader workers started by spawn reopen the file themselves
-        state = dict(self.__dict__)
-        state.update(_out=None, _fd=None)
-        return state
-
-
-class SpoolRows:
-    """A list-like view of some rows of a spool (the train rows, the eval rows)."""
-
-    def __init__(self, spool: RecordSpool, rows):
-        self.spool, self.rows_ = spool, rows
-
-    def __len__(self) -> int:
-        return len(self.rows_)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return SpoolRows(self.spool, self.rows_[i])
-        return self.spool[int(self.rows_[i])]
-
-    def __iter__(self) -> Iterator[Record]:
-        return (self.spool[int(r)] for r in self.rows_)
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-def sanitize_key(record_id: str) -> str:
-    """A WebDataset-safe key for `record_id` (webdataset splits file names at the first dot).
-
-    Unsafe characters become `_`; when that changed the id, a short hash of the original keeps keys unique.
-    """
-    key = _UNSAFE.sub("_", record_id)
-    if key != record_id or not key:
-        key = f"{key}_{hashlib.sha1(record_id.encode()).hexdigest()[:8]}"
-    return key
