@@ -179,7 +179,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rbvl.export import export_merged
+    from rbvl.model.export import export_merged
 
     out = export_merged(args.checkpoint, args.merge)
     print(f"merged model written to {out}")
@@ -236,7 +236,7 @@ def _is_user_error(e: Exception) -> bool:
         ("rbvl.runlock", "LockError"),
         ("rbvl.model", "ModelError"),
         ("rbvl.records", "RecordsError"),
-        ("rbvl.checkpoint", "CheckpointError"),
+        ("rbvl.train.checkpoint", "CheckpointError"),
         ("rbvl.data", "DataError"),
     ):
         cls = getattr(sys.modules.get(module), name, None)

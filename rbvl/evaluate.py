@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rbvl.metrics import read_metrics
+from rbvl.train.metrics import read_metrics
 
 
 @torch.no_grad()
@@ -68,11 +68,11 @@ def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: 
     """Load a run's newest checkpoint (or the checkpoint folder given) and print its per-domain eval loss."""
     from peft import PeftModel
 
-    from rbvl import checkpoint as ckpt
     from rbvl.config import load_config
     from rbvl.data import load_domains
     from rbvl.data.collate import Encoder
     from rbvl.model import load_model
+    from rbvl.train import checkpoint as ckpt
 
     path = Path(run_dir)
     if not (path / ckpt.STATE).exists():

@@ -17,8 +17,8 @@ from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl import SFTConfig
 
-from rbvl import tiny
 from rbvl.integrations.hf import BalanceSFTTrainer  # R&B
+from rbvl.model import tiny
 
 DOMAINS = ["addition", "multiplication", "spelling"]
 

@@ -17,7 +17,7 @@ from rbvl.balance import (
     update_proportions,
     update_proportions_with_info,
 )
-from rbvl.families import head_patterns
+from rbvl.model.families import head_patterns
 
 M = 3
 VOCAB = 128

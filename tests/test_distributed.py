@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rbvl.metrics import read_metrics
+from rbvl.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent

@@ -191,7 +191,7 @@ def test_experiment_files_load_and_every_cell_validates(path):
 @pytest.mark.slow
 def test_interrupted_cell_continues_from_its_checkpoint(tmp_path, monkeypatch):
     """A cell stopped after its step-2 checkpoint resumes from it and ends where an uninterrupted run ends."""
-    import rbvl.checkpoint as ckpt
+    import rbvl.train.checkpoint as ckpt
 
     cells = [{"domains": "regrouped", "strategy": "rnb"}]
     extra = {"overrides": [*FAST, "max_steps=4", "train.save_every=2", "balance.update_every=1",

@@ -1,6 +1,6 @@
 """Every supported family on its tiny offline model: load + LoRA, collate, forward/backward, export, tracker.
 
-For each family (rbvl/families.py): LoRA lands on the language model only and the projector trains; a mixed batch
+For each family (rbvl/model/families.py): LoRA lands on the language model only and the projector trains; a mixed batch
 (images, text-only and multi-image samples where the family takes them) gets labels on the assistant turns only; a
 forward/backward runs; `rbvl export --merge` reloads with equal logits; and GradientTracker's per-domain gradients
 (params lora and head) equal plain autograd on each domain's samples collated and run on their own.
@@ -15,8 +15,8 @@ from PIL import Image
 from rbvl.balance import GradientTracker
 from rbvl.config import LoraConfig, ModelConfig
 from rbvl.data.collate import Encoder
-from rbvl.families import FAMILIES, TINY_FAMILIES, family_for, head_patterns, introspect, markdown_table
 from rbvl.model import apply_lora, load_model
+from rbvl.model.families import FAMILIES, TINY_FAMILIES, family_for, head_patterns, introspect, markdown_table
 
 NAMES = sorted(TINY_FAMILIES)
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -98,7 +98,7 @@ def test_readme_lists_the_table():
     from pathlib import Path
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert markdown_table() in readme, "README's table of families is out of date: python -m rbvl.families"
+    assert markdown_table() in readme, "README's table of families is out of date: python -m rbvl.model.families"
 
 
 def test_unknown_family_falls_back_to_introspection(caplog):
@@ -163,7 +163,7 @@ def test_load_lora_collate_forward_backward(name):
 
 @pytest.mark.parametrize("name", [n for n in NAMES if TINY_FAMILIES[n].kind == "vlm"])
 def test_overlong_samples_never_lose_image_tokens(name):
-    from rbvl.tiny import build as build_tiny
+    from rbvl.model.tiny import build as build_tiny
 
     _, processor = build_tiny(name)
     image_sample = samples_for(TINY_FAMILIES[name])[0][0]
@@ -188,7 +188,7 @@ def test_export_merge_reloads_with_equal_logits(name, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from rbvl.config import RunConfig, dump_config
-    from rbvl.export import export_merged
+    from rbvl.model.export import export_merged
 
     fam = TINY_FAMILIES[name]
     model, processor = build(name, seed=3)
@@ -288,8 +288,8 @@ def test_train_rnb_and_resume_exactly(name, tmp_path):
     import shutil
 
     from rbvl.config import load_config
-    from rbvl.metrics import read_metrics
     from rbvl.train import train
+    from rbvl.train.metrics import read_metrics
 
     fam = TINY_FAMILIES[name]
     manifest = family_manifest(tmp_path / "shards", fam)
@@ -404,7 +404,7 @@ def test_recipe_model_configs_build_and_take_the_recipes_lora(hub_id):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from rbvl.config import load_config
-    from rbvl.families import is_text_only_config
+    from rbvl.model.families import is_text_only_config
 
     path = Path(__file__).parents[1] / "rbvl" / "assets" / "configs" / f"{hub_id.replace('/', '--')}.json"
     config = AutoConfig.for_model(**json.loads(path.read_text()))

@@ -84,7 +84,7 @@ def user_collators():
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from rbvl import tiny
+    from rbvl.model import tiny
 
     tok = tiny.build("tiny-llava")[1].tokenizer
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rbvl import tiny as tiny_models
 from rbvl.config import LoraConfig, ModelConfig
 from rbvl.model import apply_lora, load_model, save_base, trainable_summary
+from rbvl.model import tiny as tiny_models
 
 
 def batch(processor):

@@ -11,7 +11,6 @@ import torch
 from conftest import write_tiny_manifest
 from torch.utils.data import DataLoader
 
-from rbvl import tiny
 from rbvl.balance import ProportionSchedule
 from rbvl.data import (
     DataError,
@@ -24,6 +23,7 @@ from rbvl.data import (
 )
 from rbvl.data.collate import Encoder, to_messages
 from rbvl.mixing import initial_proportions
+from rbvl.model import tiny
 
 
 @pytest.fixture(scope="module")

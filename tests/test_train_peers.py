@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from rbvl.config import load_config
-from rbvl.metrics import read_metrics
 from rbvl.train import train
+from rbvl.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ This package imports torch alone, so any training loop can use it:
 `Balancer(m, target=q, update_every=K, lam=3.0, schedule=schedule).step(step, tracker, skip=overflowed)` does the
 lines from `tracker.commit()` on in one call (with a warmup) and returns what to log at each update; `rbvl train`
 and `rbvl.integrations.hf` use it. `params="head"` (the LM head and the projector's last linear, as the paper did)
-needs the model family's patterns: `head_patterns=rbvl.families.head_patterns(model)`.
+needs the model family's patterns: `head_patterns=rbvl.model.families.head_patterns(model)`.
 
 What g_i is. The gradient of domain i's token-mean loss over the window, g_i = (1 / T_i) Σ_{t ∈ i} ∇ℓ_t (T_i: the
 window's label tokens of domain i): the per-domain loss that evaluation reports. The paper's update comes from a

@@ -1,8 +1,8 @@
 """Which layers the tracker reads: `params` ("lora", "head", or regexes) → the nn.Linear modules, and which of them
 see images (their rows take `image_domain_ids`) rather than samples.
 
-The family table (rbvl.families) is not imported here, so rbvl.balance needs torch alone: for `params="head"` the
-caller passes the family's head patterns (`rbvl.families.head_patterns(model)`).
+The family table (rbvl.model.families) is not imported here, so rbvl.balance needs torch alone: for `params="head"` the
+caller passes the family's head patterns (`rbvl.model.families.head_patterns(model)`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def select_modules(
             raise ValueError(
                 "params='head' needs head_patterns= (the regexes of the LM head and the projector's last linear for "
                 "this model's family), e.g. GradientTracker(model, m, params='head', "
-                "head_patterns=rbvl.families.head_patterns(model))"
+                "head_patterns=rbvl.model.families.head_patterns(model))"
             )
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         found = [

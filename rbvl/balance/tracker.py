@@ -50,7 +50,7 @@ class GradientTracker:
             `head_patterns` names them), or a list of regexes matched with `re.search` against module names
             (nn.Linear modules only).
         head_patterns: for `params="head"`: regexes (re.search) of the projector's last linear and the LM head of
-            this model's family, e.g. `rbvl.families.head_patterns(model)`; the model's output embedding is
+            this model's family, e.g. `rbvl.model.families.head_patterns(model)`; the model's output embedding is
             tracked too. Ignored for other `params`.
         sketch_dim: 0 for exact accumulators (m × tracked params); N > 0 keeps each domain's gradient in an
             N-dimensional count sketch (m × N), unbiased inner products.

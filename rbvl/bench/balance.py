@@ -43,8 +43,8 @@ from rbvl.balance import GradientTracker, _sketch_into, label_tokens, update_pro
 from rbvl.bench import peers
 from rbvl.bench._timing import alternate, medians, set_threads
 from rbvl.config import load_config
-from rbvl.families import head_patterns, is_text_only_config
 from rbvl.model import apply_lora, load_model
+from rbvl.model.families import head_patterns, is_text_only_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs"
 GIB = 2**30

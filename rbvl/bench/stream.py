@@ -25,11 +25,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from rbvl import manifest as manifest_file
-from rbvl import tiny
 from rbvl.balance import ProportionSchedule
 from rbvl.bench._timing import alternate, medians, ratio_line
 from rbvl.data import MixtureStream, decode, load_domains, loader_lag
 from rbvl.data.collate import Encoder
+from rbvl.model import tiny
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

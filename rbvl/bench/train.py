@@ -50,9 +50,9 @@ from rbvl.config import load_config
 from rbvl.data import decode, load_domains, read_shard
 from rbvl.data.collate import Encoder
 from rbvl.data.synthetic import write_tiny_manifest
-from rbvl.metrics import read_metrics
 from rbvl.model import apply_lora, load_model
 from rbvl.train import train
+from rbvl.train.metrics import read_metrics
 
 ARMS = ("stratified", "rnb", "balance_hf", "trainer")
 RATIOS = (  # (numerator, denominator, goal)

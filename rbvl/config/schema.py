@@ -104,7 +104,7 @@ class LoraConfig(Checked):
     target_modules: str | list[str] | None = option(
         None, check=_regex_or_names, allowed="a regex, a list of names, or null (the model family's)"
     )
-    """A regex or a list of names. None: the model family's regex (rbvl/families.py), the language model's attention
+    """A regex or a list of names. None: the model family's regex (rbvl/model/families.py), the language model's attention
     projections only (e.g. `.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj)`): bare names would also hit the vision
     tower, whose attention shares them."""
     modules_to_save: list[str] | None = None

@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from rbvl.families import FAMILIES, Family
+from rbvl.model.families import FAMILIES, Family
 
 log = logging.getLogger(__name__)
 

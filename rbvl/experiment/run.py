@@ -206,7 +206,7 @@ def run_experiment(
 
 def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
     """Train one cell (continuing from its newest checkpoint when one is there); returns its results.jsonl row."""
-    from rbvl import checkpoint as ckpt  # torch, transformers: only when a cell runs
+    from rbvl.train import checkpoint as ckpt  # torch, transformers: only when a cell runs
     from rbvl.train import train
 
     manifest = original_manifest(spec, out) if cell.domains == "original" else regrouped_manifest(spec, cell.k, out)

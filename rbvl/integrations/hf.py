@@ -45,7 +45,7 @@ from transformers import Trainer, TrainerCallback
 
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule, label_tokens
 from rbvl.config import BalanceConfig, from_dict
-from rbvl.families import head_patterns
+from rbvl.model.families import head_patterns
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The one interface every mixing strategy provides, and what the training loop hands it.
 
-The loop calls the same hooks for every strategy, in this order (rbvl/train.py; rbvl/integrations/hf.py for R&B):
+The loop calls the same hooks for every strategy, in this order (rbvl/train/loop.py; rbvl/integrations/hf.py for R&B):
 
     mixer.before_forward(meta)                         # per micro-batch: which domain each row belongs to
     mixer.watch_loss(loss, normalizer)                 # the micro-batch's mean loss, before backward

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rbvl import checkpoint as ckpt
 from rbvl.data import decode_or_none, domain_samples, read_shard
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
-from rbvl.families import head_patterns
 from rbvl.mixing.base import MixContext
 from rbvl.model import load_model
+from rbvl.model.families import head_patterns
+from rbvl.train import checkpoint as ckpt
 
 
 class HeldOut:

@@ -12,7 +12,7 @@ a training step in tens of milliseconds on a CPU. Nothing is downloaded.
 
 from __future__ import annotations
 
-from rbvl.families import TINY_FAMILIES
+from rbvl.model.families import TINY_FAMILIES
 
 # What the tiny tokenizer's BPE merges are learnt from: the words of instruction data, and digits kept apart.
 _CORPUS = """

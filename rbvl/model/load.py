@@ -1,8 +1,8 @@
 """Build a model of any supported family and its processor, and put LoRA on its language model.
 
 One path for every model: `load_model(cfg.model)` takes a hub id (`Qwen/Qwen2-VL-2B-Instruct`), a local
-`save_pretrained` folder, or a tiny offline model (`tiny-llava`, `tiny-qwen2-vl`, ... see rbvl/tiny.py). The config's
-`model_type` picks the family (rbvl/families.py): image-text-to-text families load with AutoModelForImageTextToText
+`save_pretrained` folder, or a tiny offline model (`tiny-llava`, `tiny-qwen2-vl`, ... see rbvl/model/tiny.py). The config's
+`model_type` picks the family (rbvl/model/families.py): image-text-to-text families load with AutoModelForImageTextToText
 and AutoProcessor, text-only causal LMs (Llama, Qwen2/2.5/3, Mistral) with AutoModelForCausalLM and AutoTokenizer.
 Everything after that (LoRA, freezing, collate, saving) is the same for all of them.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rbvl import tiny
 from rbvl.config import LoraConfig, ModelConfig
-from rbvl.families import FamilyError, family_for, is_text_only_config
+from rbvl.model import tiny
+from rbvl.model.families import FamilyError, family_for, is_text_only_config
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def vision_tower(model: nn.Module) -> nn.Module:
 def apply_lora(model: nn.Module, cfg: LoraConfig):
     """Wrap `model` in a PEFT LoRA model; knobs map 1:1 onto `peft.LoraConfig`.
 
-    `target_modules` / `modules_to_save` left None come from the model's family (rbvl/families.py): the language
+    `target_modules` / `modules_to_save` left None come from the model's family (rbvl/model/families.py): the language
     model's attention projections, and the projector."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model

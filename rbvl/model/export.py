@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rbvl.checkpoint import CheckpointError
+from rbvl.train.checkpoint import CheckpointError
 
 
 def export_merged(checkpoint: str | Path, out: str | Path) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl.metrics import read_metrics
+from rbvl.train.metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path, domain_names: list[str]) -> list[Path]:

@@ -18,7 +18,7 @@ each row its domain (rbvl.data.collate.projector_rows computes it):
 A model_type the table does not know is read by introspection (`introspect`): the language model's attention
 projections and a module named like a projector, with a warning naming the recipe keys that override it.
 
-    python -m rbvl.families          # prints the README's table of families from this one
+    python -m rbvl.model.families          # prints the README's table of families from this one
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class Family:
     """PaliGemma: the prompt is a bidirectional prefix (`token_type_ids` 0), the answer the suffix (1); loss on the
     last assistant turn only."""
     tiny: str | None = None
-    """The offline `model.name` that builds a ~1M-parameter model of this family (rbvl.tiny)."""
+    """The offline `model.name` that builds a ~1M-parameter model of this family (rbvl.model.tiny)."""
     aliases: tuple[str, ...] = field(default_factory=tuple)
     """Hub checkpoints of this family (documentation)."""
 
@@ -266,7 +266,7 @@ def introspect(model: nn.Module) -> Family:
         )
     log.warning(
         "rbvl has no entry for model_type '%s'; by introspection: lora.target_modules=%r, lora.modules_to_save=%s, "
-        "balance.params=head tracks %s. Set these keys in the recipe if they are wrong (and see rbvl/families.py).",
+        "balance.params=head tracks %s. Set these keys in the recipe if they are wrong (and see rbvl/model/families.py).",
         model_type,
         fam.target_modules(),
         fam.modules_to_save,
