@@ -23,7 +23,8 @@ from PIL import Image
 
 from data_tools.regroup import main as regroup_main
 from rbvl.cli import main as rbvl_main
-from rbvl.regroup.gallery import Card, ClusterView, _keep, cluster_silhouettes, tar_members, write_gallery
+from rbvl.regroup.gallery import Card, ClusterView, _keep, cluster_silhouettes, write_gallery
+from rbvl.regroup.tar_index import tar_members
 
 HOSTILE = '<script>alert("x")</script> & <b>not bold</b>'
 

@@ -116,12 +116,7 @@ def regroup(opts: RegroupOptions) -> dict:
             _barrier(world)
             return {}
     timings["embed_s"] = time.perf_counter() - t0
-    ok = np.ones(len(everything), dtype=bool)
-    for row, err in sorted(errors.items()):
-        ok[row] = False
-        rejects.add("train" if row < n_train else "eval", everything[row], "unreadable_image", err)
-    train_rows = np.flatnonzero(ok[:n_train])
-    eval_rows = n_train + np.flatnonzero(ok[n_train:])
+    train_rows, eval_rows = _embedded_rows(everything, errors, n_train, rejects)
     train, evals = everything.rows(train_rows), everything.rows(eval_rows)
     if not len(train):
         everything.close()
@@ -155,22 +150,7 @@ def regroup(opts: RegroupOptions) -> dict:
         cluster_entry(c, cluster_name(c), w_train, w_eval, top_labels=tops[c], examples=examples[c])
         for c in range(cl.k)
     ]
-    n_written_train = sum(c["n_train"] for c in clusters)
-    n_written_eval = sum(c["n_eval"] for c in clusters)
-    counts = {
-        "train": {"in": n_in_train, "written": n_written_train, "rejected": rejects.count("train")},
-        "eval": {"in": n_in_eval, "written": n_written_eval, "rejected": rejects.count("eval")},
-    }
-    for split, cnt in counts.items():
-        if cnt["in"] != cnt["written"] + cnt["rejected"]:  # a bug, not a user error: say it loudly
-            raise AssertionError(f"{split} counts do not add up: {cnt}")
-    if n_written_eval == 0:  # Balance then targets a uniform q, and training has no eval loss to report
-        why = f"all {n_in_eval} eval records were rejected" if n_in_eval else "no --eval input was given"
-        print(
-            f"rbvl-regroup: warning: the eval set is empty ({why}): Balance will target uniform proportions and "
-            "`rbvl train` will report no eval loss",
-            file=sys.stderr,
-        )
+    counts = _counts(clusters, n_in_train, n_in_eval, rejects)
     manifest = manifest_file.build(
         clusters,
         eval_distribution=C.distribution(eval_labels, cl.k),
@@ -198,6 +178,36 @@ def regroup(opts: RegroupOptions) -> dict:
     gallery.after_regroup(final, manifest, w_train.ids, x_train, opts.gallery, opts.plots)  # OUT/gallery/
     _barrier(world)
     return manifest
+
+
+def _embedded_rows(records, errors: dict[int, str], n_train: int, rejects: Rejects) -> tuple[np.ndarray, np.ndarray]:
+    """The train and eval rows that embedded; a row whose image failed to decode goes to the rejects."""
+    ok = np.ones(len(records), dtype=bool)
+    for row, err in sorted(errors.items()):
+        ok[row] = False
+        rejects.add("train" if row < n_train else "eval", records[row], "unreadable_image", err)
+    return np.flatnonzero(ok[:n_train]), n_train + np.flatnonzero(ok[n_train:])
+
+
+def _counts(clusters: list[dict], n_in_train: int, n_in_eval: int, rejects: Rejects) -> dict:
+    """Records in, written and rejected per split; they must add up. Warns when the eval set came out empty."""
+    n_written_train = sum(c["n_train"] for c in clusters)
+    n_written_eval = sum(c["n_eval"] for c in clusters)
+    counts = {
+        "train": {"in": n_in_train, "written": n_written_train, "rejected": rejects.count("train")},
+        "eval": {"in": n_in_eval, "written": n_written_eval, "rejected": rejects.count("eval")},
+    }
+    for split, cnt in counts.items():
+        if cnt["in"] != cnt["written"] + cnt["rejected"]:  # a bug, not a user error: say it loudly
+            raise AssertionError(f"{split} counts do not add up: {cnt}")
+    if n_written_eval == 0:  # Balance then targets a uniform q, and training has no eval loss to report
+        why = f"all {n_in_eval} eval records were rejected" if n_in_eval else "no --eval input was given"
+        print(
+            f"rbvl-regroup: warning: the eval set is empty ({why}): Balance will target uniform proportions and "
+            "`rbvl train` will report no eval loss",
+            file=sys.stderr,
+        )
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------------------------------
