@@ -3,7 +3,7 @@
     rbvl bench stream                                   # generated 4-domain shards, tiny processor, batch 16
     rbvl bench stream --manifest shards/manifest.json --num-workers 2 --batch-size 16
 
-Both sides read the same shards with the same decode (`rbvl.data.decode`), the same collate (`rbvl.collate.Encoder`
+Both sides read the same shards with the same decode (`rbvl.data.decode`), the same collate (`rbvl.data.collate.Encoder`
 with the tiny LLaVA processor) and the same DataLoader workers; the raw side is `wds.WebDataset` (shards resampled) → shuffle buffer →
 map(decode) → batched(collate), as a user would write it. Rounds alternate (rbvl, raw, rbvl, raw, ...) so drift in
 machine speed hits both alike; each round warms its loader up first (workers started, buffers filled) and then times

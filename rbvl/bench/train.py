@@ -12,7 +12,7 @@ same batch size, optimizer (AdamW, lr, weight decay, grad-norm clip), precision 
     trainer        a plain `transformers.Trainer`
 
 The two Trainer arms read a map-style dataset of the manifest's training samples, decoded once up front, through
-the same `rbvl.collate.Encoder`; `rbvl train` reads the shards through `MixtureStream` (tar reading, PNG decoding and
+the same `rbvl.data.collate.Encoder`; `rbvl train` reads the shards through `MixtureStream` (tar reading, PNG decoding and
 collation in its loader workers), as it does in real use.
 
 What is timed: the loop from the end of optimizer step `warmup` to the end of step `warmup + steps`, i.e. `steps`
@@ -272,6 +272,6 @@ def load_samples(manifest: Path) -> list[dict]:
 
 
 def write_bench_manifest(root: Path, n_domains: int = 3, n_train: int = 64, n_eval: int = 4, seed: int = 0) -> Path:
-    """A small regrouped shard set + manifest.json (rbvl.synthetic): domain 0 asks for an image's colour, domain 1 a
+    """A small regrouped shard set + manifest.json (rbvl.data.synthetic): domain 0 asks for an image's colour, domain 1 a
     sum (text only), domain d ≥ 2 a fixed phrase."""
     return write_tiny_manifest(root, n_domains=n_domains, n_train=n_train, n_eval=n_eval, seed=seed)
