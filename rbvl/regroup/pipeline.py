@@ -36,6 +36,7 @@ def read_options(opts: RegroupOptions) -> ReadOptions:
         text_fields=opts.text_fields,
         label_field=opts.label_field,
         with_trajectory=opts.with_trajectory,
+        allow_outside_root=opts.allow_outside_root,
     )
 
 
@@ -181,11 +182,12 @@ def regroup(opts: RegroupOptions) -> dict:
 
 
 def _embedded_rows(records, errors: dict[int, str], n_train: int, rejects: Rejects) -> tuple[np.ndarray, np.ndarray]:
-    """The train and eval rows that embedded; a row whose image failed to decode goes to the rejects."""
+    """The train and eval rows that embedded; a row whose image failed to decode (or has a sliver's aspect ratio)
+    goes to the rejects."""
     ok = np.ones(len(records), dtype=bool)
     for row, err in sorted(errors.items()):
         ok[row] = False
-        rejects.add("train" if row < n_train else "eval", records[row], "unreadable_image", err)
+        rejects.add("train" if row < n_train else "eval", records[row], *images.untagged(err))
     return np.flatnonzero(ok[:n_train]), n_train + np.flatnonzero(ok[n_train:])
 
 

@@ -84,7 +84,8 @@ def write_shards(
     order, so each cluster's shards hold its records shuffled and any window of the stream is a uniform sample.
 
     `records` is anything indexable (a list, `RecordSpool.rows`); a record whose image vanished since embedding goes
-    to `rejects` (missing_image), and so does one whose image `images.for_shard` refuses (unreadable_image); an image
+    to `rejects` (missing_image), and so does one whose image `images.for_shard` refuses (unreadable_image,
+    image_aspect); an image
     it changes gets an `image_note` in its JSON and a line in `writer.notes`. Returns the writer (shard lists,
     per-shard sample counts, image notes, `ids`: the record id of each row of `records`).
     """
@@ -108,7 +109,7 @@ def write_shards(
                 try:
                     img = images.for_shard(*loaded)  # PNG/JPEG/WebP, 8-bit, one frame: what the stream reads
                 except images.ImageRejected as e:
-                    rejects.add(split, rec, "unreadable_image", str(e))
+                    rejects.add(split, rec, e.reason, str(e))
                     continue
                 sample[img.ext] = img.data
                 note = img.note

@@ -1,0 +1,185 @@
+"""Hostile data, degenerate clusterings, damaged checkpoints and file-system faults (issue 20, the data side).
+
+Each case asserts what the user sees (one line naming the problem, no traceback) and that nothing is lost: every
+input record is in a shard or in rejects.jsonl with its reason, and a previous output stays usable.
+
+    pytest -q tests/test_hostile_data.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+TINY_REGROUP = ["--embedder", "open_clip:rbvl-tiny", "--no-progress", "--no-plots", "--num-workers", "0"]
+
+
+def run(module: str, *args, timeout: int = 180) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", module, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=ENV,
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{module} {' '.join(map(str, args))} hung (no exit in {timeout} s)")
+
+
+def one_error_line(r: subprocess.CompletedProcess, text: str) -> str:
+    """Exactly one `: error:` line, containing `text`; no traceback; a non-zero exit."""
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if ": error:" in line]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert text in errors[0], errors[0]
+    assert r.returncode != 0
+    return errors[0]
+
+
+def png(size=(24, 24), colour=(200, 40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def llava_rows(images: list[str | None], prefix: str = "r") -> list[dict]:
+    rows = []
+    for i, image in enumerate(images):
+        q = ("<image>\n" if image else "") + f"Question {i}: what is {i} + 1?"
+        row = {"id": f"{prefix}{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "x"}]}
+        if image:
+            row["image"] = image
+        rows.append(row)
+    return rows
+
+
+def rejects_of(out: Path) -> dict[str, str]:
+    return {r["id"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+
+
+def counts_add_up(out: Path) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split in ("train", "eval"):
+        c = manifest["counts"][split]
+        assert c["in"] == c["written"] + c["rejected"], c
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images: paths that escape the image root, slivers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def escaping_data(tmp_path):
+    """train.json beside images/: good images, three paths out of the root (.., absolute, symlink), two slivers."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png(colour=(1, 2, 3)))
+    names = []
+    for i in range(16):
+        (root / "images" / f"ok{i}.png").write_bytes(png(colour=(15 * i, 100, 200 - 10 * i)))
+        names.append(f"images/ok{i}.png")
+    (root / "images" / "link.png").symlink_to(outside / "secret.png")
+    (root / "images" / "sliver.png").write_bytes(png(size=(1, 100_000)))
+    (root / "images" / "wide.png").write_bytes(png(size=(2_000, 20)))  # 100:1
+    (root / "images" / "long.png").write_bytes(png(size=(40, 1_000)))  # 25:1, within the bound
+    special = ["../outside/secret.png", str(outside / "secret.png"), "images/link.png"]
+    special += ["images/sliver.png", "images/wide.png", "images/long.png"]
+    (root / "train.json").write_text(json.dumps(llava_rows(names + special + [None] * 4)))
+    (root / "eval.json").write_text(json.dumps(llava_rows(["images/ok0.png", "images/sliver.png", None], "e")))
+    return root
+
+
+def test_image_outside_root_and_slivers_are_rejected_with_their_reasons(tmp_path, escaping_data):
+    root = escaping_data
+    out = tmp_path / "shards"
+    args = ["--input", root / "train.json", "--eval", root / "eval.json", "--k", "2", *TINY_REGROUP]
+    r = run("data_tools.regroup", *args, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = counts_add_up(out)
+    assert manifest["counts"]["train"] == {"in": 26, "written": 21, "rejected": 5}
+    rejects = rejects_of(out)
+    assert rejects == {
+        "r16": "image_outside_root",  # ../outside/secret.png
+        "r17": "image_outside_root",  # an absolute path
+        "r18": "image_outside_root",  # a symlink inside the root that points out
+        "r19": "image_aspect",  # 1 x 100000
+        "r20": "image_aspect",  # 2000 x 20
+        "e1": "image_aspect",
+    }
+    lines = (out / "rejects.jsonl").read_text()
+    assert "../outside/secret.png resolves to" in lines and "aspect ratio beyond 50:1" in lines
+
+    out2 = tmp_path / "shards_allowed"
+    r = run("data_tools.regroup", *args, "--out", out2, "--allow-outside-root")
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts_add_up(out2)
+    assert set(rejects_of(out2).values()) == {"image_aspect"}
+
+
+def test_reader_rejects_escapes_unless_allowed(tmp_path, escaping_data):
+    from rbvl.records import ReadOptions, Reject, read_records
+
+    path = str(escaping_data / "train.json")
+    got = {x.id: x.reason for x in read_records(path) if isinstance(x, Reject)}
+    assert got == {"r16": "image_outside_root", "r17": "image_outside_root", "r18": "image_outside_root"}
+    assert not [x for x in read_records(path, ReadOptions(allow_outside_root=True)) if isinstance(x, Reject)]
+
+
+def test_for_shard_rejects_a_sliver_before_decoding():
+    from rbvl.records import images
+
+    with pytest.raises(images.ImageRejected) as e:
+        images.for_shard(png(size=(1, 100_000)), "png")
+    assert e.value.reason == "image_aspect" and "1 x 100000 px" in str(e.value)
+    assert images.for_shard(png(size=(50, 1)), "png").ext == "png"  # exactly the bound is kept
+    assert images.untagged(images.tagged(e.value)) == ("image_aspect", str(e.value))
+    assert images.untagged("OSError: broken") == ("unreadable_image", "OSError: broken")
+
+
+def test_collate_drops_a_sliver_before_the_processor_resizes_it():
+    from rbvl.data.collate import Encoder
+    from rbvl.model import tiny
+
+    _, processor = tiny.llava()
+    conv = [{"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "A sliver."}]
+    samples = [
+        {"id": "ok", "conversation": conv, "image": Image.new("RGB", (24, 24))},
+        {"id": "sliver", "conversation": conv, "image": Image.new("RGB", (1, 100_000))},
+    ]
+    seen = []  # the image sizes the processor was given (unguarded, it resized the sliver to 32 x 3.2M px)
+    image_processor = processor.image_processor
+    original = type(image_processor).__call__
+
+    def spy(self, images, *args, **kwargs):
+        seen.extend(im.size for group in images for im in (group if isinstance(group, list) else [group]))
+        return original(self, images, *args, **kwargs)
+
+    type(image_processor).__call__ = spy
+    try:
+        batch, info = Encoder(processor, max_length=128)(samples, [0, 1])
+    finally:
+        type(image_processor).__call__ = original
+    assert info["dropped"] == 1 and batch["pixel_values"].shape[0] == 1
+    assert info["domain_ids"].tolist() == [0]
+    assert seen == [(24, 24)]
