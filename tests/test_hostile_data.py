@@ -183,3 +183,39 @@ def test_collate_drops_a_sliver_before_the_processor_resizes_it():
     assert info["dropped"] == 1 and batch["pixel_values"].shape[0] == 1
     assert info["domain_ids"].tolist() == [0]
     assert seen == [(24, 24)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Degenerate clustering: fewer distinct points than k
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_fewer_distinct_points_than_k_is_one_line_and_no_manifest(tmp_path):
+    rows = [
+        {"id": f"same{i}", "conversations": [{"from": "human", "value": "Same?"}, {"from": "gpt", "value": "Yes."}]}
+        for i in range(40)
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    out = tmp_path / "shards"
+    r = run("data_tools.regroup", "--input", tmp_path / "train.json", "--out", out, "--k", "3", *TINY_REGROUP)
+    line = one_error_line(r, "k=3 needs at least 3 distinct embeddings, but the 40 usable train records have only 1")
+    assert "use --k 1 (one domain)" in line
+    assert not (out / "manifest.json").exists()
+
+
+def test_distinct_points_checked_for_every_k_of_a_sweep():
+    import numpy as np
+
+    from rbvl.regroup import cluster as C
+    from rbvl.regroup.errors import RegroupError
+
+    rng = np.random.default_rng(0)
+    two = rng.normal(size=(2, 8)).astype(np.float32)
+    x = np.repeat(two, 20, axis=0) + rng.normal(scale=1e-8, size=(40, 8)).astype(np.float32)  # last-bit noise
+    assert C.count_distinct(x) == 2 and C.count_distinct(rng.normal(size=(500, 8)), stop=16) == 16
+    with pytest.raises(RegroupError, match=r"k=3 needs at least 3 distinct .* have only 2 .*; use --k 1,2$"):
+        C.cluster(x, [1, 2, 3], progress=False)
+    with pytest.raises(RegroupError, match=r"use --k 2 or less$"):
+        C.cluster(x, [4], progress=False)
+    fit = C.cluster(x, [2], progress=False)
+    assert sorted(np.bincount(fit.labels).tolist()) == [20, 20]
