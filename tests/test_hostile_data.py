@@ -8,9 +8,11 @@ input record is in a shard or in rejects.jsonl with its reason, and a previous o
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +221,67 @@ def test_distinct_points_checked_for_every_k_of_a_sweep():
         C.cluster(x, [4], progress=False)
     fit = C.cluster(x, [2], progress=False)
     assert sorted(np.bincount(fit.labels).tolist()) == [20, 20]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared by the fault cases below
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def enospc(path=None) -> OSError:
+    return OSError(errno.ENOSPC, "No space left on device", *([str(path)] if path else []))
+
+
+def the_error(err: str, prog: str) -> str:
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export: a damaged adapter file, a full disk
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from test_export import fake_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("run") / "checkpoint-7"
+    fake_checkpoint(ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("how", ["cut in half", "zero bytes", "garbage header"])
+def test_export_of_a_damaged_adapter_is_one_line(tmp_path, checkpoint, how):
+    ckpt = tmp_path / "checkpoint-7"
+    shutil.copytree(checkpoint, ckpt)
+    adapter = ckpt / "adapter_model.safetensors"
+    data = adapter.read_bytes()
+    adapter.write_bytes(
+        {"cut in half": data[: len(data) // 2], "zero bytes": b"", "garbage header": os.urandom(64)}[how]
+    )
+    r = run("rbvl.cli", "export", ckpt, "--merge", tmp_path / "merged")
+    line = one_error_line(r, f"rbvl: error: {adapter}: damaged or truncated adapter file")
+    assert "SafetensorError" not in r.stderr.replace(line, "")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_export_on_a_full_disk_leaves_nothing(monkeypatch, capsys, tmp_path, checkpoint):
+    from transformers import PreTrainedModel
+
+    from rbvl import cli
+
+    def save_pretrained(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise enospc()
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_pretrained)
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    code = cli.main(["export", str(checkpoint), "--merge", str(out)])
+    line = the_error(capsys.readouterr().err, "rbvl")
+    assert code == 2
+    assert line == f"rbvl: error: no space left on device writing {tmp_path / '.merged.tmp-export'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no partial or temporary folder"
