@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     config = args.pop("config", None)
     items = args.pop("overrides", [])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside DataLoader workers
+    from rbvl import fsfault
     from rbvl.records import RecordsError
     from rbvl.regroup import RegroupError, load_options
     from rbvl.runlock import LockError
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         regroup(opts)
         close_distributed()  # under torchrun; a no-op on one process
     except (RegroupError, ConfigError, RecordsError, LockError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
+        msg = fsfault.describe(e) if isinstance(e, OSError) else " ".join(str(e).split()) or type(e).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

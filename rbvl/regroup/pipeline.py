@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl import fsfault
 from rbvl import manifest as manifest_file
 from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, images, read_records
 from rbvl.regroup import cluster as C
@@ -64,9 +65,13 @@ def read_split(
 def regroup(opts: RegroupOptions) -> dict:
     """Run Regroup with `opts` and return the manifest (also written to OUT/manifest.json, last).
 
+    On any failure the staging folder is removed and a previous output in OUT stays as it was.
+
     Raises:
-        RegroupError: bad options, no usable records, k larger than N, an existing output without overwrite.
+        RegroupError: bad options, no usable records, k larger than N (or than the distinct embeddings), an existing
+            output without overwrite.
         RecordsError: fatal input problems found by the reader.
+        OSError: a file-system fault (full disk, read-only, permissions); its file name says where.
     """
     opts.validate()
     ks = C.parse_k(opts.k)
@@ -75,6 +80,17 @@ def regroup(opts: RegroupOptions) -> dict:
     final = Path(opts.out)  # outputs are staged in `out` and moved here at the end; the embedding cache lives here
     out = outdir.prepare(final, opts.overwrite) if rank == 0 else outdir.staging_path(final)
     _barrier(world)
+    try:
+        with fsfault.writing(out):  # a write that fails without naming its file names the staging folder
+            return _regroup(opts, ks, final, out, rank, world)
+    except BaseException:  # an error, a full disk, Ctrl-C: no partial output is left, the previous one stands
+        if rank == 0:
+            outdir.abandon(out, final)
+        raise
+
+
+def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: int, world: int) -> dict:
+    """The stages of `regroup`, writing into the staging folder `out` and committing it to `final` at the end."""
     timings: dict[str, float] = {}
 
     # ---- read (one streaming pass per split into a spool on disk: train rows, then eval rows)

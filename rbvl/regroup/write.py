@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl import manifest
+from rbvl import fsfault, manifest
 from rbvl.records import Rejects, images, sanitize_key
 
 SPLIT_CODES = {"train": 0, "eval": 1}  # seeds the write order of each split
@@ -52,16 +52,23 @@ class _SplitWriter:
             )
             self.shard_sizes[cluster] = {}
         w = self.writers[cluster]
-        w.write(sample)
+        with fsfault.writing(w.fname):
+            w.write(sample)
         rel = self._names.get(w.fname) or self._names.setdefault(
             w.fname, Path(w.fname).relative_to(self.out).as_posix()
         )
         sizes = self.shard_sizes[cluster]
         sizes[rel] = sizes.get(rel, 0) + 1
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every shard; after a failure (`failed`), errors while closing are dropped: the first one stands."""
         for w in self.writers.values():
-            w.close()
+            try:
+                with fsfault.writing(w.fname):
+                    w.close()
+            except OSError:
+                if not failed:
+                    raise
 
     def shards(self, cluster: int) -> tuple[list[str], list[int]]:
         sizes = self.shard_sizes.get(cluster, {})
@@ -125,8 +132,10 @@ def write_shards(
                 **({"image_note": note} if note else {}),
             }
             writer.write(c, sample)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(failed=True)
+        raise
+    writer.close()
     return writer
 
 
