@@ -473,3 +473,38 @@ def test_export_on_a_full_disk_leaves_nothing(monkeypatch, capsys, tmp_path, che
     assert code == 2
     assert line == f"rbvl: error: no space left on device writing {tmp_path / '.merged.tmp-export'}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no partial or temporary folder"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preemption of regroup: SIGTERM stops it like Ctrl-C, with one line; the cache makes the rerun cheap
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_during_embedding_stops_cleanly_and_the_rerun_reuses_the_cache(monkeypatch, capsys, previous):
+    import signal
+
+    from data_tools.regroup import main
+    from rbvl.regroup import pipeline
+
+    root, out = previous
+    shutil.rmtree(out / ".cache")
+    before = output_files(out)
+    handler = signal.getsignal(signal.SIGTERM)
+    original = pipeline.embed_records
+
+    def embed_then_sigterm(*args, **kwargs):
+        result = original(*args, **kwargs)  # the cache is complete, then the scheduler's SIGTERM arrives
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(pipeline, "embed_records", embed_then_sigterm)
+    code, err = regroup_in_process(capsys, *regroup_args(root, out))
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err
+    assert "rbvl-regroup: stopped by SIGTERM; no partial output left; the embedding cache is kept" in err
+    no_leftovers(out)
+    assert output_files(out) == before
+    assert signal.getsignal(signal.SIGTERM) == handler, "the handler is put back"
+
+    monkeypatch.setattr(pipeline, "embed_records", original)
+    assert main([*map(str, regroup_args(root, out))]) == 0
+    assert "embedded 0 (cached 24)" in capsys.readouterr().out
