@@ -132,12 +132,14 @@ def test_image_outside_root_and_slivers_are_rejected_with_their_reasons(tmp_path
     }
     lines = (out / "rejects.jsonl").read_text()
     assert "../outside/secret.png resolves to" in lines and "aspect ratio beyond 50:1" in lines
+    assert "warning: 3 records rejected as image_outside_root" in r.stderr and "--allow-outside-root" in r.stderr
 
     out2 = tmp_path / "shards_allowed"
     r = run("data_tools.regroup", *args, "--out", out2, "--allow-outside-root")
     assert r.returncode == 0, r.stderr[-3000:]
     counts_add_up(out2)
     assert set(rejects_of(out2).values()) == {"image_aspect"}
+    assert "image_outside_root" not in r.stderr
 
 
 def test_reader_rejects_escapes_unless_allowed(tmp_path, escaping_data):

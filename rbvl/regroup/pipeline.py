@@ -103,6 +103,7 @@ def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: 
     n_in_eval = read_split(opts.eval, read_opts, spool, rejects, "eval", exclude=train_ids)[0] if opts.eval else 0
     everything = spool.finish()
     del train_ids
+    _warn_outside_root(rejects, opts)
     if not n_train or max(ks) > n_train:
         everything.close()
     if not n_train:
@@ -205,6 +206,18 @@ def _embedded_rows(records, errors: dict[int, str], n_train: int, rejects: Rejec
         ok[row] = False
         rejects.add("train" if row < n_train else "eval", records[row], *images.untagged(err))
     return np.flatnonzero(ok[:n_train]), n_train + np.flatnonzero(ok[n_train:])
+
+
+def _warn_outside_root(rejects: Rejects, opts: RegroupOptions) -> None:
+    """One warning when image paths pointed outside the image root (a dataset with absolute paths rejects them all)."""
+    n = sum(rejects.by_reason(split).get("image_outside_root", 0) for split in ("train", "eval"))
+    if n:
+        root = opts.image_root or "the JSON file's folder"
+        print(
+            f"rbvl-regroup: warning: {n} records rejected as image_outside_root: their image paths resolve outside "
+            f"the image root ({root}); set --image-root to the folder that holds them, or pass --allow-outside-root",
+            file=sys.stderr,
+        )
 
 
 def _counts(clusters: list[dict], n_in_train: int, n_in_eval: int, rejects: Rejects) -> dict:
