@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from rbvl.config import ConfigError, add_flags
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     config = args.pop("config", None)
     items = args.pop("overrides", [])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside DataLoader workers
+    from rbvl import fsfault
     from rbvl.records import RecordsError
     from rbvl.regroup import RegroupError, load_options
     from rbvl.runlock import LockError
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"{PROG}: error: unexpected argument '{bad[0]}' (options are --flags or key=value)", file=sys.stderr)
         return 2
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}  # a scheduler's SIGTERM stops like Ctrl-C
     try:
         opts = load_options(config, args, items)  # checked before torch and friends are imported: mistakes fail fast
         from rbvl.regroup import regroup
@@ -62,13 +65,36 @@ def main(argv: list[str] | None = None) -> int:
         regroup(opts)
         close_distributed()  # under torchrun; a no-op on one process
     except (RegroupError, ConfigError, RecordsError, LockError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
+        msg = fsfault.describe(e) if isinstance(e, OSError) else " ".join(str(e).split()) or type(e).__name__
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (rerun the same command to resume the embedding)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or _Stopped by a signal: regroup has removed its partial output
+        sig = e.signum if isinstance(e, _Stopped) else signal.SIGINT
+        print(
+            f"{PROG}: stopped by {signal.Signals(sig).name}; no partial output left; the embedding cache is kept, "
+            "so rerunning the same command resumes where embedding stopped",
+            file=sys.stderr,
+        )
+        return 128 + sig
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and other schedulers send before a kill
+
+
+class _Stopped(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM / SIGUSR1, so regroup unwinds (and cleans up) as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, _frame):
+    raise _Stopped(signum)
 
 
 if __name__ == "__main__":

@@ -179,14 +179,21 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from rbvl import fsfault
     from rbvl.model.export import export_merged
 
-    out = export_merged(args.checkpoint, args.merge)
+    try:
+        out = export_merged(args.checkpoint, args.merge)
+    except OSError as e:
+        if not fsfault.is_fault(e):
+            raise
+        raise CliError(fsfault.describe(e)) from None
     print(f"merged model written to {out}")
     return 0
 
 
 def cmd_gallery(args) -> int:
+    from rbvl import fsfault
     from rbvl.regroup.errors import RegroupError
     from rbvl.regroup.gallery import write_gallery
 
@@ -195,6 +202,10 @@ def cmd_gallery(args) -> int:
                              plots=args.plots)  # fmt: skip
     except RegroupError as e:
         raise CliError(str(e)) from None
+    except OSError as e:
+        if not fsfault.is_fault(e):
+            raise
+        raise CliError(fsfault.describe(e)) from None
     print(f"gallery written to {page}")
     return 0
 

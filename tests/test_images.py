@@ -68,7 +68,7 @@ def test_every_writable_format_becomes_a_shard_image_or_a_reason(fmt):
 
 
 def test_16_bit_is_scaled_not_clipped():
-    ramp = np.linspace(0, 65535, 256 * 4).reshape(4, 256).astype(np.uint16)  # (4, 256)
+    ramp = np.linspace(0, 65535, 128 * 8).reshape(8, 128).astype(np.uint16)  # (8, 128): within the 50:1 aspect bound
     buf = io.BytesIO()
     Image.fromarray(ramp).save(buf, format="PNG")
     img = for_shard(buf.getvalue(), "png")

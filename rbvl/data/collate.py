@@ -24,6 +24,7 @@ import logging
 import torch
 
 from rbvl.model.families import FAMILIES, Family
+from rbvl.records.images import ImageRejected, check_aspect
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class Encoder:
     Over-long samples (more than `max_length` tokens, image tokens included): `truncate` keeps the first max_length
     tokens unless that would cut an image's tokens (the model would then see fewer image tokens than image
     features), in which case the sample is dropped; `drop` drops every over-long sample. Both are counted. A sample
-    the family cannot take (an image for a text-only LM, more images than placeholders) is dropped, counted, logged.
+    the family cannot take (an image for a text-only LM, more images than placeholders) is dropped, counted, logged;
+    so is one whose image's sides differ by more than `images.MAX_ASPECT` (50:1), before the processor resizes it.
     """
 
     def __init__(self, processor, max_length: int = 512, overlong: str = "truncate", family: Family | None = None):
@@ -130,6 +132,12 @@ class Encoder:
         if len(images) > 1 and not self.family.multi_image:
             log.warning("dropping sample %s: %s takes one image per sample", key, self.family.model_type)
             return None
+        for image in images:  # before the processor: it resizes the short side, so a sliver would blow up
+            try:
+                check_aspect(image.size)
+            except ImageRejected as e:
+                log.warning("dropping sample %s: %s", key, e)
+                return None
         return messages, images
 
     # -- the batch ------------------------------------------------------------------------------------------------

@@ -3,17 +3,30 @@
 rbvl export runs/demo_tiny_rnb/checkpoint-300 --merge exported/demo
 # then, without rbvl or PEFT:
 AutoModelForImageTextToText.from_pretrained("exported/demo"); AutoProcessor.from_pretrained("exported/demo")
+
+The adapter file is checked before the base model loads (a truncated or damaged file is one line naming it), and the
+merged model is written into a temporary folder beside OUT that becomes OUT only when complete: a full disk or a
+read-only folder leaves no partial OUT behind.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from rbvl import fsfault
 from rbvl.train.checkpoint import CheckpointError
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
-    """PEFT's `merge_and_unload` folds the adapters (and the modules_to_save copies) into the base weights."""
+    """PEFT's `merge_and_unload` folds the adapters (and the modules_to_save copies) into the base weights.
+
+    Raises:
+        CheckpointError: no adapter, a damaged adapter file, or an OUT that is not empty.
+        OSError: a file-system fault while writing (its file name says where); no partial OUT is left.
+    """
     from peft import PeftModel
 
     from rbvl.config import load_config
@@ -22,13 +35,51 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / "adapter_config.json").exists():
         raise CheckpointError(f"{checkpoint} holds no LoRA adapter (adapter_config.json); is it RUN_DIR/checkpoint-N?")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} exists and is not empty")
+    adapter = check_adapter(checkpoint)
     cfg = load_config(checkpoint / "config.yaml")
     base, processor = load_model(cfg.model, seed=cfg.seed)
-    model = PeftModel.from_pretrained(base, checkpoint)
+    try:
+        model = PeftModel.from_pretrained(base, checkpoint)
+    except Exception as e:  # noqa: BLE001 - safetensors, torch and PEFT raise several types for a bad adapter
+        raise CheckpointError(f"{adapter}: cannot load the adapter: {_short(e)}") from None
     merged = model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    processor.save_pretrained(out)
+    tmp = out.parent / f".{out.name}.tmp-export"
+    try:
+        with fsfault.writing(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            merged.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        with fsfault.writing(out):
+            if out.is_dir():
+                out.rmdir()  # empty (checked above): the finished folder takes its place
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_adapter(checkpoint: Path) -> Path:
+    """The checkpoint's adapter weights file, checked to be complete (CheckpointError naming it otherwise)."""
+    found = next((checkpoint / n for n in ADAPTER_FILES if (checkpoint / n).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{checkpoint} has adapter_config.json but no {' or '.join(ADAPTER_FILES)}")
+    if found.suffix != ".safetensors":
+        return found
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(found), framework="pt") as f:  # the header, and the file long enough for it
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise CheckpointError(
+            f"{found}: damaged or truncated adapter file ({_short(e)}); export an earlier checkpoint"
+        ) from None
+    return found
+
+
+def _short(e: Exception) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__

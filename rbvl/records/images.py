@@ -14,6 +14,10 @@ A shard image is PNG, JPEG or WebP, single frame, 8 bits per channel (docs/forma
 - Animated or multi-frame images (GIF, APNG, WebP, TIFF pages, MPO) keep their first frame.
 - Every change is returned as a `note` (regroup lists them in image_notes.jsonl); a file Pillow cannot open or fully
   decode is rejected with `ImageRejected` (reason `unreadable_image`).
+- An image whose sides differ by more than MAX_ASPECT (50:1) is rejected (reason `image_aspect`) from its header,
+  before any pixel is decoded or resized: processors resize the short side to the model's size, so a 1 × 100000 px
+  sliver would become a 32 × 3.2M (or 336 × 34M) array. `check_aspect` is the one test, used by Regroup (embed, write)
+  and by collate (which drops such a sample).
 """
 
 from __future__ import annotations
@@ -28,10 +32,36 @@ SHARD_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}  # Pillow format �
 SHARD_EXTS = ("png", "jpg", "jpeg", "webp")  # what the stream reads (jpeg: shards of other tools)
 EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 NOTES = "image_notes.jsonl"
+MAX_ASPECT = 50  # longest side / shortest side; beyond it an image is rejected (docs/formats.md, "Images")
 
 
 class ImageRejected(ValueError):
-    """An image that cannot become a shard image; the message says why."""
+    """An image that cannot become a shard image; the message says why, `reason` is its reject reason."""
+
+    def __init__(self, message: str, reason: str = "unreadable_image"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_aspect(size: tuple[int, int]) -> None:
+    """Raise ImageRejected (reason `image_aspect`) for a (width, height) beyond MAX_ASPECT:1 or with a zero side."""
+    w, h = size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageRejected(
+            f"image of {w} x {h} px: aspect ratio beyond {MAX_ASPECT}:1 (resizing its short side would blow it up)",
+            reason="image_aspect",
+        )
+
+
+def tagged(e: ImageRejected) -> str:
+    """`e` as one string that keeps its reason ("image_aspect: ..."), for caches that store plain messages."""
+    return f"{e.reason}: {e}"
+
+
+def untagged(message: str, default: str = "unreadable_image") -> tuple[str, str]:
+    """(reason, detail) of a message made by `tagged`; any other message is (`default`, message)."""
+    reason, sep, detail = message.partition(": ")
+    return (reason, detail) if sep and reason in ("image_aspect", "unreadable_image") else (default, message)
 
 
 @dataclass
@@ -50,6 +80,12 @@ def for_shard(data: bytes, ext: str | None = None) -> ShardImage:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a reject with its reason
+        raise ImageRejected(f"cannot decode the .{name} image: {type(e).__name__}: {_short(e)}") from None
+    check_aspect(im.size)  # from the header: before any pixel is decoded
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()  # decode everything now: a truncated file fails here, not in a DataLoader worker
     except Exception as e:  # noqa: BLE001 - any decoder failure is a reject with its reason
         raise ImageRejected(f"cannot decode the .{name} image: {type(e).__name__}: {_short(e)}") from None

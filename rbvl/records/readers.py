@@ -6,7 +6,9 @@
 
 One pass, bounded memory: a JSON array is parsed as a stream (ijson), JSON lines line by line, Parquet batch by batch.
 
-Inputs (auto-detected, or `ReadOptions.format`): LLaVA JSON / JSONL with an image root; WebDataset shards (image +
+Inputs (auto-detected, or `ReadOptions.format`): LLaVA JSON / JSONL with an image root (an image path that resolves
+outside it, by `..`, an absolute path or a symlink, is rejected as `image_outside_root` unless
+`allow_outside_root`); WebDataset shards (image +
 `.json` / `.txt`); text-only JSONL / Parquet (presets: `s1` for S1-59k reasoning traces, `text` for prompt/response
 rows). Readers stream: image bytes stay on disk (`Record.image_path`) until a DataLoader worker asks for them.
 """
@@ -32,6 +34,7 @@ class ReadOptions:
     text_fields: list[str] | None = None  # fields joined into Record.text (overrides the preset)
     label_field: str | None = None  # column with the original domain label (overrides the preset)
     with_trajectory: bool = False  # s1: embed the question and the thinking trajectory
+    allow_outside_root: bool = False  # accept image paths that resolve outside the image root (.., absolute, symlink)
 
 
 # What each preset embeds, which column is the original label, and how rows become conversations.
@@ -220,9 +223,18 @@ def _llava_record(row, source: str, opts: ReadOptions, root: Path | None = None,
         if not file.is_file():
             yield Reject(rid, source, "missing_image", str(file))
             return
-        record.image_path = str(file.resolve())
+        resolved = file.resolve()
+        if not opts.allow_outside_root and not _inside(resolved, root):
+            yield Reject(rid, source, "image_outside_root", f"{images[0]} resolves to {resolved}, outside {root}")
+            return
+        record.image_path = str(resolved)
     record.text = _text(row, conversation, opts)
     yield record
+
+
+def _inside(resolved: Path, root: Path) -> bool:
+    """Whether `resolved` (symlinks followed) lies under the image root (symlinks of the root itself followed too)."""
+    return resolved.is_relative_to(root.resolve())
 
 
 def _read_webdataset(path: str, opts: ReadOptions) -> Iterator[Record | Reject]:

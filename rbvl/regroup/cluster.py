@@ -70,7 +70,7 @@ def cluster(
     """Fit k-means for each k in `ks` on x (N, d); keep the k with the best silhouette (the only k when one is given).
 
     Raises:
-        RegroupError: a k larger than the number of train records.
+        RegroupError: a k larger than the number of train records or than their distinct embeddings.
     """
     from tqdm.auto import tqdm
 
@@ -79,6 +79,7 @@ def cluster(
     if too_big:
         raise RegroupError(f"k={too_big[0]} is larger than the number of usable train records ({n})")
     x = np.ascontiguousarray(x, dtype=np.float32)
+    check_distinct(x, ks)
     sweep, fits = [], {}
     for k in tqdm(ks, desc="cluster (k sweep)", unit="k", disable=not progress or len(ks) == 1):
         km = fit_kmeans(x, k, seed, minibatch_above)
@@ -92,7 +93,44 @@ def cluster(
         best = max(scored, key=lambda s: s["silhouette"])["k"] if scored else ks[0]
     centroids = fits[best].cluster_centers_.astype(np.float32)  # (k, d)
     labels, dist = assign(x, centroids)
+    sizes = np.bincount(labels, minlength=best)
+    if (sizes == 0).any():  # a domain with no samples would stop training later; say it here
+        raise RegroupError(
+            f"k={best} left {int((sizes == 0).sum())} of its clusters empty (sizes {' '.join(map(str, sizes))}): "
+            "the embeddings hold fewer distinct groups than k; use a smaller --k"
+        )
     return Clustering(best, centroids, labels, dist, sweep)
+
+
+def count_distinct(x: np.ndarray, stop: int | None = None, decimals: int = 5) -> int:
+    """Distinct rows of x (N, d), rounded to `decimals` (the same record embedded in two batches may differ in its
+    last bits); counting stops at `stop`, so ordinary data costs a few rows, not a pass."""
+    seen: set[bytes] = set()
+    for s in range(0, len(x), 4096):
+        block = np.round(np.asarray(x[s : s + 4096], dtype=np.float32), decimals) + 0.0  # + 0.0: -0.0 → 0.0
+        for row in block:
+            seen.add(row.tobytes())
+            if stop is not None and len(seen) >= stop:
+                return len(seen)
+    return len(seen)
+
+
+def check_distinct(x: np.ndarray, ks: list[int]) -> None:
+    """RegroupError naming the distinct points and the k that would work when some k exceeds the distinct rows of x.
+
+    k-means cannot make more clusters than there are distinct points: the rest come out empty (40 identical records,
+    k = 3: sizes 40 0 0), and a domain without samples stops training later.
+    """
+    d = count_distinct(x, stop=max(ks))
+    bad = [k for k in ks if k > d]
+    if not bad:
+        return
+    valid = [k for k in ks if k <= d]
+    use = f"--k {','.join(map(str, valid))}" if valid else f"--k {d} or less" if d > 1 else "--k 1 (one domain)"
+    raise RegroupError(
+        f"k={bad[0]} needs at least {bad[0]} distinct embeddings, but the {len(x)} usable train records have only "
+        f"{d} (duplicate or near-identical records?); use {use}"
+    )
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rbvl.records import images
 from rbvl.regroup.errors import RegroupError
 
 PREFIXES = ("open_clip", "hf", "sentence-transformers")
@@ -249,6 +250,7 @@ class _EmbedDataset(torch.utils.data.Dataset):
         data, _ = loaded
         try:
             with Image.open(io.BytesIO(data)) as im:
+                images.check_aspect(im.size)  # from the header: a 1 x 100000 sliver is never resized
                 if self.embedder.uses_images and self.embedder.image_size:
                     # JPEG: decode at the smallest DCT scale still >= the model's size (much less work)
                     im.draft("RGB", (self.embedder.image_size, self.embedder.image_size))
@@ -257,6 +259,8 @@ class _EmbedDataset(torch.utils.data.Dataset):
                     item["image"] = self.embedder.image_transform(im.convert("RGB"))  # (3, H, W)
                 else:
                     item["image"] = torch.zeros(0)  # decoded and checked, not embedded
+        except images.ImageRejected as e:
+            item["error"] = images.tagged(e)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a crashed loader
             item["error"] = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")[:300]
         return item

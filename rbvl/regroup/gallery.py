@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl import fsfault
 from rbvl import manifest as manifest_file
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.gallery_page import draw_plots, render
@@ -108,11 +109,39 @@ def write_gallery(
     manifest = manifest if manifest is not None else read_manifest(out)
     if n_nearest < 0 or n_random < 0 or sample < 0:
         raise RegroupError("n_nearest, n_random and sample must be >= 0")
+    tmp = out / "gallery.tmp"
+    try:
+        with fsfault.writing(tmp):  # a write that fails without naming its file names the folder being written
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "thumbs").mkdir(parents=True)
+            _build(out, tmp, manifest, embeddings, n_nearest, n_random, sample, plots)
+        final = out / "gallery"
+        _swap_in(tmp, final)
+    finally:  # a full disk or a read-only folder: no gallery.tmp is left, the previous gallery stays
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / "index.html"
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace `final` with the finished `tmp` by renames; if the second rename fails the previous one comes back."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    with fsfault.writing(final):
+        if final.exists():
+            final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            if old.exists():
+                old.rename(final)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(out: Path, tmp: Path, manifest: dict, embeddings, n_nearest: int, n_random: int, sample: int, plots: bool):
+    """Write the page, its thumbnails and plots into `tmp`."""
     k = max((int(e.get("id", i)) for i, e in enumerate(manifest["clusters"])), default=-1) + 1
     seed = int(manifest.get("seed", 0))
-    tmp = out / "gallery.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "thumbs").mkdir(parents=True)
     problems: list[str] = []
 
     views, train_ids, train_clusters = scan_shards(out, manifest, n_nearest, n_random, seed, problems)
@@ -137,10 +166,6 @@ def write_gallery(
         print(f"rbvl gallery: warning: ... and {len(problems) - 5} more (listed on the page)", file=sys.stderr)
     page = render(manifest, views, cards, figures, note, problems, x is not None)
     (tmp / "index.html").write_text(page, encoding="utf-8")
-    final = out / "gallery"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final / "index.html"
 
 
 def after_regroup(out: Path, manifest: dict, ids: list[str], x: np.ndarray, enabled: bool, plots: bool) -> None:
@@ -152,7 +177,8 @@ def after_regroup(out: Path, manifest: dict, ids: list[str], x: np.ndarray, enab
     try:
         page = write_gallery(out, manifest, (ids, x), plots=plots)
     except Exception as e:  # noqa: BLE001 - the shards and manifest are already complete; say what failed
-        print(f"rbvl-regroup: warning: gallery not written ({type(e).__name__}: {e}); "
+        why = fsfault.describe(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        print(f"rbvl-regroup: warning: gallery not written ({why}); "
               f"rebuild it with `rbvl gallery {out}`", file=sys.stderr)  # fmt: skip
         return
     print(f"  gallery: {page} ({time.perf_counter() - t0:.1f}s)")
@@ -307,6 +333,8 @@ def _write_thumbs(cards: list[Card], folder: Path) -> None:
                         written.append(name)
                         card.thumb = f"thumbs/{name}"
                 except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes; show it on the card
+                    if fsfault.is_fault(e):  # a full disk is not a bad image
+                        raise
                     card.error = f"image does not decode ({type(e).__name__})"
 
 

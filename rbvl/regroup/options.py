@@ -42,6 +42,9 @@ class RegroupOptions(Checked):
     """Eval inputs, assigned to the nearest train centroid (never used to fit)."""
     image_root: str | None = None
     """Folder that relative image paths in LLaVA JSON are resolved against (default: the JSON file's folder)."""
+    allow_outside_root: bool = False
+    """Accept image paths that resolve outside the image root (`..`, absolute paths, symlinks pointing out); by
+    default such a record is rejected as `image_outside_root`, so a dataset file cannot pull in other files."""
     format: str | None = option(None, choices=(None, "llava", "webdataset", "jsonl", "parquet"))
     """Input format (default: detected from the file names)."""
     preset: str | None = option(None, choices=(None, "llava", "s1", "text"))

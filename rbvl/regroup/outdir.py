@@ -19,19 +19,24 @@ import os
 import shutil
 from pathlib import Path
 
+from rbvl import fsfault, runlock
 from rbvl import manifest as manifest_file
-from rbvl import runlock
 from rbvl.regroup.errors import RegroupError
 
 MANIFEST = manifest_file.FILENAME
 
 STAGING = ".staging"
+PREVIOUS = ".previous"  # the previous output's files while a commit moves the new ones in
 MARK = ".rbvl-staging"  # inside the staging folder: it is ours to remove
 CACHE = ".cache"
 # What an older manifest (without `files`) wrote besides its shards.
 KNOWN = ("rejects.jsonl", "centroids.npy", "summary.md", "sweep.png", "cluster_sizes.png", "projection.png")
-GALLERY = ("gallery", "gallery.tmp")  # written after the manifest (rbvl.regroup.gallery), so never in its `files`
-OURS = {STAGING, CACHE, runlock.LOCK_NAME, *GALLERY}
+GALLERY = (
+    "gallery",
+    "gallery.tmp",
+    "gallery.old",
+)  # written after the manifest (rbvl.regroup.gallery), so never in its `files`
+OURS = {STAGING, PREVIOUS, CACHE, runlock.LOCK_NAME, *GALLERY}
 
 
 def staging_path(out: Path) -> Path:
@@ -58,12 +63,8 @@ def prepare(out: str | Path, overwrite: bool) -> Path:
         previous_files(out)  # an unreadable manifest fails here, before any work
     runlock.acquire(out, "rbvl-regroup")
     staging = staging_path(out)
-    if staging.exists():
-        if not (staging / MARK).exists():
-            raise RegroupError(f"{staging} exists and was not made by regroup; move it away")
-        shutil.rmtree(staging)  # an interrupted run's partial output: ours
-    staging.mkdir()
-    (staging / MARK).write_text("partial rbvl-regroup output; removed by the next run\n")
+    with fsfault.writing(staging):
+        _fresh(staging)  # an interrupted run's partial output is ours to remove
     return staging
 
 
@@ -89,23 +90,91 @@ def previous_files(out: Path) -> list[str]:
 
 
 def commit(staging: Path, out: Path, manifest: dict) -> Path:
-    """Move the staged output into OUT (replacing the previous regroup output) and write the manifest last."""
+    """Move the staged output into OUT (replacing the previous regroup output) and write the manifest last.
+
+    The previous output's files are first moved aside (OUT/.previous, renames within one file system), so a fault
+    while moving the new files in or writing the manifest (a full disk, a read-only remount) puts them back: OUT then
+    holds the previous output exactly as it was, and the error propagates.
+    """
     new = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file() and p.name != MARK)
     old = set(previous_files(out)) if (out / MANIFEST).is_file() else set()
     clash = [rel for rel in new if (out / rel).exists() and rel not in old]
     if clash:
         raise RegroupError(f"{out / clash[0]} exists and was not written by regroup; move it away and rerun")
-    (out / MANIFEST).unlink(missing_ok=True)  # from here on the folder is not a complete output
-    for rel in sorted(old):
-        (out / rel).unlink(missing_ok=True)
-    _prune_empty(out, {str(Path(rel).parent) for rel in old})
-    for rel in new:
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / rel, out / rel)
-    shutil.rmtree(staging)
-    path = manifest_file.write(out, {**manifest, "files": new})
+    aside, moved_in = out / PREVIOUS, []
+    with fsfault.writing(aside):
+        _fresh(aside)
+    moved_aside = _move(out, aside, [MANIFEST, *sorted(old)])  # from here on OUT holds no complete output
+    try:
+        _prune_empty(out, {str(Path(rel).parent) for rel in old})
+        for rel in new:
+            with fsfault.writing(out / rel):
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / rel, out / rel)
+            moved_in.append(rel)
+        with fsfault.writing(out / MANIFEST):
+            path = manifest_file.write(out, {**manifest, "files": new})
+    except BaseException:
+        _put_back(out, aside, moved_in, moved_aside)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
     runlock.release(out)
     return path
+
+
+def abandon(staging: Path, out: Path) -> None:
+    """After a failed run: remove its staging folder and read spool (ours), release OUT. The cache stays."""
+    if (staging / MARK).exists():
+        shutil.rmtree(staging, ignore_errors=True)
+    for spool in (Path(out) / CACHE).glob("records*.bin"):
+        spool.unlink(missing_ok=True)
+    (Path(out) / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+    runlock.release(out)
+
+
+def _fresh(folder: Path) -> None:
+    """An empty folder marked as ours (a leftover of a crashed run is ours too, when it carries the mark)."""
+    if folder.exists():
+        if not (folder / MARK).exists():
+            raise RegroupError(f"{folder} exists and was not made by regroup; move it away")
+        if folder.name == PREVIOUS and any(p.is_file() and p.name != MARK for p in folder.rglob("*")):
+            raise RegroupError(f"{folder} holds files of an earlier output that could not be put back; move them")
+        shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / MARK).write_text("partial rbvl-regroup output; removed by the next run\n")
+
+
+def _move(src: Path, dst: Path, rels: list[str]) -> list[str]:
+    """Rename src/rel → dst/rel for each rel that exists; returns those moved (if one fails, the moved go back)."""
+    moved = []
+    try:
+        for rel in rels:
+            if (src / rel).is_file():
+                with fsfault.writing(dst / rel):
+                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src / rel, dst / rel)
+                moved.append(rel)
+    except BaseException:
+        _put_back(src, dst, [], moved)
+        raise
+    return moved
+
+
+def _put_back(out: Path, aside: Path, moved_in: list[str], moved_aside: list[str]) -> None:
+    """Undo a commit: the new files leave OUT (deleted: the staging copy is gone), the previous ones come back."""
+    for rel in moved_in:
+        (out / rel).unlink(missing_ok=True)
+    _prune_empty(out, {str(Path(rel).parent) for rel in moved_in})
+    (out / (MANIFEST + ".tmp")).unlink(missing_ok=True)
+    for rel in moved_aside:
+        try:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(aside / rel, out / rel)
+        except OSError:  # keep going: every file that can come back does; the rest stay in OUT/.previous
+            continue
+    if not any(p.is_file() and p.name != MARK for p in aside.rglob("*")):
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _prune_empty(out: Path, folders: set[str]) -> None:

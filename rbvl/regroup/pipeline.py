@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl import fsfault
 from rbvl import manifest as manifest_file
 from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, images, read_records
 from rbvl.regroup import cluster as C
@@ -36,6 +37,7 @@ def read_options(opts: RegroupOptions) -> ReadOptions:
         text_fields=opts.text_fields,
         label_field=opts.label_field,
         with_trajectory=opts.with_trajectory,
+        allow_outside_root=opts.allow_outside_root,
     )
 
 
@@ -63,9 +65,13 @@ def read_split(
 def regroup(opts: RegroupOptions) -> dict:
     """Run Regroup with `opts` and return the manifest (also written to OUT/manifest.json, last).
 
+    On any failure the staging folder is removed and a previous output in OUT stays as it was.
+
     Raises:
-        RegroupError: bad options, no usable records, k larger than N, an existing output without overwrite.
+        RegroupError: bad options, no usable records, k larger than N (or than the distinct embeddings), an existing
+            output without overwrite.
         RecordsError: fatal input problems found by the reader.
+        OSError: a file-system fault (full disk, read-only, permissions); its file name says where.
     """
     opts.validate()
     ks = C.parse_k(opts.k)
@@ -74,6 +80,17 @@ def regroup(opts: RegroupOptions) -> dict:
     final = Path(opts.out)  # outputs are staged in `out` and moved here at the end; the embedding cache lives here
     out = outdir.prepare(final, opts.overwrite) if rank == 0 else outdir.staging_path(final)
     _barrier(world)
+    try:
+        with fsfault.writing(out):  # a write that fails without naming its file names the staging folder
+            return _regroup(opts, ks, final, out, rank, world)
+    except BaseException:  # an error, a full disk, Ctrl-C: no partial output is left, the previous one stands
+        if rank == 0:
+            outdir.abandon(out, final)
+        raise
+
+
+def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: int, world: int) -> dict:
+    """The stages of `regroup`, writing into the staging folder `out` and committing it to `final` at the end."""
     timings: dict[str, float] = {}
 
     # ---- read (one streaming pass per split into a spool on disk: train rows, then eval rows)
@@ -86,6 +103,7 @@ def regroup(opts: RegroupOptions) -> dict:
     n_in_eval = read_split(opts.eval, read_opts, spool, rejects, "eval", exclude=train_ids)[0] if opts.eval else 0
     everything = spool.finish()
     del train_ids
+    _warn_outside_root(rejects, opts)
     if not n_train or max(ks) > n_train:
         everything.close()
     if not n_train:
@@ -181,12 +199,25 @@ def regroup(opts: RegroupOptions) -> dict:
 
 
 def _embedded_rows(records, errors: dict[int, str], n_train: int, rejects: Rejects) -> tuple[np.ndarray, np.ndarray]:
-    """The train and eval rows that embedded; a row whose image failed to decode goes to the rejects."""
+    """The train and eval rows that embedded; a row whose image failed to decode (or has a sliver's aspect ratio)
+    goes to the rejects."""
     ok = np.ones(len(records), dtype=bool)
     for row, err in sorted(errors.items()):
         ok[row] = False
-        rejects.add("train" if row < n_train else "eval", records[row], "unreadable_image", err)
+        rejects.add("train" if row < n_train else "eval", records[row], *images.untagged(err))
     return np.flatnonzero(ok[:n_train]), n_train + np.flatnonzero(ok[n_train:])
+
+
+def _warn_outside_root(rejects: Rejects, opts: RegroupOptions) -> None:
+    """One warning when image paths pointed outside the image root (a dataset with absolute paths rejects them all)."""
+    n = sum(rejects.by_reason(split).get("image_outside_root", 0) for split in ("train", "eval"))
+    if n:
+        root = opts.image_root or "the JSON file's folder"
+        print(
+            f"rbvl-regroup: warning: {n} records rejected as image_outside_root: their image paths resolve outside "
+            f"the image root ({root}); set --image-root to the folder that holds them, or pass --allow-outside-root",
+            file=sys.stderr,
+        )
 
 
 def _counts(clusters: list[dict], n_in_train: int, n_in_eval: int, rejects: Rejects) -> dict:

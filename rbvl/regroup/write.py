@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl import manifest
+from rbvl import fsfault, manifest
 from rbvl.records import Rejects, images, sanitize_key
 
 SPLIT_CODES = {"train": 0, "eval": 1}  # seeds the write order of each split
@@ -52,16 +52,23 @@ class _SplitWriter:
             )
             self.shard_sizes[cluster] = {}
         w = self.writers[cluster]
-        w.write(sample)
+        with fsfault.writing(w.fname):
+            w.write(sample)
         rel = self._names.get(w.fname) or self._names.setdefault(
             w.fname, Path(w.fname).relative_to(self.out).as_posix()
         )
         sizes = self.shard_sizes[cluster]
         sizes[rel] = sizes.get(rel, 0) + 1
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close every shard; after a failure (`failed`), errors while closing are dropped: the first one stands."""
         for w in self.writers.values():
-            w.close()
+            try:
+                with fsfault.writing(w.fname):
+                    w.close()
+            except OSError:
+                if not failed:
+                    raise
 
     def shards(self, cluster: int) -> tuple[list[str], list[int]]:
         sizes = self.shard_sizes.get(cluster, {})
@@ -84,7 +91,8 @@ def write_shards(
     order, so each cluster's shards hold its records shuffled and any window of the stream is a uniform sample.
 
     `records` is anything indexable (a list, `RecordSpool.rows`); a record whose image vanished since embedding goes
-    to `rejects` (missing_image), and so does one whose image `images.for_shard` refuses (unreadable_image); an image
+    to `rejects` (missing_image), and so does one whose image `images.for_shard` refuses (unreadable_image,
+    image_aspect); an image
     it changes gets an `image_note` in its JSON and a line in `writer.notes`. Returns the writer (shard lists,
     per-shard sample counts, image notes, `ids`: the record id of each row of `records`).
     """
@@ -108,7 +116,7 @@ def write_shards(
                 try:
                     img = images.for_shard(*loaded)  # PNG/JPEG/WebP, 8-bit, one frame: what the stream reads
                 except images.ImageRejected as e:
-                    rejects.add(split, rec, "unreadable_image", str(e))
+                    rejects.add(split, rec, e.reason, str(e))
                     continue
                 sample[img.ext] = img.data
                 note = img.note
@@ -124,8 +132,10 @@ def write_shards(
                 **({"image_note": note} if note else {}),
             }
             writer.write(c, sample)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.close(failed=True)
+        raise
+    writer.close()
     return writer
 
 
