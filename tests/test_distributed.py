@@ -32,6 +32,7 @@ def test_synced_domain_grads_equal_one_process_over_the_same_samples(tmp_path):
     torch.testing.assert_close(ddp["counts"], one["counts"])
     torch.testing.assert_close(ddp["all_ranks"][0], ddp["all_ranks"][1], rtol=0, atol=0)  # every rank agrees
     torch.testing.assert_close(ddp["grads"], one["grads"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ddp["gram"], one["gram"], rtol=1e-4, atol=1e-9)  # the unbiased diagonal included
 
 
 def test_rbvl_train_on_two_ranks(tmp_path, tiny_manifest):

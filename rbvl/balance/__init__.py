@@ -55,19 +55,21 @@ Files: tracker.py (GradientTracker, the tracked linear), layers.py (which layers
 sketch), update.py (G → p), schedule.py (p over steps; the Balancer).
 """
 
-from rbvl.balance.layers import select_modules
+from rbvl.balance.layers import label_tokens, select_modules
 from rbvl.balance.schedule import Balancer, ProportionSchedule
 from rbvl.balance.sketch import _sketch_into as _sketch_into  # rbvl bench balance times the sketch alone
-from rbvl.balance.tracker import GradientTracker, label_tokens
-from rbvl.balance.update import gram, update_proportions, update_proportions_with_info
+from rbvl.balance.tracker import GradientTracker
+from rbvl.balance.update import diagnostics, gram, unbiased_diagonal, update_proportions, update_proportions_with_info
 
 __all__ = [
     "Balancer",
     "GradientTracker",
     "ProportionSchedule",
+    "diagnostics",
     "gram",
     "label_tokens",
     "select_modules",
+    "unbiased_diagonal",
     "update_proportions",
     "update_proportions_with_info",
 ]

@@ -1,5 +1,5 @@
 """Which layers the tracker reads: `params` ("lora", "head", or regexes) → the nn.Linear modules, and which of them
-see images (their rows take `image_domain_ids`) rather than samples.
+see images (their rows take `image_domain_ids`) rather than samples; and which rows of a micro-batch each domain holds.
 
 The family table (rbvl.model.families) is not imported here, so rbvl.balance needs torch alone: for `params="head"` the
 caller passes the family's head patterns (`rbvl.model.families.head_patterns(model)`).
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 # Modules that see images (or tiles, or patch rows) rather than samples: their rows take `image_domain_ids`.
@@ -54,3 +55,21 @@ def select_modules(
             raise ValueError(f"balance.params pattern {pattern!r} matches no nn.Linear module")
         found += [h for h in hits if h not in found]
     return found
+
+
+def _row_groups(ids: torch.Tensor | None) -> list[tuple[int, slice | torch.Tensor]]:
+    """[(domain, rows)] for the rows of each domain present: a slice where they are contiguous, else indices."""
+    if ids is None or ids.numel() == 0:
+        return []
+    present = torch.unique(ids).tolist()
+    groups = []
+    for d in present:
+        rows = (ids == d).nonzero().flatten()
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        groups.append((d, slice(lo, hi) if hi - lo == rows.numel() else rows))
+    return groups
+
+
+def label_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B,) label tokens per sample that a causal LM loss averages over (labels shifted by one, as HF models do)."""
+    return (labels[:, 1:] != ignore_index).sum(1)

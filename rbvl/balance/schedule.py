@@ -89,8 +89,10 @@ class Balancer:
         floor: float = 0.0,
         smoothing: float = 0.0,
         schedule: ProportionSchedule | None = None,
+        gram: str = "unbiased",
     ):
         self.m = n_domains
+        self.gram = gram  # "unbiased" | "plugin": the estimator of G (GradientTracker.gram)
         self.target = None if target is None else [float(x) for x in target]
         self.update_every, self.lam, self.warmup_steps = update_every, lam, warmup_steps
         self.floor, self.smoothing = floor, smoothing
@@ -108,6 +110,7 @@ class Balancer:
             floor=config.floor,
             smoothing=config.smoothing,
             schedule=schedule,
+            gram=getattr(config, "gram", "unbiased"),
         )
 
     @property
@@ -152,7 +155,7 @@ class Balancer:
             return None
         tracker.sync()  # sum every rank's window: all ranks now hold the same sums
         stale, tokens = tracker.stale(), tracker.tokens.tolist()
-        G = tracker.gram()  # (m, m) G_ij = g_i · g_j, token-mean domain gradients of the window
+        G = tracker.gram(self.gram)  # (m, m) G_ij = g_i · g_j, token-mean domain gradients of the window
         p_before = self.proportions
         p, info = self.update(G)  # p = softmax(λ · G q / ‖G q‖)
         tracker.reset()

@@ -258,6 +258,10 @@ class BalanceConfig(Checked):
     sketch_dim: int = option(0, ge=0)
     """Keep each domain's gradient in a seeded count sketch of this many numbers (0 = exact: m × tracked params).
     Inner products stay unbiased; memory is 2 × m × sketch_dim floats whatever the model (see docs/balance.md)."""
+    gram: str = option("unbiased", choices=("unbiased", "plugin"))
+    """How G is estimated from a window. `unbiased`: G_ii from the U-statistic over micro-batches
+    (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²), whose mean is ‖g_i‖²; `plugin`: ĝ_i · ĝ_j, the paper's, whose
+    diagonal is biased up by each domain's sampling variance tr Σ_i / n_i (see docs/balance.md)."""
 
 
 @dataclass
