@@ -76,8 +76,8 @@ def update_proportions_with_info(
       such a step because jumps of p upset Adam's moments). η = `eta`, or λ when `eta` is 0. Evidence accumulates
       over windows: a score that keeps its sign keeps moving p, so pair it with `floor`.
     - `temperature`: c = 1 (`fixed`), or c = √m (`sqrt_m`). u is a unit vector, so its entries have root mean
-      square 1/√m and the paper's logits shrink like λ/√m; with `sqrt_m` λ is the logits' root mean square for
-      any m (the paper's λ = 3 at m = 64 is λ = 0.375 here).
+      square 1/√m and the paper's logits shrink like λ/√m; with `sqrt_m` the logits' root mean square is λ for
+      any m (their spread about their mean is at most λ; the paper's λ = 3 at m = 64 is λ = 0.375 here).
 
     Degenerate cases keep p finite and on the simplex: a non-finite G or ‖G q‖ = 0 (nothing of the target was
     seen) keeps `prev` (uniform when None) and says so; a domain never seen has a zero row in G, so its score is 0
@@ -90,7 +90,9 @@ def update_proportions_with_info(
     m = G.shape[0]
     q = torch.full((m,), 1.0 / m, dtype=torch.float64) if q is None else torch.as_tensor(q, dtype=torch.float64)
     q = q / q.sum() if q.sum() > 0 else torch.full((m,), 1.0 / m, dtype=torch.float64)
-    fallback = torch.full((m,), 1.0 / m, dtype=torch.float64) if prev is None else torch.as_tensor(prev).double()
+    fallback = (
+        torch.full((m,), 1.0 / m, dtype=torch.float64) if prev is None else torch.as_tensor(prev, dtype=torch.float64)
+    )
     unseen = [i for i in range(m) if G[i, i] == 0]
     info = {"gq_norm": 0.0, "degenerate": None, "unseen": unseen}
     if not torch.isfinite(G).all():
