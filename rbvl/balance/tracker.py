@@ -1,7 +1,7 @@
 """GradientTracker: each domain's gradient of the tracked linear layers, read off the ordinary backward pass.
 
-The tracked linears run `_TrackedLinear`, whose backward computes the weight gradient as the sum of per-domain parts
-Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa) and hands each part to the tracker. The tracker keeps, per domain,
+The tracked linears run `_TrackedLinear` (rbvl/balance/layers.py), whose backward computes the weight gradient as
+the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa) and hands each part to the tracker. The tracker keeps, per domain,
 Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
 is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and Σ_k T_ik² over micro-batches k.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbvl.balance.layers import VISION_SIDE, _row_groups, select_modules
-from rbvl.balance.sketch import FALLBACK_DIM, _plan_sketches, _sketch_domains, _sketch_into
+from rbvl.balance.layers import VISION_SIDE, _row_groups, _TrackedLinear, select_modules
+from rbvl.balance.sketch import CHUNK, FALLBACK_DIM, _plan_sketches, _sketch_domains, _sketch_into
 from rbvl.balance.update import unbiased_diagonal
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ class GradientTracker:
         self._sample_domains = ids
         self._image_domains = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten()
         # Which rows belong to which domain, worked out once per micro-batch for every tracked layer.
-        self._groups = {"sample": _row_groups(ids), "image": _row_groups(self._image_domains)}
+        dev = self.sq.device
+        self._groups = {"sample": _row_groups(ids, dev), "image": _row_groups(self._image_domains, dev)}
         self._scale = 1.0
         units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
         if self.enabled:  # T_ik: this micro-batch's tokens per domain
@@ -397,52 +398,18 @@ class GradientTracker:
         target = self._step_sums if self._step_sums is not None else self.sums
         weight = self.modules[index][1].weight
         self.extra_flops += self._part_flops(index, weight)
-        flat = part.flatten()  # ‖s_ik‖² adds up over layers (disjoint coordinates): one reduction, on the device
-        (self.sq if self._step_sq is None else self._step_sq)[domain].add_(torch.dot(flat, flat), alpha=self._scale**2)
         if self.sketches is None:
             target[index][domain].add_(part, alpha=self._scale)
         else:
             _sketch_into(target[0][domain], self.sketches, index, part * self._scale)
 
-
-class _TrackedLinear(torch.autograd.Function):
-    """y = x Wᵀ + b whose backward computes ∂L/∂W as Σ_d δ_dᵀ a_d and hands each domain's part to the tracker."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, tracker, index, domains):
-        out = F.linear(x, weight, bias)  # under autocast: the low-precision matmul autocast would do
-        ctx.compute_dtype = out.dtype
-        ctx.tracker, ctx.index, ctx.domains = tracker, index, domains
-        ctx.save_for_backward(x, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        dt = ctx.compute_dtype
-        grad_out = grad_out.to(dt)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(dt)).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
-        a = x.to(dt)
-        tracking = ctx.tracker.enabled
-        groups = ctx.domains  # [(domain, rows)]: rows a slice (contiguous) or an index tensor
-        for d, rows in groups:  # Σ_d δ_dᵀ a_d is the weight gradient: the same matmul FLOPs as one δᵀa, split by rows
-            if len(groups) == 1:  # the whole micro-batch is one domain: its part is the gradient
-                delta_d, a_d = grad_out, a
-            elif isinstance(rows, slice):
-                delta_d, a_d = grad_out[rows], a[rows]  # views, no copy
-            else:
-                rows = rows.to(x.device)
-                delta_d, a_d = grad_out.index_select(0, rows), a.index_select(0, rows)
-            part = delta_d.reshape(-1, delta_d.shape[-1]).T @ a_d.reshape(-1, a_d.shape[-1])  # (out, in)
-            part = part if part.dtype == torch.float32 else part.float()
-            if ctx.needs_input_grad[1]:
-                grad_w = part if grad_w is None else grad_w + part
-            if tracking:
-                ctx.tracker._add_part(ctx.index, d, part)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+    @torch.no_grad()
+    def _add_sq_norms(self, groups, parts: list[torch.Tensor]) -> None:
+        """Σ_k ‖s_ik‖² gets this layer's ‖part‖² for each domain present (layers are disjoint coordinates, so their
+        squares add up to ‖s_ik‖²): one reduction per layer call whatever the domains, on the device (no sync)."""
+        target = self.sq if self._step_sq is None else self._step_sq
+        if parts[0].numel() * len(parts) <= CHUNK:  # one reduction over the stacked parts (a small copy)
+            norms = torch.linalg.vector_norm(torch.stack(parts), dim=(1, 2))
+        else:  # a large layer (an LM head): one multi-tensor kernel, no copy
+            norms = torch.stack(torch._foreach_norm(parts))
+        target.index_add_(0, groups.index, norms.double().square(), alpha=self._scale**2)
