@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: DDP + GradientTracker on the tiny model.
 
-Each rank takes its half of one fixed batch; after `tracker.sync()` rank 0 saves the domain gradients, which must
-equal those of one process that sees the whole batch.
+Each rank takes its half of one fixed batch; after `tracker.sync()` rank 0 saves the domain gradients and the unbiased
+G, which must equal those of one process that runs both halves as two micro-batches.
 """
 
 import gc
@@ -31,7 +31,7 @@ def fixed_batch(processor, n=8):
     return dict(inputs, labels=labels), torch.tensor(domains)
 
 
-def domain_grads(rank: int, world: int) -> torch.Tensor:
+def domain_grads(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     model, processor = load_model(ModelConfig(), seed=0)
     torch.manual_seed(0)  # the adapters' initialisation: the same in every process
     model = apply_lora(model, LoraConfig(r=4, lora_dropout=0.0))
@@ -41,36 +41,39 @@ def domain_grads(rank: int, world: int) -> torch.Tensor:
                 p.normal_(0, 0.1)
     inputs, domains = fixed_batch(processor)
     tracker = GradientTracker(model, 3, params="lora")
-    share = slice(rank * len(domains) // world, (rank + 1) * len(domains) // world)
     wrapped = DistributedDataParallel(model) if world > 1 else model
-    labels = inputs["labels"][share]
-    tracker.set_domains(domains[share], tokens=label_tokens(labels))
-    # Each rank's loss is the mean over its own label tokens, as in `rbvl train` (DDP then averages the gradients);
-    # the tracker's sums over ranks must still give each domain's token-mean gradient over the whole batch.
-    n_tokens = label_tokens(labels).sum()
-    logits = wrapped(input_ids=inputs["input_ids"][share], attention_mask=inputs["attention_mask"][share]).logits
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum"
-    )
-    loss = tracker.watch_loss(ce / n_tokens, normalizer=n_tokens)
-    loss.backward()
+    # One micro-batch per rank; one process runs both halves as two micro-batches, so the unbiased G (which needs
+    # Σ_k ‖s_ik‖² and Σ_k T_ik² over every rank's micro-batches) must agree too.
+    for part in [rank] if world > 1 else [0, 1]:
+        share = slice(part * len(domains) // 2, (part + 1) * len(domains) // 2)
+        labels = inputs["labels"][share]
+        tracker.set_domains(domains[share], tokens=label_tokens(labels))
+        # Each rank's loss is the mean over its own label tokens, as in `rbvl train` (DDP then averages the
+        # gradients); the tracker's sums over ranks must still give each domain's token-mean gradient.
+        n_tokens = label_tokens(labels).sum()
+        logits = wrapped(input_ids=inputs["input_ids"][share], attention_mask=inputs["attention_mask"][share]).logits
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="sum"
+        )
+        loss = tracker.watch_loss(ce / n_tokens, normalizer=n_tokens)
+        loss.backward()
     tracker.sync()
-    return tracker.domain_grads(), tracker.tokens.clone()
+    return tracker.domain_grads(), tracker.tokens.clone(), tracker.gram()
 
 
 if __name__ == "__main__":
     out = sys.argv[1]
     if len(sys.argv) > 2 and sys.argv[2] == "single":
-        grads, counts = domain_grads(0, 1)
-        torch.save({"grads": grads, "counts": counts}, out)
+        grads, counts, G = domain_grads(0, 1)
+        torch.save({"grads": grads, "counts": counts, "gram": G}, out)
         sys.exit(0)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    grads, counts = domain_grads(rank, world)
+    grads, counts, G = domain_grads(rank, world)
     gathered = [torch.zeros_like(grads) for _ in range(world)]
     dist.all_gather(gathered, grads)
     if rank == 0:
-        torch.save({"grads": grads, "counts": counts, "all_ranks": gathered}, out)
+        torch.save({"grads": grads, "counts": counts, "all_ranks": gathered, "gram": G}, out)
     # A barrier, then freeing what holds the group, before destroying it: a bare destroy_process_group() aborted
     # at interpreter exit in about 1 run in 5 with gloo on this kind of machine.
     dist.barrier()

@@ -124,7 +124,7 @@ def test_domain_grads_are_the_token_mean_loss_gradients(params):
     train_window(model, tracker, WINDOW, scale=1024.0)  # grad_accum over 3 mixed micro-batches and a loss scale
     torch.testing.assert_close(tracker.domain_grads(), expected, rtol=1e-4, atol=1e-7)
     assert tracker.tokens.tolist() == [2 * 7, 5 * 1, 11 * 4]
-    G = tracker.gram()
+    G = tracker.gram("plugin")  # ĝ_i · ĝ_j; the unbiased diagonal: tests/test_balance_estimator.py
     torch.testing.assert_close(G, gram(expected), rtol=1e-4, atol=1e-10)
 
 
@@ -135,7 +135,7 @@ def test_answer_length_does_not_tilt_p():
     window = [micro_batch([0, 2, 0, 2], 7), micro_batch([2, 0, 0, 2], 8)]
     expected = update_proportions(gram(reference(model, tracker, window)), lam=3.0)
     train_window(model, tracker, window)
-    p = update_proportions(tracker.gram(), lam=3.0)
+    p = update_proportions(tracker.gram("plugin"), lam=3.0)
     torch.testing.assert_close(p, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -307,7 +307,7 @@ def test_tracker_bookkeeping():
     with pytest.raises(RuntimeError, match="set_domains"):
         token_losses(fresh_model, ids, mask, lab)
     flops = GradientTracker(tiny_lora(), M).flops([0, 2, 2], tokens_per_sample=10)
-    assert flops == 2 * sum(2 * mod.weight.numel() for _, mod in tracker.modules)  # 2 domains present, O(params)
+    assert flops == 2 * sum(4 * mod.weight.numel() for _, mod in tracker.modules)  # 2 domains present, O(params)
 
 
 def test_gram_is_the_dot_products():

@@ -32,6 +32,7 @@ def test_synced_domain_grads_equal_one_process_over_the_same_samples(tmp_path):
     torch.testing.assert_close(ddp["counts"], one["counts"])
     torch.testing.assert_close(ddp["all_ranks"][0], ddp["all_ranks"][1], rtol=0, atol=0)  # every rank agrees
     torch.testing.assert_close(ddp["grads"], one["grads"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ddp["gram"], one["gram"], rtol=1e-4, atol=1e-9)  # the unbiased diagonal included
 
 
 def test_rbvl_train_on_two_ranks(tmp_path, tiny_manifest):
@@ -82,6 +83,7 @@ def test_two_ranks_resume_mid_window_exactly(tmp_path, tiny_manifest):
             "train.log_every=4",
             "data.num_workers=1",
             "lora.lora_dropout=0.1",
+            "balance.gram_ema=0.5",  # state the update carries across windows
             "logging.progress=false",
             "logging.plots=false",
             "train.save_every=6",
@@ -95,6 +97,7 @@ def test_two_ranks_resume_mid_window_exactly(tmp_path, tiny_manifest):
     assert (tmp_path / "b" / "checkpoint-6" / "rank-001.pt").exists()
     run_to(tmp_path / "b", "resume=true")
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    for kind, key in (("balance", "p"), ("balance", "gram"), ("train", "loss_per_domain"), ("eval", "loss_per_domain")):
+    keys = [("balance", "p"), ("balance", "gram"), ("balance", "gram_ema"), ("balance", "grad_norm")]
+    for kind, key in [*keys, ("train", "loss_per_domain"), ("eval", "loss_per_domain")]:
         after = [(r["step"], r[key]) for r in a if r["kind"] == kind and r["step"] > 6]
         assert after and after == [(r["step"], r[key]) for r in b if r["kind"] == kind and r["step"] > 6], (kind, key)

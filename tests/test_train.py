@@ -73,8 +73,10 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
 
 
 def test_resume_mid_window_is_exact(tmp_path, tiny_manifest):
-    """Checkpoint-10 falls inside a Balance window (K = 4) and inside a log window (every 4), with LoRA dropout on."""
+    """Checkpoint-10 falls inside a Balance window (K = 4) and inside a log window (every 4), with LoRA dropout on; the
+    update carries state across windows (Ḡ of gram_ema; mirror steps from the previous p)."""
     mid = ("balance.update_every=4", "train.log_every=4", "lora.lora_dropout=0.1", "data.num_workers=1")
+    mid += ("balance.update=mirror", "balance.eta=1", "balance.gram_ema=0.5")
     full = train(config(tmp_path / "a", tiny_manifest, *mid))
     # A run that stopped after checkpoint-10: same config, resumed to the end.
     run_b = tmp_path / "b" / "run"
@@ -85,7 +87,8 @@ def test_resume_mid_window_is_exact(tmp_path, tiny_manifest):
     assert resumed["eval"]["loss_per_domain"] == full["eval"]["loss_per_domain"]
     a = read_metrics(tmp_path / "a" / "run")
     b = read_metrics(run_b)
-    for kind, key in (("train", "loss"), ("train", "loss_per_domain"), ("balance", "gram"), ("balance", "p")):
+    keys = [("train", "loss"), ("train", "loss_per_domain"), ("balance", "gram"), ("balance", "p")]
+    for kind, key in [*keys, ("balance", "gram_ema"), ("balance", "grad_norm"), ("balance", "gram_noise")]:
         after = [(r["step"], r[key]) for r in a if r["kind"] == kind and r["step"] > 10]
         assert after and after == [(r["step"], r[key]) for r in b if r["kind"] == kind and r["step"] > 10], (kind, key)
 

@@ -15,7 +15,7 @@ This package imports torch alone, so any training loop can use it:
         tracker.commit()                                     # the step joins the window (dropped if it overflowed)
         if step % K == 0:
             tracker.sync()                                   # sum every rank's window (DDP)
-            G = tracker.gram()                               # (m, m): g_i · g_j
+            G = tracker.gram()                               # (m, m): g_i · g_j, G_ii without sampling bias
             p = update_proportions(G, q, lam=3.0)            # softmax(λ · G q / ‖G q‖)
             tracker.reset()
             schedule.publish(p, after_step=step)             # applies from step + 1 + lag
@@ -47,27 +47,35 @@ small sketch (FALLBACK_DIM numbers). Sketched: every layer's part goes into one 
 E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased), so memory is 2 × m × sketch_dim (window + last seen) whatever the
 model. The hashes depend only on the seed and the layer shapes, so every rank sketches alike.
 
+Estimating G. The plug-in ĝ_i · ĝ_i is biased up by the window's sampling variance tr Σ_i / n_i, so `gram()` by
+default replaces the diagonal by the U-statistic over micro-batches, (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²)
+(s_ik, T_ik: domain i's gradient sum and tokens in micro-batch k), for two extra scalars per domain; `gram("plugin")`
+is the paper's. The Balancer's update options (mirror, an EMA of G, an m-aware temperature) and its per-update
+diagnostics are described in docs/balance.md.
+
 A domain with no samples in a window keeps its last seen gradient in G (stale, but the best estimate there is;
 zero if it was never seen): its column still counts in G q, and its score stays defined. `tracker.stale()` names
 such domains, and `Balancer.step` returns them for the logs.
 
-Files: tracker.py (GradientTracker, the tracked linear), layers.py (which layers: `params`), sketch.py (the count
+Files: tracker.py (GradientTracker), layers.py (which layers: `params`; the tracked linear), sketch.py (the count
 sketch), update.py (G → p), schedule.py (p over steps; the Balancer).
 """
 
-from rbvl.balance.layers import select_modules
+from rbvl.balance.layers import label_tokens, select_modules
 from rbvl.balance.schedule import Balancer, ProportionSchedule
 from rbvl.balance.sketch import _sketch_into as _sketch_into  # rbvl bench balance times the sketch alone
-from rbvl.balance.tracker import GradientTracker, label_tokens
-from rbvl.balance.update import gram, update_proportions, update_proportions_with_info
+from rbvl.balance.tracker import GradientTracker
+from rbvl.balance.update import diagnostics, gram, unbiased_diagonal, update_proportions, update_proportions_with_info
 
 __all__ = [
     "Balancer",
     "GradientTracker",
     "ProportionSchedule",
+    "diagnostics",
     "gram",
     "label_tokens",
     "select_modules",
+    "unbiased_diagonal",
     "update_proportions",
     "update_proportions_with_info",
 ]

@@ -6,10 +6,14 @@ commit the step → is the window over? → sum it over ranks → G → new p �
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rbvl.balance.tracker import GradientTracker
-from rbvl.balance.update import update_proportions_with_info
+from rbvl.balance.update import diagnostics, update_proportions_with_info
+
+log = logging.getLogger(__name__)
 
 
 class ProportionSchedule:
@@ -77,7 +81,16 @@ class Balancer:
     window's domain gradients give G and a new p (`step`). Steps up to `warmup_steps` sample from the initial p
     and their gradients are dropped at the warmup boundary, so every update sees exactly K steps of data. The new p
     goes into `schedule`, which the data side reads.
+
+    How (`rbvl.balance.update.update_proportions_with_info` derives each option): `gram` picks the estimator of G
+    ("unbiased" or the paper's "plugin"); `gram_ema` β > 0 feeds the update Ḡ ← β Ḡ + (1 − β) G instead of the
+    window's G (the first window starts Ḡ), averaging out the estimator's noise across windows as DoGE and ADO
+    average their weights; `update` ("replace", the paper's, or "mirror", with step `eta`, 0 = λ) and `temperature`
+    ("fixed" or "sqrt_m") shape the step from G to p. If p's L1 change exceeds `unstable_l1` at 3 updates in a row,
+    it warns once per run.
     """
+
+    WARN_AFTER = 3  # consecutive updates with an L1 change above unstable_l1
 
     def __init__(
         self,
@@ -89,8 +102,19 @@ class Balancer:
         floor: float = 0.0,
         smoothing: float = 0.0,
         schedule: ProportionSchedule | None = None,
+        gram: str = "unbiased",
+        update: str = "replace",
+        eta: float = 0.0,
+        gram_ema: float = 0.0,
+        temperature: str = "fixed",
+        unstable_l1: float = 0.5,
     ):
         self.m = n_domains
+        self.gram = gram  # "unbiased" | "plugin": the estimator of G (GradientTracker.gram)
+        self.rule, self.eta, self.temperature = update, eta, temperature
+        self.gram_ema, self.unstable_l1 = gram_ema, unstable_l1
+        self.gram_avg: torch.Tensor | None = None  # (m, m) Ḡ, the EMA of G across windows (gram_ema > 0)
+        self.unstable_updates, self.warned_unstable = 0, False
         self.target = None if target is None else [float(x) for x in target]
         self.update_every, self.lam, self.warmup_steps = update_every, lam, warmup_steps
         self.floor, self.smoothing = floor, smoothing
@@ -108,6 +132,11 @@ class Balancer:
             floor=config.floor,
             smoothing=config.smoothing,
             schedule=schedule,
+            gram=getattr(config, "gram", "unbiased"),
+            update=getattr(config, "update", "replace"),
+            eta=getattr(config, "eta", 0.0),
+            gram_ema=getattr(config, "gram_ema", 0.0),
+            temperature=getattr(config, "temperature", "fixed"),
         )
 
     @property
@@ -124,13 +153,31 @@ class Balancer:
         return (step - self.warmup_steps) % self.update_every == 0
 
     def update(self, G: torch.Tensor) -> tuple[list[float], dict]:
-        """(m, m) G → the new p (not yet published) and a dict for the logs (`gram`, `eigenvalues`, `degenerate`)."""
-        p, info = update_proportions_with_info(
-            G, self.target, self.lam, prev=self.proportions, floor=self.floor, smoothing=self.smoothing
-        )
+        """(m, m) the window's G → the new p (not yet published) and a dict for the logs (`gram`, `eigenvalues`,
+        `degenerate`). With `gram_ema` it folds G into Ḡ (a finite G only) and the update reads Ḡ."""
         finite = bool(torch.isfinite(G).all())
+        used = G
+        if self.gram_ema > 0 and finite:
+            beta, avg = self.gram_ema, self.gram_avg
+            self.gram_avg = G.clone() if avg is None else beta * avg + (1 - beta) * G
+            used = self.gram_avg
+        p, info = update_proportions_with_info(
+            used, self.target, self.lam, prev=self.proportions, floor=self.floor, smoothing=self.smoothing,
+            update=self.rule, eta=self.eta, temperature=self.temperature,
+        )  # fmt: skip
         info.update(gram=G.tolist(), eigenvalues=torch.linalg.eigvalsh(G).tolist() if finite else None)
         return p.tolist(), info
+
+    def _watch_stability(self, l1: float) -> None:
+        self.unstable_updates = self.unstable_updates + 1 if l1 > self.unstable_l1 else 0
+        if self.unstable_updates >= self.WARN_AFTER and not self.warned_unstable:
+            self.warned_unstable = True
+            log.warning(
+                "balance: p moved by more than %.2f (L1) at each of the last %d updates (now %.2f): the mixture is "
+                "following noise. Lower balance.lam, or damp the update: balance.update=mirror (a step from the "
+                "previous p) or balance.gram_ema=0.8 (an average of G over windows)",
+                self.unstable_l1, self.unstable_updates, l1,
+            )  # fmt: skip
 
     def step(self, step: int, tracker: GradientTracker, skip: bool = False) -> dict | None:
         """After optimizer step `step`: the step joins the window; at a window's end, sync → G → p → reset → publish.
@@ -144,19 +191,30 @@ class Balancer:
             None between updates. At an update, what to log: `p` (the new p), `p_before` (the p it replaces),
             `gram` (G as a list of lists), `gram_eigenvalues` (None when G is not finite), `tokens` (label tokens per
             domain in the window, over all ranks), `stale` (domains the window missed), `degenerate` (why p kept its
-            previous value, else None), `applies_from_step` (the first optimizer step whose data p draws) and
-            `skipped_steps` (steps dropped from windows so far).
+            previous value, else None), `applies_from_step` (the first optimizer step whose data p draws),
+            `skipped_steps` (steps dropped from windows so far); diagnostics from the window's G with its unbiased
+            diagonal (`rbvl.balance.update.diagnostics`): `grad_norm`, `alignment` (cosine with the target gradient),
+            `gram_noise` (plug-in minus unbiased G_ii); `gram_fallback` (domains whose G_ii could not be de-biased:
+            "previous" or "plugin"), `p_l1_change` (Σ|p − p_before|) and, with `gram_ema`, `gram_ema` (Ḡ).
         """
         tracker.commit(skip=skip)
         if not self.due(step, tracker):
             return None
         tracker.sync()  # sum every rank's window: all ranks now hold the same sums
         stale, tokens = tracker.stale(), tracker.tokens.tolist()
-        G = tracker.gram()  # (m, m) G_ij = g_i · g_j, token-mean domain gradients of the window
+        G, est = tracker.gram(self.gram, with_info=True)  # (m, m) g_i · g_j, token-mean domain gradients of the window
         p_before = self.proportions
         p, info = self.update(G)  # p = softmax(λ · G q / ‖G q‖)
         tracker.reset()
+        unbiased = G.clone()
+        unbiased.diagonal().copy_(torch.tensor(est["unbiased_diag"], dtype=torch.float64))
+        l1 = sum(abs(a - b) for a, b in zip(p, p_before, strict=True))
+        self._watch_stability(l1)
         return {
+            **diagnostics(unbiased, self.target, est["plugin_diag"]),  # grad_norm, alignment, gram_noise
+            "gram_fallback": {str(i): why for i, why in est["diag_fallback"].items()},
+            "p_l1_change": l1,
+            **({"gram_ema": self.gram_avg.tolist()} if self.gram_avg is not None else {}),
             "p": p,
             "p_before": p_before,
             "gram": info["gram"],
@@ -173,7 +231,19 @@ class Balancer:
         return self.schedule.at(step).tolist()
 
     def state_dict(self) -> dict:
-        return {"schedule": self.schedule.state_dict()}
+        """The schedule and what the update carries across windows (Ḡ, the instability count): plain lists, so a
+        JSON file can hold it."""
+        return {"schedule": self.schedule.state_dict(), **self.update_state_dict()}
+
+    def update_state_dict(self) -> dict:
+        avg = None if self.gram_avg is None else self.gram_avg.tolist()
+        return {"gram_avg": avg, "unstable_updates": self.unstable_updates, "warned_unstable": self.warned_unstable}
 
     def load_state_dict(self, state: dict) -> None:
-        self.schedule.load_state_dict(state["schedule"])
+        """Restores what `state` holds; the update's part may be absent (saved before it existed: nothing carried)."""
+        if "schedule" in state:
+            self.schedule.load_state_dict(state["schedule"])
+        avg = state.get("gram_avg")
+        self.gram_avg = None if avg is None else torch.tensor(avg, dtype=torch.float64)
+        self.unstable_updates = int(state.get("unstable_updates", 0))
+        self.warned_unstable = bool(state.get("warned_unstable", False))

@@ -1,9 +1,9 @@
 """GradientTracker: each domain's gradient of the tracked linear layers, read off the ordinary backward pass.
 
-The tracked linears run `_TrackedLinear`, whose backward computes the weight gradient as the sum of per-domain parts
-Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa) and hands each part to the tracker. The tracker keeps, per domain,
-Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py) and the window's label tokens, so
-g_i is the gradient of domain i's token-mean loss (see rbvl/balance/__init__.py).
+The tracked linears run `_TrackedLinear` (rbvl/balance/layers.py), whose backward computes the weight gradient as
+the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa) and hands each part to the tracker. The tracker keeps, per domain,
+Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
+is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and Σ_k T_ik² over micro-batches k.
 """
 
 from __future__ import annotations
@@ -16,28 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbvl.balance.layers import VISION_SIDE, select_modules
-from rbvl.balance.sketch import FALLBACK_DIM, _plan_sketches, _sketch_domains, _sketch_into
+from rbvl.balance.layers import VISION_SIDE, _row_groups, _TrackedLinear, select_modules
+from rbvl.balance.sketch import CHUNK, FALLBACK_DIM, _plan_sketches, _sketch_domains, _sketch_into
+from rbvl.balance.update import unbiased_diagonal
 
 log = logging.getLogger(__name__)
-
-
-def _row_groups(ids: torch.Tensor | None) -> list[tuple[int, slice | torch.Tensor]]:
-    """[(domain, rows)] for the rows of each domain present: a slice where they are contiguous, else indices."""
-    if ids is None or ids.numel() == 0:
-        return []
-    present = torch.unique(ids).tolist()
-    groups = []
-    for d in present:
-        rows = (ids == d).nonzero().flatten()
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        groups.append((d, slice(lo, hi) if hi - lo == rows.numel() else rows))
-    return groups
-
-
-def label_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """(B,) label tokens per sample that a causal LM loss averages over (labels shifted by one, as HF models do)."""
-    return (labels[:, 1:] != ignore_index).sum(1)
 
 
 class GradientTracker:
@@ -78,6 +61,12 @@ class GradientTracker:
         self.sketches = _plan_sketches([mod.weight.shape for _, mod in self.modules], sketch_dim, seed, dev)
         self.sums = self._zeros(dev)  # the window: Σ_t ∇ℓ_t per domain, [(m, *shape)] exact or [(m, N)] sketched
         self.tokens = torch.zeros(n_domains, dtype=torch.float64)  # (m,) label tokens per domain in the window
+        # For the unbiased diagonal (docs/balance.md): per domain, Σ_k T_ik² and Σ_k ‖s_ik‖² over micro-batches k
+        # (s_ik: the micro-batch's gradient sum), the latter on the device so the backward pass never syncs.
+        self.tokens_sq = torch.zeros(n_domains, dtype=torch.float64)  # (m,)
+        self.sq = torch.zeros(n_domains, dtype=torch.float64, device=dev)  # (m,)
+        self.last_diag = torch.zeros(n_domains, dtype=torch.float64)  # (m,) each domain's last de-biased G_ii
+        self.has_diag = torch.zeros(n_domains, dtype=torch.bool)  # (m,) whether it has one
         # Each domain's last seen token-mean gradient, for windows that miss it: kept sketched (in the tracker's own
         # sketch, or, exact, in a small one of FALLBACK_DIM), so it never doubles the exact tracker's memory.
         shapes = [mod.weight.shape for _, mod in self.modules]
@@ -87,6 +76,8 @@ class GradientTracker:
         self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
         self._step_sums = self._zeros(dev) if guard_nonfinite else None
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
+        self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
+        self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None
         self._sample_domains: torch.Tensor | None = None  # (B,)
         self._image_domains: torch.Tensor | None = None  # (rows the vision side sees,)
         self._scale = 1.0  # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch)
@@ -118,11 +109,14 @@ class GradientTracker:
         self._sample_domains = ids
         self._image_domains = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten()
         # Which rows belong to which domain, worked out once per micro-batch for every tracked layer.
-        self._groups = {"sample": _row_groups(ids), "image": _row_groups(self._image_domains)}
+        dev = self.sq.device
+        self._groups = {"sample": _row_groups(ids, dev), "image": _row_groups(self._image_domains, dev)}
         self._scale = 1.0
         units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
-        if self.enabled:
-            (self._step_tokens if self.guard else self.tokens).index_add_(0, ids, units.flatten())
+        if self.enabled:  # T_ik: this micro-batch's tokens per domain
+            mb = torch.zeros(self.m, dtype=torch.float64).index_add_(0, ids, units.flatten())
+            (self._step_tokens if self.guard else self.tokens).add_(mb)
+            (self._step_tokens_sq if self.guard else self.tokens_sq).add_(mb * mb)
 
     def watch_loss(self, loss: torch.Tensor, normalizer) -> torch.Tensor:
         """Declare that `loss` = Σ_t ℓ_t / normalizer over this micro-batch's label tokens; returns `loss`.
@@ -150,16 +144,19 @@ class GradientTracker:
                 log.warning("balance: a skipped step was already added to the window (guard_nonfinite is off)")
             return True
         tokens, self._step_tokens = self._step_tokens, torch.zeros_like(self._step_tokens)
-        finite = all(bool(torch.isfinite(s).all()) for s in self._step_sums)
+        tokens_sq, self._step_tokens_sq = self._step_tokens_sq, torch.zeros_like(self._step_tokens_sq)
+        step = [*self._step_sums, self._step_sq]
+        finite = all(bool(torch.isfinite(s).all()) for s in step)
         if skip or not finite:
             self.skipped_steps += 1
-            for s in self._step_sums:
+            for s in step:
                 s.zero_()
             return False
-        for acc, s in zip(self.sums, self._step_sums, strict=True):
+        for acc, s in zip([*self.sums, self.sq], step, strict=True):
             acc += s
             s.zero_()
         self.tokens += tokens
+        self.tokens_sq += tokens_sq
         return True
 
     def sync(self) -> None:
@@ -169,21 +166,45 @@ class GradientTracker:
             return
         for s in self.sums:
             torch.distributed.all_reduce(s)
-        tokens = self.tokens.to(self.sums[0].device)
-        torch.distributed.all_reduce(tokens)
-        self.tokens = tokens.cpu()
+        scalars = torch.cat([self.tokens.to(self.sq.device), self.tokens_sq.to(self.sq.device), self.sq])
+        torch.distributed.all_reduce(scalars)  # one call: tokens, Σ_k T_ik², Σ_k ‖s_ik‖² of every rank's micro-batches
+        self.tokens, self.tokens_sq, self.sq = (x.clone() for x in scalars.cpu().split(self.m))
+        self.sq = self.sq.to(scalars.device)
 
     def domain_grads(self) -> torch.Tensor:
         """(m, D): each domain's token-mean gradient over the window, 0 for a domain the window missed
         (D = tracked params, or sketch_dim)."""
         return torch.cat([g.flatten(1) for g in self._mean_grads()], dim=1)
 
-    def gram(self) -> torch.Tensor:
-        """(m, m) G_ij = g_i · g_j in float64, layer by layer (no (m, P) concatenation).
+    def gram(self, estimator: str = "unbiased", with_info: bool = False):
+        """(m, m) G_ij = g_i · g_j in float64, layer by layer (no (m, P) concatenation); with `with_info`, (G, info).
 
-        A domain the window missed but an earlier one saw enters with its last seen gradient: its row and column
-        come from the sketched store (exact entries among the domains the window saw).
+        `estimator`: "plugin" is ĝ_i · ĝ_j (the paper's), whose diagonal is biased up by tr Σ_i / n_i; "unbiased"
+        replaces the diagonal by the U-statistic over micro-batches (`update.unbiased_diagonal`, docs/balance.md).
+        Off the diagonal the two agree: different domains' samples are independent, so E[ĝ_i · ĝ_j] = g_i · g_j.
+        A domain seen in fewer than 2 micro-batches keeps its last de-biased G_ii (else the plug-in): `info` names
+        them in `diag_fallback` {domain: "previous" | "plugin"}, next to `plugin_diag` and `unbiased_diag`.
+
+        A domain the window missed but an earlier one saw enters with its last seen gradient (the sketched store).
         """
+        if estimator not in ("unbiased", "plugin"):
+            raise ValueError(f"gram estimator must be 'unbiased' or 'plugin', got {estimator!r}")
+        G = self._plugin_gram()
+        plugin = G.diagonal().clone()
+        unbiased, ok = self._debiased(plugin)
+        if estimator == "unbiased":
+            G.diagonal().copy_(unbiased)
+        if not with_info:
+            return G
+        fallback = {i: "previous" if self.has_diag[i] else "plugin" for i in (~ok).nonzero().flatten().tolist()}
+        return G, {"plugin_diag": plugin.tolist(), "unbiased_diag": unbiased.tolist(), "diag_fallback": fallback}
+
+    def _debiased(self, plugin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m,) the unbiased G_ii where the window allows it (`ok`), else the last de-biased one, else `plugin`."""
+        value, ok = unbiased_diagonal(plugin * self.tokens**2, self.sq.cpu(), self.tokens, self.tokens_sq)
+        return torch.where(ok, value, torch.where(self.has_diag, self.last_diag, plugin)), ok
+
+    def _plugin_gram(self) -> torch.Tensor:  # (m, m) ĝ_i · ĝ_j
         self._commit_pending()
         means = self._mean_grads()
         G = torch.zeros(self.m, self.m, dtype=torch.float64)
@@ -212,11 +233,13 @@ class GradientTracker:
         fresh = self.tokens > 0
         if fresh.any():
             rows = fresh.to(self.last.device)
-            self.last[rows] = self._sketch_rows(self._mean_grads())[rows]
+            means = self._mean_grads()
+            self.last[rows] = self._sketch_rows(means)[rows]
             self.seen |= fresh
-        for s in self.sums:
+            diag, ok = self._debiased(sum((g.flatten(1).double() ** 2).sum(1) for g in means).cpu())
+            self.last_diag[ok], self.has_diag = diag[ok], self.has_diag | ok
+        for s in [*self.sums, self.sq, self.tokens, self.tokens_sq]:
             s.zero_()
-        self.tokens.zero_()
 
     def attach(self) -> None:
         """Route the tracked layers through the tracker (done on construction; again after `remove`)."""
@@ -262,15 +285,12 @@ class GradientTracker:
 
     def allreduce_bytes(self) -> int:
         """Bytes each `sync` all-reduces."""
-        return sum(t.numel() * t.element_size() for t in self.sums) + self.tokens.numel() * 8
+        return sum(t.numel() * t.element_size() for t in self.sums) + 3 * self.m * 8
 
     def flops(self, domain_ids, tokens_per_sample: int) -> int:
-        """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts).
-
-        Per tracked layer and domain present: one scale-and-add of the part into its accumulator (exact), or the
-        count sketch (bucket index, signs, scatter-add) — O(out · in), independent of tokens. A frozen tracked layer also
-        pays its weight-gradient product, 2 · tokens · out · in.
-        """
+        """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts): per
+        tracked layer and domain present, ‖part‖² and one scale-and-add of the part into its accumulator (exact) or the
+        count sketch — O(out · in), independent of tokens; a frozen tracked layer also pays 2 · tokens · out · in."""
         ids = torch.as_tensor(domain_ids).flatten()
         present = int(torch.unique(ids).numel())
         total = 0
@@ -286,6 +306,10 @@ class GradientTracker:
         return {
             "sums": [s.cpu().clone() for s in self.sums],
             "tokens": self.tokens.clone(),
+            "tokens_sq": self.tokens_sq.clone(),
+            "sq": self.sq.cpu().clone(),
+            "last_diag": self.last_diag.clone(),
+            "has_diag": self.has_diag.clone(),
             "last": self.last.cpu().clone(),
             "seen": self.seen.clone(),
             "names": self.tracked_names,
@@ -307,6 +331,11 @@ class GradientTracker:
             dst.copy_(src)
         self.last.copy_(state["last"])
         self.tokens = state["tokens"].clone().double()
+        # Saved before the unbiased diagonal: the window so far counts as one micro-batch (T_i0 = T_i, s_i0 = its sum).
+        self.tokens_sq = state.get("tokens_sq", self.tokens**2).clone().double()
+        self.sq.copy_(state["sq"] if "sq" in state else sum((s.flatten(1).double() ** 2).sum(1) for s in self.sums))
+        self.last_diag = state.get("last_diag", torch.zeros(self.m)).clone().double()
+        self.has_diag = state.get("has_diag", torch.zeros(self.m)).clone().bool()
         self.seen = state["seen"].clone().bool()
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.extra_flops = int(state.get("extra_flops", 0))
@@ -360,8 +389,8 @@ class GradientTracker:
 
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
         if self.sketches is None or self.sketches[index] is None:
-            return 2 * weight.numel()  # scale + add
-        return 6 * weight.numel()  # scale; bucket index (add, mod); two signs; scatter-add
+            return 4 * weight.numel()  # scale + add; ‖part‖² (multiply-add)
+        return 8 * weight.numel()  # scale; bucket index (add, mod); two signs; scatter-add; ‖part‖²
 
     @torch.no_grad()
     def _add_part(self, index: int, domain: int, part: torch.Tensor) -> None:
@@ -374,45 +403,13 @@ class GradientTracker:
         else:
             _sketch_into(target[0][domain], self.sketches, index, part * self._scale)
 
-
-class _TrackedLinear(torch.autograd.Function):
-    """y = x Wᵀ + b whose backward computes ∂L/∂W as Σ_d δ_dᵀ a_d and hands each domain's part to the tracker."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, tracker, index, domains):
-        out = F.linear(x, weight, bias)  # under autocast: the low-precision matmul autocast would do
-        ctx.compute_dtype = out.dtype
-        ctx.tracker, ctx.index, ctx.domains = tracker, index, domains
-        ctx.save_for_backward(x, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        dt = ctx.compute_dtype
-        grad_out = grad_out.to(dt)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(dt)).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
-        a = x.to(dt)
-        tracking = ctx.tracker.enabled
-        groups = ctx.domains  # [(domain, rows)]: rows a slice (contiguous) or an index tensor
-        for d, rows in groups:  # Σ_d δ_dᵀ a_d is the weight gradient: the same matmul FLOPs as one δᵀa, split by rows
-            if len(groups) == 1:  # the whole micro-batch is one domain: its part is the gradient
-                delta_d, a_d = grad_out, a
-            elif isinstance(rows, slice):
-                delta_d, a_d = grad_out[rows], a[rows]  # views, no copy
-            else:
-                rows = rows.to(x.device)
-                delta_d, a_d = grad_out.index_select(0, rows), a.index_select(0, rows)
-            part = delta_d.reshape(-1, delta_d.shape[-1]).T @ a_d.reshape(-1, a_d.shape[-1])  # (out, in)
-            part = part if part.dtype == torch.float32 else part.float()
-            if ctx.needs_input_grad[1]:
-                grad_w = part if grad_w is None else grad_w + part
-            if tracking:
-                ctx.tracker._add_part(ctx.index, d, part)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+    @torch.no_grad()
+    def _add_sq_norms(self, groups, parts: list[torch.Tensor]) -> None:
+        """Σ_k ‖s_ik‖² gets this layer's ‖part‖² for each domain present (layers are disjoint coordinates, so their
+        squares add up to ‖s_ik‖²): one reduction per layer call whatever the domains, on the device (no sync)."""
+        target = self.sq if self._step_sq is None else self._step_sq
+        if parts[0].numel() * len(parts) <= CHUNK:  # one reduction over the stacked parts (a small copy)
+            norms = torch.linalg.vector_norm(torch.stack(parts), dim=(1, 2))
+        else:  # a large layer (an LM head): one multi-tensor kernel, no copy
+            norms = torch.stack(torch._foreach_norm(parts))
+        target.index_add_(0, groups.index, norms.double().square(), alpha=self._scale**2)

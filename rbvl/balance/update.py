@@ -1,4 +1,8 @@
-"""From domain gradients to proportions: the Gram matrix G and the paper's update p = softmax(λ · G q / ‖G q‖)."""
+"""From domain gradients to proportions: the Gram matrix G, its unbiased diagonal, and the update G → p.
+
+The paper's update is p = softmax(λ · G q / ‖G q‖), replacing p every window. The options here (`update`,
+`temperature`; the Balancer adds an EMA of G) and the estimator of G are derived in docs/balance.md.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+UPDATES = ("replace", "mirror")
+TEMPERATURES = ("fixed", "sqrt_m")
+
 
 def gram(domain_grads: torch.Tensor) -> torch.Tensor:
     """G_ij = g_i · g_j for the (m, P) domain gradients, in float64."""
@@ -16,24 +23,76 @@ def gram(domain_grads: torch.Tensor) -> torch.Tensor:
     return g @ g.T  # (m, m)
 
 
-def update_proportions(G, q=None, lam: float = 3.0, *, prev=None, floor: float = 0.0, smoothing: float = 0.0):
+def unbiased_diagonal(sum_sq, sq_sums, tokens, tokens_sq) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m,) U-statistic estimates of ‖g_i‖² over micro-batches, and (m,) bool: where it is defined.
+
+    With s_ik domain i's gradient sum in micro-batch k and T_ik its tokens (T_i = Σ_k T_ik), micro-batches drawn
+    independently with E[s_ik] = T_ik g_i give E[s_ik · s_il] = T_ik T_il ‖g_i‖² for k ≠ l, hence
+
+        G_ii = Σ_{k≠l} s_ik · s_il / Σ_{k≠l} T_ik T_il = (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²),
+
+    unbiased, while the plug-in ‖Σ_k s_ik‖² / T_i² adds Σ_k E‖s_ik − T_ik g_i‖² / T_i² (tr Σ_i / n_i). Defined
+    when at least two micro-batches hold domain i (the denominator is then > 0); elsewhere 0 and `ok` is False.
+
+    Args:
+        sum_sq: (m,) ‖Σ_k s_ik‖² (the window's sum, squared).
+        sq_sums: (m,) Σ_k ‖s_ik‖².
+        tokens: (m,) T_i.
+        tokens_sq: (m,) Σ_k T_ik².
+    """
+    sum_sq, sq_sums, tokens, tokens_sq = (
+        torch.as_tensor(x, dtype=torch.float64) for x in (sum_sq, sq_sums, tokens, tokens_sq)
+    )
+    den = tokens**2 - tokens_sq
+    ok = den > 0
+    return torch.where(ok, (sum_sq - sq_sums) / torch.where(ok, den, 1.0), 0.0), ok
+
+
+def update_proportions(G, q=None, lam: float = 3.0, **options):
     """p = softmax(λ · G q / ‖G q‖): domains whose gradients align with the target mixture q get more weight."""
-    return update_proportions_with_info(G, q, lam, prev=prev, floor=floor, smoothing=smoothing)[0]
+    return update_proportions_with_info(G, q, lam, **options)[0]
 
 
-def update_proportions_with_info(G, q=None, lam: float = 3.0, *, prev=None, floor: float = 0.0, smoothing: float = 0.0):
+def update_proportions_with_info(
+    G,
+    q=None,
+    lam: float = 3.0,
+    *,
+    prev=None,
+    floor: float = 0.0,
+    smoothing: float = 0.0,
+    update: str = "replace",
+    eta: float = 0.0,
+    temperature: str = "fixed",
+):
     """`update_proportions`, plus a dict for logging: ‖G q‖, the domains with no gradient, why an update was skipped.
+
+    The score is the unit vector u = G q / ‖G q‖ (the first-order gain of each domain for the target loss,
+    L(θ − η Σ_j p_j g_j; q) ≈ L − η qᵀ G p).
+
+    - `update="replace"` (the paper, Ge et al. 2025): p = softmax(c · λ · u), forgetting the previous p.
+    - `update="mirror"`: one mirror-descent (exponentiated-gradient) step from the previous p on the linear gain
+      uᵀp, p = argmax_p c · η · uᵀp − KL(p ‖ p_prev) ∝ p_prev · exp(c · η · u) (Kivinen & Warmuth 1997; PiKE takes
+      such a step because jumps of p upset Adam's moments). η = `eta`, or λ when `eta` is 0. Evidence accumulates
+      over windows: a score that keeps its sign keeps moving p, so pair it with `floor`.
+    - `temperature`: c = 1 (`fixed`), or c = √m (`sqrt_m`). u is a unit vector, so its entries have root mean
+      square 1/√m and the paper's logits shrink like λ/√m; with `sqrt_m` the logits' root mean square is λ for
+      any m (their spread about their mean is at most λ; the paper's λ = 3 at m = 64 is λ = 0.375 here).
 
     Degenerate cases keep p finite and on the simplex: a non-finite G or ‖G q‖ = 0 (nothing of the target was
     seen) keeps `prev` (uniform when None) and says so; a domain never seen has a zero row in G, so its score is 0
     and it keeps a defined share. `floor` makes p ← floor + (1 − m · floor) · p, so every p_i ≥ floor; `smoothing` s
     gives (1 − s) · p_new + s · prev. Both are off by default, as in the paper.
     """
+    if update not in UPDATES or temperature not in TEMPERATURES:
+        raise ValueError(f"update must be one of {UPDATES} and temperature one of {TEMPERATURES}")
     G = torch.as_tensor(G, dtype=torch.float64)
     m = G.shape[0]
     q = torch.full((m,), 1.0 / m, dtype=torch.float64) if q is None else torch.as_tensor(q, dtype=torch.float64)
     q = q / q.sum() if q.sum() > 0 else torch.full((m,), 1.0 / m, dtype=torch.float64)
-    fallback = torch.full((m,), 1.0 / m, dtype=torch.float64) if prev is None else torch.as_tensor(prev).double()
+    fallback = (
+        torch.full((m,), 1.0 / m, dtype=torch.float64) if prev is None else torch.as_tensor(prev, dtype=torch.float64)
+    )
     unseen = [i for i in range(m) if G[i, i] == 0]
     info = {"gq_norm": 0.0, "degenerate": None, "unseen": unseen}
     if not torch.isfinite(G).all():
@@ -49,10 +108,34 @@ def update_proportions_with_info(G, q=None, lam: float = 3.0, *, prev=None, floo
         return fallback.clone(), info
     if unseen:
         log.info("balance: domains %s have never been seen (score 0)", unseen)
-    p = torch.softmax(lam * gq / norm, dim=0)
+    c = math.sqrt(m) if temperature == "sqrt_m" else 1.0
+    if update == "mirror":
+        logits = fallback.log() + c * (eta or lam) * gq / norm  # log p_prev + η u
+    else:
+        logits = c * lam * gq / norm
+    p = torch.softmax(logits, dim=0)
     if smoothing > 0 and prev is not None:
         p = (1 - smoothing) * p + smoothing * torch.as_tensor(prev, dtype=torch.float64)
     if floor > 0:  # p_i ≥ floor for every i: a floor's worth of uniform mass, the rest as computed
         floor = min(floor, 1.0 / m)
         p = floor + (1 - m * floor) * p / p.sum()
     return p / p.sum(), info
+
+
+def diagnostics(G, q=None, plugin_diag=None) -> dict:
+    """What to log about a window's (m, m) G (unbiased diagonal): per domain, ‖g_i‖ = √max(G_ii, 0) (`grad_norm`),
+    the cosine of g_i with the target gradient Σ_j q_j g_j, (G q)_i / (‖g_i‖ √(qᵀ G q)) (`alignment`, None where a
+    norm is not positive), and with `plugin_diag` the estimator's noise, plug-in minus unbiased G_ii (`gram_noise`)."""
+    G = torch.as_tensor(G, dtype=torch.float64)
+    m = G.shape[0]
+    q = torch.full((m,), 1.0 / m, dtype=torch.float64) if q is None else torch.as_tensor(q, dtype=torch.float64)
+    q = q / q.sum() if q.sum() > 0 else torch.full((m,), 1.0 / m, dtype=torch.float64)
+    norms = G.diagonal().clamp(min=0).sqrt()
+    target = float(q @ G @ q)
+    gq = G @ q
+    ok = (norms > 0) & (target > 0) & torch.isfinite(gq)
+    cos = (gq / (norms * math.sqrt(max(target, 0.0))).clamp(min=1e-300)).clamp(-1, 1)
+    out = {"grad_norm": norms.tolist(), "alignment": [c if k else None for c, k in zip(cos.tolist(), ok.tolist())]}
+    if plugin_diag is not None:
+        out["gram_noise"] = (torch.as_tensor(plugin_diag, dtype=torch.float64) - G.diagonal()).tolist()
+    return out

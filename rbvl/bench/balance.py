@@ -280,7 +280,7 @@ def sketch_error(exact, sketch, step, windows: int, update_every: int, lam: floa
                 _sketch_into(sketch.sums[0][d], sketch.sketches, index, sums[d])
         fresh = exact.tokens > 0
         t = time.perf_counter()
-        exact.gram()
+        exact.gram("plugin")
         gram_time["exact"].append(time.perf_counter() - t)
         G = torch.zeros(m, m, dtype=torch.float64)
         for held, sums in zip(last, exact.sums, strict=True):
@@ -288,7 +288,7 @@ def sketch_error(exact, sketch, step, windows: int, update_every: int, lam: floa
             g = held.flatten(1).double()
             G += g @ g.T
         t = time.perf_counter()
-        Gs = sketch.gram()
+        Gs = sketch.gram("plugin")
         gram_time["sketched"].append(time.perf_counter() - t)
         p, ps = update_proportions(G, lam=lam), update_proportions(Gs, lam=lam)
         errors.append(float((Gs - G).norm() / G.norm()))

@@ -258,6 +258,20 @@ class BalanceConfig(Checked):
     sketch_dim: int = option(0, ge=0)
     """Keep each domain's gradient in a seeded count sketch of this many numbers (0 = exact: m × tracked params).
     Inner products stay unbiased; memory is 2 × m × sketch_dim floats whatever the model (see docs/balance.md)."""
+    gram: str = option("unbiased", choices=("unbiased", "plugin"))
+    """How G is estimated from a window. `unbiased`: G_ii from the U-statistic over micro-batches
+    (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²), whose mean is ‖g_i‖²; `plugin`: ĝ_i · ĝ_j, the paper's, whose
+    diagonal is biased up by each domain's sampling variance tr Σ_i / n_i (see docs/balance.md)."""
+    update: str = option("replace", choices=("replace", "mirror"))
+    """`replace` (the paper): p ← softmax(λ · G q / ‖G q‖) every window; `mirror`: one exponentiated-gradient step from
+    the previous p, p ∝ p_prev · exp(η · G q / ‖G q‖) (η = `eta`): each log-ratio of p moves by at most √2 · η."""
+    eta: float = option(0.0, ge=0.0)
+    """η, the step of `update: mirror` (0 = λ)."""
+    gram_ema: float = option(0.0, ge=0.0, lt=1.0)
+    """β in Ḡ ← β · Ḡ + (1 − β) · G: the update reads an average of G over windows (0 = off: the window's G alone)."""
+    temperature: str = option("fixed", choices=("fixed", "sqrt_m"))
+    """`fixed` (the paper): logits λ · G q / ‖G q‖, whose spread shrinks like λ / √m; `sqrt_m`: × √m, so λ is the
+    logits' root mean square for any m (the paper's λ = 3 at m = 64 is λ = 0.375)."""
 
 
 @dataclass

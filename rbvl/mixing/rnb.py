@@ -58,12 +58,14 @@ class RnbMixer(Mixer):
         return info
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict()}
+        # the run's checkpoint holds the schedule itself; the Balancer's own part (Ḡ of balance.gram_ema, ...) is here
+        return {"tracker": self.tracker.state_dict(), "balancer": self.balancer.update_state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if not state.get("tracker"):
             raise MixingError("it holds no Balance window (was it written with mixing.strategy=rnb?)")
         self.tracker.load_state_dict(state["tracker"])
+        self.balancer.load_state_dict(state.get("balancer", {}))  # absent in checkpoints written before it
 
     @property
     def cost(self) -> dict:
