@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     config = args.pop("config", None)
     items = args.pop("overrides", [])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside DataLoader workers
-    from rbvl import fsfault
     from rbvl.records import RecordsError
     from rbvl.regroup import RegroupError, load_options
-    from rbvl.runlock import LockError
+    from rbvl.runtime import fsfault
+    from rbvl.runtime.runlock import LockError
 
     bad = [i for i in items if "=" not in i]
     if bad:

@@ -179,8 +179,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rbvl import fsfault
     from rbvl.model.export import export_merged
+    from rbvl.runtime import fsfault
 
     try:
         out = export_merged(args.checkpoint, args.merge)
@@ -193,9 +193,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_gallery(args) -> int:
-    from rbvl import fsfault
     from rbvl.regroup.errors import RegroupError
     from rbvl.regroup.gallery import write_gallery
+    from rbvl.runtime import fsfault
 
     try:
         page = write_gallery(args.shards, n_nearest=args.nearest, n_random=args.random, sample=args.sample,
@@ -244,7 +244,7 @@ def _is_user_error(e: Exception) -> bool:
     user_errors: list[type] = [CliError, FileNotFoundError, NotADirectoryError]
     for module, name in (
         ("rbvl.config", "ConfigError"),
-        ("rbvl.runlock", "LockError"),
+        ("rbvl.runtime.runlock", "LockError"),
         ("rbvl.model", "ModelError"),
         ("rbvl.records", "RecordsError"),
         ("rbvl.train.checkpoint", "CheckpointError"),

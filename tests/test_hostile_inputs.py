@@ -375,7 +375,7 @@ def test_overwrite_replaces_only_the_previous_regroup_output(tmp_path, inputs):
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     """Another live process holding FOLDER's lock (as a running regroup or training would)."""
-    code = "import sys, time; from rbvl import runlock; runlock.acquire(sys.argv[1], 'test holder'); print('held', flush=True); time.sleep(300)"
+    code = "import sys, time; from rbvl.runtime import runlock; runlock.acquire(sys.argv[1], 'test holder'); print('held', flush=True); time.sleep(300)"
     p = subprocess.Popen(
         [sys.executable, "-c", code, str(folder)], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, text=True
     )

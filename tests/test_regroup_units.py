@@ -126,8 +126,8 @@ def test_options_yaml_unknown_key_and_override(tmp_path):
 
 def test_outdir_takes_a_leftover_gallery_as_its_own(tmp_path):
     """A crash after the manifest was removed can leave gallery/ (written after the manifest) beside no manifest."""
-    from rbvl import runlock
     from rbvl.regroup import outdir
+    from rbvl.runtime import runlock
 
     out = tmp_path / "shards"
     for rel in ("gallery/index.html", "gallery.tmp/thumbs/a.jpg", ".cache/ids.json"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rbvl import fsfault
+from rbvl.runtime import fsfault
 from rbvl.train.checkpoint import CheckpointError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl import fsfault
 from rbvl import manifest as manifest_file
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.gallery_page import draw_plots, render
 from rbvl.regroup.tar_index import iter_shard
+from rbvl.runtime import fsfault
 
 THUMB = 192  # px, the longest side of a thumbnail file
 

@@ -10,7 +10,7 @@ files the previous manifest lists under `files` (older manifests: its shards and
 folder holding anything else is refused, naming what it found. OUT/.cache (the resumable embedding cache) is kept;
 OUT/gallery/ (written after the manifest, so a crash can leave it beside none) is regroup's too and is replaced at
 the end of the run.
-One regroup at a time per OUT (`rbvl.runlock`).
+One regroup at a time per OUT (`rbvl.runtime.runlock`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import os
 import shutil
 from pathlib import Path
 
-from rbvl import fsfault, runlock
 from rbvl import manifest as manifest_file
 from rbvl.regroup.errors import RegroupError
+from rbvl.runtime import fsfault, runlock
 
 MANIFEST = manifest_file.FILENAME
 

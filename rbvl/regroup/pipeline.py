@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl import fsfault
 from rbvl import manifest as manifest_file
 from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, images, read_records
 from rbvl.regroup import cluster as C
@@ -27,6 +26,7 @@ from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.options import RegroupOptions
 from rbvl.regroup.write import cluster_entry, cluster_name, save_centroids, write_shards
+from rbvl.runtime import fsfault
 
 
 def read_options(opts: RegroupOptions) -> ReadOptions:
@@ -248,7 +248,7 @@ def _counts(clusters: list[dict], n_in_train: int, n_in_eval: int, rejects: Reje
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size) when launched by torchrun (a gloo group is started if none is), else (0, 1)."""
-    from rbvl.distributed import Distributed
+    from rbvl.runtime.distributed import Distributed
 
     dist = Distributed.from_env(device="cpu")
     return dist.rank, dist.world_size
@@ -262,8 +262,8 @@ def _barrier(world: int) -> None:
 
 
 def close_distributed() -> None:
-    """Barrier, free, then destroy the process group (see rbvl.distributed.close)."""
-    from rbvl.distributed import close
+    """Barrier, free, then destroy the process group (see rbvl.runtime.distributed.close)."""
+    from rbvl.runtime.distributed import close
 
     close()
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rbvl import fsfault, manifest
+from rbvl import manifest
 from rbvl.records import Rejects, images, sanitize_key
+from rbvl.runtime import fsfault
 
 SPLIT_CODES = {"train": 0, "eval": 1}  # seeds the write order of each split
 

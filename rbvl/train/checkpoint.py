@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from rbvl import runlock
 from rbvl.config import dump_config
+from rbvl.runtime import runlock
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from rbvl import runlock
 from rbvl.balance import ProportionSchedule
 from rbvl.config import RunConfig
 from rbvl.data import MixtureStream, load_domains, loader_lag
 from rbvl.data.collate import Encoder
-from rbvl.distributed import Distributed
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.mixing import build_mixer, initial_proportions, input_tokens
 from rbvl.mixing.context import build_mix_context
 from rbvl.model import prepare_model
+from rbvl.runtime import runlock
+from rbvl.runtime.distributed import Distributed
 from rbvl.train import checkpoint as ckpt
 from rbvl.train.metrics import MetricsLogger, WindowStats, format_eval
 from rbvl.train.optim import autocast_context, build_optimizer, optimizer_step
