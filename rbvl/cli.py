@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - known errors become one line; anything else keeps its traceback
         if _is_user_error(e) and not args.verbose:
-            print(f"rbvl: error: {e}", file=sys.stderr)
-            return 2
+            code = getattr(e, "exit_code", None)  # a preempted run: its own line, exit 128 + the signal's number
+            print(e if code else f"rbvl: error: {e}", file=sys.stderr)
+            return code or 2
         raise
 
 
@@ -238,6 +239,8 @@ def _is_user_error(e: Exception) -> bool:
         ("rbvl.records", "RecordsError"),
         ("rbvl.train.checkpoint", "CheckpointError"),
         ("rbvl.data", "DataError"),
+        ("rbvl.train.guard", "Preempted"),
+        ("rbvl.train.guard", "Diverged"),
     ):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None:

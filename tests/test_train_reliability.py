@@ -2,10 +2,19 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
 
-from rbvl.train.metrics import MetricsLogger
+from rbvl.config import load_config
+from rbvl.train import train
+from rbvl.train.guard import Diverged, Preempted
+from rbvl.train.metrics import MetricsLogger, read_metrics
 
 
 def _strict(line: str) -> dict:
@@ -30,3 +39,109 @@ def test_metrics_are_strict_json_at_any_depth(tmp_path):
     assert row["gram"] == [[None, 1.0], [None, None]]
     assert row["loss_per_domain"][0] is None and math.isclose(row["loss_per_domain"][1], 2.0)
     assert row["nested"] == {"x": [None, 1]} and row["loss"] is None
+
+
+def _config(tmp_path, manifest, *overrides):
+    return load_config(
+        "recipes/demo_tiny_rnb.yaml",
+        [
+            f"manifest={manifest}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=12",
+            "train.batch_size=4",
+            "balance.update_every=3",
+            "balance.warmup_steps=0",
+            "eval.every=0",
+            "train.log_every=1",
+            "train.save_every=4",
+            "data.num_workers=0",
+            "logging.progress=false",
+            "logging.plots=false",
+            "logging.tensorboard=false",
+            *overrides,
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_divergence_skips_the_step_stops_the_run_and_never_saves_nan(tmp_path, tiny_manifest):
+    # (at lr=1e3 the tiny model saturates to a finite, constant loss; 1e10 breaks its forward from step 2 on)
+    cfg = _config(
+        tmp_path, tiny_manifest, "optim.lr=1e10", "optim.warmup_steps=0", "max_steps=30", "train.save_every=1"
+    )
+    with pytest.raises(Diverged, match=r"training diverged at step \d+: .* optim.lr=1e\+10 too high") as err:
+        train(cfg)
+    assert str(err.value).count("\n") == 0
+    run = tmp_path / "run"
+    for ck in run.glob("checkpoint-*"):
+        saved = torch.load(ck / "trainer_state.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in saved["trainable"].values()), ck.name
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        _strict(line)
+    step = int(str(err.value).split("at step ")[1].split(":")[0])
+    assert step < 30, "the run stopped early"
+    # the 3 steps in a row were skipped (their weights stay the last finite ones, saved at steps 1 .. step - 1)
+    assert max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")) == step - 1
+    rows = map(_strict, (run / "metrics.jsonl").read_text().splitlines())
+    losses = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    assert losses[step - 1] is None and losses[step - 2] is None and losses[1] is not None
+
+
+def _signal_at(monkeypatch, step: int, signum: int) -> None:
+    """Send `signum` to this process when the train row of `step` is logged (mid-step, before the checkpoint)."""
+    log = MetricsLogger.log
+
+    def log_then_signal(self, kind, at, **values):
+        log(self, kind, at, **values)
+        if kind == "train" and at == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_saves_the_step_and_the_resumed_run_equals_the_uninterrupted_one(
+    tmp_path, tiny_manifest, monkeypatch, signum
+):
+    mid = ("lora.lora_dropout=0.1", "train.log_every=1", "train.save_every=0")
+    full = train(_config(tmp_path / "a", tiny_manifest, *mid))
+    before = signal.getsignal(signum)
+    _signal_at(monkeypatch, 5, signum)  # step 5: inside a Balance window (K = 3)
+    with pytest.raises(Preempted) as err:
+        train(_config(tmp_path / "b", tiny_manifest, *mid))
+    name = signal.Signals(signum).name
+    assert str(err.value) == f"rbvl train: stopped by {name} at step 5; checkpoint-5 written; resume with resume=true"
+    assert err.value.exit_code == 128 + signum
+    run_b = tmp_path / "b" / "run"
+    assert sorted(p.name for p in run_b.glob("checkpoint-*")) == ["checkpoint-5"]
+    assert signal.getsignal(signum) == before, "train() puts the previous handler back"
+    monkeypatch.undo()
+    resumed = train(_config(tmp_path / "b", tiny_manifest, *mid, "resume=true"))
+    assert resumed["eval"]["loss_per_domain"] == full["eval"]["loss_per_domain"]
+    assert resumed["proportions"] == full["proportions"]
+    a, b = read_metrics(tmp_path / "a" / "run", "train"), read_metrics(run_b, "train")
+    assert [(r["step"], r["loss"]) for r in a] == [(r["step"], r["loss"]) for r in b]
+
+
+@pytest.mark.slow
+def test_cli_sigterm_finishes_the_step_writes_a_checkpoint_and_says_so(tmp_path, tiny_manifest):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}"]
+    args += [f"output_dir={run}", "max_steps=2000", "train.batch_size=4", "train.log_every=1", "data.num_workers=1"]
+    args += ["logging.progress=false", "logging.plots=false", "logging.tensorboard=false", "eval.every=0"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not read_metrics(run, "train") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, errs = proc.communicate(timeout=240)
+    lines = errs.strip().splitlines()
+    assert proc.returncode == 143, errs[-2000:]
+    step = read_metrics(run, "train")[-1]["step"]
+    assert (
+        lines[-1]
+        == f"rbvl train: stopped by SIGTERM at step {step}; checkpoint-{step} written; resume with resume=true"
+    )
+    assert (run / f"checkpoint-{step}" / "trainer_state.pt").exists()
+    assert not list(run.glob(".tmp-*"))

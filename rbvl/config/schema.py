@@ -297,6 +297,9 @@ class TrainConfig(Checked):
     """Optimizer steps between checkpoints (0 = only at the end)."""
     device: str = option("auto", check=_device, allowed="auto, cpu, mps, cuda or cuda:N")
     """`auto`, `cpu`, `cuda`, `cuda:1` ..."""
+    max_nonfinite_steps: int = option(3, ge=0)
+    """Stop the run after this many optimizer steps in a row whose loss or gradients are not finite (each one is
+    skipped, as fp16's loss scaler skips an overflow); 0 = never stop. No checkpoint holds non-finite weights."""
 
 
 @dataclass

@@ -94,6 +94,13 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
     torchrun restores each rank exactly. The folder appears under its final name only once every file is in it.
     """
     dist, step = state.dist, state.step
+    trainable = {n: p for n, p in state.model.named_parameters() if p.requires_grad}
+    bad = [n for n, p in trainable.items() if not bool(torch.isfinite(p.detach()).all())]  # every rank alike
+    if bad:  # the optimizer skips non-finite steps, so this is a bug's mark: never let it reach a checkpoint
+        raise CheckpointError(
+            f"refusing to write checkpoint-{step}: {len(bad)} trainable tensors hold NaN or inf "
+            f"(e.g. {bad[0]}); the previous checkpoint is untouched"
+        )
     final = Path(run_dir) / f"checkpoint-{step}"
     tmp = Path(run_dir) / f".tmp-checkpoint-{step}"
     if dist.is_main:
@@ -122,7 +129,7 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
         torch.save(
             {
                 "step": step,
-                "trainable": {n: p.detach().cpu() for n, p in state.model.named_parameters() if p.requires_grad},
+                "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(),
             },

@@ -31,6 +31,7 @@ from rbvl.mixing import build_mixer, initial_proportions, input_tokens
 from rbvl.mixing.context import build_mix_context
 from rbvl.model import prepare_model
 from rbvl.train import checkpoint as ckpt
+from rbvl.train.guard import DivergenceGuard, Preempted, StopSignals, ignore_stop_signals
 from rbvl.train.metrics import MetricsLogger, WindowStats, format_eval
 from rbvl.train.optim import autocast_context, build_optimizer, optimizer_step
 from rbvl.train.plots import plot_run
@@ -39,7 +40,15 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run `cfg` to `cfg.max_steps`; returns the final eval (per-domain losses) and the proportions history."""
+    """Run `cfg` to `cfg.max_steps`; returns the final eval (per-domain losses) and the proportions history.
+
+    Raises `Preempted` after a SIGTERM, SIGUSR1 or SIGINT (the step finished, a checkpoint written) and `Diverged`
+    after `train.max_nonfinite_steps` non-finite steps in a row; the signal handlers live as long as this call."""
+    with StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: RunConfig, stop: StopSignals) -> dict:
     # -------------------------------------------------------------------------------------------------------- setup
     dist = Distributed.from_env(cfg.train.device)
     resume_from = ckpt.open_run(cfg, dist)  # the run folder is ours (lock, config.yaml); resume or start afresh
@@ -91,6 +100,7 @@ def train(cfg: RunConfig) -> dict:
         prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
         pin_memory=dist.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed + dist.rank),  # leaves the global RNG (dropout) alone
+        worker_init_fn=ignore_stop_signals,  # a signal is the training process's to handle (rbvl/train/guard.py)
     )
     batches = iter(loader)
     autocast = autocast_context(cfg.train.precision, dist.device)
@@ -98,7 +108,7 @@ def train(cfg: RunConfig) -> dict:
     # overflowed, as the scaler does. bf16 needs none and is the better choice.
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.precision == "fp16")
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not (dist.is_main and cfg.logging.progress))  # fmt: skip
-    result, t_last = None, time.perf_counter()
+    result, t_last, guard, signum = None, time.perf_counter(), DivergenceGuard(cfg), 0
 
     # ------------------------------------------------------------------------------------------------ training loop
     while state.step < cfg.max_steps:
@@ -121,13 +131,14 @@ def train(cfg: RunConfig) -> dict:
             state.window.add(token_loss.sum(1), meta.label_tokens, meta.domain_ids, n_input)
             # ODM's reward, DoReMi's excess loss: from the loss this step computed
             mixer.observe({**inputs, "labels": labels}, meta, token_loss.sum(1), meta.label_tokens, token_loss[:, :-1])
-        overflowed = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)
+        status = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)  # ok|overflow|nonfinite
         state.step += 1
         state.window.steps += 1
         progress.update(1)
+        guard.after_step(state.step, status)  # a non-finite step was skipped; too many in a row stop the run
 
         # -------------------------------------------------------------------------------------------------------- mix
-        info = mixer.step(state.step, ctx, skipped=overflowed)  # R&B: at a window's end, G → p; peers: their rule
+        info = mixer.step(state.step, ctx, skipped=status != "ok")  # R&B: at a window's end, G → p; peers: their rule
         if info is not None:
             metrics.log(mixer.log_kind, state.step, **info)
 
@@ -148,20 +159,24 @@ def train(cfg: RunConfig) -> dict:
                 progress.write(format_eval(state.step, names, result))
 
         # ---------------------------------------------------------------------------------------------- checkpoint
-        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or state.step == cfg.max_steps:
+        signum = stop.poll(dist) if state.step < cfg.max_steps else 0  # SIGTERM & co: every rank stops at this step
+        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or state.step == cfg.max_steps or signum:
             ckpt.save(run_dir, state)
+        if signum:
+            break
 
     # ------------------------------------------------------------------------------------------------------------ end
     progress.close()
     metrics.close()
     if dist.is_main and cfg.logging.plots:
         log.info("plots: %s", ", ".join(str(p) for p in plot_run(run_dir, names)))
-    if result is None:  # resumed a run that had already reached max_steps
+    if result is None and not signum:  # resumed a run that had already reached max_steps
         result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
     summary = {
         "eval": result,
         "proportions": schedule.history(),
         "run_dir": str(run_dir),
+        "step": state.step,
         "cost": mixer.cost,
         # this rank's training work in the mixers' terms (forward + 2 · backward, 2 · parameters FLOPs per token)
         "train_tokens": state.window.input_tokens,
@@ -172,4 +187,6 @@ def train(cfg: RunConfig) -> dict:
     dist.close()
     if dist.is_main:
         runlock.release(run_dir)
+    if signum:
+        raise Preempted(signum, summary["step"], f"checkpoint-{summary['step']}")
     return summary
