@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - known errors become one line; anything else keeps its traceback
         if _is_user_error(e) and not args.verbose:
             code = getattr(e, "exit_code", None)  # a preempted run: its own line, exit 128 + the signal's number
-            print(e if code else f"rbvl: error: {e}", file=sys.stderr)
+            print(e if code else f"rbvl: error: {_one_line(e)}", file=sys.stderr)
             return code or 2
         raise
 
@@ -226,6 +226,15 @@ def _print_config_help() -> int:
     for key, type_name, default, doc in describe():
         print(f"{key:28s} {type_name:22s} {default!r:>14}  {doc}")
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    """The error's own message: one raised in a DataLoader worker arrives wrapped in the worker's traceback."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = text.strip().splitlines()[-1]
+        text = text.split(": ", 1)[1] if text.startswith(type(e).__module__) or ": " in text[:80] else text
+    return text
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rbvl.config import load_config
+from rbvl.data import DataError
 from rbvl.train import train
 from rbvl.train.guard import Diverged, Preempted
 from rbvl.train.metrics import MetricsLogger, read_metrics
@@ -145,3 +146,26 @@ def test_cli_sigterm_finishes_the_step_writes_a_checkpoint_and_says_so(tmp_path,
     )
     assert (run / f"checkpoint-{step}" / "trainer_state.pt").exists()
     assert not list(run.glob(".tmp-*"))
+
+
+IMAGE_ONLY = ("mixing.strategy=manual", "mixing.weights={cluster_000: 1}")  # the tiny set's image domain alone
+
+
+@pytest.mark.slow
+def test_cli_every_sample_dropped_stops_with_the_length_it_needs(tmp_path, tiny_manifest):
+    """Image-only data with data.max_length=16 (the image tokens end at 19) used to redraw forever, silently."""
+    args = [sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}"]
+    args += [f"output_dir={tmp_path / 'run'}", "max_steps=5", "data.max_length=16", "data.num_workers=1", *IMAGE_ONLY]
+    r = subprocess.run([*args, "logging.progress=false"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]  # (a worker's traceback is cut down to its message)
+    assert last.startswith("rbvl: error: none of the last 128 training samples can be trained on"), r.stderr[-2000:]
+    assert "image tokens 19 > data.max_length 16; set data.max_length above 19" in last
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_every_answer_cut_off_stops_instead_of_training_on_no_labels(tmp_path, tiny_manifest):
+    cfg = _config(tmp_path, tiny_manifest, "data.max_length=30", "max_steps=40", *IMAGE_ONLY)
+    with pytest.raises(DataError, match=r"answers start after data.max_length 30 .*set data.max_length >= 35"):
+        train(cfg)

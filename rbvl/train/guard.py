@@ -74,9 +74,10 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers leave the signals to the training process, which finishes its step (with
-    the batches the workers already hold or still make) and shuts them down itself."""
-    for sig in STOP_SIGNALS:
+    """DataLoader `worker_init_fn`: Ctrl-C (sent to the whole process group) and SIGUSR1 are the training process's
+    to handle; it finishes its step with the batches the workers make and shuts them down itself. SIGTERM keeps its
+    default in workers: multiprocessing stops them with it at exit, so a worker that ignored it would hang the exit."""
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
 
