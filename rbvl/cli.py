@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_validate(args) -> int:
     """`rbvl validate recipes/*.yaml [key=value ...]`: every recipe given, each with the same overrides."""
-    from rbvl.config import ConfigError, load_config
+    from rbvl.config import ConfigError, check_runnable, load_config
 
     if args.help_config:
         return _print_config_help()
@@ -122,6 +122,7 @@ def cmd_validate(args) -> int:
     for recipe in recipes:
         try:
             cfg = load_config(recipe, overrides)
+            check_runnable(cfg)
         except ConfigError as e:
             if len(recipes) == 1:
                 raise

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from rbvl.config import load_config
+from rbvl.config import ConfigError, load_config
 from rbvl.data import DataError
 from rbvl.train import train
 from rbvl.train.guard import Diverged, Preempted
@@ -169,3 +169,106 @@ def test_every_answer_cut_off_stops_instead_of_training_on_no_labels(tmp_path, t
     cfg = _config(tmp_path, tiny_manifest, "data.max_length=30", "max_steps=40", *IMAGE_ONLY)
     with pytest.raises(DataError, match=r"answers start after data.max_length 30 .*set data.max_length >= 35"):
         train(cfg)
+
+
+def test_balance_that_would_never_update_is_refused_at_validate_and_train(tmp_path, capsys):
+    """The demo recipe (warmup 60, update_every 60) with max_steps=60 used to train as stratified, silently."""
+    from rbvl.cli import main
+
+    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "max_steps=60"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("rbvl: error: balance.update_every: got 60, with balance.warmup_steps=60 the first update")
+    assert "set balance.warmup_steps=0 and balance.update_every <= 60 (or max_steps >= 120)" in err
+    with pytest.raises(ConfigError, match="Balance would never run; set balance.update_every <= 15"):
+        train(
+            load_config(
+                "recipes/demo_tiny_rnb.yaml", ["max_steps=20", "balance.warmup_steps=5", "balance.update_every=16"]
+            )
+        )
+    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "max_steps=120"]) == 0  # the first update at step 120
+    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "max_steps=60", "mixing.strategy=stratified"]) == 0
+
+
+SIGNAL_HOOK = """
+import os, signal
+from rbvl.train import metrics
+
+_log = metrics.MetricsLogger.log
+
+
+def _log_then_signal(self, kind, step, **values):
+    _log(self, kind, step, **values)
+    if kind == "train" and step == {step} and os.environ.get("RANK", "0") == "{rank}":
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+metrics.MetricsLogger.log = _log_then_signal
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_at_the_same_step_when_one_gets_sigterm_and_resume_exactly(tmp_path, tiny_manifest):
+    """Only rank 1 gets SIGTERM (at step 5): the flag's all-reduce stops both ranks at step 5, each writes its part."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGNAL_HOOK.format(step=5, rank=1))
+
+    def torchrun(out, *extra, env=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rbvl.cli"]
+        cmd += ["train", "recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}", f"output_dir={out}"]
+        cmd += ["max_steps=8", "train.batch_size=4", "balance.update_every=3", "balance.warmup_steps=0"]
+        cmd += ["eval.every=0", "train.log_every=1", "data.num_workers=0", "logging.progress=false"]
+        cmd += ["logging.plots=false", "logging.tensorboard=false", "lora.lora_dropout=0.1", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    full = torchrun(tmp_path / "a")
+    assert full.returncode == 0, full.stderr[-3000:]
+    path = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", ""), os.getcwd()])
+    stopped = torchrun(tmp_path / "b", env={**os.environ, "PYTHONPATH": path})
+    assert stopped.returncode != 0
+    line = "rbvl train: stopped by SIGTERM at step 5; checkpoint-5 written; resume with resume=true"
+    assert line in stopped.stderr, stopped.stderr[-3000:]
+    ck = tmp_path / "b" / "checkpoint-5"
+    assert (ck / "rank-000.pt").exists() and (ck / "rank-001.pt").exists() and (ck / "trainer_state.pt").exists()
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-5"]
+    resumed = torchrun(tmp_path / "b", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    for kind, key in (("balance", "p"), ("train", "loss_per_domain"), ("eval", "loss_per_domain")):
+        rows_a = [(r["step"], r[key]) for r in a if r["kind"] == kind]
+        assert rows_a and rows_a == [(r["step"], r[key]) for r in b if r["kind"] == kind], (kind, key)
+
+
+@pytest.mark.slow
+def test_resume_checks_what_it_resumes(tmp_path, tiny_manifest):
+    from rbvl.data.synthetic import write_tiny_manifest
+    from rbvl.train.checkpoint import CheckpointError
+
+    base = ("max_steps=2", "balance.update_every=2", "train.save_every=2")
+    train(_config(tmp_path, tiny_manifest, *base))
+    run = tmp_path / "run"
+    first_config = (run / "config.yaml").read_text()
+    longer = ("max_steps=4", "train.save_every=2", "resume=true")
+    with pytest.raises(CheckpointError, match=r"written by another run: balance.update_every 2 → 1; .*resume=force"):
+        train(_config(tmp_path, tiny_manifest, *longer, "balance.update_every=1"))
+    other = write_tiny_manifest(tmp_path / "other", n_train=30)  # another regroup output, the same k
+    with pytest.raises(CheckpointError, match=r"another run: manifest=.*other.* \(other content\); .*resume=force"):
+        train(_config(tmp_path, other, *longer, "balance.update_every=2"))
+    one = write_tiny_manifest(tmp_path / "one", n_domains=1)
+    with pytest.raises(CheckpointError, match=r"was trained on 3 domains, manifest=.* has 1: resume with the manifest"):
+        train(_config(tmp_path, one, "max_steps=4", "balance.update_every=2", "resume=force"))
+    assert (run / "config.yaml").read_text() == first_config, "the first run's config.yaml is kept"
+
+    train(_config(tmp_path, tiny_manifest, *longer, "balance.update_every=1", "resume=force"))
+    assert (run / "checkpoint-4").exists()
+    assert "update_every: 1" in (run / "config-resume-2.yaml").read_text()
+    assert (run / "config.yaml").read_text() == first_config
+
+    # a checkpoint written before fingerprints (no key in rbvl_state.json) still resumes
+    state_file = run / "checkpoint-4" / "rbvl_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["fingerprint"]["keys"]["balance.update_every"] == 1
+    del state["fingerprint"]
+    state_file.write_text(json.dumps(state))
+    train(_config(tmp_path, tiny_manifest, "max_steps=5", "balance.update_every=2", "resume=true"))

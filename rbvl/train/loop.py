@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from rbvl import runlock
 from rbvl.balance import ProportionSchedule
-from rbvl.config import RunConfig
+from rbvl.config import RunConfig, check_runnable
 from rbvl.data import MixtureStream, load_domains, loader_lag
 from rbvl.data.collate import Encoder
 from rbvl.distributed import Distributed
@@ -44,6 +44,7 @@ def train(cfg: RunConfig) -> dict:
 
     Raises `Preempted` after a SIGTERM, SIGUSR1 or SIGINT (the step finished, a checkpoint written) and `Diverged`
     after `train.max_nonfinite_steps` non-finite steps in a row; the signal handlers live as long as this call."""
+    check_runnable(cfg)  # settings that would make the run a silent no-op (Balance that never updates)
     with StopSignals() as stop:
         return _train(cfg, stop)
 
@@ -168,7 +169,7 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
     # ------------------------------------------------------------------------------------------------------------ end
     progress.close()
     metrics.close()
-    if dist.is_main and cfg.logging.plots:
+    if dist.is_main and cfg.logging.plots and not signum:  # a preempted run leaves its grace period to the save
         log.info("plots: %s", ", ".join(str(p) for p in plot_run(run_dir, names)))
     if result is None and not signum:  # resumed a run that had already reached max_steps
         result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
