@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from rbvl import __version__
@@ -230,11 +231,11 @@ def _print_config_help() -> int:
 
 
 def _one_line(e: Exception) -> str:
-    """The error's own message: one raised in a DataLoader worker arrives wrapped in the worker's traceback."""
+    """The error's own message: one raised in a DataLoader worker arrives wrapped in the worker's traceback, whose
+    last line is `module.ErrorClass: message`."""
     text = str(e)
     if "\nOriginal Traceback" in text:
-        text = text.strip().splitlines()[-1]
-        text = text.split(": ", 1)[1] if text.startswith(type(e).__module__) or ": " in text[:80] else text
+        text = re.sub(rf"^[\w.]*{type(e).__name__}: ", "", text.strip().splitlines()[-1])
     return text
 
 
