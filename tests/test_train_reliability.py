@@ -272,3 +272,22 @@ def test_resume_checks_what_it_resumes(tmp_path, tiny_manifest):
     del state["fingerprint"]
     state_file.write_text(json.dumps(state))
     train(_config(tmp_path, tiny_manifest, "max_steps=5", "balance.update_every=2", "resume=true"))
+
+
+def test_cli_shows_divergence_and_preemption_as_one_line(monkeypatch, capsys):
+    import rbvl.train as train_package
+    from rbvl import cli
+
+    for error, code, line in (
+        (Diverged("training diverged at step 8: ..."), 2, "rbvl: error: training diverged at step 8: ..."),
+        (Preempted(signal.SIGTERM, 7, "checkpoint-7"), 143, "rbvl train: stopped by SIGTERM at step 7; checkpoint-7"),
+        (Preempted(signal.SIGINT, 7, "checkpoint-7"), 130, "rbvl train: stopped by SIGINT at step 7; checkpoint-7"),
+    ):
+
+        def fail(cfg, error=error):
+            raise error
+
+        monkeypatch.setattr(train_package, "train", fail)
+        assert cli.main(["train", "recipes/demo_tiny_rnb.yaml", "manifest=nowhere.json"]) == code
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("\n") == 1, err
