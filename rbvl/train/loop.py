@@ -74,18 +74,7 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
         cfg.mixing.strategy, m, target, cfg.mixing, ctx, initial=p0, seed=cfg.seed, balance=cfg.balance
     )  # rnb attaches its GradientTracker to the model here, before DDP wraps it
     ddp_model = dist.wrap(model)
-    stream = MixtureStream(
-        domains,
-        schedule,
-        batch_size=cfg.train.batch_size,
-        collate=collator,
-        seed=cfg.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=cfg.data.num_workers,
-        grad_accum=cfg.train.grad_accum,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
+    stream = _stream(domains, schedule, collator, cfg, dist)  # the samples' domains drawn by p, resumable exactly
     state = ckpt.TrainState(
         cfg, model, processor, optimizer, scheduler, stream, schedule, mixer, held_out, WindowStats(m), dist
     )
@@ -94,16 +83,7 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
         log.info("resumed from %s at step %d", resume_from, state.step)
     metrics = MetricsLogger(run_dir, names, tensorboard=cfg.logging.tensorboard, enabled=dist.is_main)
     metrics.truncate_after(state.step)
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=cfg.data.num_workers,
-        prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
-        pin_memory=dist.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed + dist.rank),  # leaves the global RNG (dropout) alone
-        worker_init_fn=ignore_stop_signals,  # a signal is the training process's to handle (rbvl/train/guard.py)
-    )
-    batches = iter(loader)
+    batches = iter(_loader(stream, cfg, dist))
     autocast = autocast_context(cfg.train.precision, dist.device)
     # fp16 needs loss scaling; R&B reads the scale off the loss's gradient and drops a step whose gradients
     # overflowed, as the scaler does. bf16 needs none and is the better choice.
@@ -173,16 +153,7 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
         log.info("plots: %s", ", ".join(str(p) for p in plot_run(run_dir, names)))
     if result is None and not signum:  # resumed a run that had already reached max_steps
         result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
-    summary = {
-        "eval": result,
-        "proportions": schedule.history(),
-        "run_dir": str(run_dir),
-        "step": state.step,
-        "cost": mixer.cost,
-        # this rank's training work in the mixers' terms (forward + 2 · backward, 2 · parameters FLOPs per token)
-        "train_tokens": state.window.input_tokens,
-        "train_flops": 3 * 2.0 * sum(p.numel() for p in model.parameters()) * state.window.input_tokens,
-    }
+    summary = _summary(result, state, run_dir)
     mixer.close()
     del ddp_model, model, optimizer, state
     dist.close()
@@ -191,3 +162,47 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
     if signum:
         raise Preempted(signum, summary["step"], f"checkpoint-{summary['step']}")
     return summary
+
+
+def _stream(domains, schedule: ProportionSchedule, collator: Encoder, cfg: RunConfig, dist: Distributed):
+    """This rank's MixtureStream over the manifest's domains, drawn by the schedule's p."""
+    return MixtureStream(
+        domains,
+        schedule,
+        batch_size=cfg.train.batch_size,
+        collate=collator,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.data.num_workers,
+        grad_accum=cfg.train.grad_accum,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+
+
+def _loader(stream: MixtureStream, cfg: RunConfig, dist: Distributed) -> DataLoader:
+    """The stream's DataLoader: the stream batches itself; workers leave SIGINT / SIGUSR1 to the training process."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
+        pin_memory=dist.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + dist.rank),  # leaves the global RNG (dropout) alone
+        worker_init_fn=ignore_stop_signals,  # a signal is the training process's to handle (rbvl/train/guard.py)
+    )
+
+
+def _summary(result: dict | None, state: ckpt.TrainState, run_dir: Path) -> dict:
+    """What `train` returns: the final eval, p over the run, and this rank's training work."""
+    tokens = state.window.input_tokens
+    return {
+        "eval": result,
+        "proportions": state.schedule.history(),
+        "run_dir": str(run_dir),
+        "step": state.step,
+        "cost": state.mixer.cost,
+        # this rank's training work in the mixers' terms (forward + 2 · backward, 2 · parameters FLOPs per token)
+        "train_tokens": tokens,
+        "train_flops": 3 * 2.0 * sum(p.numel() for p in state.model.parameters()) * tokens,
+    }
