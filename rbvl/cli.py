@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from rbvl import __version__
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - known errors become one line; anything else keeps its traceback
         if _is_user_error(e) and not args.verbose:
-            print(f"rbvl: error: {e}", file=sys.stderr)
-            return 2
+            code = getattr(e, "exit_code", None)  # a preempted run: its own line, exit 128 + the signal's number
+            print(e if code else f"rbvl: error: {_one_line(e)}", file=sys.stderr)
+            return code or 2
         raise
 
 
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_validate(args) -> int:
     """`rbvl validate recipes/*.yaml [key=value ...]`: every recipe given, each with the same overrides."""
-    from rbvl.config import ConfigError, load_config
+    from rbvl.config import ConfigError, check_runnable, load_config
 
     if args.help_config:
         return _print_config_help()
@@ -121,6 +123,7 @@ def cmd_validate(args) -> int:
     for recipe in recipes:
         try:
             cfg = load_config(recipe, overrides)
+            check_runnable(cfg)
         except ConfigError as e:
             if len(recipes) == 1:
                 raise
@@ -238,6 +241,15 @@ def _print_config_help() -> int:
     return 0
 
 
+def _one_line(e: Exception) -> str:
+    """The error's own message: one raised in a DataLoader worker arrives wrapped in the worker's traceback, whose
+    last line is `module.ErrorClass: message`."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        text = re.sub(rf"^[\w.]*{type(e).__name__}: ", "", text.strip().splitlines()[-1])
+    return text
+
+
 def _is_user_error(e: Exception) -> bool:
     """Errors worth one line. Only modules already imported can have raised theirs (importing the others, such as
     transformers behind rbvl.model, would cost seconds on every mistyped key)."""
@@ -249,6 +261,8 @@ def _is_user_error(e: Exception) -> bool:
         ("rbvl.records", "RecordsError"),
         ("rbvl.train.checkpoint", "CheckpointError"),
         ("rbvl.data", "DataError"),
+        ("rbvl.train.guard", "Preempted"),
+        ("rbvl.train.guard", "Diverged"),
     ):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None:

@@ -49,7 +49,7 @@ def test_override_values_are_yaml(tmp_path):
         (["balance.lamda=3"], "unknown key 'balance.lamda' (did you mean 'balance.lam'?)"),
         (["max_step=3"], "unknown key 'max_step' (did you mean 'max_steps'?)"),
         (["lora.r=eight"], "lora.r: expected int, got 'eight'"),
-        (["resume=maybe"], "resume: expected bool"),
+        (["resume=maybe"], "resume: got 'maybe', expected true, false or force"),
         (
             ["mixing.strategy=rbn"],
             "mixing.strategy: 'rbn' is not one of stratified, natural, manual, rnb, odm, dga, doremi, aioli (did you mean 'rnb'?)",
@@ -139,7 +139,7 @@ BAD_VALUES = [
     ("eval.batch_size=0", "eval.batch_size: got 0"),
     ("eval.max_samples=-1", "eval.max_samples: got -1"),
     ("logging.plots=maybe", "logging.plots: expected bool"),
-    ("resume=2", "resume: expected bool"),
+    ("resume=2", "resume: got '2', expected true, false or force"),
 ]
 
 

@@ -22,6 +22,8 @@ from rbvl.experiment import (
 
 FAST = [
     "max_steps=2",
+    "balance.update_every=1",  # an update inside the run (a window longer than the run is refused)
+    "balance.warmup_steps=0",
     "train.batch_size=4",
     "train.log_every=1",
     "data.num_workers=0",

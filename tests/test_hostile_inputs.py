@@ -534,6 +534,7 @@ def test_no_eval_set_is_noted_at_train(tmp_path, inputs):
         f"output_dir={tmp_path / 'run'}",
         *TINY_TRAIN,
         "max_steps=1",
+        "balance.update_every=1",
     )
     note = [line for line in t.stderr.splitlines() if "has no eval records" in line]
     assert len(note) == 1

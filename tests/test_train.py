@@ -94,11 +94,12 @@ def test_resume_mid_window_is_exact(tmp_path, tiny_manifest):
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest):
-    cfg = config(tmp_path, tiny_manifest, "max_steps=2", "train.save_every=0", "eval.every=0")
+    cfg = config(tmp_path, tiny_manifest, "max_steps=2", "train.save_every=0", "eval.every=0", "balance.update_every=2")
     train(cfg)
     with pytest.raises(Exception, match="already holds a run"):
         train(cfg)
-    done = train(config(tmp_path, tiny_manifest, "max_steps=2", "train.save_every=0", "eval.every=0", "resume=true"))
+    again = ("max_steps=2", "train.save_every=0", "eval.every=0", "balance.update_every=2", "resume=true")
+    done = train(config(tmp_path, tiny_manifest, *again))
     assert done["eval"]["loss"] > 0, "resuming a finished run evaluates and returns"
 
 
@@ -153,8 +154,8 @@ def test_the_loops_window_is_the_token_mean_gradient_of_what_it_drew(tmp_path, t
     from rbvl.model import apply_lora, load_model
 
     cfg = config(
-        tmp_path, tiny_manifest, "max_steps=2", "train.save_every=2", "train.grad_accum=2", "train.batch_size=4",
-        "balance.update_every=100", "balance.warmup_steps=0", "optim.lr=0.000000000001", "optim.max_grad_norm=0",
+        tmp_path, tiny_manifest, "max_steps=3", "train.save_every=2", "train.grad_accum=2", "train.batch_size=4",
+        "balance.update_every=3", "balance.warmup_steps=0", "optim.lr=0.000000000001", "optim.max_grad_norm=0",
         "eval.every=0", "lora.lora_dropout=0",
     )  # fmt: skip
     train(cfg)

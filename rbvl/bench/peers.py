@@ -85,6 +85,7 @@ def peer_costs(args) -> dict:
 
         def measure(s: str, r: int) -> float:
             extra = [f"mixing.reference={reference}"] if s == "doremi" else []
+            extra += _balance_within(args.peer_recipe, args.peer_warmup + args.peer_steps) if s == "rnb" else []
             cfg = load_config(
                 args.peer_recipe, [*base, *extra, f"output_dir={tmp / f'{r}-{s}'}", f"mixing.strategy={s}"]
             )
@@ -157,3 +158,12 @@ def print_peers(p: dict, full: dict | None = None) -> None:
 
 def _pct(x, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f} %"
+
+
+def _balance_within(recipe: str, max_steps: int) -> list[str]:
+    """R&B overrides that put a Balance update inside a short run (a window longer than the run is refused): the
+    recipe's own settings when they fit, else update_every = min(the recipe's, max_steps) with no warmup."""
+    balance = load_config(recipe).balance
+    if balance.warmup_steps + balance.update_every <= max_steps:
+        return []
+    return [f"balance.update_every={min(balance.update_every, max_steps)}", "balance.warmup_steps=0"]

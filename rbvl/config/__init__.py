@@ -49,6 +49,7 @@ from rbvl.config.schema import (
     OptimConfig,
     RunConfig,
     TrainConfig,
+    check_runnable,
     describe,
     load_config,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "allowed_text",
     "attribute_docs",
     "check_fields",
+    "check_runnable",
     "coerce",
     "describe",
     "dump_config",

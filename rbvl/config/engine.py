@@ -287,6 +287,8 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if bool in args and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return parse_bool(name, value)  # `resume=yes` is the bool, not the string, in `bool | str`
         # Try the exact type first, so `str | list[str]` keeps a list a list and a string a string.
         ordered = sorted((a for a in args if a is not type(None)), key=lambda a: not _matches(value, a))
         for option_ in ordered:

@@ -55,6 +55,10 @@ def _betas(value: list[float]) -> str | None:
     return None
 
 
+def _resume(value: bool | str) -> str | None:
+    return None if isinstance(value, bool) or value == "force" else "expected true, false or force"
+
+
 def _weights(value: dict[str, float]) -> str | None:
     if any(not w >= 0 for w in value.values()):
         return "expected non-negative weights"
@@ -311,6 +315,9 @@ class TrainConfig(Checked):
     """Optimizer steps between checkpoints (0 = only at the end)."""
     device: str = option("auto", check=_device, allowed="auto, cpu, mps, cuda or cuda:N")
     """`auto`, `cpu`, `cuda`, `cuda:1` ..."""
+    max_nonfinite_steps: int = option(3, ge=0)
+    """Stop the run after this many optimizer steps in a row whose loss or gradients are not finite (each one is
+    skipped, as fp16's loss scaler skips an overflow); 0 = never stop. No checkpoint holds non-finite weights."""
 
 
 @dataclass
@@ -345,8 +352,9 @@ class RunConfig(Checked):
     """Optimizer steps."""
     seed: int = option(0, ge=0)
     """Seeds the adapters' init, dropout and every draw of the mixture stream."""
-    resume: bool = False
-    """Continue from the newest checkpoint in output_dir."""
+    resume: bool | str = option(False, check=_resume, allowed="true, false or force")
+    """Continue from the newest checkpoint in output_dir. A checkpoint written with another manifest or other data,
+    mixing or balance settings (or seed, batch size, grad_accum) is refused, naming the keys; `force` resumes anyway."""
     manifest: str = ""
     """Path to the regroup manifest.json (its domains are the clusters)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -368,6 +376,26 @@ class RunConfig(Checked):
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults ← the recipe YAML at `path` ← `key=value` overrides; returns a validated `RunConfig`."""
     return load(RunConfig, path, overrides)
+
+
+def check_runnable(cfg: RunConfig) -> None:
+    """Cross-field checks of a run about to start (`rbvl train`, `rbvl validate`), not of every config that loads (a
+    finished run's config.yaml must still load for `rbvl eval` and `rbvl export`): a ConfigError names the key and a
+    value that would work."""
+    if cfg.mixing.strategy == "rnb":
+        first = cfg.balance.warmup_steps + cfg.balance.update_every  # the step of the first update of p
+        if first > cfg.max_steps:
+            warmup = cfg.balance.warmup_steps
+            fix = (
+                f"set balance.update_every <= {cfg.max_steps - warmup}"
+                if warmup < cfg.max_steps
+                else f"set balance.warmup_steps=0 and balance.update_every <= {cfg.max_steps}"
+            )
+            raise ConfigError(
+                f"balance.update_every: got {cfg.balance.update_every}, with balance.warmup_steps={warmup} the first "
+                f"update of p would come at step {first} > max_steps={cfg.max_steps}, so Balance would never run; "
+                f"{fix} (or max_steps >= {first})"
+            )
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -89,6 +89,8 @@ class Encoder:
             if length > self.max_length:
                 if self.overlong == "drop" or last_image[k] >= self.max_length:
                     stats["dropped"] += 1
+                    if last_image[k] >= self.max_length:  # the tokens its image needs (for the stream's message)
+                        stats["image_tokens"] = max(stats.get("image_tokens", 0), int(last_image[k]) + 1)
                     continue
                 stats["truncated"] += 1
             keep.append(k)
@@ -98,6 +100,9 @@ class Encoder:
             prepared = [prepared[k] for k in keep]
             enc, lengths, _ = self._encode(prepared)
         batch = self._truncate(enc)
+        if batch is not enc and not (batch["labels"][:, 1:] != -100).any():  # every answer cut off: where do they start
+            starts = [int(row.nonzero()[0]) + 2 for row in enc["labels"][:, 1:] != -100 if row.any()]
+            stats["answer_starts"] = min(starts, default=0)  # the length that keeps the first answer token
         domains = torch.tensor([domain_ids[i] for i, _, _ in prepared], dtype=torch.long)
         rows = projector_rows(self.family, batch, [len(images) for _, _, images in prepared], self.processor)
         info = {

@@ -133,6 +133,7 @@ class MixtureStream(IterableDataset):
             sources.append(it)
         m = len(sources)
         index = self.next_batch + worker
+        starved = _Starved(getattr(self.collate, "max_length", None))
         while True:
             rng = np.random.default_rng([self.seed, self.rank, index])
             drawn = np.zeros(m, dtype=np.int64)
@@ -151,11 +152,10 @@ class MixtureStream(IterableDataset):
                         continue
                     samples.append(sample)
                     kept.append(d)
-                if not samples:
-                    continue
-                batch, info = self.collate(samples, kept)
-                truncated += info["truncated"]
-                dropped += info["dropped"]
+                batch, info = self.collate(samples, kept) if samples else (None, {})
+                truncated += info.get("truncated", 0)
+                dropped += info.get("dropped", 0)
+                starved.check(len(ids), info if batch is not None else {**info, "label_tokens": None})
             meta = BatchMeta(
                 index=index,
                 reader=reader,
@@ -168,6 +168,40 @@ class MixtureStream(IterableDataset):
             )
             yield batch, meta
             index += self.slots
+
+
+class _Starved:
+    """Stops a stream that cannot make a usable batch instead of redrawing forever: after `LIMIT` samples in a row
+    that were dropped or kept no label token, a DataError says which length the data needs."""
+
+    LIMIT = 128  # samples: at a 90% drop rate, 128 in a row happen with probability 1e-6
+
+    def __init__(self, max_length: int | None):
+        self.max_length, self.in_a_row, self.seen = max_length, 0, {}
+
+    def check(self, n_drawn: int, info: dict) -> None:
+        labels = info.get("label_tokens")
+        useful = 0 if labels is None else int((labels > 0).sum())
+        if useful:
+            self.in_a_row = 0
+            return
+        self.in_a_row += n_drawn
+        for key in ("image_tokens", "answer_starts"):
+            self.seen[key] = max(self.seen.get(key, 0), info.get(key, 0))
+        if self.in_a_row >= self.LIMIT:
+            raise DataError(self.message())
+
+    def message(self) -> str:
+        head, L = f"none of the last {self.in_a_row} training samples can be trained on", self.max_length
+        if self.seen.get("image_tokens"):
+            n = self.seen["image_tokens"]
+            return f"{head}: image tokens {n} > data.max_length {L}; set data.max_length above {n} (room for the text)"
+        if self.seen.get("answer_starts"):
+            n = self.seen["answer_starts"]
+            return f"{head}: the answers start after data.max_length {L} (at token {n - 1}); set data.max_length >= {n}"
+        if L is not None:
+            return f"{head}: every one was dropped or has no answer tokens (longer than data.max_length {L}? data.overlong=drop?, no assistant turn?)"  # fmt: skip
+        return f"{head}: every one was dropped (does any sample decode?)"
 
 
 def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_samples: int = 0):

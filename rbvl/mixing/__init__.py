@@ -5,8 +5,8 @@
         for micro-batch:
             mixer.before_forward(meta); loss = ...; mixer.watch_loss(loss, n_tokens); loss.backward()
             mixer.observe(inputs, meta, loss_sum, tokens, token_loss=token_loss)
-        optimizer.step()
-        info = mixer.step(step, ctx, skipped=overflowed)   # a new p is in ctx.schedule; info is for the logs
+        status = optimizer_step(...)  # ok | overflow (fp16) | nonfinite: the last two skip the update
+        info = mixer.step(step, ctx, skipped=status != "ok")   # a new p is in ctx.schedule; info is for the logs
     mixer.cost  # {"forward_tokens", "backward_tokens", "flops", "seconds", ...}: every strategy measured alike
 
 Strategies (`mixing.strategy`), one file each:

@@ -5,8 +5,8 @@ The loop calls the same hooks for every strategy, in this order (rbvl/train/loop
     mixer.before_forward(meta)                         # per micro-batch: which domain each row belongs to
     mixer.watch_loss(loss, normalizer)                 # the micro-batch's mean loss, before backward
     mixer.observe(inputs, meta, loss_sum, tokens, token_loss)   # after backward: detached per-sample losses
-    info = mixer.step(step, ctx, skipped=overflowed)   # after optimizer step `step` (1-based): a log dict or None;
-                                                       # a new p is already in the run's ProportionSchedule
+    info = mixer.step(step, ctx, skipped=status != "ok")   # after optimizer step `step` (1-based): a log dict or
+                                                       # None; a new p is already in the run's ProportionSchedule
     mixer.cost                                         # extra work, measured alike for every strategy
 
 Cost accounting is the same for every strategy: tokens through extra forward passes, tokens through extra backward
@@ -94,7 +94,8 @@ class Mixer(Protocol):
         (B,); `token_loss` (B, T−1) detached per-token loss (0 where masked), optional (DoReMi clips per token)."""
 
     def step(self, step: int, ctx: MixContext, skipped: bool = False) -> dict | None:
-        """After optimizer step `step` (1-based; `skipped`: its gradients overflowed): a log dict or None."""
+        """After optimizer step `step` (1-based; `skipped`: the optimizer skipped it, its gradients overflowed or were not
+        finite): a log dict or None."""
 
     def state_dict(self) -> dict: ...
 

@@ -1,7 +1,7 @@
 """One training run: the loop, its state and checkpoints, the optimizer side of a step, and what the run writes.
 
     from rbvl.train import train
-    summary = train(load_config("recipes/demo_tiny_rnb.yaml", ["max_steps=20"]))
+    summary = train(load_config("recipes/demo_tiny_rnb.yaml", ["max_steps=20", "balance.update_every=5", "balance.warmup_steps=0"]))
 
 - loop.py        `train(cfg)`: the training loop, top to bottom (config → data → model → steps)
 - checkpoint.py  TrainState (what a checkpoint holds), atomic save, exact resume, `open_run`

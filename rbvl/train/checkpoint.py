@@ -5,7 +5,8 @@ RUN_DIR/checkpoint-N/
     processor / tokenizer files                      so the adapter loads and generates on its own
     config.yaml                                      the resolved run config
     trainer_state.pt                                 trainable weights, optimizer, scheduler, step
-    rbvl_state.json                                  the p schedule (under "balance"), step, world size
+    rbvl_state.json                                  the p schedule (under "balance"), step, world size, the run's
+                                                     fingerprint (manifest hash, data / mixing / balance keys)
     rank-000.pt, rank-001.pt ...                     per rank: RNG, stream readers + cursors, the mixer's state (R&B:
                                                      its part of the Balance window), held-out draws, per-domain loss
                                                      stats since the last log line
@@ -16,6 +17,7 @@ object; `open_run` decides at the start whether a run resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from rbvl.config import dump_config
+from rbvl.config.engine import to_dict
 from rbvl.runtime import runlock
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,59 @@ def open_run(cfg, dist) -> Path | None:
         raise CheckpointError(f"{run_dir} already holds a run; pass resume=true, or choose another output_dir")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        # a resumed run keeps the first run's config.yaml and writes its own beside it
+        resumed = cfg.resume and found is not None and (run_dir / "config.yaml").exists()
+        dump_config(cfg, run_dir / (f"config-resume-{found.name.split('-')[-1]}.yaml" if resumed else "config.yaml"))
     return found if cfg.resume else None
+
+
+# what decides which samples a run draws and how p moves: a resume that changes them is not the same run
+SAME_RUN_KEYS = ("seed", "train.batch_size", "train.grad_accum")
+SAME_RUN_SECTIONS = ("data.", "mixing.", "balance.")
+
+
+def fingerprint(cfg) -> dict:
+    """The manifest's content hash and the values of SAME_RUN_KEYS and SAME_RUN_SECTIONS' keys (rbvl_state.json)."""
+    flat = _flatten(to_dict(cfg))
+    keys = {k: v for k, v in flat.items() if k in SAME_RUN_KEYS or k.startswith(SAME_RUN_SECTIONS)}
+    try:
+        manifest = hashlib.sha256(Path(cfg.manifest).read_bytes()).hexdigest()
+    except OSError:
+        manifest = None
+    return {"manifest": manifest, "keys": keys}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and not (prefix + k).endswith("weights"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_same_run(path: Path, saved: dict, cfg, n_domains: int) -> None:
+    """Refuse a resume onto other domains (always) or with another manifest or other SAME_RUN_KEYS (unless
+    `resume=force`), in one line that lists what changed. Checkpoints older than the fingerprint skip the second."""
+    table = saved.get("balance", {}).get("schedule", {}).get("p") or [[]]
+    if len(table[0]) not in (0, n_domains):
+        raise CheckpointError(
+            f"{path} was trained on {len(table[0])} domains, manifest={cfg.manifest} has {n_domains}: resume with "
+            "the manifest it was trained on, or start a new run in another output_dir"
+        )
+    before = saved.get("fingerprint")
+    if before is None or cfg.resume == "force":
+        return
+    now = fingerprint(cfg)
+    changed = [f"{k} {before['keys'].get(k)!r} → {v!r}" for k, v in now["keys"].items() if before["keys"].get(k) != v]
+    if before["manifest"] != now["manifest"]:
+        changed.insert(0, f"manifest={cfg.manifest} (other content)")
+    if changed:
+        raise CheckpointError(
+            f"{path} was written by another run: {'; '.join(changed)}; resume with the same settings, or pass "
+            "resume=force to resume anyway"
+        )
 
 
 def save(run_dir: str | Path, state: TrainState) -> Path:
@@ -94,6 +148,13 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
     torchrun restores each rank exactly. The folder appears under its final name only once every file is in it.
     """
     dist, step = state.dist, state.step
+    trainable = {n: p for n, p in state.model.named_parameters() if p.requires_grad}
+    bad = [n for n, p in trainable.items() if not bool(torch.isfinite(p.detach()).all())]  # every rank alike
+    if bad:  # the optimizer skips non-finite steps, so this is a bug's mark: never let it reach a checkpoint
+        raise CheckpointError(
+            f"refusing to write checkpoint-{step}: {len(bad)} trainable tensors hold NaN or inf "
+            f"(e.g. {bad[0]}); the previous checkpoint is untouched"
+        )
     final = Path(run_dir) / f"checkpoint-{step}"
     tmp = Path(run_dir) / f".tmp-checkpoint-{step}"
     if dist.is_main:
@@ -122,13 +183,18 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
         torch.save(
             {
                 "step": step,
-                "trainable": {n: p.detach().cpu() for n, p in state.model.named_parameters() if p.requires_grad},
+                "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
                 "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(),
             },
             tmp / STATE,
         )
-        shared = {"step": step, "world_size": dist.world_size, "balance": {"schedule": state.schedule.state_dict()}}
+        shared = {
+            "step": step,
+            "world_size": dist.world_size,
+            "balance": {"schedule": state.schedule.state_dict()},
+            "fingerprint": fingerprint(state.cfg),
+        }
         (tmp / RBVL_STATE).write_text(json.dumps(shared, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -151,6 +217,7 @@ def load(path: str | Path, state: TrainState) -> dict:
             f"{path} was written by {extra['world_size']} rank(s), this run has {dist.world_size}: "
             "an exact resume needs the same world size"
         )
+    check_same_run(path, extra, state.cfg, state.schedule.m)
     rank_file = path / RANK_STATE.format(dist.rank)
     try:
         mine = torch.load(rank_file, map_location="cpu", weights_only=True)

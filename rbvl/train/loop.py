@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rbvl.balance import ProportionSchedule
-from rbvl.config import RunConfig
+from rbvl.config import RunConfig, check_runnable
 from rbvl.data import MixtureStream, load_domains, loader_lag
 from rbvl.data.collate import Encoder
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
@@ -31,6 +31,7 @@ from rbvl.model import prepare_model
 from rbvl.runtime import runlock
 from rbvl.runtime.distributed import Distributed
 from rbvl.train import checkpoint as ckpt
+from rbvl.train.guard import DivergenceGuard, Preempted, StopSignals, ignore_stop_signals
 from rbvl.train.metrics import MetricsLogger, WindowStats, format_eval
 from rbvl.train.optim import autocast_context, build_optimizer, optimizer_step
 from rbvl.train.plots import plot_run
@@ -39,7 +40,16 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run `cfg` to `cfg.max_steps`; returns the final eval (per-domain losses) and the proportions history."""
+    """Run `cfg` to `cfg.max_steps`; returns the final eval (per-domain losses) and the proportions history.
+
+    Raises `Preempted` after a SIGTERM, SIGUSR1 or SIGINT (the step finished, a checkpoint written) and `Diverged`
+    after `train.max_nonfinite_steps` non-finite steps in a row; the signal handlers live as long as this call."""
+    check_runnable(cfg)  # settings that would make the run a silent no-op (Balance that never updates)
+    with StopSignals() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: RunConfig, stop: StopSignals) -> dict:
     # -------------------------------------------------------------------------------------------------------- setup
     dist = Distributed.from_env(cfg.train.device)
     resume_from = ckpt.open_run(cfg, dist)  # the run folder is ours (lock, config.yaml); resume or start afresh
@@ -64,18 +74,7 @@ def train(cfg: RunConfig) -> dict:
         cfg.mixing.strategy, m, target, cfg.mixing, ctx, initial=p0, seed=cfg.seed, balance=cfg.balance
     )  # rnb attaches its GradientTracker to the model here, before DDP wraps it
     ddp_model = dist.wrap(model)
-    stream = MixtureStream(
-        domains,
-        schedule,
-        batch_size=cfg.train.batch_size,
-        collate=collator,
-        seed=cfg.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=cfg.data.num_workers,
-        grad_accum=cfg.train.grad_accum,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-    )
+    stream = _stream(domains, schedule, collator, cfg, dist)  # the samples' domains drawn by p, resumable exactly
     state = ckpt.TrainState(
         cfg, model, processor, optimizer, scheduler, stream, schedule, mixer, held_out, WindowStats(m), dist
     )
@@ -84,21 +83,13 @@ def train(cfg: RunConfig) -> dict:
         log.info("resumed from %s at step %d", resume_from, state.step)
     metrics = MetricsLogger(run_dir, names, tensorboard=cfg.logging.tensorboard, enabled=dist.is_main)
     metrics.truncate_after(state.step)
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=cfg.data.num_workers,
-        prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
-        pin_memory=dist.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed + dist.rank),  # leaves the global RNG (dropout) alone
-    )
-    batches = iter(loader)
+    batches = iter(_loader(stream, cfg, dist))
     autocast = autocast_context(cfg.train.precision, dist.device)
     # fp16 needs loss scaling; R&B reads the scale off the loss's gradient and drops a step whose gradients
     # overflowed, as the scaler does. bf16 needs none and is the better choice.
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.precision == "fp16")
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not (dist.is_main and cfg.logging.progress))  # fmt: skip
-    result, t_last = None, time.perf_counter()
+    result, t_last, guard, signum = None, time.perf_counter(), DivergenceGuard(cfg), 0
 
     # ------------------------------------------------------------------------------------------------ training loop
     while state.step < cfg.max_steps:
@@ -121,13 +112,14 @@ def train(cfg: RunConfig) -> dict:
             state.window.add(token_loss.sum(1), meta.label_tokens, meta.domain_ids, n_input)
             # ODM's reward, DoReMi's excess loss: from the loss this step computed
             mixer.observe({**inputs, "labels": labels}, meta, token_loss.sum(1), meta.label_tokens, token_loss[:, :-1])
-        overflowed = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)
+        status = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)  # ok|overflow|nonfinite
         state.step += 1
         state.window.steps += 1
         progress.update(1)
+        guard.after_step(state.step, status)  # a non-finite step was skipped; too many in a row stop the run
 
         # -------------------------------------------------------------------------------------------------------- mix
-        info = mixer.step(state.step, ctx, skipped=overflowed)  # R&B: at a window's end, G → p; peers: their rule
+        info = mixer.step(state.step, ctx, skipped=status != "ok")  # R&B: at a window's end, G → p; peers: their rule
         if info is not None:
             metrics.log(mixer.log_kind, state.step, **info)
 
@@ -148,28 +140,69 @@ def train(cfg: RunConfig) -> dict:
                 progress.write(format_eval(state.step, names, result))
 
         # ---------------------------------------------------------------------------------------------- checkpoint
-        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or state.step == cfg.max_steps:
+        signum = stop.poll(dist) if state.step < cfg.max_steps else 0  # SIGTERM & co: every rank stops at this step
+        if (cfg.train.save_every and state.step % cfg.train.save_every == 0) or state.step == cfg.max_steps or signum:
             ckpt.save(run_dir, state)
+        if signum:
+            break
 
     # ------------------------------------------------------------------------------------------------------------ end
     progress.close()
     metrics.close()
-    if dist.is_main and cfg.logging.plots:
+    if dist.is_main and cfg.logging.plots and not signum:  # a preempted run leaves its grace period to the save
         log.info("plots: %s", ", ".join(str(p) for p in plot_run(run_dir, names)))
-    if result is None:  # resumed a run that had already reached max_steps
+    if result is None and not signum:  # resumed a run that had already reached max_steps
         result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
-    summary = {
-        "eval": result,
-        "proportions": schedule.history(),
-        "run_dir": str(run_dir),
-        "cost": mixer.cost,
-        # this rank's training work in the mixers' terms (forward + 2 · backward, 2 · parameters FLOPs per token)
-        "train_tokens": state.window.input_tokens,
-        "train_flops": 3 * 2.0 * sum(p.numel() for p in model.parameters()) * state.window.input_tokens,
-    }
+    summary = _summary(result, state, run_dir)
     mixer.close()
     del ddp_model, model, optimizer, state
     dist.close()
     if dist.is_main:
         runlock.release(run_dir)
+    if signum:
+        raise Preempted(signum, summary["step"], f"checkpoint-{summary['step']}")
     return summary
+
+
+def _stream(domains, schedule: ProportionSchedule, collator: Encoder, cfg: RunConfig, dist: Distributed):
+    """This rank's MixtureStream over the manifest's domains, drawn by the schedule's p."""
+    return MixtureStream(
+        domains,
+        schedule,
+        batch_size=cfg.train.batch_size,
+        collate=collator,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.data.num_workers,
+        grad_accum=cfg.train.grad_accum,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+
+
+def _loader(stream: MixtureStream, cfg: RunConfig, dist: Distributed) -> DataLoader:
+    """The stream's DataLoader: the stream batches itself; workers leave SIGINT / SIGUSR1 to the training process."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
+        pin_memory=dist.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + dist.rank),  # leaves the global RNG (dropout) alone
+        worker_init_fn=ignore_stop_signals,  # a signal is the training process's to handle (rbvl/train/guard.py)
+    )
+
+
+def _summary(result: dict | None, state: ckpt.TrainState, run_dir: Path) -> dict:
+    """What `train` returns: the final eval, p over the run, and this rank's training work."""
+    tokens = state.window.input_tokens
+    return {
+        "eval": result,
+        "proportions": state.schedule.history(),
+        "run_dir": str(run_dir),
+        "step": state.step,
+        "cost": state.mixer.cost,
+        # this rank's training work in the mixers' terms (forward + 2 · backward, 2 · parameters FLOPs per token)
+        "train_tokens": tokens,
+        "train_flops": 3 * 2.0 * sum(p.numel() for p in state.model.parameters()) * tokens,
+    }

@@ -37,7 +37,7 @@ class MetricsLogger:
             return
         row = {"kind": kind, "step": step, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")  # one write: a kill leaves a whole row or a torn last line
+            f.write(json.dumps(row, allow_nan=False) + "\n")  # one write: a kill leaves a whole row or a torn last line
             f.flush()
         if self.tb is None:
             return
@@ -90,10 +90,16 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _plain(value):
+    """A JSON-ready copy of `value`: tensors and arrays become lists, and a non-finite float at any depth (inside the
+    Gram matrix, a per-domain loss) becomes null, so every line parses under strict JSON (no bare NaN or Infinity)."""
     if hasattr(value, "tolist"):
         value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value
 
 

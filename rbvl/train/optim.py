@@ -2,7 +2,7 @@
 
 optimizer, scheduler = build_optimizer(params, cfg)
 with autocast_context(cfg.train.precision, device): loss = ...
-overflowed = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)
+status = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)  # ok | overflow | nonfinite
 """
 
 from __future__ import annotations
@@ -41,15 +41,31 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def optimizer_step(optimizer, scheduler, scaler: torch.amp.GradScaler, params, max_grad_norm: float) -> bool:
-    """Clip, step, advance the lr, zero the gradients; True when fp16 gradients overflowed (the scaler skipped it)."""
-    if max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-    scaler.step(optimizer)
-    scaler.update()
-    overflowed = scaler.is_enabled() and scaler.get_scale() < scale
+def optimizer_step(optimizer, scheduler, scaler: torch.amp.GradScaler, params, max_grad_norm: float) -> str:
+    """Clip, step, advance the lr, zero the gradients. Returns `ok`; `overflow` when fp16 gradients overflowed (the
+    scaler skipped the step and lowered its scale); or `nonfinite` when the loss or the gradients were not finite and
+    the update was skipped, as the scaler does (under fp16: an overflow at a scale already below 1, which finite
+    gradients never reach). The lr schedule advances either way, as it does past a scaler's skipped step."""
+    if scaler.is_enabled():
+        if max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        status = "ok" if scaler.get_scale() >= scale else "overflow" if scale >= 1.0 else "nonfinite"
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        # One host sync per optimizer step (bool of a scalar): the price of never applying a NaN update, so that no
+        # checkpoint holds NaN weights. A non-finite loss makes the gradients non-finite too, so this one check
+        # covers both. Under DDP the gradients are already all-reduced: every rank decides the same.
+        status = "ok" if bool(torch.isfinite(norm)) else "nonfinite"
+        if status == "ok":
+            optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return overflowed
+    return status
