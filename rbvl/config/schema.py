@@ -396,6 +396,29 @@ def check_runnable(cfg: RunConfig) -> None:
                 f"update of p would come at step {first} > max_steps={cfg.max_steps}, so Balance would never run; "
                 f"{fix} (or max_steps >= {first})"
             )
+    _check_peer_updates(cfg)
+
+
+def _check_peer_updates(cfg: RunConfig) -> None:
+    """A peer mixer whose first change of p would come after max_steps would run as a static mixture."""
+    mixing = cfg.mixing
+    first = {  # key, its value, the first optimizer step that changes p (each mixer's own rule)
+        "odm": (
+            "mixing.odm.update_every",
+            mixing.odm.update_every,
+            (mixing.odm.warmup_steps // mixing.odm.update_every + 1) * mixing.odm.update_every,
+        ),
+        "dga": ("mixing.dga.update_every", mixing.dga.update_every, mixing.dga.update_every),
+        "doremi": ("mixing.doremi.update_every", mixing.doremi.update_every, mixing.doremi.update_every),
+        "aioli": ("mixing.aioli.lp_steps", mixing.aioli.lp_steps, mixing.aioli.lp_steps),
+    }.get(mixing.strategy)
+    if first is not None and first[2] > cfg.max_steps:
+        key, value, step = first
+        raise ConfigError(
+            f"{key}: got {value}, so mixing.strategy={mixing.strategy} would first change p at step {step} > "
+            f"max_steps={cfg.max_steps} and the run would be a static mixture; set {key} <= {cfg.max_steps} "
+            f"(or max_steps >= {step})"
+        )
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -122,6 +122,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
             raise ModelError(str(e)) from None
         target = fam.target_modules() if target is None else target
         save = fam.modules_to_save if save is None else save
+    names = [n for n, _ in model.named_modules()]
+    missing = [m for m in save if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:  # PEFT would skip it in silence, and the projector would stay untrained
+        raise ModelError(
+            f"lora.modules_to_save: {missing[0]!r} matches no module of this model; leave lora.modules_to_save "
+            "unset (null) for the family's projector, or name a module the model has"
+        )
     peft_config = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,

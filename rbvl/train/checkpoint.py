@@ -17,6 +17,7 @@ object; `open_run` decides at the start whether a run resumes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import torch
 
 from rbvl.config import dump_config
 from rbvl.config.engine import to_dict
-from rbvl.runtime import runlock
+from rbvl.runtime import fsfault, runlock
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,15 @@ def open_run(cfg, dist) -> Path | None:
 
     A folder that already holds a checkpoint is refused unless `resume=true`."""
     run_dir = Path(cfg.output_dir)
+    try:
+        return _claim(cfg, dist, run_dir)
+    except OSError as e:
+        if not fsfault.is_fault(e):
+            raise
+        raise CheckpointError(f"output_dir={run_dir}: {fsfault.describe(e)}") from None
+
+
+def _claim(cfg, dist, run_dir: Path) -> Path | None:
     if dist.is_main:  # one run per output_dir: a second one is refused while this one lives (released at exit)
         runlock.acquire(run_dir, "rbvl train")
     found = latest(run_dir)
@@ -157,6 +167,25 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
         )
     final = Path(run_dir) / f"checkpoint-{step}"
     tmp = Path(run_dir) / f".tmp-checkpoint-{step}"
+    try:
+        with fsfault.writing(tmp):
+            _write(tmp, final, state, trainable)
+    except (OSError, RuntimeError) as e:
+        fault = _as_fault(e, tmp)
+        if fault is None:
+            raise
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays; the previous checkpoint is untouched
+        raise CheckpointError(
+            f"cannot write checkpoint-{step}: {fsfault.describe(fault)}; the previous checkpoint is untouched "
+            "(free some space, or set output_dir to a writable folder, and resume with resume=true)"
+        ) from None
+    return final
+
+
+def _write(tmp: Path, final: Path, state: TrainState, trainable: dict) -> None:
+    """The files of one checkpoint into `tmp`, each rank its own, then one rename to `final` (rank 0)."""
+    dist, step = state.dist, state.step
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -200,7 +229,21 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
             shutil.rmtree(final)
         os.replace(tmp, final)
     dist.barrier()
-    return final
+
+
+def _as_fault(e: BaseException, path: Path) -> OSError | None:
+    """`e` as a file-system fault, or None. torch's zip writer reports a full disk as a RuntimeError ("unexpected
+    pos ...", "failed writing file"): that one becomes ENOSPC when the disk is nearly full."""
+    if fsfault.is_fault(e):
+        return e
+    if isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "failed writing" in str(e)):
+        try:
+            free = shutil.disk_usage(path if path.exists() else path.parent).free
+        except OSError:
+            return None
+        if free < 64 * 2**20:
+            return OSError(errno.ENOSPC, "no space left on device", str(path))
+    return None
 
 
 def load(path: str | Path, state: TrainState) -> dict:
