@@ -15,35 +15,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_hostile_inputs import _run
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "PYTHONPATH": str(ROOT),
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 TINY_REGROUP = ["--embedder", "open_clip:rbvl-tiny", "--no-progress", "--no-plots", "--num-workers", "0"]
 
 
 def run(module: str, *args, timeout: int = 180) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(
-            [sys.executable, "-m", module, *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=ENV,
-            cwd=ROOT,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{module} {' '.join(map(str, args))} hung (no exit in {timeout} s)")
+    return _run(module, args, timeout)
 
 
 def one_error_line(r: subprocess.CompletedProcess, text: str) -> str:
