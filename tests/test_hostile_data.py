@@ -268,5 +268,5 @@ def test_export_on_a_full_disk_leaves_nothing(monkeypatch, capsys, tmp_path, che
     code = cli.main(["export", str(checkpoint), "--merge", str(out)])
     line = the_error(capsys.readouterr().err, "rbvl")
     assert code == 2
-    assert line == f"rbvl: error: no space left on device writing {tmp_path / '.merged.tmp-export'}"
+    assert line == f"rbvl: error: --merge {out}: no space left on device writing {tmp_path / '.merged.tmp-export'}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no partial or temporary folder"

@@ -86,6 +86,12 @@ def test_divergence_skips_the_step_stops_the_run_and_never_saves_nan(tmp_path, t
     rows = map(_strict, (run / "metrics.jsonl").read_text().splitlines())
     losses = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
     assert losses[step - 1] is None and losses[step - 2] is None and losses[1] is not None
+    # the streak is part of the checkpoint: a resume from step - 1 (2 skipped in a row) stops at its next bad step
+    state = json.loads((run / f"checkpoint-{step - 1}" / "rbvl_state.json").read_text())
+    assert state["nonfinite_in_a_row"] == 2
+    with pytest.raises(Diverged, match=rf"training diverged at step {step}: .* for 3 steps in a row"):
+        train(_config(tmp_path, tiny_manifest, "optim.lr=1e10", "optim.warmup_steps=0", "max_steps=30",
+                      "train.save_every=1", "resume=true"))  # fmt: skip
 
 
 def _signal_at(monkeypatch, step: int, signum: int) -> None:
@@ -126,16 +132,22 @@ def test_a_signal_saves_the_step_and_the_resumed_run_equals_the_uninterrupted_on
 
 
 @pytest.mark.slow
-def test_cli_sigterm_finishes_the_step_writes_a_checkpoint_and_says_so(tmp_path, tiny_manifest):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_cli_sigterm_finishes_the_step_writes_a_checkpoint_and_says_so(tmp_path, tiny_manifest, to):
+    """`to`: SIGTERM to the training process alone (kill PID), or to every process of the run, its DataLoader
+    workers too, as SLURM's srun and Kubernetes send it."""
     run = tmp_path / "run"
     args = [sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}"]
-    args += [f"output_dir={run}", "max_steps=2000", "train.batch_size=4", "train.log_every=1", "data.num_workers=1"]
+    args += [f"output_dir={run}", "max_steps=2000", "train.batch_size=4", "train.log_every=1", "data.num_workers=2"]
     args += ["logging.progress=false", "logging.plots=false", "logging.tensorboard=false", "eval.every=0"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
     while not read_metrics(run, "train") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, errs = proc.communicate(timeout=240)
     lines = errs.strip().splitlines()
     assert proc.returncode == 143, errs[-2000:]
@@ -159,8 +171,11 @@ def test_cli_every_sample_dropped_stops_with_the_length_it_needs(tmp_path, tiny_
     r = subprocess.run([*args, "logging.progress=false"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]  # (a worker's traceback is cut down to its message)
-    assert last.startswith("rbvl: error: none of the last 128 training samples can be trained on"), r.stderr[-2000:]
-    assert "image tokens 19 > data.max_length 16; set data.max_length above 19" in last
+    assert last.startswith("rbvl: error: none of the first 8 samples of cluster_000 (train), cluster_000 (eval)"), (
+        r.stderr[-2000:]
+    )
+    assert "image tokens 19 > data.max_length 16 and the answers start after data.max_length 16" in last
+    assert "set data.max_length >= 35" in last  # keeps the image and the first answer token
     assert "Traceback" not in r.stderr
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rbvl.data.domains import Domains
+from rbvl.data.probe import needed_length
 from rbvl.data.shards import DataError, ShardError, decode, decode_or_none, domain_samples, read_shard
 
 
@@ -192,16 +193,8 @@ class _Starved:
             raise DataError(self.message())
 
     def message(self) -> str:
-        head, L = f"none of the last {self.in_a_row} training samples can be trained on", self.max_length
-        if self.seen.get("image_tokens"):
-            n = self.seen["image_tokens"]
-            return f"{head}: image tokens {n} > data.max_length {L}; set data.max_length above {n} (room for the text)"
-        if self.seen.get("answer_starts"):
-            n = self.seen["answer_starts"]
-            return f"{head}: the answers start after data.max_length {L} (at token {n - 1}); set data.max_length >= {n}"
-        if L is not None:
-            return f"{head}: every one was dropped or has no answer tokens (longer than data.max_length {L}? data.overlong=drop?, no assistant turn?)"  # fmt: skip
-        return f"{head}: every one was dropped (does any sample decode?)"
+        head = f"none of the last {self.in_a_row} training samples can be trained on"
+        return needed_length(head, self.seen, self.max_length)
 
 
 def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_samples: int = 0):

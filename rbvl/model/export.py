@@ -56,6 +56,10 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
             if out.is_dir():
                 out.rmdir()  # empty (checked above): the finished folder takes its place
             tmp.rename(out)
+    except OSError as e:
+        if not fsfault.is_fault(e):
+            raise
+        raise CheckpointError(f"--merge {out}: {fsfault.describe(e)}") from None  # the folder asked for, and the file
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -69,6 +69,7 @@ class TrainState:
     held_out: Any  # HeldOut: the mixers' own draws
     window: Any  # WindowStats: per-domain loss since the last log line
     dist: Any
+    guard: Any = None  # DivergenceGuard: non-finite steps in a row, so a resume keeps counting
     step: int = 0
 
 
@@ -223,6 +224,7 @@ def _write(tmp: Path, final: Path, state: TrainState, trainable: dict) -> None:
             "world_size": dist.world_size,
             "balance": {"schedule": state.schedule.state_dict()},
             "fingerprint": fingerprint(state.cfg),
+            "nonfinite_in_a_row": state.guard.in_a_row if state.guard is not None else 0,
         }
         (tmp / RBVL_STATE).write_text(json.dumps(shared, indent=1))
         if final.exists():
@@ -288,5 +290,7 @@ def load(path: str | Path, state: TrainState) -> dict:
     if state.held_out is not None:
         state.held_out.load_state_dict(mine["held_out"])
     state.schedule.load_state_dict(extra["balance"]["schedule"])
+    if state.guard is not None:
+        state.guard.in_a_row = int(extra.get("nonfinite_in_a_row", 0))
     state.step = int(saved["step"])
     return {"step": state.step, **extra}

@@ -74,11 +74,21 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: Ctrl-C (sent to the whole process group) and SIGUSR1 are the training process's
-    to handle; it finishes its step with the batches the workers make and shuts them down itself. SIGTERM keeps its
-    default in workers: multiprocessing stops them with it at exit, so a worker that ignored it would hang the exit."""
+    """DataLoader `worker_init_fn`: a stop signal is the training process's to handle; it finishes its step with the
+    batches the workers make and shuts them down itself.
+
+    Ctrl-C (sent to the whole process group) and SIGUSR1 are ignored. The first SIGTERM is ignored too: a cluster sends
+    it to every process of the job (SLURM's srun, a Kubernetes pod), and a worker that died of it would take the
+    step and its checkpoint along. A second SIGTERM ends the worker, which is how multiprocessing stops a worker that
+    did not exit when told to.
+    """
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _first_sigterm)
+
+
+def _first_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class DivergenceGuard:

@@ -12,6 +12,7 @@ new p a fixed, documented number of batches later, so a resumed run draws exactl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from rbvl.balance import ProportionSchedule
 from rbvl.config import RunConfig, check_runnable
 from rbvl.data import MixtureStream, load_domains, loader_lag
 from rbvl.data.collate import Encoder
+from rbvl.data.probe import probe_domains
 from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.mixing import build_mixer, initial_proportions, input_tokens
 from rbvl.mixing.context import build_mix_context
@@ -45,38 +47,36 @@ def train(cfg: RunConfig) -> dict:
     Raises `Preempted` after a SIGTERM, SIGUSR1 or SIGINT (the step finished, a checkpoint written) and `Diverged`
     after `train.max_nonfinite_steps` non-finite steps in a row; the signal handlers live as long as this call."""
     check_runnable(cfg)  # settings that would make the run a silent no-op (Balance that never updates)
-    with StopSignals() as stop:
-        return _train(cfg, stop)
+    with StopSignals() as stop, contextlib.ExitStack() as owned:  # owned: what must stop before train() returns
+        return _train(cfg, stop, owned)
 
 
-def _train(cfg: RunConfig, stop: StopSignals) -> dict:
+def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> dict:
     # -------------------------------------------------------------------------------------------------------- setup
     dist = Distributed.from_env(cfg.train.device)
     resume_from = ckpt.open_run(cfg, dist)  # the run folder is ours (lock, config.yaml); resume or start afresh
     run_dir = Path(cfg.output_dir)
 
     # --------------------------------------------------------------------------------------------------------- data
-    domains = load_domains(cfg.manifest)
+    domains, p0, schedule = _mixture(cfg)  # the regrouped domains, p at step 0, and p over the steps to come
     names, m = domains.names, len(domains)
     target = domains.eval_distribution  # q: the eval set's share of each domain (None → uniform)
-    p0 = initial_proportions(cfg.mixing.strategy, domains, cfg.mixing.weights)
-    lag = loader_lag(cfg.data.num_workers, cfg.data.prefetch_factor, cfg.train.grad_accum)
-    # p over optimizer steps, in shared memory (room for a peer mixer that updates every step)
-    schedule = ProportionSchedule(m, initial=p0, lag=lag, capacity=max(4096, cfg.max_steps + 1))
 
     # -------------------------------------------------------------------------------------------------------- model
     model, processor = prepare_model(cfg, run_dir, dist.rank, dist.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
     collator = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+    probe_domains(domains, collator, p0)  # a max_length that leaves a domain no label token: one line, now
     ctx, held_out = build_mix_context(cfg, model, domains, collator, dist, target, scheduler, schedule)
     mixer = build_mixer(
         cfg.mixing.strategy, m, target, cfg.mixing, ctx, initial=p0, seed=cfg.seed, balance=cfg.balance
     )  # rnb attaches its GradientTracker to the model here, before DDP wraps it
     ddp_model = dist.wrap(model)
     stream = _stream(domains, schedule, collator, cfg, dist)  # the samples' domains drawn by p, resumable exactly
+    window, guard = WindowStats(m), DivergenceGuard(cfg)  # per-domain loss since the last log; non-finite steps
     state = ckpt.TrainState(
-        cfg, model, processor, optimizer, scheduler, stream, schedule, mixer, held_out, WindowStats(m), dist
+        cfg, model, processor, optimizer, scheduler, stream, schedule, mixer, held_out, window, dist, guard
     )
     if resume_from is not None:
         ckpt.load(resume_from, state)
@@ -84,12 +84,13 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
     metrics = MetricsLogger(run_dir, names, tensorboard=cfg.logging.tensorboard, enabled=dist.is_main)
     metrics.truncate_after(state.step)
     batches = iter(_loader(stream, cfg, dist))
+    owned.callback(_stop_workers, batches)  # on return and on any error, not at interpreter exit
     autocast = autocast_context(cfg.train.precision, dist.device)
     # fp16 needs loss scaling; R&B reads the scale off the loss's gradient and drops a step whose gradients
     # overflowed, as the scaler does. bf16 needs none and is the better choice.
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.train.precision == "fp16")
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not (dist.is_main and cfg.logging.progress))  # fmt: skip
-    result, t_last, guard, signum = None, time.perf_counter(), DivergenceGuard(cfg), 0
+    result, t_last, signum = None, time.perf_counter(), 0
 
     # ------------------------------------------------------------------------------------------------ training loop
     while state.step < cfg.max_steps:
@@ -116,7 +117,7 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
         state.step += 1
         state.window.steps += 1
         progress.update(1)
-        guard.after_step(state.step, status)  # a non-finite step was skipped; too many in a row stop the run
+        state.guard.after_step(state.step, status)  # a non-finite step was skipped; too many in a row stop the run
 
         # -------------------------------------------------------------------------------------------------------- mix
         info = mixer.step(state.step, ctx, skipped=status != "ok")  # R&B: at a window's end, G → p; peers: their rule
@@ -164,6 +165,16 @@ def _train(cfg: RunConfig, stop: StopSignals) -> dict:
     return summary
 
 
+def _mixture(cfg: RunConfig):
+    """The manifest's domains, the initial proportions, and the ProportionSchedule that carries p over optimizer
+    steps to the loader (in shared memory, with room for a peer mixer that updates every step)."""
+    domains = load_domains(cfg.manifest)
+    p0 = initial_proportions(cfg.mixing.strategy, domains, cfg.mixing.weights)
+    lag = loader_lag(cfg.data.num_workers, cfg.data.prefetch_factor, cfg.train.grad_accum)
+    schedule = ProportionSchedule(len(domains), initial=p0, lag=lag, capacity=max(4096, cfg.max_steps + 1))
+    return domains, p0, schedule
+
+
 def _stream(domains, schedule: ProportionSchedule, collator: Encoder, cfg: RunConfig, dist: Distributed):
     """This rank's MixtureStream over the manifest's domains, drawn by the schedule's p."""
     return MixtureStream(
@@ -191,6 +202,14 @@ def _loader(stream: MixtureStream, cfg: RunConfig, dist: Distributed) -> DataLoa
         generator=torch.Generator().manual_seed(cfg.seed + dist.rank),  # leaves the global RNG (dropout) alone
         worker_init_fn=ignore_stop_signals,  # a signal is the training process's to handle (rbvl/train/guard.py)
     )
+
+
+def _stop_workers(batches) -> None:
+    """Shut the DataLoader's workers down now. At interpreter exit the loader skips its own shutdown and
+    multiprocessing sends the workers a SIGTERM, which they ignore once (rbvl/train/guard.py): the exit would wait."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # only the multi-process iterator has workers
+    if shutdown is not None:
+        shutdown()
 
 
 def _summary(result: dict | None, state: ckpt.TrainState, run_dir: Path) -> dict:
