@@ -26,7 +26,7 @@ def _strict(line: str) -> dict:
 
 
 def test_metrics_are_strict_json_at_any_depth(tmp_path):
-    metrics = MetricsLogger(tmp_path, ["a", "b"], tensorboard=False)
+    metrics = MetricsLogger(tmp_path, ["a", "b"], report_to=[])
     nan, inf = float("nan"), float("inf")
     metrics.log(
         "balance",

@@ -42,6 +42,13 @@ def _device(value: str) -> str | None:
     return None if ok else "expected auto, cpu, mps, cuda or cuda:N"
 
 
+def _backends(value) -> str | None:
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(n in ("tensorboard", "wandb", "mlflow", "none") for n in names):
+        return "expected a list of tensorboard, wandb, mlflow (or none)"
+    return None
+
+
 def _attn(value: str | None) -> str | None:
     known = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
     if value is None or value in known or "/" in value:  # `org/kernel`: a hub kernel, as transformers allows
@@ -313,6 +320,8 @@ class TrainConfig(Checked):
     """Optimizer steps between train rows in metrics.jsonl (and the progress bar's loss)."""
     save_every: int = option(0, ge=0)
     """Optimizer steps between checkpoints (0 = only at the end)."""
+    save_total_limit: int = option(0, ge=0)
+    """Checkpoints to keep: the newest N, and the one with the best eval loss besides (0 = keep them all)."""
     device: str = option("auto", check=_device, allowed="auto, cpu, mps, cuda or cuda:N")
     """`auto`, `cpu`, `cuda`, `cuda:1` ..."""
     max_nonfinite_steps: int = option(3, ge=0)
@@ -336,8 +345,13 @@ class EvalConfig(Checked):
 class LoggingConfig(Checked):
     KEY: ClassVar[str] = "logging."
 
+    report_to: str | list[str] = option(
+        factory=lambda: ["tensorboard"], check=_backends, allowed="tensorboard, wandb, mlflow"
+    )
+    """Where metrics.jsonl is mirrored: any of `tensorboard` (OUTPUT_DIR/tensorboard), `wandb` (WANDB_MODE etc.),
+    `mlflow` (MLFLOW_TRACKING_URI, default OUTPUT_DIR/mlruns); `[]` or `none` for none (rbvl/train/report.py)."""
     tensorboard: bool = True
-    """Mirror metrics.jsonl to TensorBoard event files in OUTPUT_DIR/tensorboard."""
+    """False drops `tensorboard` from report_to."""
     plots: bool = True
     """Write proportions.png, eval_loss.png and gram.png at the end of the run."""
     progress: bool = True

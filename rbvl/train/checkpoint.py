@@ -21,10 +21,11 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ class TrainState:
     dist: Any
     guard: Any = None  # DivergenceGuard: non-finite steps in a row, so a resume keeps counting
     step: int = 0
+    eval_loss: dict = field(default_factory=dict)  # step → the mixture eval loss there (train.save_total_limit)
 
 
 def open_run(cfg, dist) -> Path | None:
@@ -225,12 +227,38 @@ def _write(tmp: Path, final: Path, state: TrainState, trainable: dict) -> None:
             "balance": {"schedule": state.schedule.state_dict()},
             "fingerprint": fingerprint(state.cfg),
             "nonfinite_in_a_row": state.guard.in_a_row if state.guard is not None else 0,
+            "eval_loss": state.eval_loss.get(step),  # the mixture eval loss at this step, when it was evaluated
         }
         (tmp / RBVL_STATE).write_text(json.dumps(shared, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if state.cfg.train.save_total_limit:
+            prune(final.parent, state.cfg.train.save_total_limit)
     dist.barrier()
+
+
+def prune(run_dir: Path, limit: int) -> list[Path]:
+    """Delete checkpoints beyond the newest `limit`, keeping the one with the best eval loss too; returns those
+    deleted. A checkpoint without an eval loss (saved between evals) cannot be the best."""
+    found = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    losses = {}
+    for step, path in found:
+        try:
+            loss = json.loads((path / RBVL_STATE).read_text()).get("eval_loss")
+        except (OSError, ValueError):
+            loss = None
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            losses[step] = loss
+    keep = {step for step, _ in found[-limit:]}
+    if losses:
+        keep.add(min(losses, key=losses.get))
+    gone = [path for step, path in found if step not in keep]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    if gone:
+        log.info("train.save_total_limit=%d: removed %s", limit, ", ".join(p.name for p in gone))
+    return gone
 
 
 def _as_fault(e: BaseException, path: Path) -> OSError | None:

@@ -81,7 +81,7 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
     if resume_from is not None:
         ckpt.load(resume_from, state)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    metrics = MetricsLogger(run_dir, names, tensorboard=cfg.logging.tensorboard, enabled=dist.is_main)
+    metrics = MetricsLogger.for_run(cfg, names, enabled=dist.is_main)  # metrics.jsonl + logging.report_to
     metrics.truncate_after(state.step)
     batches = iter(_loader(stream, cfg, dist))
     owned.callback(_stop_workers, batches)  # on return and on any error, not at interpreter exit
@@ -136,6 +136,7 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
         # ---------------------------------------------------------------------------------------------------- eval
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.max_steps:
             result = evaluate_domains(model, domains, collator, cfg.eval, dist, target=target)
+            state.eval_loss[state.step] = result["loss"]  # for train.save_total_limit's best checkpoint
             metrics.log("eval", state.step, **result)
             if dist.is_main:
                 progress.write(format_eval(state.step, names, result))

@@ -22,15 +22,26 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, domain_names: list[str], tensorboard: bool = True, enabled: bool = True):
+    """metrics.jsonl (strict JSON, one row per log call), mirrored to the `logging.report_to` backends."""
+
+    def __init__(
+        self, run_dir: str | Path, domain_names: list[str], report_to=("tensorboard",), enabled: bool = True,
+        config: dict | None = None, run_name: str | None = None,
+    ):  # fmt: skip
         self.path = Path(run_dir) / "metrics.jsonl"
         self.names = domain_names
         self.enabled = enabled
-        self.tb = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.reporters = []
+        if enabled:
+            from rbvl.train.report import open_reporters
 
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.reporters = open_reporters(report_to, Path(run_dir), config or {}, run_name or Path(run_dir).name)
+
+    @classmethod
+    def for_run(cls, cfg, names: list[str], enabled: bool) -> MetricsLogger:
+        from rbvl.config import to_dict
+
+        return cls(cfg.output_dir, names, report_to(cfg.logging), enabled, to_dict(cfg), Path(cfg.output_dir).name)
 
     def log(self, kind: str, step: int, **values) -> None:
         if not self.enabled:
@@ -39,15 +50,23 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")  # one write: a kill leaves a whole row or a torn last line
             f.flush()
-        if self.tb is None:
+        if not self.reporters:
             return
+        flat, grouped = {}, {}
         for key, value in row.items():
             if key in ("kind", "step"):
                 continue
             if isinstance(value, list) and len(value) == len(self.names) and all(_is_num(v) for v in value):
-                self.tb.add_scalars(f"{kind}/{key}", dict(zip(self.names, value)), step)
+                grouped[key] = dict(zip(self.names, value))
             elif _is_num(value):
-                self.tb.add_scalar(f"{kind}/{key}", value, step)
+                flat[key] = value
+        for reporter in self.reporters:
+            reporter.scalars(kind, step, flat, grouped)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A block of text (sample generations) for the backends that show text."""
+        for reporter in self.reporters:
+            reporter.text(tag, text, step)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop rows written after the checkpoint's step, so the file reads as one run."""
@@ -59,8 +78,15 @@ class MetricsLogger:
         os.replace(tmp, self.path)  # a kill here leaves the old file or the new one, never half of it
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()
+
+
+def report_to(logging_cfg) -> list[str]:
+    """`logging.report_to`, less tensorboard when `logging.tensorboard` is false (the older switch)."""
+    given = logging_cfg.report_to
+    names = [n for n in ([given] if isinstance(given, str) else given) if n != "none"]
+    return [n for n in names if n != "tensorboard" or logging_cfg.tensorboard]
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:

@@ -1,0 +1,105 @@
+"""What a LLaMA-Factory / TRL user expects of a run's bookkeeping (issue 22): `logging.report_to` (TensorBoard, wandb
+offline, MLflow to a local file store) and `train.save_total_limit` (the newest N and the best eval checkpoint)."""
+
+import json
+
+import pytest
+
+from rbvl.config import ConfigError, load_config
+from rbvl.train import train
+from rbvl.train.checkpoint import RBVL_STATE, prune
+from rbvl.train.metrics import MetricsLogger, read_metrics
+
+
+def _config(tmp_path, manifest, *overrides):
+    return load_config(
+        "recipes/demo_tiny_rnb.yaml",
+        [f"manifest={manifest}", f"output_dir={tmp_path / 'run'}", "max_steps=6", "train.batch_size=4",
+         "balance.update_every=3", "balance.warmup_steps=0", "train.log_every=2", "data.num_workers=0",
+         "logging.progress=false", "logging.plots=false", *overrides],
+    )  # fmt: skip
+
+
+def test_report_to_is_checked_and_the_old_tensorboard_switch_still_works(tmp_path):
+    with pytest.raises(ConfigError, match=r"logging.report_to: .*expected a list of tensorboard, wandb, mlflow"):
+        load_config("recipes/demo_tiny_rnb.yaml", ["logging.report_to=[tensorbord]"])
+    from rbvl.train.metrics import report_to
+
+    assert report_to(load_config("recipes/demo_tiny_rnb.yaml", []).logging) == ["tensorboard"]
+    cfg = load_config("recipes/demo_tiny_rnb.yaml", ["logging.report_to=[tensorboard,mlflow]", "logging.tensorboard=false"])  # fmt: skip
+    assert report_to(cfg.logging) == ["mlflow"]
+    assert report_to(load_config("recipes/demo_tiny_rnb.yaml", ["logging.report_to=none"]).logging) == []
+
+
+@pytest.mark.slow
+def test_a_run_reports_to_wandb_offline_and_mlflow_and_resumes_the_same_runs(tmp_path, tiny_manifest, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report = "logging.report_to=[tensorboard,wandb,mlflow]"
+    train(_config(tmp_path, tiny_manifest, report, "max_steps=4", "train.save_every=2"))
+    run = tmp_path / "run"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "wandb wrote its offline run"
+    mlflow.set_tracking_uri((run / "mlruns").resolve().as_uri())
+    run_id = (run / ".mlflow-run-id").read_text()
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in history] == [r["step"] for r in read_metrics(run, "train")]
+    assert [m.value for m in history] == pytest.approx([r["loss"] for r in read_metrics(run, "train")])
+    per_domain = client.get_metric_history(run_id, "eval/loss_per_domain/cluster_000")
+    assert len(per_domain) == 1 and per_domain[0].step == 4
+    assert client.get_run(run_id).data.params["lora.r"] == str(load_config("recipes/demo_tiny_rnb.yaml", []).lora.r)
+    train(_config(tmp_path, tiny_manifest, report, "max_steps=6", "train.save_every=2", "resume=true"))
+    assert (run / ".mlflow-run-id").read_text() == run_id, "the resumed run continues the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert steps == [2, 4, 6]
+    assert len(list((run / "wandb").glob("offline-run-*"))) >= 1
+    assert wandb is not None
+
+
+def test_a_backend_that_is_not_installed_is_one_line(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb" or name.startswith("wandb."):
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    monkeypatch.delitem(__import__("sys").modules, "wandb", raising=False)
+    from rbvl.train.report import ReportError
+
+    with pytest.raises(ReportError, match=r"^logging.report_to names wandb, which is not installed: pip install wandb"):
+        MetricsLogger(tmp_path, ["a"], report_to=["wandb"])
+
+
+def _checkpoint(run, step, eval_loss):
+    (run / f"checkpoint-{step}").mkdir(parents=True)
+    (run / f"checkpoint-{step}" / RBVL_STATE).write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+
+
+def test_save_total_limit_keeps_the_newest_and_the_best(tmp_path):
+    for step, loss in [(2, 3.0), (4, 1.5), (6, None), (8, 2.0), (10, None)]:
+        _checkpoint(tmp_path, step, loss)
+    gone = prune(tmp_path, 2)
+    assert sorted(p.name for p in gone) == ["checkpoint-2", "checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+    assert prune(tmp_path, 2) == [], "nothing more to remove"
+
+
+@pytest.mark.slow
+def test_a_run_with_save_total_limit_keeps_what_it_says(tmp_path, tiny_manifest):
+    cfg = _config(tmp_path, tiny_manifest, "train.save_every=1", "train.save_total_limit=2", "eval.every=3",
+                  "logging.report_to=none")  # fmt: skip
+    train(cfg)
+    run = tmp_path / "run"
+    kept = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    evals = {r["step"]: r["loss"] for r in read_metrics(run, "eval")}
+    best = min(evals, key=evals.get)
+    assert kept == sorted({5, 6, best}), (kept, evals)
+    assert not (run / "tensorboard").exists(), "report_to=none writes no event files"
