@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 
+from rbvl import __version__
 from rbvl.config import ConfigError, add_flags
 from rbvl.regroup.options import RegroupOptions
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", default=None, help="YAML file with any of the options below (flags override it)")
+    p.add_argument("--version", action="version", version=f"{PROG} (rbvl {__version__})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override options, e.g. k=8 seed=1")
     add_flags(p, RegroupOptions, defaults={"num_workers": "min(4, CPUs)"})
     return p

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = bench_sub.add_parser(name, help=text, description=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_bench, module=module, bench_name=name)
+    for command in sub.choices.values():  # `rbvl train --version` too (each benchmark parses its own flags)
+        command.add_argument("--version", action="version", version=f"rbvl {__version__}")
     return parser
 
 

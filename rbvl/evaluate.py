@@ -94,39 +94,47 @@ def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: 
 
 
 def compare_runs(run_dirs: list[str]) -> str:
-    """A table of each run's final per-domain eval losses (from metrics.jsonl), best per row marked with *."""
-    finals = []
+    """A table of each run's final per-domain eval losses (from metrics.jsonl), the lowest per row marked with *.
+
+    Runs over different domains (another k, another regroup) line up by domain name; a run without a domain shows -.
+    """
+    finals, names, manifests = [], [], []
     for run in run_dirs:
         evals = read_metrics(run, "eval")
         if not evals:
             raise FileNotFoundError(f"{run}: no eval results in metrics.jsonl (did the run finish?)")
         finals.append(evals[-1])
-    names = _domain_names(run_dirs[0], len(finals[0]["loss_per_domain"]))
+        run_names, manifest = _domain_names(run, len(evals[-1]["loss_per_domain"]))
+        names.append(run_names)
+        manifests.append(manifest)
     labels = [Path(r).name for r in run_dirs]
     width = max(12, *(len(x) for x in labels)) + 2
-    lines = [f"{'domain':18s}" + "".join(f"{x:>{width}s}" for x in labels)]
-    rows = [(n, [f["loss_per_domain"][i] for f in finals]) for i, n in enumerate(names)]
+    rows = [(n, [dict(zip(ns, f["loss_per_domain"])).get(n) for ns, f in zip(names, finals)])
+            for n in dict.fromkeys(n for ns in names for n in ns)]  # fmt: skip
     rows.append(("mixture (q)", [f["loss"] for f in finals]))
+    lines = [f"{'domain':18s}" + "".join(f"{x:>{width}s}" for x in labels)]
     for name, values in rows:
         finite = [v for v in values if v is not None and math.isfinite(v)]
         best = min(finite) if finite else None
         cells = "".join(
-            f"{'-':>{width}s}"
-            if v is None
-            else f"{(f'{v:.4f}' + ('*' if v == best and len(finite) > 1 else ' ')):>{width}s}"
+            f"{'-':>{width}s}" if v is None else f"{(f'{v:.4f}' + ('*' if v == best and len(finite) > 1 else ' ')):>{width}s}"
             for v in values
-        )
+        )  # fmt: skip
         lines.append(f"{name:18s}{cells}")
-    lines.append(f"(steps: {', '.join(str(f['step']) for f in finals)}; plots in each run folder: *.png)")
+    lines.append("* the lowest eval loss in its row; - the run has no such domain (or no eval token in it)")
+    lines.append(f"steps: {', '.join(str(f['step']) for f in finals)}; plots in each run folder: *.png")
+    if len(set(manifests)) > 1:
+        lines.append("the runs read different manifests: each mixture loss weighs its own eval set by its own q")
     return "\n".join(lines)
 
 
-def _domain_names(run_dir: str, m: int) -> list[str]:
+def _domain_names(run_dir: str, m: int) -> tuple[list[str], str | None]:
+    """The run's domain names from its manifest, and the manifest's path (plain indices when it cannot be read)."""
     try:
         from rbvl.config import load_config
         from rbvl.data import load_domains
 
         cfg = load_config(Path(run_dir) / "config.yaml")
-        return load_domains(cfg.manifest).names
+        return load_domains(cfg.manifest).names, str(Path(cfg.manifest).resolve())
     except Exception:  # noqa: BLE001 - the table still reads with plain indices
-        return [f"domain_{i}" for i in range(m)]
+        return [f"domain_{i}" for i in range(m)], None

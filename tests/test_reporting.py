@@ -103,3 +103,27 @@ def test_a_run_with_save_total_limit_keeps_what_it_says(tmp_path, tiny_manifest)
     best = min(evals, key=evals.get)
     assert kept == sorted({5, 6, best}), (kept, evals)
     assert not (run / "tensorboard").exists(), "report_to=none writes no event files"
+
+
+def _finished_run(path, manifest, losses, mixture):
+    from rbvl.config import dump_config
+
+    path.mkdir(parents=True)
+    dump_config(load_config("recipes/demo_tiny_rnb.yaml", [f"manifest={manifest}"]), path / "config.yaml")
+    MetricsLogger(path, [], report_to=[]).log("eval", 10, loss=mixture, loss_per_domain=losses)
+
+
+def test_compare_lines_up_runs_over_different_domains_and_explains_its_marks(tmp_path):
+    from rbvl.data.synthetic import write_tiny_manifest
+    from rbvl.evaluate import compare_runs
+
+    three = write_tiny_manifest(tmp_path / "k3", n_domains=3)
+    two = write_tiny_manifest(tmp_path / "k2", n_domains=2)
+    _finished_run(tmp_path / "a", three, [1.0, 2.0, 3.0], 2.0)
+    _finished_run(tmp_path / "b", two, [0.5, None], 0.5)
+    table = compare_runs([str(tmp_path / "a"), str(tmp_path / "b")]).splitlines()
+    cells = {line.split()[0]: line.split()[1:] for line in table[1:4]}
+    assert cells == {"cluster_000": ["1.0000", "0.5000*"], "cluster_001": ["2.0000", "-"], "cluster_002": ["3.0000", "-"]}  # fmt: skip
+    assert table[4].split()[-2:] == ["2.0000", "0.5000*"]
+    assert table[5].startswith("* the lowest eval loss in its row; - the run has no such domain")
+    assert table[-1] == "the runs read different manifests: each mixture loss weighs its own eval set by its own q"
