@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. balance.lam=5")
         p.add_argument("--help-config", action="store_true", help="list every recipe key with its default and meaning")
         p.set_defaults(func=func)
+    sub.choices["validate"].add_argument(
+        "--config-only", action="store_true", help="check the values alone, not whether this machine has the manifest and model"
+    )  # fmt: skip
 
     p = sub.add_parser("eval", help="per-domain eval loss of a run's checkpoint")
     p.add_argument("run_dir", help="a run folder or one of its checkpoint-N folders")
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(args) -> int:
     """`rbvl validate recipes/*.yaml [key=value ...]`: every recipe given, each with the same overrides."""
     from rbvl.config import ConfigError, check_runnable, load_config
+    from rbvl.config.resolve import offline_problems
 
     if args.help_config:
         return _print_config_help()
@@ -126,6 +130,9 @@ def cmd_validate(args) -> int:
         try:
             cfg = load_config(recipe, overrides)
             check_runnable(cfg)
+            problems = [] if args.config_only else offline_problems(cfg)  # does this machine have manifest + model?
+            if problems:
+                raise ConfigError("; ".join(problems))
         except ConfigError as e:
             if len(recipes) == 1:
                 raise

@@ -234,7 +234,8 @@ print("torch imported:", "torch" in sys.modules)
 
 
 @pytest.mark.parametrize(
-    "args", [[], ["validate", "recipes/demo_tiny_rnb.yaml"], ["validate", "--help-config", "x"], ["--help"]]
+    "args",
+    [[], ["validate", "--config-only", "recipes/demo_tiny_rnb.yaml"], ["validate", "--help-config", "x"], ["--help"]],
 )
 def test_config_and_validate_never_import_torch(args):
     """`rbvl validate` and `--help` stay instant: neither the config package nor the CLI's path to it imports torch."""
@@ -249,7 +250,7 @@ def test_cli_validate_one_clear_line(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "rbvl.cli", *args], capture_output=True, text=True)
 
-    ok = run("validate", *map(str, RECIPES))  # `rbvl validate recipes/*.yaml`
+    ok = run("validate", "--config-only", *map(str, RECIPES))  # `rbvl validate --config-only recipes/*.yaml`
     assert ok.returncode == 0 and ok.stdout.count(": ok") == len(RECIPES)
     for args, text in [
         (("validate", str(tmp_path / "nope.yaml")), "recipe not found"),

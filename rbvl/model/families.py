@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from rbvl.config.resolve import TINY_MODELS
+
 log = logging.getLogger(__name__)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -180,6 +182,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 TINY_FAMILIES = {f.tiny: f for f in FAMILIES.values() if f.tiny}
+assert set(TINY_FAMILIES) == set(TINY_MODELS), "rbvl/config/resolve.py lists the tiny models for `rbvl validate`"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""What `rbvl validate` checks beyond the values themselves, offline and without torch: does the manifest read and
+do its shards exist, and does `model.name` resolve to something this machine has?
+
+    problems = offline_problems(cfg)     # [] when `rbvl train` would find both
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+# The tiny offline models (rbvl/model/tiny.py builds them; rbvl/model/families.py checks this list against its table).
+TINY_MODELS = (
+    "tiny-gemma3", "tiny-idefics3", "tiny-llama", "tiny-llava", "tiny-llava-next", "tiny-llava-onevision",
+    "tiny-paligemma", "tiny-qwen2", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3",
+)  # fmt: skip
+
+
+def offline_problems(cfg) -> list[str]:
+    """One line per thing `rbvl train` would not find: the manifest or its shards, the model."""
+    problems = []
+    if cfg.manifest:
+        problems += _manifest_problems(cfg.manifest)
+    problem = model_problem(cfg.model.name)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def _manifest_problems(path: str) -> list[str]:
+    from rbvl import manifest as manifest_file
+
+    try:
+        manifest = manifest_file.read(path)
+    except manifest_file.ManifestError as e:
+        return [f"manifest={path}: {e}"]
+    root = Path(path) if Path(path).is_dir() else Path(path).parent
+    listed = [f for c in manifest["clusters"] for f in [*c.get("train_shards", []), *c.get("eval_shards", [])]]
+    missing = [f for f in listed if not (root / f).is_file()]
+    if missing:
+        return [f"manifest={path}: {len(missing)} of its {len(listed)} shards are missing (e.g. {root / missing[0]})"]
+    return []
+
+
+def model_problem(name: str) -> str | None:
+    """None when `name` is a tiny model, a folder with a config.json, or a hub id in the local Hugging Face cache
+    (or one that may be downloaded: HF_HUB_OFFLINE unset); else the line saying what is wrong."""
+    if name in TINY_MODELS:
+        return None
+    if name.startswith("tiny-"):
+        near = difflib.get_close_matches(name, TINY_MODELS, n=1)
+        hint = f"; did you mean {near[0]}?" if near else f"; the tiny models: {', '.join(TINY_MODELS)}"
+        return f"model.name={name}: no such tiny model{hint}"
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            return f"model.name={name}: the folder holds no config.json (a save_pretrained folder is expected)"
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return f"model.name={name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (download it first, or name a local folder)"  # fmt: skip
+    return None  # not cached, but the hub is allowed: `rbvl train` downloads it

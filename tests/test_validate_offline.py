@@ -1,0 +1,77 @@
+"""`rbvl validate` says whether this machine has what the run needs, offline and without torch (issue 22): the
+manifest reads and its shards exist; model.name is a tiny model (did-you-mean), a save_pretrained folder, or a hub id
+in the local Hugging Face cache."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rbvl.config import load_config
+from rbvl.config.resolve import TINY_MODELS, model_problem, offline_problems
+
+ROOT = Path(__file__).parents[1]
+PROBE = """
+import sys
+from rbvl.cli import main
+code = main(sys.argv[1:])
+print("exit", code, "torch imported:", "torch" in sys.modules)
+"""
+
+
+def _validate(*args):
+    r = subprocess.run([sys.executable, "-c", PROBE, "validate", *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    return r.stdout.strip().splitlines()[-1], r.stderr.strip()
+
+
+def test_a_run_this_machine_can_start_is_ok_and_torch_free(tiny_manifest):
+    last, err = _validate("recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}")
+    assert last == "exit 0 torch imported: False", err
+
+
+def test_what_the_machine_lacks_is_one_line_each_without_torch(tmp_path, tiny_manifest):
+    last, err = _validate("recipes/demo_tiny_rnb.yaml", f"manifest={tmp_path / 'nope.json'}", "model.name=tiny-lava")
+    assert last == "exit 2 torch imported: False"
+    assert err.count("\n") == 0, err
+    assert f"manifest={tmp_path / 'nope.json'}: manifest not found" in err
+    assert "model.name=tiny-lava: no such tiny model; did you mean tiny-llava?" in err
+    shard = next(Path(tiny_manifest).parent.rglob("*.tar"))
+    shard.unlink()
+    cfg = load_config("recipes/demo_tiny_rnb.yaml", [f"manifest={tiny_manifest}"])
+    (problem,) = offline_problems(cfg)
+    assert "shards are missing" in problem and shard.name in problem
+
+
+def test_model_names(tmp_path, monkeypatch):
+    assert all(model_problem(name) is None for name in TINY_MODELS)
+    assert "did you mean tiny-qwen2-vl?" in model_problem("tiny-qwen2vl")
+    (tmp_path / "empty").mkdir()
+    assert "holds no config.json" in model_problem(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    assert model_problem(str(tmp_path / "empty")) is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert "not in the local Hugging Face cache" in model_problem("llava-hf/llava-1.5-7b-hf")
+    snapshot = tmp_path / "cache" / "models--llava-hf--llava-1.5-7b-hf"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("abc")
+    (snapshot / "snapshots" / "abc").mkdir(parents=True)
+    (snapshot / "snapshots" / "abc" / "config.json").write_text("{}")
+    assert model_problem("llava-hf/llava-1.5-7b-hf") is None, "a cached model resolves offline"
+
+
+def test_the_tiny_list_matches_the_family_table():
+    from rbvl.model.families import TINY_FAMILIES
+
+    assert set(TINY_FAMILIES) == set(TINY_MODELS)
+
+
+@pytest.mark.parametrize("flag", ["--config-only"])
+def test_config_only_skips_the_machine_checks(flag):
+    last, err = _validate(flag, "recipes/llava15_7b_lora_rnb.yaml")
+    assert last == "exit 0 torch imported: False", err
