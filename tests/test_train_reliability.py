@@ -274,6 +274,7 @@ def test_resume_checks_what_it_resumes(tmp_path, tiny_manifest):
     with pytest.raises(CheckpointError, match=r"was trained on 3 domains, manifest=.* has 1: resume with the manifest"):
         train(_config(tmp_path, one, "max_steps=4", "balance.update_every=2", "resume=force"))
     assert (run / "config.yaml").read_text() == first_config, "the first run's config.yaml is kept"
+    assert not list(run.glob("config-resume-*")), "a refused resume leaves no config of its own"
 
     train(_config(tmp_path, tiny_manifest, *longer, "balance.update_every=1", "resume=force"))
     assert (run / "checkpoint-4").exists()

@@ -98,9 +98,8 @@ def _claim(cfg, dist, run_dir: Path) -> Path | None:
         raise CheckpointError(f"{run_dir} already holds a run; pass resume=true, or choose another output_dir")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        # a resumed run keeps the first run's config.yaml and writes its own beside it
-        resumed = cfg.resume and found is not None and (run_dir / "config.yaml").exists()
-        dump_config(cfg, run_dir / (f"config-resume-{found.name.split('-')[-1]}.yaml" if resumed else "config.yaml"))
+        if not (cfg.resume and found is not None and (run_dir / "config.yaml").exists()):
+            dump_config(cfg, run_dir / "config.yaml")  # a resume writes its own beside it, once `load` accepts it
     return found if cfg.resume else None
 
 
@@ -320,5 +319,7 @@ def load(path: str | Path, state: TrainState) -> dict:
     state.schedule.load_state_dict(extra["balance"]["schedule"])
     if state.guard is not None:
         state.guard.in_a_row = int(extra.get("nonfinite_in_a_row", 0))
+    if dist.is_main:  # the first run's config.yaml stays; this run's settings go beside it
+        dump_config(state.cfg, path.parent / f"config-resume-{int(saved['step'])}.yaml")
     state.step = int(saved["step"])
     return {"step": state.step, **extra}
