@@ -155,7 +155,14 @@ def cmd_train(args) -> int:
     _note_empty_eval(cfg.manifest)
     from rbvl.train import train
 
-    train(cfg)
+    summary = train(cfg)
+    samples = summary.get("samples", {})
+    if samples.get("truncated") or samples.get("dropped"):  # visible at the end, not only in metrics.jsonl
+        print(
+            f"rbvl train: of {samples['drawn']} samples drawn (this rank), {samples['truncated']} were truncated to "
+            f"data.max_length={cfg.data.max_length} and {samples['dropped']} dropped; per log line in metrics.jsonl",
+            file=sys.stderr,
+        )
     return 0
 
 

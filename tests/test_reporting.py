@@ -127,3 +127,19 @@ def test_compare_lines_up_runs_over_different_domains_and_explains_its_marks(tmp
     assert table[4].split()[-2:] == ["2.0000", "0.5000*"]
     assert table[5].startswith("* the lowest eval loss in its row; - the run has no such domain")
     assert table[-1] == "the runs read different manifests: each mixture loss weighs its own eval set by its own q"
+
+
+@pytest.mark.slow
+def test_truncation_shows_in_the_summary_and_at_the_end_of_rbvl_train(tmp_path, tiny_manifest, capsys):
+    from rbvl import cli
+
+    code = cli.main(["train", "recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}", f"output_dir={tmp_path / 'run'}",
+                     "max_steps=4", "train.batch_size=4", "balance.update_every=2", "balance.warmup_steps=0",
+                     "data.num_workers=0", "data.max_length=36", "logging.progress=false", "logging.plots=false",
+                     "logging.report_to=none", "train.log_every=2"])  # fmt: skip
+    assert code == 0
+    rows = read_metrics(tmp_path / "run", "train")
+    truncated = sum(r["truncated"] for r in rows)
+    assert truncated > 0, "data.max_length=36 cuts the longer answers"
+    err = capsys.readouterr().err
+    assert f"rbvl train: of 16 samples drawn (this rank), {truncated} were truncated to data.max_length=36" in err

@@ -80,7 +80,8 @@ class MixtureStream(IterableDataset):
         self.slots = max(1, num_workers)
         self.next_batch = 0  # index of the next batch the main process will receive
         self.cursors = {r: [0] * len(domains) for r in range(rank * self.slots, (rank + 1) * self.slots)}
-        self.counts = {"truncated": 0, "dropped": 0}
+        self.counts = {"truncated": 0, "dropped": 0}  # since the last log line
+        self.totals = {"drawn": 0, "truncated": 0, "dropped": 0}  # since this process started
 
     # -- main process ---------------------------------------------------------------------------------------------
 
@@ -90,6 +91,9 @@ class MixtureStream(IterableDataset):
             self.cursors[meta.reader][d] += n
         self.counts["truncated"] += meta.truncated
         self.counts["dropped"] += meta.dropped
+        self.totals["drawn"] += sum(meta.drawn)
+        self.totals["truncated"] += meta.truncated
+        self.totals["dropped"] += meta.dropped
         self.next_batch = meta.index + 1
 
     def pop_counts(self) -> dict:

@@ -131,7 +131,7 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
             row.update(stream.pop_counts())
             t_last = now
             metrics.log("train", state.step, **row)
-            progress.set_postfix(loss=f"{row['loss']:.3f}", p=" ".join(f"{x:.2f}" for x in schedule.current()))
+            progress.set_postfix(_postfix(row, schedule.current()))
 
         # ---------------------------------------------------------------------------------------------------- eval
         if (cfg.eval.every and state.step % cfg.eval.every == 0) or state.step == cfg.max_steps:
@@ -213,6 +213,13 @@ def _stop_workers(batches) -> None:
         shutdown()
 
 
+def _postfix(row: dict, p) -> dict:
+    """The progress bar's loss and p, and the samples truncated or dropped since the last log line, when any."""
+    shown = {"loss": f"{row['loss']:.3f}", "p": " ".join(f"{x:.2f}" for x in p)}
+    shown.update({key: row[key] for key in ("truncated", "dropped") if row.get(key)})
+    return shown
+
+
 def _summary(result: dict | None, state: ckpt.TrainState, run_dir: Path) -> dict:
     """What `train` returns: the final eval, p over the run, and this rank's training work."""
     tokens = state.window.input_tokens
@@ -222,6 +229,7 @@ def _summary(result: dict | None, state: ckpt.TrainState, run_dir: Path) -> dict
         "run_dir": str(run_dir),
         "step": state.step,
         "cost": state.mixer.cost,
+        "samples": dict(state.stream.totals),  # this rank, this session: drawn, truncated, dropped
         # this rank's training work in the mixers' terms (forward + 2 · backward, 2 · parameters FLOPs per token)
         "train_tokens": tokens,
         "train_flops": 3 * 2.0 * sum(p.numel() for p in state.model.parameters()) * tokens,
