@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default: the file's `out`)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, run nothing")
     p.add_argument("--readme", help="also rewrite this README's results block for the experiment (README.md)")
+    p.add_argument("--plan", action="store_true", help="print the runs it would make (groups × seeds) and stop")
     p.set_defaults(func=cmd_experiment)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
@@ -232,8 +233,11 @@ def cmd_gallery(args) -> int:
 def cmd_experiment(args) -> int:
     from rbvl.experiment import run_experiment
 
-    report = run_experiment(args.experiment, out=args.out, report_only=args.report_only, readme=args.readme)
-    print(f"report: {report}")
+    report = run_experiment(
+        args.experiment, out=args.out, report_only=args.report_only, readme=args.readme, dry_run=args.plan
+    )
+    if not args.plan:
+        print(f"report: {report}")
     return 0
 
 

@@ -108,3 +108,20 @@ def test_regroup_takes_version():
 
     r = subprocess.run([sys.executable, "-m", "data_tools.regroup", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == f"rbvl-regroup (rbvl {__version__})"
+
+
+def test_docs_experiments_documents_every_key_and_its_example_loads(tmp_path):
+    import dataclasses
+
+    from rbvl.experiment.spec import CellSpec, DataSpec, ExperimentSpec, SweepSpec, load_experiment
+
+    page = Path("docs/experiments.md").read_text()
+    for cls, prefix in ((ExperimentSpec, ""), (DataSpec, "data."), (SweepSpec, "k_sweep."), (CellSpec, "cells[].")):
+        for f in dataclasses.fields(cls):
+            if cls is ExperimentSpec and f.name in ("data", "k_sweep"):
+                continue
+            assert f"| `{prefix}{f.name}` |" in page, f"docs/experiments.md does not document {prefix}{f.name}"
+    example = re.search(r"## A minimal file\n\n```yaml\n(.*?)```", page, flags=re.S).group(1)
+    (tmp_path / "tiny.yaml").write_text(example)
+    spec, cells = load_experiment(tmp_path / "tiny.yaml")
+    assert spec.headline_seeds == [0] and len(cells) == 2

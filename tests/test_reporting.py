@@ -143,3 +143,21 @@ def test_truncation_shows_in_the_summary_and_at_the_end_of_rbvl_train(tmp_path, 
     assert truncated > 0, "data.max_length=36 cuts the longer answers"
     err = capsys.readouterr().err
     assert f"rbvl train: of 16 samples drawn (this rank), {truncated} were truncated to data.max_length=36" in err
+
+
+def test_experiment_says_its_plan_before_it_runs_and_plan_runs_nothing(tmp_path, capsys):
+    from rbvl import cli
+
+    (tmp_path / "x.yaml").write_text(
+        "name: tiny\nrecipe: recipes/demo_tiny_rnb.yaml\nseeds: [0]\ndata: {k: 3}\nk_sweep: {ks: [2]}\n"
+    )
+    out = tmp_path / "out"
+    assert cli.main(["experiment", str(tmp_path / "x.yaml"), "--out", str(out), "--plan"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    # 9 default cells at seed 0, the headline and baseline at 5 seeds, and a k sweep at k = 2: 9 + 2·4 + 1 runs
+    assert lines[0] == "experiment tiny: 10 groups, 18 runs (18 to run, 0 already in results.jsonl)"
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert "seeds 0,1,2,3,4  (headline/baseline: + headline_seeds)" in rows["regrouped-k3/rnb"]
+    assert "also DoReMi's reference" in rows["regrouped-k3/stratified"]
+    assert rows["regrouped-k2/rnb"].endswith("seeds 0  (k_sweep)")
+    assert not out.exists(), "--plan writes nothing"

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from rbvl import manifest as manifest_file
 from rbvl.config import ConfigError, load_config, to_dict
 from rbvl.experiment.readme import update_readme
 from rbvl.experiment.report import write_report
-from rbvl.experiment.spec import Cell, ExperimentSpec, append_result, expand, load_experiment, read_results
+from rbvl.experiment.spec import Cell, ExperimentSpec, append_result, expand, load_experiment, plan, read_results
 from rbvl.records import RecordSpool, Rejects, images
 from rbvl.regroup import RegroupOptions, outdir, regroup
 from rbvl.regroup.write import cluster_entry, write_shards
@@ -170,16 +171,22 @@ def run_experiment(
     report_only: bool = False,
     progress: bool = True,
     readme: str | None = None,
+    dry_run: bool = False,
 ) -> Path:
     """Run every missing cell of the experiment at `path`, then write the report (and the README's results block
-    for it, with `readme`); returns OUT/report.md."""
+    for it, with `readme`); returns OUT/report.md. The plan (groups, seeds, runs) is printed first; `dry_run` stops
+    there."""
     spec, cell_specs = load_experiment(path)
     out_dir = Path(out or spec.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "experiment.yaml").write_text(Path(path).read_text())
     cells = expand(spec, cell_specs)
     done = {r["cell"] for r in read_results(out_dir)}
     todo = [c for c in cells if c.id not in done]
+    if _rank() == 0 and not report_only:
+        print(plan(spec, cells, done & {c.id for c in cells}), file=sys.stderr)
+    if dry_run:
+        return out_dir / "report.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "experiment.yaml").write_text(Path(path).read_text())
     if not report_only and todo:
         bar = tqdm(
             total=len(cells),
@@ -188,11 +195,14 @@ def run_experiment(
             unit="run",
             disable=not progress,
         )
-        for cell in todo:
+        for n, cell in enumerate(todo):
             bar.set_postfix_str(cell.id)
             row = run_cell(spec, cell, out_dir)
             if _rank() == 0:
                 append_result(out_dir, row)
+                if n == 0 and len(todo) > 1:  # the first run prices the rest
+                    eta = row["wall_s"] * (len(todo) - 1)
+                    bar.write(f"first run took {row['wall_s']:.0f} s: about {eta / 60:.0f} min for the other {len(todo) - 1}")  # fmt: skip
             bar.update(1)
         bar.close()
     if _rank() != 0:

@@ -189,6 +189,31 @@ def expand(spec: ExperimentSpec, cells: list[CellSpec]) -> list[Cell]:
     return sorted(out.values(), key=lambda c: (order.get(c.strategy, 1), c.domains, c.k or 0, c.seed, c.label))
 
 
+def plan(spec: ExperimentSpec, cells: list[Cell], done: set[str]) -> str:
+    """What `rbvl experiment` will run, said before it starts: groups × seeds = runs, and where the extra seeds
+    come from (the headline and baseline run at `headline_seeds` too; DoReMi needs its stratified reference)."""
+    groups: dict[str, list[int]] = {}
+    for cell in cells:
+        groups.setdefault(cell.group, []).append(cell.seed)
+    lines = [f"experiment {spec.name}: {len(groups)} groups, {len(cells)} runs ({len(cells) - len(done)} to run, "
+             f"{len(done)} already in results.jsonl)"]  # fmt: skip
+    key_groups = {spec.headline, spec.baseline}
+    sweep = {c.group for c in cells if c.sweep}
+    asked = {f"{c.domains}/{c.strategy}" for c in cells if not c.sweep}
+    for group, seeds in groups.items():
+        plain = group.replace(f"-k{spec.data.k}", "") if spec.data.k else group
+        why = []
+        if plain in key_groups and set(seeds) - set(spec.seeds):
+            why.append("headline/baseline: + headline_seeds")
+        if group in sweep:
+            why.append("k_sweep")
+        if plain.endswith("/stratified") and plain.replace("/stratified", "/doremi") in asked:
+            why.append("also DoReMi's reference")
+        note = f"  ({'; '.join(why)})" if why else ""
+        lines.append(f"  {group:36s} seeds {','.join(map(str, seeds))}{note}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # results.jsonl
 # ---------------------------------------------------------------------------------------------------------------------
