@@ -161,3 +161,30 @@ def test_experiment_says_its_plan_before_it_runs_and_plan_runs_nothing(tmp_path,
     assert "also DoReMi's reference" in rows["regrouped-k3/stratified"]
     assert rows["regrouped-k2/rnb"].endswith("seeds 0  (k_sweep)")
     assert not out.exists(), "--plan writes nothing"
+
+
+@pytest.mark.slow
+def test_eval_generate_writes_what_the_model_answers_per_domain(tmp_path, tiny_manifest):
+    from rbvl.data import load_domains
+    from rbvl.data.shards import decode, read_shard
+
+    cfg = _config(tmp_path, tiny_manifest, "max_steps=2", "balance.update_every=2", "eval.every=1", "eval.generate=2", "eval.max_new_tokens=5",
+                  "logging.report_to=[tensorboard]")  # fmt: skip
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    domains = load_domains(tiny_manifest)
+    assert [(r["step"], r["domain"]) for r in rows] == [(s, n) for s in (1, 2) for n in domains.names for _ in range(2)]
+    for row in rows[:6]:
+        d = domains.names.index(row["domain"])
+        raw = next(s for s in map(decode, read_shard(domains.domains[d].eval_shards[0])) if s["id"] == row["id"])
+        question, answer = raw["conversation"][0]["content"], raw["conversation"][1]["content"]
+        assert row["reference"].strip() == answer.strip(), "the reference is the sample's first answer"
+        assert question.replace("<image>", "").strip() in row["prompt"], (
+            "the prompt is the question, cut before the answer"
+        )
+        assert answer.strip() not in row["prompt"].replace(question, "")
+        assert isinstance(row["output"], str)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    assert f"samples/{domains.names[0]}/text_summary" in events.Tags()["tensors"]

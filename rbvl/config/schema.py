@@ -339,6 +339,10 @@ class EvalConfig(Checked):
     """Samples per eval batch."""
     max_samples: int = option(0, ge=0)
     """Per domain (0 = the whole eval shard set)."""
+    generate: int = option(0, ge=0)
+    """Sample generations per domain at each eval, written to OUTPUT_DIR/samples.jsonl and TensorBoard (0 = none)."""
+    max_new_tokens: int = option(64, ge=1)
+    """Longest generation of `generate`, in tokens (greedy)."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ from rbvl.train.guard import DivergenceGuard, Preempted, StopSignals, ignore_sto
 from rbvl.train.metrics import MetricsLogger, WindowStats, format_eval
 from rbvl.train.optim import autocast_context, build_optimizer, optimizer_step
 from rbvl.train.plots import plot_run
+from rbvl.train.samples import generate_samples, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
             metrics.log("eval", state.step, **result)
             if dist.is_main:
                 progress.write(format_eval(state.step, names, result))
+                generated = generate_samples(model, domains, collator, cfg.eval.generate, cfg.eval.max_new_tokens)
+                write_samples(run_dir, state.step, generated, metrics)  # eval.generate: what the model answers
 
         # ---------------------------------------------------------------------------------------------- checkpoint
         signum = stop.poll(dist) if state.step < cfg.max_steps else 0  # SIGTERM & co: every rank stops at this step
