@@ -188,3 +188,21 @@ def test_eval_generate_writes_what_the_model_answers_per_domain(tmp_path, tiny_m
 
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()
     assert f"samples/{domains.names[0]}/text_summary" in events.Tags()["tensors"]
+
+
+def test_plots_show_what_there_is_and_write_no_empty_picture(tmp_path):
+    from rbvl.train.plots import plot_run
+
+    names = ["a", "b", "c"]
+    log = MetricsLogger(tmp_path, names, report_to=[])
+    log.log("train", 2, loss=2.0, loss_per_domain=[2.1, 1.9, None])
+    log.log("train", 4, loss=1.5, loss_per_domain=[1.6, 1.4, 1.5])
+    log.log("eval", 4, loss=None, loss_per_domain=[None, None, None])  # no eval set: nothing to draw
+    assert sorted(p.name for p in plot_run(tmp_path, names)) == ["train_loss.png"]
+    gram = [[4.0, 1.0, -2.0], [1.0, 1.0, 0.0], [-2.0, 0.0, -0.1]]  # a de-biased diagonal may dip below 0
+    for step in (3, 6, 9, 12, 15):
+        log.log("balance", step, p=[0.5, 0.3, 0.2], p_before=[1 / 3] * 3, gram=gram, applies_from_step=step + 1)
+    log.log("eval", 15, loss=1.2, loss_per_domain=[1.1, 1.3, 1.2])
+    written = sorted(p.name for p in plot_run(tmp_path, names))
+    assert written == ["eval_loss.png", "gram.png", "proportions.png", "train_loss.png"]
+    assert all((tmp_path / name).stat().st_size > 5_000 for name in written)
