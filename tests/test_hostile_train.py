@@ -7,8 +7,7 @@ import shutil
 import pytest
 import torch
 
-from rbvl.config import ConfigError, LoraConfig, ModelConfig, load_config
-from rbvl.config.schema import check_runnable
+from rbvl.config import ConfigError, LoraConfig, ModelConfig, check_runnable, load_config
 from rbvl.model import ModelError, apply_lora, load_model
 from rbvl.train import checkpoint as ckpt
 from rbvl.train import train

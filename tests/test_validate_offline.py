@@ -34,7 +34,9 @@ def test_a_run_this_machine_can_start_is_ok_and_torch_free(tiny_manifest):
 def test_what_the_machine_lacks_is_one_line_each_without_torch(tmp_path, tiny_manifest):
     last, err = _validate("recipes/demo_tiny_rnb.yaml", f"manifest={tmp_path / 'nope.json'}", "model.name=tiny-lava")
     assert last == "exit 2 torch imported: False"
-    assert err.count("\n") == 0, err
+    errors = [line for line in err.splitlines() if ": error:" in line]
+    assert len(errors) == 1, err
+    err = errors[0]
     assert f"manifest={tmp_path / 'nope.json'}: manifest not found" in err
     assert "model.name=tiny-lava: no such tiny model; did you mean tiny-llava?" in err
     shard = next(Path(tiny_manifest).parent.rglob("*.tar"))
@@ -75,3 +77,16 @@ def test_the_tiny_list_matches_the_family_table():
 def test_config_only_skips_the_machine_checks(flag):
     last, err = _validate(flag, "recipes/llava15_7b_lora_rnb.yaml")
     assert last == "exit 0 torch imported: False", err
+
+
+def test_the_recipes_module_names_follow_another_model_unless_given(caplog):
+    recipe = "recipes/demo_tiny_rnb.yaml"  # modules_to_save: [multi_modal_projector, vision_tower, ...] for tiny-llava
+    assert load_config(recipe, []).lora.modules_to_save[0] == "multi_modal_projector"
+    with caplog.at_level("WARNING"):
+        cfg = load_config(recipe, ["model.name=tiny-qwen2-vl"])
+    assert cfg.lora.modules_to_save is None and cfg.lora.target_modules is None, "the new family's defaults"
+    assert "model.name=tiny-qwen2-vl: lora.modules_to_save follows its family" in caplog.text
+    kept = load_config(recipe, ["model.name=tiny-qwen2-vl", "lora.modules_to_save=[merger]"])
+    assert kept.lora.modules_to_save == ["merger"], "set on the command line: kept"
+    same = load_config(recipe, ["model.name=tiny-llava"])
+    assert same.lora.modules_to_save == load_config(recipe, []).lora.modules_to_save, "the recipe's own model"

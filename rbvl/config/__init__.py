@@ -14,6 +14,7 @@ Numbers accept YAML and Python notation (`1e-3`, `1E-3`, `1_000`, `.5`, `2.0` fo
 true/false/yes/no/on/off/1/0. Importing this package never imports torch, so `rbvl validate` stays instant.
 """
 
+from rbvl.config.checks import check_runnable
 from rbvl.config.engine import (
     Checked,
     ConfigError,
@@ -49,7 +50,6 @@ from rbvl.config.schema import (
     OptimConfig,
     RunConfig,
     TrainConfig,
-    check_runnable,
     describe,
     load_config,
 )

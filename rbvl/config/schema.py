@@ -8,13 +8,16 @@ validated `RunConfig`.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from rbvl.config import help as _help
-from rbvl.config.engine import Checked, ConfigError, load, option
+from rbvl.config.engine import Checked, ConfigError, load, option, parse_override, read_yaml
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Field checks
@@ -392,51 +395,33 @@ class RunConfig(Checked):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults ← the recipe YAML at `path` ← `key=value` overrides; returns a validated `RunConfig`."""
-    return load(RunConfig, path, overrides)
+    """Defaults ← the recipe YAML at `path` ← `key=value` overrides; returns a validated `RunConfig`.
+
+    A recipe's LoRA module names belong to its model: when `model.name` is overridden with another model, the recipe's
+    `lora.target_modules` / `lora.modules_to_save` give way to the new model's family defaults (said in a warning),
+    unless they are overridden too."""
+    return load(RunConfig, path, _follow_model(path, list(overrides or [])))
 
 
-def check_runnable(cfg: RunConfig) -> None:
-    """Cross-field checks of a run about to start (`rbvl train`, `rbvl validate`), not of every config that loads (a
-    finished run's config.yaml must still load for `rbvl eval` and `rbvl export`): a ConfigError names the key and a
-    value that would work."""
-    if cfg.mixing.strategy == "rnb":
-        first = cfg.balance.warmup_steps + cfg.balance.update_every  # the step of the first update of p
-        if first > cfg.max_steps:
-            warmup = cfg.balance.warmup_steps
-            fix = (
-                f"set balance.update_every <= {cfg.max_steps - warmup}"
-                if warmup < cfg.max_steps
-                else f"set balance.warmup_steps=0 and balance.update_every <= {cfg.max_steps}"
-            )
-            raise ConfigError(
-                f"balance.update_every: got {cfg.balance.update_every}, with balance.warmup_steps={warmup} the first "
-                f"update of p would come at step {first} > max_steps={cfg.max_steps}, so Balance would never run; "
-                f"{fix} (or max_steps >= {first})"
-            )
-    _check_peer_updates(cfg)
+FAMILY_KEYS = ("lora.target_modules", "lora.modules_to_save")
 
 
-def _check_peer_updates(cfg: RunConfig) -> None:
-    """A peer mixer whose first change of p would come after max_steps would run as a static mixture."""
-    mixing = cfg.mixing
-    first = {  # key, its value, the first optimizer step that changes p (each mixer's own rule)
-        "odm": (
-            "mixing.odm.update_every",
-            mixing.odm.update_every,
-            (mixing.odm.warmup_steps // mixing.odm.update_every + 1) * mixing.odm.update_every,
-        ),
-        "dga": ("mixing.dga.update_every", mixing.dga.update_every, mixing.dga.update_every),
-        "doremi": ("mixing.doremi.update_every", mixing.doremi.update_every, mixing.doremi.update_every),
-        "aioli": ("mixing.aioli.lp_steps", mixing.aioli.lp_steps, mixing.aioli.lp_steps),
-    }.get(mixing.strategy)
-    if first is not None and first[2] > cfg.max_steps:
-        key, value, step = first
-        raise ConfigError(
-            f"{key}: got {value}, so mixing.strategy={mixing.strategy} would first change p at step {step} > "
-            f"max_steps={cfg.max_steps} and the run would be a static mixture; set {key} <= {cfg.max_steps} "
-            f"(or max_steps >= {step})"
-        )
+def _follow_model(path, overrides: list[str]) -> list[str]:
+    given = dict(parse_override(item) for item in overrides)
+    if not path or "model.name" not in given:
+        return overrides
+    recipe = read_yaml(path)
+    lora = recipe.get("lora") if isinstance(recipe.get("lora"), dict) else {}
+    model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
+    if model.get("name", ModelConfig.name) == given["model.name"]:
+        return overrides
+    dropped = [key for key in FAMILY_KEYS if key not in given and lora.get(key.split(".")[1]) is not None]
+    for key in dropped:
+        log.warning(
+            "model.name=%s: %s follows its family (the recipe's value was written for %s); set %s=... to keep one",
+            given["model.name"], key, model.get("name", ModelConfig.name), key,
+        )  # fmt: skip
+    return overrides + [f"{key}=null" for key in dropped]
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
