@@ -278,6 +278,7 @@ def _is_user_error(e: Exception) -> bool:
         ("rbvl.config", "ConfigError"),
         ("rbvl.runtime.runlock", "LockError"),
         ("rbvl.model", "ModelError"),
+        ("rbvl.model.families", "FamilyError"),
         ("rbvl.records", "RecordsError"),
         ("rbvl.train.checkpoint", "CheckpointError"),
         ("rbvl.data", "DataError"),

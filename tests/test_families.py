@@ -110,6 +110,35 @@ def test_unknown_family_falls_back_to_introspection(caplog):
     assert fam.target_modules() == FAMILIES["llava"].target_modules()
 
 
+def test_an_introspected_family_is_worked_out_before_lora_and_kept():
+    """qwen3_vl and internvl used to have their projector's last linear announced, then not tracked: the family was
+    worked out again after LoRA had wrapped the layers that introspection reads, and the error fell back to lm_head."""
+    from rbvl.config import LoraConfig
+    from rbvl.model import apply_lora
+
+    model, _ = load_model(ModelConfig(name="tiny-llava"))
+    model.config.model_type = "my_vlm"
+    before = head_patterns(model)
+    assert any("multi_modal_projector" in p for p in before)
+    wrapped = apply_lora(model, LoraConfig())
+    assert head_patterns(wrapped) == before, "the family found before LoRA is the one used after"
+    assert family_for(wrapped) is family_for(model)
+
+
+def test_head_tracking_of_a_family_that_cannot_be_worked_out_says_which_key_to_set():
+    from torch import nn
+
+    from rbvl.model.families import FamilyError
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    with pytest.raises(FamilyError, match=r"^balance.params=head: .*set balance.params to regexes"):
+        head_patterns(Opaque())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Per family
 # ---------------------------------------------------------------------------------------------------------------------

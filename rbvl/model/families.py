@@ -206,17 +206,39 @@ def lookup(model_type: str | None) -> Family | None:
 
 
 def family_for(model: nn.Module) -> Family:
-    """The table's entry for `model`, or one found by introspection (with a warning that says what to set)."""
-    fam = lookup(model_type_of(model))
-    return fam if fam is not None else introspect(model)
+    """The table's entry for `model`, or one found by introspection (with a warning that says what to set).
+
+    Worked out once and kept on the model: introspection reads plain nn.Linear layers, which LoRA later wraps, so a
+    second look after `apply_lora` would not see the projector's last linear any more."""
+    base = _base(model)
+    kept = getattr(base, "_rbvl_family", None)
+    if isinstance(kept, Family):
+        return kept
+    fam = lookup(model_type_of(base))
+    fam = fam if fam is not None else introspect(base)
+    if isinstance(base, nn.Module):
+        base._rbvl_family = fam
+    return fam
+
+
+def _base(model):
+    """The transformers model inside DDP and PEFT wrappers."""
+    model = unwrap(model)
+    get_base = getattr(model, "get_base_model", None)  # PeftModel
+    return get_base() if callable(get_base) else model
 
 
 def head_patterns(model: nn.Module) -> list[str]:
-    """What `balance.params: head` tracks in `model` (the LM head alone when its family cannot be worked out)."""
+    """What `balance.params: head` tracks in `model`: its LM head and its projector's last linear.
+
+    Raises FamilyError, naming the key to set, when the family cannot be worked out: tracking the LM head alone in
+    silence would leave the projector out of the Gram matrix."""
     try:
         return family_for(model).head_patterns()
-    except FamilyError:
-        return Family("unknown").head_patterns()
+    except FamilyError as e:
+        raise FamilyError(
+            f"balance.params=head: {e}; or set balance.params to regexes of the modules to track"
+        ) from None
 
 
 def is_text_only_config(config) -> bool:

@@ -78,6 +78,11 @@ def prepare_model(cfg, run_dir: Path, rank: int = 0, device: torch.device | str 
     base = Path(run_dir) / "base_model"
     if is_tiny(cfg.model.name) and rank == 0:
         save_base(model, processor, base)
+    try:
+        family_for(model)  # worked out once, before LoRA wraps the layers introspection reads, and kept on the model
+    except FamilyError as e:
+        if cfg.lora.target_modules is None or cfg.lora.modules_to_save is None:
+            raise ModelError(str(e)) from None
     torch.manual_seed(cfg.seed)
     model = apply_lora(model, cfg.lora)
     torch.manual_seed(cfg.seed + rank)
