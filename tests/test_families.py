@@ -125,6 +125,20 @@ def test_an_introspected_family_is_worked_out_before_lora_and_kept():
     assert family_for(wrapped) is family_for(model)
 
 
+def test_a_fused_qkv_projection_is_adapted():
+    """Phi-3 has one qkv_proj per layer: LoRA used to land on o_proj alone, in silence."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from rbvl.config import LoraConfig
+    from rbvl.model import apply_lora
+
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)  # fmt: skip
+    model = apply_lora(Phi3ForCausalLM(config), LoraConfig())
+    adapted = {n.split(".")[-4] for n, _ in model.named_parameters() if n.endswith("lora_A.default.weight")}
+    assert adapted == {"qkv_proj", "o_proj"}
+
+
 def test_head_tracking_of_a_family_that_cannot_be_worked_out_says_which_key_to_set():
     from torch import nn
 

@@ -34,6 +34,7 @@ from rbvl.config.resolve import TINY_MODELS
 log = logging.getLogger(__name__)
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FUSED_ATTENTION = ("qkv_proj", "query_key_value", "c_attn")  # one linear for q, k and v (Phi-3, GPT-NeoX, GPT-2)
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,13 @@ class Family:
     """The offline `model.name` that builds a ~1M-parameter model of this family (rbvl.model.tiny)."""
     aliases: tuple[str, ...] = field(default_factory=tuple)
     """Hub checkpoints of this family (documentation)."""
+    attention: tuple[str, ...] = ATTENTION
+    """The attention projections LoRA adapts by default (introspection adds a fused `qkv_proj` when there is one)."""
 
-    def target_modules(self, names: tuple[str, ...] = ATTENTION) -> str:
-        """PEFT regex (fullmatch) for `names` inside the language model, never the vision tower."""
+    def target_modules(self, names: tuple[str, ...] | None = None) -> str:
+        """PEFT regex (fullmatch) for `names` (default: the family's attention projections) inside the language
+        model, never the vision tower."""
+        names = names or self.attention
         inside = f".*{re.escape(self.language_model)}" if self.language_model else ""
         return rf"{inside}.*\.({'|'.join(names)})"
 
@@ -273,6 +278,7 @@ def introspect(model: nn.Module) -> Family:
     if projector:
         inside = [n.split(f"{projector}.", 1)[1] for n in linears if f"{projector}." in n]
         head_linear = inside[-1] if inside else None
+    linear_leaves = {n.split(".")[-1] for n in linears}
     fam = Family(
         model_type,
         kind="vlm" if vision else "text",
@@ -280,6 +286,7 @@ def introspect(model: nn.Module) -> Family:
         projector=projector,
         head_linear=head_linear,
         vision=vision,
+        attention=ATTENTION + tuple(x for x in FUSED_ATTENTION if x in linear_leaves),
     )
     attn = [n for n in linears if re.fullmatch(fam.target_modules(), n)]
     if not attn:
