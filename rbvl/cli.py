@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge a LoRA checkpoint into a standalone model + processor")
     p.add_argument("checkpoint", help="RUN_DIR/checkpoint-N")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model into")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the merged folder to the Hugging Face Hub")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("gallery", help="(re)build the cluster gallery (gallery/index.html) of a regroup output")
@@ -209,6 +211,16 @@ def cmd_export(args) -> int:
             raise
         raise CliError(fsfault.describe(e)) from None
     print(f"merged model written to {out}")
+    if args.push_to_hub:
+        from rbvl.model.export import push_to_hub
+
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except Exception as e:  # noqa: BLE001 - network, auth, a taken name: one line; the local folder stays
+            raise CliError(
+                f"--push-to-hub {args.push_to_hub}: {type(e).__name__}: {_one_line(e)} ({out} is kept)"
+            ) from None
+        print(f"pushed to {url}")
     return 0
 
 

@@ -55,3 +55,34 @@ def test_merged_logits_equal_adapter_logits(tmp_path):
         text=True,
     )
     assert again.returncode != 0 and "not empty" in again.stderr and again.stderr.count("\n") == 1
+
+
+def test_push_to_hub_uploads_the_merged_folder_and_a_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    """No network in tests: the Hub API is replaced by a recorder, so what is checked is the call rbvl makes."""
+    from huggingface_hub import HfApi
+
+    from rbvl import cli
+
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://huggingface.co/{repo_id}")  # fmt: skip
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    fake_checkpoint(ckpt)
+    out = tmp_path / "merged"
+    code = cli.main(["export", str(ckpt), "--merge", str(out), "--push-to-hub", "me/tiny-rnb", "--private"])
+    assert code == 0
+    assert calls[0] == ("create", "me/tiny-rnb", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert (
+        calls[1][0] == "upload" and calls[1][1]["folder_path"] == str(out) and calls[1][1]["repo_id"] == "me/tiny-rnb"
+    )
+    assert "pushed to https://huggingface.co/me/tiny-rnb" in capsys.readouterr().out
+
+    def refuse(self, **kw):
+        raise PermissionError("401 Unauthorized")
+
+    monkeypatch.setattr(HfApi, "upload_folder", refuse)
+    code = cli.main(["export", str(ckpt), "--merge", str(tmp_path / "again"), "--push-to-hub", "me/tiny-rnb"])
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if ": error:" in line]
+    assert code == 2
+    assert err.startswith("rbvl: error: --push-to-hub me/tiny-rnb: PermissionError: 401 Unauthorized")
+    assert (tmp_path / "again" / "config.json").exists(), "the local folder is kept"

@@ -65,6 +65,20 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder to the Hugging Face Hub as `repo_id` (created when missing); returns its URL.
+
+    Uses the token `huggingface-cli login` stored (or HF_TOKEN). The merged model is a plain transformers folder, so
+    `from_pretrained(repo_id)` loads it without rbvl."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                      commit_message="Upload a model fine-tuned with rbvl (LoRA merged)")  # fmt: skip
+    return str(url)
+
+
 def check_adapter(checkpoint: Path) -> Path:
     """The checkpoint's adapter weights file, checked to be complete (CheckpointError naming it otherwise)."""
     found = next((checkpoint / n for n in ADAPTER_FILES if (checkpoint / n).is_file()), None)
