@@ -121,11 +121,22 @@ def compare_runs(run_dirs: list[str]) -> str:
             for v in values
         )  # fmt: skip
         lines.append(f"{name:18s}{cells}")
+    lines.append(f"{'p stability':18s}" + "".join(f"{_p_stability(run):>{width}s}" for run in run_dirs))
     lines.append("* the lowest eval loss in its row; - the run has no such domain (or no eval token in it)")
+    lines.append("p stability: median L1 change of p per update (0 = p stays, 2 = all mass moves; - no update)")
     lines.append(f"steps: {', '.join(str(f['step']) for f in finals)}; plots in each run folder: *.png")
     if len(set(manifests)) > 1:
         lines.append("the runs read different manifests: each mixture loss weighs its own eval set by its own q")
     return "\n".join(lines)
+
+
+def _p_stability(run: str) -> str:
+    """The median L1 change of p per update of a run (its balance rows; a peer's p rows otherwise), as text."""
+    rows = [r for r in read_metrics(run) if r["kind"] not in ("train", "eval") and isinstance(r.get("p"), list)]
+    changes = [r["p_l1_change"] for r in rows if isinstance(r.get("p_l1_change"), (int, float))]
+    if not changes and len(rows) > 1:  # mixers that log p without the change: from consecutive p
+        changes = [sum(abs(a - b) for a, b in zip(x["p"], y["p"])) for x, y in zip(rows, rows[1:])]
+    return f"{sorted(changes)[len(changes) // 2]:.3f} " if changes else "- "
 
 
 def _domain_names(run_dir: str, m: int) -> tuple[list[str], str | None]:

@@ -121,11 +121,16 @@ def test_compare_lines_up_runs_over_different_domains_and_explains_its_marks(tmp
     two = write_tiny_manifest(tmp_path / "k2", n_domains=2)
     _finished_run(tmp_path / "a", three, [1.0, 2.0, 3.0], 2.0)
     _finished_run(tmp_path / "b", two, [0.5, None], 0.5)
+    log = MetricsLogger(tmp_path / "a", [], report_to=[])
+    for step, change in ((3, 0.9), (6, 0.3), (9, 0.1)):
+        log.log("balance", step, p=[0.4, 0.3, 0.3], p_l1_change=change)
     table = compare_runs([str(tmp_path / "a"), str(tmp_path / "b")]).splitlines()
     cells = {line.split()[0]: line.split()[1:] for line in table[1:4]}
     assert cells == {"cluster_000": ["1.0000", "0.5000*"], "cluster_001": ["2.0000", "-"], "cluster_002": ["3.0000", "-"]}  # fmt: skip
     assert table[4].split()[-2:] == ["2.0000", "0.5000*"]
-    assert table[5].startswith("* the lowest eval loss in its row; - the run has no such domain")
+    assert table[5].split()[-2:] == ["0.300", "-"], "run a: median of its updates' L1 changes; run b: no update"
+    assert table[6].startswith("* the lowest eval loss in its row; - the run has no such domain")
+    assert table[7].startswith("p stability: median L1 change of p per update")
     assert table[-1] == "the runs read different manifests: each mixture loss weighs its own eval set by its own q"
 
 

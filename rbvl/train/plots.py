@@ -45,7 +45,9 @@ def _proportions(plt, balance, names, colors, last, path):
     for i, name in enumerate(names):
         ax.bar(starts, p[:-1, i], widths, bottom=bottom, align="edge", color=colors[i], label=name, linewidth=0)
         bottom += p[:-1, i]
-    ax.set(xlabel="optimizer step", ylabel="proportion p", title="Domain proportions over training", ylim=(0, 1))
+    changes = np.abs(np.diff(p[:-1], axis=0)).sum(1)  # L1 change of p at each update
+    stability = f" (median L1 change per update {np.median(changes):.2f})" if len(changes) else ""
+    ax.set(xlabel="optimizer step", ylabel="proportion p", title=f"Domain proportions over training{stability}", ylim=(0, 1))  # fmt: skip
     ax.set_xlim(0, last)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return _save(plt, fig, path)
