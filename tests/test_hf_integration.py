@@ -36,6 +36,10 @@ def test_example_moves_p_and_resumes_exactly(tmp_path, name):
     lag = full.balancer.schedule.lag
     assert state["balancer"]["schedule"]["applies_from"] == [0, 10 + 1 + lag]  # one update, at step 10
     assert (ckpt / TRACKER_STATE.format(0)).exists()
+    logged = [row for row in full.state.log_history if "balance/p_l1_change" in row]
+    assert logged, "each update's diagnostics reach the Trainer's log (and so report_to)"
+    assert {f"balance/{k}_{i}" for k in ("grad_norm", "alignment") for i in range(3)} <= set(logged[0])
+    assert len(logged) <= len([r for r in full.state.log_history if "loss" in r]), "once per update, on a log line"
 
     (tmp_path / "resumed").mkdir()
     shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-15")

@@ -85,6 +85,7 @@ class BalanceMixin:
             guard_nonfinite=bool(self.args.fp16),
         )
         self.data_collator = DomainCollator(self.data_collator, domain_column)
+        self._balance_diagnostics: dict = {}  # the latest update's, for the next log line
         self.add_callback(_BalanceCallback(self))
 
     @property
@@ -136,7 +137,21 @@ class BalanceMixin:
         if "loss" in logs:
             for i, p in enumerate(self.balancer.proportions):
                 logs[f"balance/p_{i}"] = round(p, 6)
+            logs.update(self._balance_diagnostics)  # the latest update's, once: what to read to trust Balance
+            self._balance_diagnostics = {}
         super().log(logs, *args, **kwargs)
+
+    def _note_update(self, info: dict) -> None:
+        """Keep an update's diagnostics for the next log line: the L1 change of p and, per domain, the gradient norm,
+        its alignment with the target and the estimator's noise (docs/balance.md)."""
+        diagnostics = {}
+        if isinstance(info.get("p_l1_change"), (int, float)):
+            diagnostics["balance/p_l1_change"] = round(float(info["p_l1_change"]), 6)
+        for key in ("grad_norm", "alignment", "gram_noise"):
+            for i, value in enumerate(info.get(key) or []):
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    diagnostics[f"balance/{key}_{i}"] = round(float(value), 6)
+        self._balance_diagnostics = diagnostics
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
 
@@ -175,8 +190,10 @@ class _BalanceCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         # commit the step; every update_every steps: sync → gram → update_proportions → reset → publish
         info = self.trainer.balancer.step(state.global_step, self.trainer.tracker)
-        if info is not None and info.get("degenerate"):
-            log.warning("balance update at step %d: %s", state.global_step, info["degenerate"])
+        if info is not None:
+            self.trainer._note_update(info)
+            if info.get("degenerate"):
+                log.warning("balance update at step %d: %s", state.global_step, info["degenerate"])
         return control
 
 
