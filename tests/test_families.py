@@ -139,6 +139,28 @@ def test_a_fused_qkv_projection_is_adapted():
     assert adapted == {"qkv_proj", "o_proj"}
 
 
+def test_cross_attention_vlms_get_lora_on_self_attention():
+    """Mllama's cross-attention keys and values are image tiles, not text rows: LoRA there broke the tracker."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
+
+    from rbvl.config import LoraConfig
+    from rbvl.model import apply_lora
+
+    vision = MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                attention_heads=4, image_size=56, patch_size=14, max_num_tiles=4,
+                                vision_output_dim=64, intermediate_layers_indices=[0])  # fmt: skip
+    text = MllamaTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                            pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+    model = apply_lora(
+        MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text)), LoraConfig()
+    )
+    adapted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n})
+    assert adapted and all(".self_attn." in n and "language_model.layers." in n for n in adapted), adapted
+    assert {n.split(".")[-3] for n in adapted} == {"0", "2"}, "layer 1 is the cross-attention layer"
+
+
 def test_head_tracking_of_a_family_that_cannot_be_worked_out_says_which_key_to_set():
     from torch import nn
 

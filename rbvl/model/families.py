@@ -70,13 +70,16 @@ class Family:
     """Hub checkpoints of this family (documentation)."""
     attention: tuple[str, ...] = ATTENTION
     """The attention projections LoRA adapts by default (introspection adds a fused `qkv_proj` when there is one)."""
+    self_attention_only: bool = False
+    """Leave `cross_attn` layers out of the default targets (Mllama: their keys and values are image tiles)."""
 
     def target_modules(self, names: tuple[str, ...] | None = None) -> str:
         """PEFT regex (fullmatch) for `names` (default: the family's attention projections) inside the language
         model, never the vision tower."""
         names = names or self.attention
         inside = f".*{re.escape(self.language_model)}" if self.language_model else ""
-        return rf"{inside}.*\.({'|'.join(names)})"
+        skip = r"(?!.*\.cross_attn\.)" if self.self_attention_only else ""
+        return rf"{inside}{skip}.*\.({'|'.join(names)})"
 
     @property
     def modules_to_save(self) -> list[str]:
@@ -287,6 +290,7 @@ def introspect(model: nn.Module) -> Family:
         head_linear=head_linear,
         vision=vision,
         attention=ATTENTION + tuple(x for x in FUSED_ATTENTION if x in linear_leaves),
+        self_attention_only=any(".cross_attn." in n for n in linears),  # LoRA on self-attention, as for Mllama
     )
     attn = [n for n in linears if re.fullmatch(fam.target_modules(), n)]
     if not attn:
