@@ -188,7 +188,7 @@ def test_load_lora_collate_forward_backward(name):
 
     # LoRA on the language model's attention only; never in the vision tower; the projector trains in full
     adapters = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
-    assert adapters and all(re.search(r"\.(q|k|v|o)_proj\.lora_A$", n) for n in adapters)
+    assert adapters and all(re.search(r"\.(q|k|v|o|qkv)_proj\.lora_A$", n) for n in adapters)
     if fam.kind == "vlm":
         assert all(f".{fam.language_model}." in n for n in adapters)
         assert not any(f".{fam.vision}." in n for n in adapters), "an adapter landed in the vision tower"

@@ -186,6 +186,15 @@ FAMILIES: dict[str, Family] = {
                 ("mistral", None, ("mistralai/Mistral-7B-Instruct-v0.3",)),
             ]
         ],
+        Family(
+            "phi3",
+            kind="text",
+            language_model="",
+            multi_image=False,
+            attention=(*ATTENTION, "qkv_proj"),  # one fused projection per layer
+            tiny="tiny-phi3",
+            aliases=("microsoft/Phi-3.5-mini-instruct",),
+        ),
     ]
 }
 

@@ -102,6 +102,12 @@ LLAMA3 = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
+# Phi-3 (text only): <|user|> ... <|end|>, one fused qkv_proj per layer.
+PHI3 = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
 
 def _llama(tok, hidden: int = 64, layers: int = 2, heads: int = 4, **extra) -> dict:
     """Keyword arguments of a tiny decoder (Llama, Qwen2, Gemma ... share these names)."""
@@ -371,13 +377,17 @@ def gemma3():
 
 
 def text_lm(model_type: str):
-    """A text-only causal LM (Llama 3 or Qwen2.5/Qwen3 shaped); its 'processor' is the tokenizer."""
+    """A text-only causal LM (Llama 3, Qwen2.5/Qwen3 or Phi-3 shaped); its 'processor' is the tokenizer."""
     import transformers as tf
 
     if model_type == "llama":
         special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
         tok = bpe_tokenizer(special, LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
         return tf.LlamaConfig(**_llama(tok)), tok
+    if model_type == "phi3":
+        special = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+        tok = bpe_tokenizer(special, PHI3, eos="<|end|>")
+        return tf.Phi3Config(**_llama(tok)), tok
     tok = bpe_tokenizer([], QWEN2)
     if model_type == "qwen3":
         return tf.Qwen3Config(**_llama(tok, head_dim=16)), tok
@@ -396,6 +406,7 @@ BUILDERS = {
     "tiny-llama": lambda: text_lm("llama"),
     "tiny-qwen2": lambda: text_lm("qwen2"),
     "tiny-qwen3": lambda: text_lm("qwen3"),
+    "tiny-phi3": lambda: text_lm("phi3"),
 }
 assert set(BUILDERS) == set(TINY_FAMILIES), "every tiny name in the family table needs a builder"
 
