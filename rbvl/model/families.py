@@ -129,6 +129,16 @@ FAMILIES: dict[str, Family] = {
             aliases=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
         ),
         Family(
+            "qwen3_vl",
+            projector="merger",
+            head_linear="linear_fc2",
+            vision="visual",
+            image_token="<|image_pad|>",
+            projector_rows="patches",
+            tiny="tiny-qwen3-vl",
+            aliases=("Qwen/Qwen3-VL-8B-Instruct",),
+        ),
+        Family(
             "qwen2_5_vl",
             projector="merger",
             head_linear="mlp.2",

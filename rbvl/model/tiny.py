@@ -304,6 +304,34 @@ def qwen2_vl(version: str = "2"):
     return config, processor
 
 
+def qwen3_vl():
+    """Qwen3-VL: Qwen2-VL's 4 px patches merged 2×2, a Qwen3 decoder with interleaved M-RoPE, one DeepStack merger."""
+    import transformers as tf
+
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = bpe_tokenizer(special, QWEN2_VL, named={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
+    pixels = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = tf.Qwen3VLProcessor(
+        image_processor=tf.Qwen2VLImageProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}, **pixels),
+        tokenizer=tok,
+        video_processor=tf.Qwen3VLVideoProcessor(**pixels),
+        chat_template=QWEN2_VL,
+    )
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64, deepstack_visual_indexes=[1])  # fmt: skip
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    ids = tok.convert_tokens_to_ids
+    config = tf.Qwen3VLConfig(
+        vision_config=vision,
+        text_config=_llama(tok, head_dim=16, rope_scaling=rope),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return config, processor
+
+
 def idefics3():
     """Idefics3 / SmolVLM: a 64 px image splits into 2×2 tiles of 32 px plus the global image; 4 tokens each."""
     from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
@@ -400,6 +428,7 @@ BUILDERS = {
     "tiny-llava-onevision": llava_onevision,
     "tiny-qwen2-vl": lambda: qwen2_vl("2"),
     "tiny-qwen2.5-vl": lambda: qwen2_vl("2.5"),
+    "tiny-qwen3-vl": qwen3_vl,
     "tiny-idefics3": idefics3,
     "tiny-paligemma": paligemma,
     "tiny-gemma3": gemma3,
