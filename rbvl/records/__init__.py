@@ -5,7 +5,7 @@ could not be used (see `docs/formats.md` for the field-by-field contract).
     for item in read_records(["data/llava.json"], ReadOptions(image_root="data/images")):
         ...  # a Record, or a Reject(id, source, reason, detail)
 
-One pass, bounded memory: a JSON array is parsed as a stream (ijson), JSON lines line by line, Parquet batch by batch;
+One pass, bounded memory: a JSON array is parsed as a stream (ijson), JSON lines line by line, Parquet and Arrow by batch;
 `RecordSpool` keeps read records on disk (an offset index in memory) for the stages after reading, and one `Rejects`
 collector gathers what read, embed and write could not use, to be written once as rejects.jsonl.
 

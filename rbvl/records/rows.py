@@ -38,14 +38,15 @@ PRESETS = {
 }
 
 
-def row_record(row, source: str, opts, root: Path | None, default_id: str | None, images=None) -> Record | Reject:
-    """`row` (a dict) → Record or Reject. `images` = [(bytes, ext), ...] when the images came beside the row (a tar
-    shard); otherwise they are read from the row's image column."""
+def row_record(row, source: str, opts, root: Path | None, default_id: str, images=None) -> Record | Reject:
+    """`row` (a dict) → Record or Reject. `default_id` names a row without an `id` (FILESTEM-ROW, a tar key); only a
+    column named by `opts.id_field` is required. `images` = [(bytes, ext), ...] when the images came beside the row (a
+    tar shard); otherwise they are read from the row's image column."""
     if not isinstance(row, dict):
         return Reject(None, source, "malformed_conversation", "a record is a JSON object")
     id_field = opts.id_field or "id"
-    if row.get(id_field) is None and (opts.id_field or default_id is None):
-        return Reject(None, source, "missing_field", f"no '{id_field}'")
+    if opts.id_field and row.get(id_field) is None:
+        return Reject(None, source, "missing_field", f"no '{id_field}'; the row has: {_keys(row)}")
     rid = str(row[id_field]) if row.get(id_field) is not None else default_id
     field = conversation_field(row, opts)
     if field is not None:

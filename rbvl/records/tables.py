@@ -92,8 +92,10 @@ def _json(path: Path) -> dict:
 
 
 def is_dataset_name(spec: str) -> bool:
-    """Whether `spec` looks like a Hugging Face dataset name (`org/name`, `hf:org/name`, `org/name:split`)."""
-    return bool(_NAME.fullmatch(str(spec))) and not Path(spec).exists()
+    """Whether `spec` looks like a Hugging Face dataset name (`org/name`, `hf:org/name`, `org/name:split`) rather
+    than a file: no file of that name exists, and it does not end like one of the files rbvl reads."""
+    files = (".json", ".jsonl", ".parquet", ".arrow", ".tar")
+    return bool(_NAME.fullmatch(str(spec))) and not str(spec).endswith(files) and not Path(spec).exists()
 
 
 def cached_dataset_files(spec: str) -> list[tuple[str, str]]:

@@ -307,7 +307,7 @@ def cache_key(records: list, embedder: Embedder, extra: str = "") -> str:
             h.update(f"{path}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
         elif r.image is not None:
             h.update(hashlib.sha1(r.image).digest())
-        for m in getattr(r, "more_images", ()):  # a multi-image record's further images
+        for m in r.more_images:  # a multi-image record's further images
             h.update(hashlib.sha1(m["data"]).digest() if "data" in m else m["path"].encode())
     return h.hexdigest()
 
