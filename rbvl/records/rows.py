@@ -67,7 +67,8 @@ def describe_row(row, opts) -> str:
     if not isinstance(row, dict):
         return "rows that are not objects"
     _, image_field = _image_values(row, opts)
-    images = f"images in `{image_field}`" if image_field else "no image column"
+    looked = "`, `".join([opts.image_field] if opts.image_field else IMAGE_FIELDS)
+    images = f"images in `{image_field}`" if image_field else f"no images in its first row (looked for `{looked}`)"
     field = conversation_field(row, opts)
     if field is not None:
         return f"chat turns in `{field}`, {images}"

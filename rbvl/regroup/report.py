@@ -36,7 +36,7 @@ def rejected(rejects: Rejects, split: str, n_in: int, image_root: str | None) ->
     """The per-reason view of `split`'s rejects, with a hint for each likely user mistake:
 
     most records `missing_image`: the image root is probably not where the images are (--image-root);
-    every record `missing_field`: the file's columns are not the ones rbvl looks for (the detail lists both).
+    every record `missing_field`: the file's columns are not the ones rbvl looks for (its example lists both).
     """
     out = Rejected(split, n_in, rejects.summary(split))
     by_reason = {reason: (n, first) for reason, n, first in out.reasons}
@@ -48,10 +48,9 @@ def rejected(rejects: Rejects, split: str, n_in: int, image_root: str | None) ->
             f"--image-root? Relative image paths are resolved against {where}"
         )
     if "missing_field" in by_reason and by_reason["missing_field"][0] == n_in:
-        first = by_reason["missing_field"][1]
         out.hints.append(
-            f"every {split} record lacks the fields rbvl reads ({first.detail}); name yours with --conversation-field, "
-            "--image-field, --prompt-field or --response-field"
+            f"every {split} record lacks the fields rbvl reads (the example above lists those it looked for and those "
+            "the row has): name yours with --conversation-field, --image-field, --prompt-field or --response-field"
         )
     return out
 
@@ -84,7 +83,7 @@ def read_rejects(path: Path, n_examples: int = 3) -> dict[str, list[tuple[str, i
 
 def _example(r: Reject) -> str:
     who = r.id if r.id is not None else r.source
-    return f"{who}: {_short(r.detail, 160)}" if r.detail else str(who)
+    return f"{who}: {_short(r.detail, 300)}" if r.detail else str(who)
 
 
 def examples_per_cluster(records: list, clusters: np.ndarray, distances: np.ndarray, k: int, n: int = 3) -> list:
