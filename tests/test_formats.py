@@ -300,6 +300,16 @@ def test_named_columns_and_a_dataset_in_the_local_hugging_face_cache(tmp_path, c
     assert manifest["counts"]["eval"] == {"in": 4, "written": 0, "rejected": 4}  # the same ids as train
     assert sample_images(out)["u5"] == [photo(5)]
 
+    # `datasets`' own prepared Arrow files (load_dataset's cache), when the hub cache has no Parquet of it
+    prepared = tmp_path / "datasets" / "other___chat" / "default" / "0.0.0" / "f00d"
+    prepared.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.ipc.new_stream(str(prepared / "chat-train.arrow"), table.schema) as sink:
+        sink.write_table(table)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    assert regroup(["--input", "other/chat", *names, "--out", str(tmp_path / "o3"), *TINY]) == 0
+    assert json.loads((tmp_path / "o3" / "manifest.json").read_text())["counts"]["train"]["written"] == 12
+
     assert regroup(["--input", "someone/nothing", "--out", str(tmp_path / "o2"), *TINY]) == 1
     assert "no dataset of that name in the local Hugging Face cache" in capsys.readouterr().err
 

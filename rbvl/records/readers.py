@@ -102,17 +102,17 @@ def expand_inputs(paths: list[str], fmt: str | None) -> list[tuple[str, str]]:
             if p.is_dir():
                 found += tables.folder_inputs(p)
             elif p.is_file():
-                found.append((str(p), detect_format(str(p))))
+                found.append((str(p), None))
             elif tables.is_dataset_name(pattern) and not glob.glob(pattern):
                 found += tables.cached_dataset_files(pattern)
             else:
-                found += [(f, detect_format(f)) for f in sorted(glob.glob(pattern))]
+                found += [(f, None) for f in sorted(glob.glob(pattern))]
         if not found:
             hint = ""
             if tables.is_dataset_name(str(spec)):
                 hint = " (no file, and no dataset of that name in the local Hugging Face cache: download it once)"
             raise RecordsError(f"no input matches '{spec}'{hint}")
-        out += [(f, fmt or found_fmt) for f, found_fmt in found]
+        out += [(f, fmt or found_fmt or detect_format(f)) for f, found_fmt in found]  # a given format wins
     return out
 
 
