@@ -49,7 +49,7 @@ def rejected(rejects: Rejects, split: str, n_in: int, image_root: str | None) ->
         )
     if "missing_field" in by_reason and by_reason["missing_field"][0] == n_in:
         out.hints.append(
-            f"every {split} record lacks the fields rbvl reads (the example above lists those it looked for and those "
+            f"every {split} record lacks the fields rbvl reads (its example lists those it looked for and those "
             "the row has): name yours with --conversation-field, --image-field, --prompt-field or --response-field"
         )
     return out
