@@ -234,7 +234,7 @@ BAD_REGROUP = [
     (["--num-workers", "-1"], "num_workers: got -1, expected an int >= 0"),
     (["--seed", "abc"], "seed: expected int, got 'abc'"),
     (["--combine", "avg"], "combine: 'avg' is not one of mean, concat, image, text"),
-    (["--format", "xml"], "format: 'xml' is not one of null, llava, webdataset, jsonl, parquet"),
+    (["--format", "xml"], "format: 'xml' is not one of null, llava, webdataset, jsonl, parquet, arrow"),
     (["--maxcount", "0"], "maxcount: got 0"),
     (["--resume", "maybe"], "resume: expected bool"),
     (["chunk_size=0"], "chunk_size: got 0"),

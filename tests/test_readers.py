@@ -53,12 +53,13 @@ def test_llava_json_and_every_reason(tmp_path):
         {"id": "placeholder_no_image", "conversations": turns("Q?", "A", True)},
         {"id": "two", "images": ["a.png", "a.png"], "conversations": turns("Q?", "A", True)},
         {"id": "text", "conversations": turns("again", "b")},
-        {"conversations": turns("no id", "b")},
+        {"conversations": turns("no id", "b")},  # named after the file and its row
+        "not an object",
     ]
     path = tmp_path / "train.json"
     path.write_text(json.dumps(rows))
     records, rejects = split(read_records([str(path)]))
-    assert [r.id for r in records] == ["ok.1", "text"]
+    assert [r.id for r in records] == ["ok.1", "text", "train-11"]
     ok = records[0]
     assert ok.conversation[0] == {"role": "user", "content": "<image>\nWhat?"} and ok.label == "d1"
     assert ok.text == "What?" and ok.image is None and ok.load_image() == (png(), "png")
@@ -72,12 +73,12 @@ def test_llava_json_and_every_reason(tmp_path):
         "badrole": "malformed_conversation",
         "twoplaceholders": "image_placeholder_mismatch",
         "placeholder_no_image": "image_placeholder_mismatch",
-        "two": "multiple_images",
+        "two": "image_placeholder_mismatch",  # two images, one <image>
         "text": "duplicate_id",
-        None: "missing_field",
+        None: "malformed_conversation",
     }
     assert all(r.source.startswith(str(path) + "[") for r in rejects)
-    assert [r.source for r in records] == [f"{path}[0]", f"{path}[1]"]
+    assert [r.source for r in records] == [f"{path}[0]", f"{path}[1]", f"{path}[11]"]
     assert len(records) + len(rejects) == len(rows)
 
 

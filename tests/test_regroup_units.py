@@ -39,16 +39,17 @@ def test_bad_embedder_names_say_what_is_valid(bad):
         parse_embedder_name(bad)
 
 
-def _tiny_batch(embedder, with_image: list[bool]):
+def _tiny_batch(embedder, n_images: list[int], images: list | None = None):
+    """What the embed workers hand over: per record its images stacked (n, 3, H, W), their count, its text."""
     items = []
-    for i, has in enumerate(with_image):
-        image = torch.rand(3, 32, 32) if has else None
-        items.append({"index": i, "image": image, "text": f"text number {i}", "error": ""})
+    for i, n in enumerate(n_images):
+        stack = (torch.stack(images[i]) if images else torch.rand(n, 3, 32, 32)) if n else None
+        items.append({"index": i, "image": stack, "n_images": n, "text": f"text number {i}", "error": ""})
     return embedder.collate(items)
 
 
 def test_tiny_open_clip_is_seeded_and_combines_as_documented():
-    batch_flags = [True, False, True]
+    batch_flags = [1, 0, 1]
     out = {}
     for combine in ("mean", "concat", "image", "text"):
         e = load_embedder("open_clip:rbvl-tiny", combine, seed=0)
@@ -68,13 +69,26 @@ def test_tiny_open_clip_is_seeded_and_combines_as_documented():
     torch.testing.assert_close(out["concat"][1], torch.cat([torch.zeros(64), txt[1]]))  # [0, txt]
 
 
+def test_multi_image_record_embeds_the_mean_of_its_images_with_its_text():
+    """docs: a multi-image record's image side is the renormalised mean of its images' normalised vectors."""
+    e = load_embedder("open_clip:rbvl-tiny", "mean", seed=0)
+    a, b = torch.rand(3, 32, 32), torch.rand(3, 32, 32)
+    image_side, text_side = (load_embedder("open_clip:rbvl-tiny", side, seed=0) for side in ("image", "text"))
+    img = image_side.encode(_tiny_batch(image_side, [1, 1], [[a], [b]]))
+    txt = text_side.encode(_tiny_batch(text_side, [0, 0]))  # "text number 0", "text number 1"
+    both = e.encode(_tiny_batch(e, [2, 1], [[a, b], [b]]))
+    expected_img = torch.nn.functional.normalize(img[0] + img[1], dim=0)
+    torch.testing.assert_close(both[0], torch.nn.functional.normalize(expected_img + txt[0], dim=0))
+    torch.testing.assert_close(both[1], torch.nn.functional.normalize(img[1] + txt[1], dim=0))  # batch order kept
+
+
 def test_hf_mean_pooling_matches_sentence_transformers():
     """hf: (AutoModel, mean over the mask, L2) and sentence-transformers: agree on MiniLM, whose pooling is the mean."""
     texts = ["A cat sits on the mat.", "Integrate x squared from zero to one, carefully.", "Hi"]
     vecs = []
     for prefix in ("hf", "sentence-transformers"):
         e = load_embedder(f"{prefix}:{minilm_path()}")
-        items = [{"index": i, "image": None, "text": t, "error": ""} for i, t in enumerate(texts)]
+        items = [{"index": i, "image": None, "n_images": 0, "text": t, "error": ""} for i, t in enumerate(texts)]
         vecs.append(e.encode(e.collate(items)))
         assert e.dim == 384
     torch.testing.assert_close(vecs[0], vecs[1], atol=1e-5, rtol=1e-4)

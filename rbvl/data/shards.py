@@ -1,5 +1,5 @@
 """Reading one domain's shards: raw samples by position, readers that split a domain fairly, and the decode to
-{"id", "conversation", "image"} (the image contract: rbvl.records.images).
+{"id", "conversation", "image"[, "images"]} (the image contract: rbvl.records.images).
 
     for raw in read_shard("shards/train/cluster_000/shard-000000.tar", start=10, stop=20):
         sample = decode_or_none(raw)   # None (logged) for a sample that cannot be used
@@ -236,7 +236,10 @@ _WARNED: set[str] = set()  # shards already warned about in this process
 
 
 def decode(sample: dict) -> dict:
-    """A raw shard sample → {"id", "conversation", "image": PIL RGB or None} (the image contract: rbvl.records.images).
+    """A raw shard sample → {"id", "conversation", "image": PIL RGB or None} (the image contract: rbvl.records.images),
+    plus "images": [PIL RGB, ...] for a multi-image sample ("image" is then its first). A one-image sample holds its
+    image as `png` / `jpg` / `webp`; a multi-image one the members its JSON lists in `images` (`0.png`, `1.jpg` ...),
+    in placeholder order.
 
     Raises DataError when the sample is unusable, e.g. its conversation places an `<image>` but the sample holds no
     image (a shard cut inside a sample).
@@ -244,14 +247,23 @@ def decode(sample: dict) -> dict:
     if "__error__" in sample:
         raise DataError(sample["__error__"])
     meta = json.loads(sample["json"])
-    image = next((open_rgb(sample[ext]) for ext in SHARD_EXTS if ext in sample), None)
+    members = meta.get("images") or [next((ext for ext in SHARD_EXTS if ext in sample), None)]
+    missing = [m for m in members if m is not None and m not in sample]
+    if missing:
+        raise DataError(f"sample {sample['__key__']}: its JSON lists images {missing} the sample does not hold")
+    images = [open_rgb(sample[m]) for m in members if m is not None]
     placeholders = sum(str(turn.get("content", "")).count("<image>") for turn in meta["conversation"])
-    if placeholders != (image is not None):
+    if placeholders != len(images):
         raise DataError(
             f"sample {sample['__key__']}: the conversation places {placeholders} <image> but the sample holds "
-            f"{int(image is not None)} image (a shard cut inside a sample?)"
+            f"{len(images)} image(s) (a shard cut inside a sample?)"
         )
-    return {"id": meta.get("id", sample["__key__"]), "conversation": meta["conversation"], "image": image}
+    out = {"id": meta.get("id", sample["__key__"]), "conversation": meta["conversation"], "image": None}
+    if images:
+        out["image"] = images[0]
+    if len(images) > 1:
+        out["images"] = images
+    return out
 
 
 def decode_or_none(sample: dict) -> dict | None:

@@ -1,9 +1,10 @@
 """Record: one training example whatever its source; Reject: one that could not be used, and why; `Rejects`: the one
 collector of them from every stage (read, embed, write), written once as rejects.jsonl (docs/formats.md, "Record").
 
-    turns, problem = normalise_conversation(row["conversations"])   # LLaVA `from/value` → `role/content`, or why not
+    turns, problem = normalise_conversation(row["messages"])   # from/value, role/content, content parts → rbvl turns
     record = Record(row["id"], turns, label=row.get("domain"))
     rejects.add("train", record, "unreadable_image", "cannot decode the .png image")
+    rejects.summary("train")   # [(reason, count, first Reject)], most frequent first: what the user reads
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 IMAGE_TOKEN = "<image>"
 
-# LLaVA's speaker names onto chat roles.
+# LLaVA's / ShareGPT's speaker names onto chat roles.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 REASONS = (
@@ -31,7 +32,6 @@ REASONS = (
     "malformed_conversation",
     "image_placeholder_mismatch",
     "duplicate_id",
-    "multiple_images",
 )
 
 
@@ -50,15 +50,32 @@ class Record:
     meta: dict = field(default_factory=dict)  # "format", anything else worth keeping (JSON-serialisable)
     image_path: str | None = None  # read lazily by `load_image` (LLaVA JSON keeps images on disk)
     source: str = ""  # file (and line / row / key) the record came from, as in a Reject
+    more_images: list[dict] = field(default_factory=list)
+    """Images 2..n of a multi-image sample, in placeholder order: {"path": file} or {"data": bytes, "ext": ext}.
+    The first image stays in `image` / `image_path`, so a one-image record looks as it always did."""
 
     def load_image(self) -> tuple[bytes, str] | None:
-        """(bytes, extension) of the record's image, or None for a text-only record."""
+        """(bytes, extension) of the record's first image, or None for a text-only record."""
         if self.image is not None:
             return self.image, self.image_ext or "png"
         if self.image_path is None:
             return None
-        ext = Path(self.image_path).suffix.lower().lstrip(".") or "png"
-        return Path(self.image_path).read_bytes(), "jpg" if ext == "jpeg" else ext
+        return _read_file(self.image_path)
+
+    def load_images(self) -> list[tuple[bytes, str]]:
+        """(bytes, extension) of every image, in the order of the `<image>` placeholders."""
+        first = self.load_image()
+        more = [(m["data"], m.get("ext") or "png") if "data" in m else _read_file(m["path"]) for m in self.more_images]
+        return ([first] if first is not None else []) + more
+
+    @property
+    def n_images(self) -> int:
+        return int(self.image is not None or self.image_path is not None) + len(self.more_images)
+
+
+def _read_file(path: str) -> tuple[bytes, str]:
+    ext = Path(path).suffix.lower().lstrip(".") or "png"
+    return Path(path).read_bytes(), "jpg" if ext == "jpeg" else ext
 
 
 @dataclass
@@ -73,7 +90,12 @@ class Reject:
 
 
 def normalise_conversation(turns) -> tuple[list[dict], tuple[str, str] | None]:
-    """LLaVA `from/value` or `role/content` turns → rbvl turns, or (reason, detail) for what is wrong."""
+    """Chat turns in any of the shapes users have → rbvl turns, or (reason, detail) for what is wrong.
+
+    Turns are LLaVA / ShareGPT `from/value` (human/gpt or user/assistant) or OpenAI / TRL `role/content`; content is a
+    string or a list of parts (`{"type": "image"}`, `{"type": "text", "text": ...}`), each image part becoming the
+    `<image>` placeholder where it stands, so one contract (docs/formats.md, "Record") serves every source.
+    """
     if not isinstance(turns, list):
         return [], ("malformed_conversation", "the conversation is not a list of turns")
     if not turns:
@@ -83,7 +105,7 @@ def normalise_conversation(turns) -> tuple[list[dict], tuple[str, str] | None]:
         if not isinstance(turn, dict):
             return [], ("malformed_conversation", "a turn is not an object")
         role = turn.get("from", turn.get("role"))
-        content = turn.get("value", turn.get("content"))
+        content = _content_text(turn.get("value", turn.get("content")))
         if role not in ROLE_NAMES or not isinstance(content, str):
             return [], (
                 "malformed_conversation",
@@ -98,6 +120,23 @@ def normalise_conversation(turns) -> tuple[list[dict], tuple[str, str] | None]:
     if "assistant" not in speakers:
         return [], ("malformed_conversation", "no assistant turn")
     return out, None
+
+
+def _content_text(content):
+    """A turn's content as one string: content parts joined by newlines, an image part as `<image>`; a string as it
+    is; anything else unchanged (the caller names its type)."""
+    if not isinstance(content, list):
+        return content
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            pieces.append(IMAGE_TOKEN)
+        elif kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            return part  # not a part we know: malformed
+    return "\n".join(pieces)
 
 
 class Rejects:
@@ -123,6 +162,15 @@ class Rejects:
 
     def by_reason(self, split: str) -> dict[str, int]:
         return dict(Counter(r.reason for s, r in self.items if s == split))
+
+    def summary(self, split: str) -> list[tuple[str, int, Reject]]:
+        """(reason, count, first reject with that reason) for `split`, most frequent first: what a person acts on."""
+        counts = Counter(r.reason for s, r in self.items if s == split)
+        first: dict[str, Reject] = {}
+        for s, r in self.items:
+            if s == split:
+                first.setdefault(r.reason, r)
+        return [(reason, n, first[reason]) for reason, n in counts.most_common()]
 
     def ids(self, split: str) -> list:
         return [r.id for s, r in self.items if s == split]

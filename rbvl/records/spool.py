@@ -26,7 +26,8 @@ class RecordSpool:
 
     Regroup spools what it reads and takes records back by row for embedding (in DataLoader workers: reads use
     `os.pread`, which shares no file position across forked processes), for the report and for writing shards.
-    Each entry is a small binary header, the record's fields as JSON and its image bytes when it carries them.
+    Each entry is a small binary header, the record's fields as JSON and its image bytes when it carries them (the
+    first image's, then those of `more_images` that came as bytes, their sizes in the JSON).
     """
 
     _HEAD = struct.Struct("<II")  # JSON length, image length
@@ -42,8 +43,12 @@ class RecordSpool:
 
     def append(self, rec: Record) -> None:
         fields = {k: v for k, v in rec.__dict__.items() if k != "image"}
+        blobs = [m["data"] for m in rec.more_images if "data" in m]
+        fields["more_images"] = [
+            {"ext": m.get("ext"), "size": len(m["data"])} if "data" in m else m for m in rec.more_images
+        ]
         head = json.dumps(fields, ensure_ascii=False).encode()
-        image = rec.image or b""
+        image = (rec.image or b"") + b"".join(blobs)
         self._out.write(self._HEAD.pack(len(head), len(image)) + head + image)
         self.offsets.append(self.offsets[-1] + self._HEAD.size + len(head) + len(image))
         self.labels.append(None if rec.label is None else self._names.setdefault(rec.label, rec.label))
@@ -66,10 +71,15 @@ class RecordSpool:
             self._fd = os.open(self.path, os.O_RDONLY)
         start, end = self.offsets[i], self.offsets[i + 1]
         data = os.pread(self._fd, end - start, start)
-        n_head, n_image = self._HEAD.unpack_from(data)
+        n_head, _ = self._HEAD.unpack_from(data)
         rec = Record(**json.loads(data[self._HEAD.size : self._HEAD.size + n_head]))
-        if n_image:
-            rec.image = data[self._HEAD.size + n_head :]
+        end = len(data)
+        for m in reversed(rec.more_images):  # their bytes follow the first image's, in order
+            if "size" in m:
+                start = end - m.pop("size")
+                m["data"], end = data[start:end], start
+        if end > self._HEAD.size + n_head:
+            rec.image = data[self._HEAD.size + n_head : end]
         return rec
 
     def __iter__(self) -> Iterator[Record]:

@@ -9,7 +9,9 @@ Embedder names are a contract (they go into the manifest):
 How image and text combine (`combine`) for open_clip: `mean` (default) is the renormalised mean of the two
 normalised vectors; `concat` is [img, txt] / √2; `image` / `text` use one side. A record without an image uses its
 text side alone: for `mean` and `image` that is the text vector; for `concat` it is [0, txt] (zeros in the image
-half, so text-only records do not pretend to have image content).
+half, so text-only records do not pretend to have image content). A multi-image record's image vector is the
+renormalised mean of its images' normalised vectors (each image counts equally, whatever its size), then combined
+with the text as for one image: the record lands near what its images have in common.
 
 `embed_records` runs the model over a `torch.utils.data.DataLoader` whose workers read, decode and preprocess
 (so the model never waits on decoding); images that do not decode come back as rejects. Rows go into a
@@ -70,14 +72,16 @@ class Embedder:
     # ---- in the workers
 
     def collate(self, items: list[dict]) -> dict:
-        """Batch what `_EmbedDataset.__getitem__` returned: indices, image tensors for rows that have one, tokens."""
+        """Batch what `_EmbedDataset.__getitem__` returned: indices, every image tensor of the batch (a record's
+        images one after another) with each record's image count, tokens."""
         index = torch.tensor([it["index"] for it in items], dtype=torch.long)  # (B,)
         errors = [(it["index"], it["error"]) for it in items if it["error"]]
         ok = torch.tensor([not it["error"] for it in items])  # (B,)
-        has_image = torch.tensor([it["image"] is not None for it in items])  # (B,)
+        n_images = torch.tensor([it["n_images"] for it in items], dtype=torch.long)  # (B,)
+        has_image = n_images > 0  # (B,)
         images = [it["image"] for it in items if it["image"] is not None]
-        batch = {"index": index, "ok": ok, "has_image": has_image, "errors": errors}
-        batch["images"] = torch.stack(images) if images else None  # (B_img, 3, H, W)
+        batch = {"index": index, "ok": ok, "has_image": has_image, "n_images": n_images, "errors": errors}
+        batch["images"] = torch.cat(images) if images else None  # (N_img, 3, H, W)
         texts = [it["text"] for it in items]
         if self.kind == "open_clip":
             batch["tokens"] = self.tokenizer(texts) if self.combine != "image" or not all(has_image) else None
@@ -112,7 +116,9 @@ class Embedder:
             txt = F.normalize(self.model.encode_text(batch["tokens"]).float(), dim=-1)  # (B, d)
         img = torch.zeros(n, d)
         if batch["images"] is not None and self.uses_images:
-            img[has_image] = F.normalize(self.model.encode_image(batch["images"]).float(), dim=-1)  # (B_img, d)
+            per_image = F.normalize(self.model.encode_image(batch["images"]).float(), dim=-1)  # (N_img, d)
+            owner = torch.arange(n).repeat_interleave(batch["n_images"])  # (N_img,) the record of each image
+            img = F.normalize(img.index_add(0, owner, per_image), dim=-1)  # (B, d) mean direction; zeros stay 0
         with_img = has_image & torch.tensor(self.uses_images)
         if self.combine == "concat":
             out = torch.cat([torch.zeros(n, d), txt], dim=1)  # text-only rows: [0, txt]
@@ -236,34 +242,37 @@ class _EmbedDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        from PIL import Image
-
         rec = self.records[i]
-        item = {"index": i, "image": None, "text": rec.text or "", "error": ""}
+        item = {"index": i, "image": None, "n_images": 0, "text": rec.text or "", "error": ""}
         try:
-            loaded = rec.load_image()
+            loaded = rec.load_images()
         except Exception as e:  # noqa: BLE001 - a file that cannot be read is a reject, never a crashed loader
             item["error"] = f"cannot read image: {type(e).__name__}: {e}"[:300]
             return item
-        if loaded is None:
+        if not loaded:
             return item
-        data, _ = loaded
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                images.check_aspect(im.size)  # from the header: a 1 x 100000 sliver is never resized
-                if self.embedder.uses_images and self.embedder.image_size:
-                    # JPEG: decode at the smallest DCT scale still >= the model's size (much less work)
-                    im.draft("RGB", (self.embedder.image_size, self.embedder.image_size))
-                im.load()
-                if self.embedder.uses_images:
-                    item["image"] = self.embedder.image_transform(im.convert("RGB"))  # (3, H, W)
-                else:
-                    item["image"] = torch.zeros(0)  # decoded and checked, not embedded
+            tensors = [self._decode(data) for data, _ in loaded]  # every image decoded and checked
+            item["n_images"] = len(tensors)
+            if self.embedder.uses_images:
+                item["image"] = torch.stack(tensors)  # (n_images, 3, H, W)
         except images.ImageRejected as e:
             item["error"] = images.tagged(e)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a crashed loader
             item["error"] = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")[:300]
         return item
+
+    def _decode(self, data: bytes) -> torch.Tensor | None:
+        """One image's bytes → the embedder's (3, H, W) input (None when it embeds text only), or an exception."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            images.check_aspect(im.size)  # from the header: a 1 x 100000 sliver is never resized
+            if self.embedder.uses_images and self.embedder.image_size:
+                # JPEG: decode at the smallest DCT scale still >= the model's size (much less work)
+                im.draft("RGB", (self.embedder.image_size, self.embedder.image_size))
+            im.load()
+            return self.embedder.image_transform(im.convert("RGB")) if self.embedder.uses_images else None
 
 
 def _worker_init(_: int) -> None:
@@ -298,6 +307,8 @@ def cache_key(records: list, embedder: Embedder, extra: str = "") -> str:
             h.update(f"{path}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
         elif r.image is not None:
             h.update(hashlib.sha1(r.image).digest())
+        for m in r.more_images:  # a multi-image record's further images
+            h.update(hashlib.sha1(m["data"]).digest() if "data" in m else m["path"].encode())
     return h.hexdigest()
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from rbvl import manifest as manifest_file
 from rbvl.regroup.errors import RegroupError
 from rbvl.regroup.gallery_page import draw_plots, render
+from rbvl.regroup.report import read_rejects
 from rbvl.regroup.tar_index import iter_shard
 from rbvl.runtime import fsfault
 
@@ -164,7 +165,8 @@ def _build(out: Path, tmp: Path, manifest: dict, embeddings, n_nearest: int, n_r
         print(f"rbvl gallery: warning: {line}", file=sys.stderr)
     if len(problems) > 5:
         print(f"rbvl gallery: warning: ... and {len(problems) - 5} more (listed on the page)", file=sys.stderr)
-    page = render(manifest, views, cards, figures, note, problems, x is not None)
+    rejected = read_rejects(out / "rejects.jsonl")
+    page = render(manifest, views, cards, figures, note, problems, x is not None, rejected)
     (tmp / "index.html").write_text(page, encoding="utf-8")
 
 

@@ -155,8 +155,9 @@ def _num(v, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def render(manifest, views, cards, figures, note, problems, have_embeddings) -> str:
-    """The whole page as one HTML string; every value from the data goes through html.escape."""
+def render(manifest, views, cards, figures, note, problems, have_embeddings, rejected=None) -> str:
+    """The whole page as one HTML string; every value from the data goes through html.escape. `rejected`:
+    {split: [(reason, count, example rejects.jsonl rows)]} (rbvl.regroup.report.read_rejects)."""
     k = len(views)
     counts = manifest.get("counts") or {}
     q = manifest.get("eval_distribution") or []
@@ -229,6 +230,8 @@ def render(manifest, views, cards, figures, note, problems, have_embeddings) -> 
     if sweep or figures:
         parts.append("</div>")
 
+    parts += _rejected(rejected or {})
+
     # one section per cluster
     for i, v in enumerate(views):
         entry = manifest["clusters"][i]
@@ -257,6 +260,25 @@ def render(manifest, views, cards, figures, note, problems, have_embeddings) -> 
         "<code>rbvl gallery OUT/</code>.</p></main></body></html>"
     )
     return "\n".join(parts) + "\n"
+
+
+def _rejected(rejected: dict) -> list[str]:
+    """The "Rejected" section: per split, each reason with its count and a few examples (id, source, detail)."""
+    if not any(rejected.values()):
+        return []
+    parts = ['<h2 id="rejected">Rejected</h2><table class="rejected"><tr><th>split</th><th>reason</th>'
+             "<th>records</th><th>examples</th></tr>"]  # fmt: skip
+    for split, reasons in rejected.items():
+        for reason, n, examples in reasons:
+            shown = "<br>".join(
+                f"<code>{_e(x.get('id') if x.get('id') is not None else x.get('source'))}</code> {_e(x.get('detail', ''))}"
+                for x in examples
+            )
+            parts.append(
+                f'<tr><td>{_e(split)}</td><td>{_e(reason)}</td><td class="num">{n:,}</td><td>{shown}</td></tr>'
+            )
+    parts.append('</table><p class="sub">Every rejected record, with its source, is in <code>rejects.jsonl</code>.</p>')
+    return parts
 
 
 def _labels(entry: dict, n: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from rbvl.config.engine import Checked, ConfigError, from_dict, option, parse_override, read_yaml, set_dotted
+from rbvl.records.tables import is_dataset_name
 from rbvl.regroup.errors import RegroupError
 
 
@@ -35,18 +36,30 @@ class RegroupOptions(Checked):
     KEY: ClassVar[str] = ""
 
     input: list[str] = option(factory=list)
-    """Train inputs: LLaVA JSON, WebDataset shards (.tar) or text-only JSONL/Parquet (files, folders or globs)."""
+    """Train inputs (files, folders or globs): JSON / JSONL, Parquet, Arrow, a `datasets` save_to_disk folder,
+    WebDataset shards (.tar), or a dataset name `org/name[:split]` in the local Hugging Face cache; rows hold LLaVA /
+    ShareGPT conversations, chat `messages` with an `images` column, or prompt/response pairs (docs/formats.md)."""
     out: str | None = None
     """Output folder for shards, manifest.json, rejects.jsonl, summary.md (new, empty, or a previous regroup output)."""
     eval: list[str] = option(factory=list)
     """Eval inputs, assigned to the nearest train centroid (never used to fit)."""
     image_root: str | None = None
-    """Folder that relative image paths in LLaVA JSON are resolved against (default: the JSON file's folder)."""
+    """Folder that relative image paths are resolved against (default: the input file's folder)."""
     allow_outside_root: bool = False
     """Accept image paths that resolve outside the image root (`..`, absolute paths, symlinks pointing out); by
     default such a record is rejected as `image_outside_root`, so a dataset file cannot pull in other files."""
-    format: str | None = option(None, choices=(None, "llava", "webdataset", "jsonl", "parquet"))
-    """Input format (default: detected from the file names)."""
+    format: str | None = option(None, choices=(None, "llava", "webdataset", "jsonl", "parquet", "arrow"))
+    """Input container (default: detected from the file names, and said in one line per input)."""
+    conversation_field: str | None = None
+    """Column of chat turns (default: the first of conversations, conversation, messages)."""
+    image_field: str | None = None
+    """Column of images: paths, lists of paths or Hugging Face `Image` values (default: images, then image)."""
+    id_field: str | None = None
+    """Column of record ids (default: id; a row without one is named FILESTEM-ROW)."""
+    prompt_field: str | None = None
+    """Text-only rows: the prompt column (default: the first of prompt, question, instruction, query, input)."""
+    response_field: str | None = None
+    """Text-only rows: the response column (default: the first of response, answer, output, completion, solution)."""
     preset: str | None = option(None, choices=(None, "llava", "s1", "text"))
     """Reader preset for text-only corpora (e.g. `s1` for the S1 traces)."""
     text_fields: list[str] | None = None
@@ -108,7 +121,7 @@ class RegroupOptions(Checked):
         if not self.out:
             raise RegroupError("no output folder: give --out DIR (or `out:` in --config)")
         for p in [*self.input, *self.eval]:
-            if not Path(p).exists() and not any(c in p for c in "*?[{"):
+            if not Path(p).exists() and not any(c in p for c in "*?[{") and not is_dataset_name(p):
                 raise RegroupError(f"input not found: {p}")
 
 

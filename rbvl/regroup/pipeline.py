@@ -38,6 +38,12 @@ def read_options(opts: RegroupOptions) -> ReadOptions:
         label_field=opts.label_field,
         with_trajectory=opts.with_trajectory,
         allow_outside_root=opts.allow_outside_root,
+        conversation_field=opts.conversation_field,
+        image_field=opts.image_field,
+        id_field=opts.id_field,
+        prompt_field=opts.prompt_field,
+        response_field=opts.response_field,
+        announce=lambda line: print(f"rbvl-regroup: reading {line}"),
     )
 
 
@@ -106,10 +112,14 @@ def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: 
     _warn_outside_root(rejects, opts)
     if not n_train or max(ks) > n_train:
         everything.close()
-    if not n_train:
-        raise RegroupError(f"no usable train records in {', '.join(opts.input)} ({rejects.count('train')} rejected)")
-    if max(ks) > n_train:
-        raise RegroupError(f"k={max(ks)} is larger than the number of usable train records ({n_train})")
+    if not n_train or max(ks) > n_train:
+        why = report.rejected(rejects, "train", n_in_train, opts.image_root)
+        hints = "".join(f"; {h}" for h in why.hints)
+        if not n_train:
+            raise RegroupError(f"no usable train records in {', '.join(opts.input)} ({why.headline()}){hints}")
+        raise RegroupError(
+            f"k={max(ks)} is larger than the number of usable train records ({n_train}; {why.headline()}){hints}"
+        )
     timings["read_s"] = time.perf_counter() - t0
 
     # ---- embed (train rows, then eval rows, one cache)
@@ -174,7 +184,12 @@ def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: 
         eval_distribution=C.distribution(eval_labels, cl.k),
         created=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         embedder=embedder.manifest_entry(),
-        input={"train": list(opts.input), "eval": list(opts.eval), "format": _input_format(train, opts)},
+        input={
+            "train": list(opts.input),
+            "eval": list(opts.eval),
+            "format": _input_format(train, opts),
+            "max_images": max(w_train.max_images, w_eval.max_images),  # per sample; > 1: multi-image samples
+        },
         sweep=cl.sweep,
         centroids=centroids,
         train_distribution=C.distribution(cl.labels, cl.k),
@@ -189,10 +204,13 @@ def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: 
         rejects="rejects.jsonl",
         image_notes={"file": images.NOTES if n_notes else None, "count": n_notes},
     )
-    report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots)
+    why = [
+        report.rejected(rejects, split, n, opts.image_root) for split, n in (("train", n_in_train), ("eval", n_in_eval))
+    ]
+    report.write_summary(out, manifest, x_train, cl.labels, train_labels_src, plots=opts.plots, rejects=why)
     everything.close()
     outdir.commit(out, final, manifest)  # the old output out (only with --overwrite), the new one in, manifest last
-    report.print_summary(manifest, {**timings, **embed_stats}, final)
+    report.print_summary(manifest, {**timings, **embed_stats}, final, rejects=why)
     gallery.after_regroup(final, manifest, w_train.ids, x_train, opts.gallery, opts.plots)  # OUT/gallery/
     _barrier(world)
     return manifest

@@ -1,11 +1,89 @@
-"""The human side of Regroup: OUT/summary.md with PNG plots, and a short summary on the terminal."""
+"""The human side of Regroup: OUT/summary.md with PNG plots, a short summary on the terminal, and what was rejected
+said so that a person can act on it (a count per reason with an example record, a hint for a likely mistake)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from rbvl.records import Reject, Rejects
+
+
+@dataclass
+class Rejected:
+    """One split's rejects as a person reads them: (reason, count, first reject) most frequent first, and hints."""
+
+    split: str
+    n_in: int
+    reasons: list[tuple[str, int, Reject]] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """`missing_image 20 (e.g. r3: data/x.jpg)`, one per reason."""
+        return [f"{reason} {n} (e.g. {_example(first)})" for reason, n, first in self.reasons]
+
+    def headline(self, n: int = 3) -> str:
+        """The main reasons in one phrase: `28 rejected: missing_image 20 (e.g. ...), bad_json 8 (e.g. ...)`."""
+        total = sum(count for _, count, _ in self.reasons)
+        more = f", and {len(self.reasons) - n} more reasons" if len(self.reasons) > n else ""
+        return f"{total} rejected" + (f": {', '.join(self.lines()[:n])}{more}" if self.reasons else "")
+
+
+def rejected(rejects: Rejects, split: str, n_in: int, image_root: str | None) -> Rejected:
+    """The per-reason view of `split`'s rejects, with a hint for each likely user mistake:
+
+    most records `missing_image`: the image root is probably not where the images are (--image-root);
+    every record `missing_field`: the file's columns are not the ones rbvl looks for (its example lists both).
+    """
+    out = Rejected(split, n_in, rejects.summary(split))
+    by_reason = {reason: (n, first) for reason, n, first in out.reasons}
+    if "missing_image" in by_reason and 2 * by_reason["missing_image"][0] > n_in:
+        n, first = by_reason["missing_image"]
+        where = image_root or "each input file's own folder"
+        out.hints.append(
+            f"{n} of {n_in} {split} records name an image file that is not there (e.g. {first.detail}): did you pass "
+            f"--image-root? Relative image paths are resolved against {where}"
+        )
+    if "missing_field" in by_reason and by_reason["missing_field"][0] == n_in:
+        out.hints.append(
+            f"every {split} record lacks the fields rbvl reads (its example lists those it looked for and those "
+            "the row has): name yours with --conversation-field, --image-field, --prompt-field or --response-field"
+        )
+    return out
+
+
+def read_rejects(path: Path, n_examples: int = 3) -> dict[str, list[tuple[str, int, list[dict]]]]:
+    """rejects.jsonl as {split: [(reason, count, the first `n_examples` lines)]}, most frequent first (the gallery's
+    "Rejected" section); empty when the file is missing, unreadable lines skipped."""
+    import json
+
+    found: dict[str, dict[str, list]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            entry = found.setdefault(str(row.get("split")), {}).setdefault(str(row.get("reason")), [0, []])
+            entry[0] += 1
+            if len(entry[1]) < n_examples:
+                entry[1].append(row)
+    return {
+        split: sorted(((reason, n, ex) for reason, (n, ex) in reasons.items()), key=lambda t: -t[1])
+        for split, reasons in found.items()
+    }
+
+
+def _example(r: Reject) -> str:
+    who = r.id if r.id is not None else r.source
+    return f"{who}: {_short(r.detail, 300)}" if r.detail else str(who)
 
 
 def examples_per_cluster(records: list, clusters: np.ndarray, distances: np.ndarray, k: int, n: int = 3) -> list:
@@ -23,8 +101,17 @@ def _short(text: str, n: int = 200) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def write_summary(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray, labels: list, plots: bool = True):
-    """summary.md: the k sweep, cluster sizes with top labels, example texts; plus sweep / sizes / projection PNGs."""
+def write_summary(
+    out: Path,
+    manifest: dict,
+    x: np.ndarray,
+    clusters: np.ndarray,
+    labels: list,
+    plots: bool = True,
+    rejects: list[Rejected] = (),
+):
+    """summary.md: the k sweep, cluster sizes with top labels, example texts, what was rejected and why; plus sweep /
+    sizes / projection PNGs."""
     pngs = _plots(out, manifest, x, clusters, labels) if plots else []
     c = manifest["counts"]
     lines = [
@@ -35,8 +122,9 @@ def write_summary(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray
         "",
         f"Train: {c['train']['in']} in, {c['train']['written']} written, {c['train']['rejected']} rejected. "
         f"Eval: {c['eval']['in']} in, {c['eval']['written']} written, {c['eval']['rejected']} rejected "
-        "(reasons in `rejects.jsonl`).",
+        "(every one in `rejects.jsonl`).",
         "",
+        *_rejected_section(rejects),
         "## k sweep",
         "",
         "| k | silhouette | inertia |",
@@ -74,6 +162,17 @@ def write_summary(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray
     if pngs:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _rejected_section(rejects: list[Rejected]) -> list[str]:
+    """summary.md's "Rejected" table (reason, count, an example per split) and its hints; nothing when none were."""
+    rows = [(r.split, reason, n, first) for r in rejects for reason, n, first in r.reasons]
+    if not rows:
+        return []
+    lines = ["## Rejected", "", "| split | reason | records | example |", "| --- | --- | --- | --- |"]
+    lines += [f"| {split} | {reason} | {n} | {_example(first).replace('|', '/')} |" for split, reason, n, first in rows]
+    hints = [h for r in rejects for h in r.hints]
+    return [*lines, "", *[f"**Hint:** {h}" for h in hints], *([""] if hints else [])]
 
 
 def _fmt(v) -> str:
@@ -143,13 +242,19 @@ def _plots(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray, label
     return names
 
 
-def print_summary(manifest: dict, stats: dict, out: Path) -> None:
-    """A few lines for the terminal: counts, k, sweep, cluster sizes, where things are."""
+def print_summary(manifest: dict, stats: dict, out: Path, rejects: list[Rejected] = ()) -> None:
+    """A few lines for the terminal: counts (rejects per reason, with an example), k, sweep, cluster sizes, where
+    things are; hints for likely mistakes go to stderr as warnings."""
+    import sys
+
     c = manifest["counts"]
     print(f"rbvl-regroup: {manifest['embedder']['name']} → k = {manifest['k']} clusters in {out}")
+    why = {r.split: r for r in rejects}
     for split in ("train", "eval"):
         if c[split]["in"]:
             print(f"  {split}: {c[split]['in']} in = {c[split]['written']} written + {c[split]['rejected']} rejected")
+            for line in why[split].lines() if split in why else []:
+                print(f"    rejected: {line}")
     if len(manifest["sweep"]) > 1:
         print("  sweep: " + ", ".join(f"k={s['k']} sil={_fmt(s['silhouette'])}" for s in manifest["sweep"]))
     print("  sizes: " + " ".join(str(cl["n_train"]) for cl in manifest["clusters"]))
@@ -161,3 +266,5 @@ def print_summary(manifest: dict, stats: dict, out: Path) -> None:
             + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in stats.items() if k.endswith("_s"))
         )
     print(f"  see {out / 'summary.md'}")
+    for hint in [h for r in rejects for h in r.hints]:
+        print(f"rbvl-regroup: warning: {hint}", file=sys.stderr)

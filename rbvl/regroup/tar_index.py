@@ -16,7 +16,8 @@ _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: the key 
 
 
 def iter_shard(path: Path):
-    """(key, sample JSON, image member (offset, size) or None) per sample of one tar, without reading image bytes."""
+    """(key, sample JSON, first image member (offset, size) or None) per sample of one tar, without reading image
+    bytes."""
     key, meta, image = None, None, None
     with open(path, "rb") as f:
         for name, offset, size in tar_members(f):
@@ -31,7 +32,7 @@ def iter_shard(path: Path):
             if ext == "json":
                 f.seek(offset)
                 meta = f.read(size)
-            elif ext in IMAGE_EXTS and image is None:
+            elif ext.rpartition(".")[2] in IMAGE_EXTS and image is None:  # `0.png`: a multi-image sample's first
                 image = (offset, size)
     if key is not None:
         yield key, meta, image

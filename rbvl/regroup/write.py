@@ -3,7 +3,8 @@
 Layout and fields follow docs/formats.md:
 
     OUT/train/cluster_003/shard-000000.tar   <key>.png|.jpg|.webp (rbvl/records/images.py contract) + <key>.json,
-                                             in a seeded random order
+                                             in a seeded random order; a multi-image sample holds <key>.0.png,
+                                             <key>.1.jpg ... and lists them in its JSON's `images`
     OUT/eval/cluster_003/shard-000000.tar    eval records, assigned to the nearest train centroid
     OUT/centroids.npy  OUT/rejects.jsonl  OUT/manifest.json
 """
@@ -40,6 +41,7 @@ class _SplitWriter:
         self._names: dict[str, str] = {}  # shard file → its path relative to OUT
         self.notes: list[dict] = []  # images changed to fit the shard contract (rbvl/records/images.py)
         self.ids: list[str | None] = []  # record id per input row (the gallery matches embeddings rows to samples)
+        self.max_images = 0  # the most images one written sample holds (training refuses families that take one)
 
     def write(self, cluster: int, sample: dict) -> None:
         import webdataset as wds
@@ -93,8 +95,7 @@ def write_shards(
 
     `records` is anything indexable (a list, `RecordSpool.rows`); a record whose image vanished since embedding goes
     to `rejects` (missing_image), and so does one whose image `images.for_shard` refuses (unreadable_image,
-    image_aspect); an image
-    it changes gets an `image_note` in its JSON and a line in `writer.notes`. Returns the writer (shard lists,
+    image_aspect); an image it changes gets an `image_note` in its JSON and a line in `writer.notes`. Returns the writer (shard lists,
     per-shard sample counts, image notes, `ids`: the record id of each row of `records`).
     """
     from tqdm.auto import tqdm
@@ -108,21 +109,23 @@ def write_shards(
             writer.ids[i] = rec.id
             sample = {"__key__": sanitize_key(rec.id)}
             try:
-                loaded = rec.load_image()
+                loaded = rec.load_images()
             except OSError as e:
                 rejects.add(split, rec, "missing_image", str(e))
                 continue
-            note = None
-            if loaded is not None:
-                try:
-                    img = images.for_shard(*loaded)  # PNG/JPEG/WebP, 8-bit, one frame: what the stream reads
-                except images.ImageRejected as e:
-                    rejects.add(split, rec, e.reason, str(e))
-                    continue
-                sample[img.ext] = img.data
-                note = img.note
-                if note:
-                    writer.notes.append({"split": split, "id": rec.id, "note": note})
+            try:
+                shard_images = [images.for_shard(*one) for one in loaded]  # PNG/JPEG/WebP, 8-bit, one frame
+            except images.ImageRejected as e:
+                rejects.add(split, rec, e.reason, str(e))
+                continue
+            names = image_members(shard_images)
+            writer.max_images = max(writer.max_images, len(names))
+            for name, img in zip(names, shard_images):
+                sample[name] = img.data
+            notes = [f"image {k}: {img.note}" if len(names) > 1 else img.note for k, img in enumerate(shard_images)]
+            note = "; ".join(n for n in notes if n and not n.endswith(": None")) or None
+            if note:
+                writer.notes.append({"split": split, "id": rec.id, "note": note})
             sample["json"] = {
                 "id": rec.id,
                 "conversation": rec.conversation,
@@ -130,6 +133,7 @@ def write_shards(
                 "cluster": c,
                 "distance": round(dist, 6),
                 "text": rec.text,
+                **({"images": names} if len(names) > 1 else {}),
                 **({"image_note": note} if note else {}),
             }
             writer.write(c, sample)
@@ -138,6 +142,14 @@ def write_shards(
         raise
     writer.close()
     return writer
+
+
+def image_members(shard_images: list) -> list[str]:
+    """The tar member extensions of a sample's images: `png` for one image (as always), `0.png`, `1.jpg`, ... for a
+    multi-image sample, in placeholder order (the sample's JSON lists them as `images`)."""
+    if len(shard_images) == 1:
+        return [shard_images[0].ext]
+    return [f"{k}.{img.ext}" for k, img in enumerate(shard_images)]
 
 
 def save_centroids(out: Path, centroids: np.ndarray) -> str:

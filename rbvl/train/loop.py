@@ -30,6 +30,7 @@ from rbvl.evaluate import causal_lm_token_loss, evaluate_domains
 from rbvl.mixing import build_mixer, initial_proportions, input_tokens
 from rbvl.mixing.context import build_mix_context
 from rbvl.model import prepare_model
+from rbvl.model.families import lookup, model_type_of
 from rbvl.runtime import runlock
 from rbvl.runtime.distributed import Distributed
 from rbvl.train import checkpoint as ckpt
@@ -67,7 +68,8 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
     model, processor = prepare_model(cfg, run_dir, dist.rank, dist.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
-    collator = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+    family = lookup(model_type_of(model))  # the table's row (a text LM's too, so the stream can name it)
+    collator = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong, family=family)
     probe_domains(domains, collator, p0)  # a max_length that leaves a domain no label token: one line, now
     ctx, held_out = build_mix_context(cfg, model, domains, collator, dist, target, scheduler, schedule)
     mixer = build_mixer(
