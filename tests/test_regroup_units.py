@@ -154,3 +154,18 @@ def test_outdir_takes_a_leftover_gallery_as_its_own(tmp_path):
     with pytest.raises(RegroupError, match=r"not a regroup output .*photo\.png"):
         outdir.prepare(out, overwrite=True)
     assert (out / "photo.png").read_bytes() == b"user data"
+
+
+def test_a_best_k_at_the_edge_of_the_sweep_says_to_widen_it():
+    from rbvl.regroup.cluster import sweep_edge
+
+    sweep = [{"k": k, "silhouette": s} for k, s in ((4, 0.1), (8, 0.2), (16, 0.3))]
+    assert sweep_edge(sweep, 16) == (
+        "the silhouette is highest at the largest k tried (16): the best k may be larger; widen the sweep, "
+        "e.g. --k 8,16,32,64"
+    )
+    assert "the best k may be smaller; widen the sweep, e.g. --k 2,4,8" in sweep_edge(sweep, 4)
+    assert sweep_edge(sweep, 8) is None, "a peak inside the sweep"
+    assert sweep_edge(sweep[:2], 8) is None, "two k are no sweep to widen"
+    two = [{"k": k, "silhouette": s} for k, s in ((2, 0.5), (3, 0.2), (4, 0.1))]
+    assert sweep_edge(two, 2) is None, "k = 2 is as small as a split goes"

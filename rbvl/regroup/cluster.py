@@ -102,6 +102,20 @@ def cluster(
     return Clustering(best, centroids, labels, dist, sweep)
 
 
+def sweep_edge(sweep: list[dict], best: int) -> str | None:
+    """A note when the best silhouette of a sweep of 3 or more k lies at its largest (or smallest, above 2) k: the
+    peak may lie outside what was tried, so the sweep should be widened."""
+    ks = sorted(s["k"] for s in sweep if s["silhouette"] is not None)
+    if len(ks) < 3:
+        return None
+    wider = lambda *k: ",".join(map(str, sorted(set(k))))  # noqa: E731
+    if best == ks[-1]:
+        return f"the silhouette is highest at the largest k tried ({best}): the best k may be larger; widen the sweep, e.g. --k {wider(*ks[-2:], 2 * best, 4 * best)}"  # fmt: skip
+    if best == ks[0] and best > 2:
+        return f"the silhouette is highest at the smallest k tried ({best}): the best k may be smaller; widen the sweep, e.g. --k {wider(2, max(2, best // 2), *ks[:2])}"  # fmt: skip
+    return None
+
+
 def count_distinct(x: np.ndarray, stop: int | None = None, decimals: int = 5) -> int:
     """Distinct rows of x (N, d), rounded to `decimals` (the same record embedded in two batches may differ in its
     last bits); counting stops at `stop`, so ordinary data costs a few rows, not a pass."""

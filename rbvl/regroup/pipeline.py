@@ -155,6 +155,7 @@ def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: 
     x_train = np.asarray(emb[train_rows], dtype=np.float32)  # (N, d)
     x_eval = np.asarray(emb[eval_rows], dtype=np.float32)  # (N_eval, d)
     cl = C.cluster(x_train, ks, opts.seed, opts.minibatch_above, opts.silhouette_sample, opts.progress)
+    _warn(C.sweep_edge(cl.sweep, cl.k))  # the best k at an end of the sweep: widen it
     eval_labels, eval_dist = C.assign(x_eval, cl.centroids) if len(evals) else (np.zeros(0, int), np.zeros(0))
     train_labels_src = [everything.labels[i] for i in train_rows]
     labels = C.label_metrics(x_train, cl.labels, train_labels_src, opts.seed, opts.silhouette_sample)
@@ -224,6 +225,11 @@ def _embedded_rows(records, errors: dict[int, str], n_train: int, rejects: Rejec
         ok[row] = False
         rejects.add("train" if row < n_train else "eval", records[row], *images.untagged(err))
     return np.flatnonzero(ok[:n_train]), n_train + np.flatnonzero(ok[n_train:])
+
+
+def _warn(line: str | None) -> None:
+    if line:
+        print(f"rbvl-regroup: warning: {line}", file=sys.stderr)
 
 
 def _warn_outside_root(rejects: Rejects, opts: RegroupOptions) -> None:
