@@ -22,6 +22,7 @@ def probe_domains(domains: Domains, collate, train_weights=None, probe: int = PR
     domains out) and its train split is not probed. Eval is probed for every domain: the run evaluates them all.
     Shards that cannot be read are left to the stream and the eval loop, which name them.
     """
+    check_images_per_sample(domains, getattr(collate, "family", None))  # the family's limit first: it says more
     failed, seen = [], {}
     for d, domain in enumerate(domains.domains):
         splits = []
@@ -39,6 +40,18 @@ def probe_domains(domains: Domains, collate, train_weights=None, probe: int = PR
         names = ", ".join(failed[:6]) + (f" and {len(failed) - 6} more" if len(failed) > 6 else "")
         head = f"none of the first {probe} samples of {names} can be trained on"
         raise DataError(needed_length(head, seen, getattr(collate, "max_length", None)))
+
+
+def check_images_per_sample(domains: Domains, family) -> None:
+    """A model family that takes one image per sample refuses a manifest holding multi-image samples, at the start,
+    in one line naming the family (rather than dropping those samples one warning at a time)."""
+    max_images = int((domains.manifest.get("input") or {}).get("max_images") or 0)
+    if family is not None and max_images > 1 and not family.multi_image:
+        raise DataError(
+            f"model family '{family.model_type}' takes one image per sample, and this manifest holds samples with up "
+            f"to {max_images} images: train a family that takes several (the README's family table, multi-image "
+            "column), or regroup without the multi-image records"
+        )
 
 
 def _probe(shards, d: int, collate, probe: int):

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from rbvl.data.domains import Domains
-from rbvl.data.probe import needed_length
+from rbvl.data.probe import check_images_per_sample, needed_length
 from rbvl.data.shards import DataError, ShardError, decode, decode_or_none, domain_samples, read_shard
 
 
@@ -78,7 +78,7 @@ class MixtureStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.shuffle_buffer, self.grad_accum = num_workers, shuffle_buffer, grad_accum
         self.slots = max(1, num_workers)
-        _check_images_per_sample(domains, getattr(collate, "family", None))
+        check_images_per_sample(domains, getattr(collate, "family", None))
         self.next_batch = 0  # index of the next batch the main process will receive
         self.cursors = {r: [0] * len(domains) for r in range(rank * self.slots, (rank + 1) * self.slots)}
         self.counts = {"truncated": 0, "dropped": 0}  # since the last log line
@@ -174,18 +174,6 @@ class MixtureStream(IterableDataset):
             )
             yield batch, meta
             index += self.slots
-
-
-def _check_images_per_sample(domains: Domains, family) -> None:
-    """A model family that takes one image per sample refuses a manifest holding multi-image samples, at the start,
-    in one line naming the family (rather than dropping those samples one warning at a time)."""
-    max_images = int((domains.manifest.get("input") or {}).get("max_images") or 0)
-    if family is not None and max_images > 1 and not family.multi_image:
-        raise DataError(
-            f"model family '{family.model_type}' takes one image per sample, and this manifest holds samples with up "
-            f"to {max_images} images: train a family that takes several (the README's family table, multi-image "
-            "column), or regroup without the multi-image records"
-        )
 
 
 class _Starved:
