@@ -487,3 +487,24 @@ def test_recipe_model_configs_build_and_take_the_recipes_lora(hub_id):
     assert adapters and not any(fam.vision and f".{fam.vision}." in n for n in adapters)
     for name in cfg.lora.modules_to_save or []:
         assert any(n.endswith(f"{name}.modules_to_save") for n, _ in model.named_modules()), name
+
+
+def test_internvl_outside_the_table_tracks_its_projector_after_lora():
+    """InternVL (introspected) announced multi_modal_projector.linear_2 for params=head and then tracked lm_head only."""
+    import transformers as tf
+
+    from rbvl.balance import GradientTracker
+    from rbvl.config import LoraConfig
+    from rbvl.model import apply_lora
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=[28, 28], patch_size=[14, 14])  # fmt: skip
+    text = dict(model_type="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = tf.InternVLForConditionalGeneration(
+        tf.InternVLConfig(vision_config=vision, text_config=text, image_token_id=5, image_seq_length=1)
+    )
+    model = apply_lora(model, LoraConfig())
+    tracker = GradientTracker(model, 2, params="head", head_patterns=head_patterns(model))
+    assert sorted(n.split(".")[-1] for n in tracker.tracked_names) == ["linear_2", "lm_head"]
+    assert any(".multi_modal_projector.modules_to_save." in n for n in tracker.tracked_names)
