@@ -88,6 +88,7 @@ class _Groups:
             lo, hi = int(where[0]), int(where[-1]) + 1
             self.rows.append(slice(lo, hi) if hi - lo == where.numel() else where)
         self._on_device: dict = {}
+        self.base: torch.Tensor | None = None  # (k, 1, 1): the tracker's offsets of these domains in its sketch
 
     def __len__(self) -> int:
         return self.k
@@ -162,7 +163,7 @@ class _TrackedLinear(torch.autograd.Function):
         elif groups.k * weight.numel() <= PART_BUDGET:
             parts = domain_parts(grad_out, a, groups)  # (k, out, in) fp32: Σ_d parts = the weight gradient
             grad_w = (parts[0] if groups.k == 1 else parts.sum(0)) if ctx.needs_input_grad[1] else None
-            tracker._add_parts(ctx.index, groups.index, parts)
+            tracker._add_parts(ctx.index, groups.index, parts, groups.base)
         else:  # a layer too large for k parts at once (an LM head): one domain at a time
             for j in range(groups.k):
                 rows = groups.rows_on(j, x.device)
@@ -171,7 +172,8 @@ class _TrackedLinear(torch.autograd.Function):
                 part = part if part.dtype == torch.float32 else part.float()
                 if ctx.needs_input_grad[1]:
                     grad_w = part if grad_w is None else grad_w + part
-                tracker._add_parts(ctx.index, groups.index[j : j + 1], part[None])
+                base = None if groups.base is None else groups.base[j : j + 1]
+                tracker._add_parts(ctx.index, groups.index[j : j + 1], part[None], base)
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
@@ -192,7 +194,8 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
     if groups.local is None:
         parts = torch.bmm(delta.reshape(k, -1, delta.shape[-1]).transpose(1, 2), a.reshape(k, -1, a.shape[-1]))
         return parts if parts.dtype == torch.float32 else parts.float()
-    delta, a = delta.reshape(n, -1, delta.shape[-1]), a.reshape(n, -1, a.shape[-1])  # (B, tokens, ·)
+    if delta.dim() != 3:
+        delta, a = delta.reshape(n, -1, delta.shape[-1]), a.reshape(n, -1, a.shape[-1])  # (B, tokens, ·)
     parts = torch.zeros(k, delta.shape[-1], a.shape[-1], dtype=torch.float32, device=delta.device)
     step = max(1, PART_BUDGET // (delta.shape[-1] * a.shape[-1]))
     for lo in range(0, n, step):

@@ -22,7 +22,7 @@ class _Plans(list):
 
     offsets: list[int]
     dim: int  # numbers used
-    cache: list  # per layer: (buckets, signs), each (out · in,), or None (not cached)
+    cache: list  # per layer: (buckets, signs), each (out, in), or None (not cached)
 
 
 def _plan_sketches(shapes, sketch_dim: int, seed: int, device, cache_bytes: int = 0) -> _Plans | None:
@@ -47,20 +47,20 @@ def _plan_sketches(shapes, sketch_dim: int, seed: int, device, cache_bytes: int 
         plans.append((a, s_a, b, s_b))
         if cache_bytes >= 5 * rows * cols:
             cache_bytes -= 5 * rows * cols
-            buckets = (a[:, None] + b[None, :]).remainder_(sketch_dim).to(torch.int32).flatten()
-            plans.cache[i] = (buckets, (s_a[:, None] * s_b[None, :]).to(torch.int8).flatten())
+            buckets = (a[:, None] + b[None, :]).remainder_(sketch_dim).to(torch.int32)
+            plans.cache[i] = (buckets, (s_a[:, None] * s_b[None, :]).to(torch.int8))
     plans.dim = sketch_dim
     return plans
 
 
 def _sketch_into(out: torch.Tensor, plans: _Plans, index: int, part: torch.Tensor) -> None:
     """Add the sketch of layer `index`'s (out, in) `part` into the (N,) vector `out` (one domain's row)."""
-    _sketch_parts(out[None], plans, index, torch.zeros(1, dtype=torch.long, device=out.device), part[None])
+    _sketch_parts(out, plans, index, torch.zeros(1, 1, 1, dtype=torch.long, device=out.device), part[None])
 
 
-def _sketch_parts(out: torch.Tensor, plans: _Plans, index: int, domains: torch.Tensor, parts: torch.Tensor) -> None:
-    """Add the sketches of layer `index`'s parts (k, out, in) into rows `domains` (k,) of the (m, N) sketch `out`, in
-    one scatter: row d's bucket b is element d · N + b of the flattened sketch.
+def _sketch_parts(flat: torch.Tensor, plans: _Plans, index: int, base: torch.Tensor, parts: torch.Tensor) -> None:
+    """Add the sketches of layer `index`'s parts (k, out, in) into the flattened (m · N,) sketch `flat` in one scatter:
+    `base` (k, 1, 1) holds each part's domain d times N, and bucket b of row d is element d · N + b.
 
     One count sketch over every tracked weight: entry (i, j) of layer l goes to bucket (a_i + b_j) mod N with sign
     s_i · t_j, with seeded hashes a, b and signs s, t of its own per layer. Every layer spreads over all N buckets
@@ -69,30 +69,27 @@ def _sketch_parts(out: torch.Tensor, plans: _Plans, index: int, domains: torch.T
     the N numbers err like the slice of the layer that holds the most energy). A layer whose buckets and signs are
     not cached takes its rows in chunks, so the temporaries stay small.
     """
-    plan, n = plans[index], out.shape[1]
+    plan = plans[index]
     if plan is None:  # exact layout: the layer's own slice of each row
-        offset = plans.offsets[index]
-        out[:, offset : offset + parts.shape[1] * parts.shape[2]].index_put_(
-            (domains,), parts.flatten(1), accumulate=True
-        )
+        cols = torch.arange(parts[0].numel(), device=flat.device).view(parts.shape[1:]) + plans.offsets[index]
+        flat.index_add_(0, (base + cols).view(-1), parts.reshape(-1))
         return
-    flat, base = out.view(-1), (domains * n)[:, None]  # (m · N,), (k, 1)
     if plans.cache[index] is not None:
-        buckets, signs = plans.cache[index]
-        flat.index_add_(0, (base + buckets).flatten(), (parts.flatten(1) * signs).flatten())
+        buckets, signs = plans.cache[index]  # (out, in) each
+        flat.index_add_(0, (base + buckets).view(-1), (parts * signs).view(-1))
         return
     a, s_a, b, s_b = plan
     step = max(1, CHUNK // (parts.shape[0] * parts.shape[2]))
     for r in range(0, parts.shape[1], step):
         rows = slice(r, r + step)
-        buckets = (a[rows, None] + b[None, :]).remainder_(n)  # (rows, in)
+        buckets = (a[rows, None] + b[None, :]).remainder_(plans.dim)  # (rows, in)
         values = parts[:, rows] * (s_a[rows, None] * s_b[None, :])  # (k, rows, in)
-        flat.index_add_(0, (base[:, :, None] + buckets).flatten(), values.flatten())
+        flat.index_add_(0, (base + buckets).view(-1), values.reshape(-1))
 
 
 def _sketch_domains(means: list[torch.Tensor], plans: _Plans, out: torch.Tensor) -> torch.Tensor:
     """(m, N) `out` with each domain's gradient (per layer (m, out, in) in `means`) added in, sketched by `plans`."""
-    domains = torch.arange(out.shape[0], device=out.device)
+    base = torch.arange(out.shape[0], device=out.device).view(-1, 1, 1) * out.shape[1]
     for index, g in enumerate(means):
-        _sketch_parts(out, plans, index, domains, g)
+        _sketch_parts(out.view(-1), plans, index, base, g)
     return out

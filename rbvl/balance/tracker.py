@@ -76,6 +76,8 @@ class GradientTracker:
         self.last = torch.zeros(n_domains, sketch_dim or self._fallback.dim, device=dev)  # (m, N)
         self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
         self._step_sums = self._zeros(dev) if guard_nonfinite else None
+        # the sketch a micro-batch adds to (the step's buffer with guard_nonfinite), flattened for one scatter per layer
+        self._sketch_flat = None if self.sketches is None else (self._step_sums or self.sums)[0].view(-1)
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
         self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None
@@ -115,6 +117,8 @@ class GradientTracker:
         # Which rows belong to which domain, worked out once per micro-batch on the CPU for every tracked layer.
         dev = self.sq.device
         self._groups = {"sample": _row_groups(ids, dev), "image": _row_groups(self._image_domains, dev)}
+        for groups in self._groups.values() if self.sketches is not None else ():  # offsets in the (m · N) sketch
+            groups.base = groups.index.view(-1, 1, 1) * self.sketch_dim
         self._scale = 1.0
         units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
         if self.enabled:  # T_ik: this micro-batch's tokens per domain
@@ -401,8 +405,9 @@ class GradientTracker:
         return 8 * weight.numel()  # and the bucket index (add, mod) and sign of each weight, recomputed
 
     @torch.no_grad()
-    def _add_parts(self, index: int, domains: torch.Tensor, parts: torch.Tensor) -> None:
-        """parts: (k, out, in), the shares of domains (k,) in this call's weight gradient as backpropagated; stored as
+    def _add_parts(self, index: int, domains: torch.Tensor, parts: torch.Tensor, base=None) -> None:
+        """parts: (k, out, in), the shares of domains (k,) (`base`: (k, 1, 1) domains · sketch_dim, worked out once per
+        micro-batch) in this call's weight gradient as backpropagated; stored as
         Σ_t ∇ℓ_t. A few operations per call whatever k: one scale, one scatter into the window, and Σ_k ‖s_ik‖²
         gets each part's squared norm (layers are disjoint coordinates, so their squares add up to ‖s_ik‖²)."""
         parts = parts * self._scale
@@ -411,6 +416,7 @@ class GradientTracker:
         if self.sketches is None:
             add_rows(target[index], domains, parts)
         else:
-            _sketch_parts(target[0], self.sketches, index, domains, parts)
+            base = domains.view(-1, 1, 1) * self.sketch_dim if base is None else base
+            _sketch_parts(self._sketch_flat, self.sketches, index, base, parts)
         norms = torch.linalg.vector_norm(parts, dim=(1, 2), dtype=torch.float64)  # (k,)
         (self.sq if self._step_sq is None else self._step_sq).index_add_(0, domains, norms.square())

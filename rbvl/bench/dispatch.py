@@ -13,7 +13,7 @@ model's 448 linears too.
 
 Then torch.compile: whether the tracked model's micro-batch runs under `torch.compile` (backend "eager": dynamo
 alone, no code generation, so it stays quick on a CPU), and the graph breaks `torch._dynamo.explain` counts with
-tracking off and on, on a 2-layer model (breaks per tracked layer are what scale).
+tracking off and on, on a 1-layer model (breaks per tracked layer are what scale).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def dispatch_counts(layers: int, domain_counts: list[int]) -> dict:
     return {"layers": layers, "tracked_linears": n_tracked, "untracked": untracked, "counts": rows}
 
 
-def compile_check(layers: int = 2) -> dict:
+def compile_check(layers: int = 1) -> dict:
     """Graph breaks (torch._dynamo.explain) of the forward pass untracked and tracked, and whether a tracked
     micro-batch trains under torch.compile(backend="eager") with the same gradients as without it."""
     import torch._dynamo
