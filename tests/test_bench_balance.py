@@ -72,3 +72,26 @@ def test_bench_balance_peer_options_checked_before_any_part_runs(option, message
     add_arguments(parser)
     with pytest.raises(SystemExit, match=message):
         run(parser.parse_args(["--recipe", "recipes/demo_tiny_rnb.yaml", *option]))
+
+
+def test_bench_balance_dispatch_counts(tmp_path, capsys, monkeypatch):
+    """--dispatch: operations per micro-batch against the untracked one (the compile check is stubbed: dynamo is slow)."""
+    import argparse
+
+    from rbvl.bench import dispatch
+
+    monkeypatch.setattr(dispatch, "compile_check", lambda: {"layers": 1, "tracked_linears": 14, "breaks_off": 0,
+                                                            "breaks_tracked": 0, "compiles": True})  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--dispatch", "--dispatch-layers", "1", "--dispatch-domains", "1,4",
+                              "--json", str(tmp_path / "d.json")])  # fmt: skip
+    result = run(args)
+    assert result["tracked_linears"] == 14 and result["untracked"] > 0
+    assert set(result["counts"]) == {
+        f"{mode}/{order}/{k}" for mode in ("exact", "sketched") for order, k in
+        (("sorted", 1), ("sorted", 4), ("interleaved", 4))
+    }  # fmt: skip
+    exact = result["counts"]["exact/sorted/1"] / result["untracked"]
+    assert exact < 1.5 and result["counts"]["exact/sorted/4"] / result["untracked"] < exact + 0.1  # O(1) in domains
+    assert "graph breaks" in capsys.readouterr().out and (tmp_path / "d.json").exists()

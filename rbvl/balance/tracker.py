@@ -1,7 +1,8 @@
 """GradientTracker: each domain's gradient of the tracked linear layers, read off the ordinary backward pass.
 
 The tracked linears run `_TrackedLinear` (rbvl/balance/layers.py), whose backward computes the weight gradient as
-the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa) and hands each part to the tracker. The tracker keeps, per domain,
+the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa, in one batched product) and hands the parts
+to the tracker, which adds them to its accumulators in one scatter per layer. The tracker keeps, per domain,
 Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
 is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and Σ_k T_ik² over micro-batches k.
 """
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbvl.balance.layers import VISION_SIDE, _row_groups, _TrackedLinear, select_modules
-from rbvl.balance.sketch import CHUNK, FALLBACK_DIM, _plan_sketches, _sketch_domains, _sketch_into
+from rbvl.balance.layers import VISION_SIDE, _row_groups, _TrackedLinear, add_rows, select_modules
+from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains, _sketch_parts
 from rbvl.balance.update import unbiased_diagonal
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class GradientTracker:
         self.modules = select_modules(model, params, head_patterns)  # [(name, nn.Linear)]
         self.sketch_dim, self.seed, self.guard = sketch_dim, seed, guard_nonfinite
         dev = self.modules[0][1].weight.device
-        self.sketches = _plan_sketches([mod.weight.shape for _, mod in self.modules], sketch_dim, seed, dev)
+        shapes = [mod.weight.shape for _, mod in self.modules]
+        self.sketches = _plan_sketches(shapes, sketch_dim, seed, dev, cache_bytes=INDEX_CACHE_BYTES)
         self.sums = self._zeros(dev)  # the window: Σ_t ∇ℓ_t per domain, [(m, *shape)] exact or [(m, N)] sketched
         self.tokens = torch.zeros(n_domains, dtype=torch.float64)  # (m,) label tokens per domain in the window
         # For the unbiased diagonal (docs/balance.md): per domain, Σ_k T_ik² and Σ_k ‖s_ik‖² over micro-batches k
@@ -69,18 +71,21 @@ class GradientTracker:
         self.has_diag = torch.zeros(n_domains, dtype=torch.bool)  # (m,) whether it has one
         # Each domain's last seen token-mean gradient, for windows that miss it: kept sketched (in the tracker's own
         # sketch, or, exact, in a small one of FALLBACK_DIM), so it never doubles the exact tracker's memory.
-        shapes = [mod.weight.shape for _, mod in self.modules]
         fallback = min(self.n_params, max(FALLBACK_DIM, 8 * len(shapes)))
         self._fallback = self.sketches or _plan_sketches(shapes, fallback, seed + 1, dev)
         self.last = torch.zeros(n_domains, sketch_dim or self._fallback.dim, device=dev)  # (m, N)
         self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
         self._step_sums = self._zeros(dev) if guard_nonfinite else None
+        # the sketch a micro-batch adds to (the step's buffer with guard_nonfinite), flattened for one scatter per layer
+        self._sketch_flat = None if self.sketches is None else (self._step_sums or self.sums)[0].view(-1)
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
         self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None
         self._sample_domains: torch.Tensor | None = None  # (B,)
         self._image_domains: torch.Tensor | None = None  # (rows the vision side sees,)
-        self._scale = 1.0  # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch)
+        # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch): a 0-dim tensor on the device once watch_loss
+        # has seen the loss's gradient, so reading it never syncs
+        self._scale: float | torch.Tensor = 1.0
         self.skipped_steps = 0
         self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
         self._originals: list | None = None
@@ -103,14 +108,17 @@ class GradientTracker:
             image_domain_ids: the domain of each row the vision side sees (one per image, or per tile / patch
                 row), for tracked layers whose batch dimension is images rather than samples.
         """
-        ids = torch.as_tensor(domain_ids, dtype=torch.long).flatten().cpu()
+        ids = torch.as_tensor(domain_ids, dtype=torch.long).flatten().cpu()  # on the CPU already in rbvl's loop
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.m):
             raise ValueError(f"domain ids must lie in [0, {self.m}), got {ids.tolist()}")
         self._sample_domains = ids
-        self._image_domains = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten()
-        # Which rows belong to which domain, worked out once per micro-batch for every tracked layer.
+        images = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten().cpu()
+        self._image_domains = images
+        # Which rows belong to which domain, worked out once per micro-batch on the CPU for every tracked layer.
         dev = self.sq.device
         self._groups = {"sample": _row_groups(ids, dev), "image": _row_groups(self._image_domains, dev)}
+        for groups in self._groups.values() if self.sketches is not None else ():  # offsets in the (m · N) sketch
+            groups.base = groups.index.view(-1, 1, 1) * self.sketch_dim
         self._scale = 1.0
         units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
         if self.enabled:  # T_ik: this micro-batch's tokens per domain
@@ -126,10 +134,11 @@ class GradientTracker:
         """
         if not (self.enabled and loss.requires_grad):
             return loss
-        norm = float(normalizer)
+        norm = torch.as_tensor(normalizer, dtype=torch.float32).to(loss.device, non_blocking=True)
 
-        def hook(grad):
-            self._scale = norm / float(grad) if float(grad) != 0 else 0.0
+        def hook(grad):  # runs first in the backward pass; stays on the device (no host sync)
+            grad = grad.float()
+            self._scale = torch.where(grad != 0, norm / grad, 0.0)
 
         loss.register_hook(hook)
         return loss
@@ -137,7 +146,8 @@ class GradientTracker:
     def commit(self, skip: bool = False) -> bool:
         """After each optimizer step: the step's contribution joins the window; returns False if it was dropped.
 
-        Dropped when `skip` (the optimizer skipped the step) or, with `guard_nonfinite`, when it is not finite.
+        Dropped when `skip` (the optimizer skipped the step) or, with `guard_nonfinite`, when it is not finite: that
+        check reads one flag off the device per optimizer step (as GradScaler's own check does), never per micro-batch.
         """
         if self._step_sums is None:
             if skip:
@@ -146,7 +156,7 @@ class GradientTracker:
         tokens, self._step_tokens = self._step_tokens, torch.zeros_like(self._step_tokens)
         tokens_sq, self._step_tokens_sq = self._step_tokens_sq, torch.zeros_like(self._step_tokens_sq)
         step = [*self._step_sums, self._step_sq]
-        finite = all(bool(torch.isfinite(s).all()) for s in step)
+        finite = bool(torch.stack([torch.isfinite(s).all() for s in step]).all())  # one host sync
         if skip or not finite:
             self.skipped_steps += 1
             for s in step:
@@ -390,26 +400,23 @@ class GradientTracker:
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
         if self.sketches is None or self.sketches[index] is None:
             return 4 * weight.numel()  # scale + add; ‖part‖² (multiply-add)
-        return 8 * weight.numel()  # scale; bucket index (add, mod); two signs; scatter-add; ‖part‖²
+        if self.sketches.cache[index] is not None:
+            return 6 * weight.numel()  # scale; bucket + domain offset; sign; scatter-add; ‖part‖²
+        return 8 * weight.numel()  # and the bucket index (add, mod) and sign of each weight, recomputed
 
     @torch.no_grad()
-    def _add_part(self, index: int, domain: int, part: torch.Tensor) -> None:
-        """part: (out, in), domain's share of this call's weight gradient as backpropagated; stored as Σ_t ∇ℓ_t."""
+    def _add_parts(self, index: int, domains: torch.Tensor, parts: torch.Tensor, base=None) -> None:
+        """parts: (k, out, in), the shares of domains (k,) (`base`: (k, 1, 1) domains · sketch_dim, worked out once per
+        micro-batch) in this call's weight gradient as backpropagated; stored as
+        Σ_t ∇ℓ_t. A few operations per call whatever k: one scale, one scatter into the window, and Σ_k ‖s_ik‖²
+        gets each part's squared norm (layers are disjoint coordinates, so their squares add up to ‖s_ik‖²)."""
+        parts = parts * self._scale
         target = self._step_sums if self._step_sums is not None else self.sums
-        weight = self.modules[index][1].weight
-        self.extra_flops += self._part_flops(index, weight)
+        self.extra_flops += parts.shape[0] * self._part_flops(index, self.modules[index][1].weight)
         if self.sketches is None:
-            target[index][domain].add_(part, alpha=self._scale)
+            add_rows(target[index], domains, parts)
         else:
-            _sketch_into(target[0][domain], self.sketches, index, part * self._scale)
-
-    @torch.no_grad()
-    def _add_sq_norms(self, groups, parts: list[torch.Tensor]) -> None:
-        """Σ_k ‖s_ik‖² gets this layer's ‖part‖² for each domain present (layers are disjoint coordinates, so their
-        squares add up to ‖s_ik‖²): one reduction per layer call whatever the domains, on the device (no sync)."""
-        target = self.sq if self._step_sq is None else self._step_sq
-        if parts[0].numel() * len(parts) <= CHUNK:  # one reduction over the stacked parts (a small copy)
-            norms = torch.linalg.vector_norm(torch.stack(parts), dim=(1, 2))
-        else:  # a large layer (an LM head): one multi-tensor kernel, no copy
-            norms = torch.stack(torch._foreach_norm(parts))
-        target.index_add_(0, groups.index, norms.double().square(), alpha=self._scale**2)
+            base = domains.view(-1, 1, 1) * self.sketch_dim if base is None else base
+            _sketch_parts(self._sketch_flat, self.sketches, index, base, parts)
+        norms = torch.linalg.vector_norm(parts, dim=(1, 2), dtype=torch.float64)  # (k,)
+        (self.sq if self._step_sq is None else self._step_sq).index_add_(0, domains, norms.square())

@@ -3,6 +3,7 @@
     rbvl bench balance --recipe recipes/llava15_7b_lora_rnb.yaml --domains 64     # the flagship recipe
     rbvl bench balance --recipe recipes/demo_tiny_rnb.yaml --slice-layers 2 --seq 64 --batch 4   # quick look
     rbvl bench balance --slice-layers 0 --peer-rounds 3          # the 7B table and the peers, no slice
+    rbvl bench balance --dispatch                                # operations per micro-batch (rbvl/bench/dispatch.py)
 
 Three parts, all printed as one table.
 
@@ -40,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from rbvl.balance import GradientTracker, _sketch_into, label_tokens, update_proportions
-from rbvl.bench import peers
+from rbvl.bench import dispatch, peers
 from rbvl.bench._timing import alternate, medians, set_threads
 from rbvl.config import load_config
 from rbvl.model import apply_lora, load_model
@@ -68,11 +69,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=5, help="Balance windows of training for the sketch's error")
     p.add_argument("--update-every", type=int, default=2, help="K on the slice (steps per window)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu", help="where the slice trains: cpu, cuda, cuda:N (timed with syncs)")
     p.add_argument("--json", help="also write the results here")
     peers.add_arguments(p)
+    dispatch.add_arguments(p)
 
 
 def run(args) -> dict:
+    if args.dispatch:  # the operation counts alone
+        result = dispatch.run(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return result
     if args.peers:
         peers.check_arguments(args)
     set_threads(args.threads)
@@ -178,7 +186,9 @@ def _projections(target_modules) -> list[str]:
 
 
 def slice_costs(cfg, args, compression: float) -> dict:
+    device = torch.device(args.device)
     model, config = slice_model(cfg, args.slice_layers)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     m, B, T = args.slice_domains, args.batch, args.seq
@@ -189,27 +199,29 @@ def slice_costs(cfg, args, compression: float) -> dict:
     sketch = GradientTracker(model, m, params="lora", sketch_dim=sketch_dim)
     sketch.remove()
     trackers = {"exact": exact, "sketched": sketch}
-    batches = synthetic_batches(m, B, T, config.vocab_size)
+    batches = synthetic_batches(m, B, T, config.vocab_size, device)
     batch_index = itertools.count()  # every step, timed or not, trains on the next batch
 
     def step(mode: str) -> float:
-        ids, labels, domains = batches(next(batch_index))
+        ids, labels, domains, tokens = batches(next(batch_index))
         tracker = trackers.get(mode)
+        _sync(device)
         t = time.perf_counter()
         if tracker is not None:
-            tracker.set_domains(domains, tokens=label_tokens(labels))
+            tracker.set_domains(domains, tokens=tokens)
         loss = masked_loss(model, ids, labels)
         if tracker is not None:
-            tracker.watch_loss(loss, normalizer=label_tokens(labels).sum())
+            tracker.watch_loss(loss, normalizer=tokens.sum())
         loss.backward()
         if mode == "naive":  # one more forward + backward per domain present, on that domain's samples
             for d in domains.unique().tolist():
-                rows = (domains == d).nonzero().flatten()
+                rows = (domains == d).nonzero().flatten().to(device)
                 torch.autograd.grad(masked_loss(model, ids[rows], labels[rows]), params, allow_unused=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if tracker is not None:
             tracker.commit()
+        _sync(device)
         return time.perf_counter() - t
 
     def timed_step(mode: str, _round: int) -> float:
@@ -222,6 +234,7 @@ def slice_costs(cfg, args, compression: float) -> dict:
     med = medians(alternate(MODES, args.rounds, timed_step, order="mirror", warmup=1))  # round 0 warms up
     errors, l1s, gram_time = sketch_error(exact, sketch, step, args.windows, args.update_every, cfg.balance.lam)
     return {
+        "device": str(device),
         "shape": f"{args.slice_layers} layers of hidden {config.hidden_size} (intermediate {config.intermediate_size}), "
         f"seq {T}, batch {B}, m {m}, LoRA r {cfg.lora.r} on {'/'.join(_projections(cfg.lora.target_modules))}",
         "tracked_params": P,
@@ -281,14 +294,16 @@ def sketch_error(exact, sketch, step, windows: int, update_every: int, lam: floa
         fresh = exact.tokens > 0
         t = time.perf_counter()
         exact.gram("plugin")
+        _sync(exact.sq.device)
         gram_time["exact"].append(time.perf_counter() - t)
         G = torch.zeros(m, m, dtype=torch.float64)
         for held, sums in zip(last, exact.sums, strict=True):
-            held[fresh] = sums[fresh] / exact.tokens[fresh].float().view(-1, 1, 1)
+            held[fresh] = sums[fresh] / exact.tokens[fresh].float().view(-1, 1, 1).to(sums.device)
             g = held.flatten(1).double()
-            G += g @ g.T
+            G += (g @ g.T).cpu()
         t = time.perf_counter()
         Gs = sketch.gram("plugin")
+        _sync(exact.sq.device)
         gram_time["sketched"].append(time.perf_counter() - t)
         p, ps = update_proportions(G, lam=lam), update_proportions(Gs, lam=lam)
         errors.append(float((Gs - G).norm() / G.norm()))
@@ -298,7 +313,13 @@ def sketch_error(exact, sketch, step, windows: int, update_every: int, lam: floa
     return errors, l1s, gram_time
 
 
-def synthetic_batches(m: int, B: int, T: int, vocab: int):
+def _sync(device) -> None:
+    """Wait for the device, so that a wall-clock reading covers the work queued before it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batches(m: int, B: int, T: int, vocab: int, device="cpu"):
     """Batch i: B samples, domains drawn uniformly; domain d's tokens come from its own band of the vocabulary and
     its answers (labelled tokens) are longer the larger d is."""
     band = max(1, vocab // m)
@@ -311,7 +332,8 @@ def synthetic_batches(m: int, B: int, T: int, vocab: int):
         for row, d in enumerate(domains.tolist()):
             n = max(2, T * (d + 1) // (2 * m))
             labels[row, T - n :] = ids[row, T - n :]
-        return ids, labels, domains
+        # domain ids and label tokens stay on the CPU, as a loader's metadata does (no device read in the step)
+        return ids.to(device), labels.to(device), domains, label_tokens(labels)
 
     return make
 
@@ -352,7 +374,8 @@ def print_table(r: dict) -> None:
 
 
 def print_slice(s: dict) -> None:
-    print(f"  CPU slice: {s['shape']}; tracked {s['tracked_params']:,}, sketch {s['sketch_dim']:,}")
+    where = s.get("device", "cpu").split(":")[0].upper()
+    print(f"  {where} slice: {s['shape']}; tracked {s['tracked_params']:,}, sketch {s['sketch_dim']:,}")
     print(f"  {'':22s}{'step (median)':>14s}{'overhead':>11s}{'memory':>12s}")
     for mode in MODES:
         mem = s["memory_gib"].get(mode)

@@ -57,7 +57,7 @@ from rbvl.train.metrics import read_metrics
 ARMS = ("stratified", "rnb", "balance_hf", "trainer")
 RATIOS = (  # (numerator, denominator, goal)
     ("stratified", "trainer", 1.0),
-    ("rnb", "stratified", 0.95),
+    ("rnb", "stratified", 0.97),
     ("balance_hf", "trainer", 0.95),
 )
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny_rnb.yaml"

@@ -109,7 +109,7 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
             with dist.no_sync(ddp_model, sync=micro == cfg.train.grad_accum - 1), autocast:
                 logits = ddp_model(**inputs).logits
                 token_loss = causal_lm_token_loss(logits, labels)  # (B, T): the one cross-entropy of the step
-                loss = token_loss.sum() / n_tokens.to(token_loss.device)  # the mean over label tokens
+                loss = token_loss.sum() / n_tokens.to(token_loss.device, non_blocking=True)  # mean over label tokens
             mixer.watch_loss(loss, n_tokens)
             scaler.scale(loss / cfg.train.grad_accum).backward()
             token_loss = token_loss.detach()

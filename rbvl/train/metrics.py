@@ -134,7 +134,11 @@ def _is_num(value) -> bool:
 
 
 class WindowStats:
-    """Per-domain training loss between two log lines, from the per-token loss the step already computed."""
+    """Per-domain training loss between two log lines, from the per-token loss the step already computed.
+
+    The sums stay on the loss's device and are read once per log line (`pop`), so a micro-batch never waits on the
+    device; only the (B,) ids and token counts travel to it, without blocking.
+    """
 
     def __init__(self, n_domains: int):
         self.m = n_domains
@@ -142,7 +146,8 @@ class WindowStats:
         self.reset()
 
     def reset(self):
-        self.stats = torch.zeros(3, self.m, dtype=torch.float64)  # (loss sum, tokens, samples) per domain
+        dev = self.stats.device if hasattr(self, "stats") else None  # stays where the losses are
+        self.stats = torch.zeros(3, self.m, dtype=torch.float64, device=dev)  # (loss sum, tokens, samples) per domain
         self.steps = 0
 
     @torch.no_grad()
@@ -151,15 +156,18 @@ class WindowStats:
     ) -> None:
         """One micro-batch: loss_sum, tokens, domain_ids are (B,) per sample (the loop counts `steps` itself)."""
         self.input_tokens += int(input_tokens)
-        d = domain_ids.to(torch.long).cpu()
-        self.stats[0].index_add_(0, d, loss_sum.double().cpu())
-        self.stats[1].index_add_(0, d, tokens.double().cpu())
-        self.stats[2].index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+        dev = loss_sum.device
+        if self.stats.device != dev:
+            self.stats = self.stats.to(dev, non_blocking=True)
+        d = domain_ids.to(dev, torch.long, non_blocking=True)
+        tokens = tokens.to(dev, torch.float64, non_blocking=True)
+        rows = torch.stack([loss_sum.double(), tokens, torch.ones_like(tokens)])  # (3, B)
+        self.stats.T.index_put_((d,), rows.T, accumulate=True)  # (3, m) += by domain; serial on the CPU
 
     def pop(self, dist) -> dict:
         stats = self.stats.to(dist.device)
         dist.all_reduce(stats)
-        loss_sum, tokens, samples = stats.cpu()
+        loss_sum, tokens, samples = stats.cpu()  # the one read of the window: at the log line
         steps = self.steps
         self.reset()
         per_domain = torch.where(tokens > 0, loss_sum / tokens.clamp(min=1), torch.full_like(tokens, float("nan")))
@@ -171,7 +179,7 @@ class WindowStats:
         }
 
     def state_dict(self) -> dict:
-        return {"stats": self.stats.clone(), "steps": self.steps, "input_tokens": self.input_tokens}
+        return {"stats": self.stats.cpu().clone(), "steps": self.steps, "input_tokens": self.input_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = state["stats"].clone().double()

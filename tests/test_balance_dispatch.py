@@ -1,0 +1,226 @@
+"""The tracker's batched backward against its definition: each domain's part is the gradient of that domain's
+token-mean loss by plain autograd, whatever the number of domains present (1, 3, 16) and however the rows lie
+(sorted in equal segments: views; sorted unequal or interleaved: per-row products summed by domain); the weight
+gradient stays the plain one; no host sync in a micro-batch (CPU stand-ins here, `gpu`-marked tests on CUDA)."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rbvl.balance import GradientTracker, label_tokens
+from rbvl.balance.sketch import _sketch_parts
+from rbvl.train.metrics import WindowStats
+
+VOCAB, SEQ = 64, 6
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_llama(device="cpu"):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+    )
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=PROJECTIONS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # zero at init; moved so lora_A gets gradients too
+    return model.to(device)
+
+
+def batch(n_domains: int, layout: str, device="cpu"):
+    """Samples of `n_domains` domains: 'equal' (sorted, equal segments), 'sorted' (sorted, unequal), 'interleaved'.
+    Labels cover a domain-dependent share of each sample, so domains differ in tokens."""
+    n = 2 * n_domains + (layout != "equal")
+    domains = torch.arange(n) % n_domains
+    if layout != "interleaved":
+        domains = domains.sort().values
+    g = torch.Generator().manual_seed(n_domains)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    labels = ids.clone()
+    for row, d in enumerate(domains.tolist()):
+        labels[row, : 1 + d % 3] = -100  # domain d's answers are shorter the larger d % 3
+    return ids.to(device), labels.to(device), domains
+
+
+def token_loss_sums(model, ids, labels):
+    logits = model(ids) if isinstance(model, nn.Sequential) else model(input_ids=ids).logits
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
+    return ce.sum(1)  # (B,)
+
+
+def per_domain_reference(model, tracker, ids, labels, domains):
+    """(m, P) each domain's token-mean loss gradient by plain autograd (the tracker switched off), and the plain
+    weight gradient of the micro-batch's token-mean loss."""
+    tracker.enabled = False
+    weights = [mod.weight for _, mod in tracker.modules]
+    tokens = label_tokens(labels).cpu()
+    rows = torch.zeros(tracker.m, tracker.n_params, dtype=torch.float64)
+    for d in domains.unique().tolist():
+        mine = (domains == d).to(ids.device)
+        loss = (token_loss_sums(model, ids, labels) * mine).sum() / tokens[domains == d].sum()
+        rows[d] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, weights)]).double().cpu()
+    loss = token_loss_sums(model, ids, labels).sum() / tokens.sum()
+    plain = [g.detach().clone() for g in torch.autograd.grad(loss, weights)]
+    tracker.enabled = True
+    return rows, plain
+
+
+def tracked_micro_batch(model, tracker, ids, labels, domains, loss_scale=1.0):
+    tracker.set_domains(domains, tokens=label_tokens(labels).cpu())
+    loss = token_loss_sums(model, ids, labels).sum() / label_tokens(labels).sum()
+    tracker.watch_loss(loss, normalizer=label_tokens(labels).cpu().sum())
+    (loss * loss_scale).backward()  # a 1/grad_accum or loss-scaler factor: the tracker reads it off the gradient
+
+
+@pytest.mark.parametrize("layout", ["equal", "sorted", "interleaved"])
+@pytest.mark.parametrize("n_domains", [1, 3, 16])
+def test_parts_match_per_domain_autograd(n_domains, layout):
+    model = lora_llama()
+    tracker = GradientTracker(model, 16)
+    ids, labels, domains = batch(n_domains, layout)
+    reference, plain = per_domain_reference(model, tracker, ids, labels, domains)
+    model.zero_grad()
+    tracked_micro_batch(model, tracker, ids, labels, domains, loss_scale=0.25)
+    torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-7)
+    for (_, mod), g in zip(tracker.modules, plain, strict=True):  # the gradient training uses: the plain one
+        torch.testing.assert_close(mod.weight.grad, 0.25 * g, rtol=1e-5, atol=1e-7)
+    assert isinstance(tracker._scale, torch.Tensor), "the loss scale stays a tensor: no host read in the hook"
+
+
+@pytest.mark.parametrize("budget", ["one domain at a time", "row chunks"])
+def test_large_layer_paths_match(budget, monkeypatch):
+    """A layer too large for k parts at once goes one domain at a time; B row parts too large go in row chunks."""
+    model = lora_llama()
+    tracker = GradientTracker(model, 16)
+    ids, labels, domains = batch(3, "interleaved")
+    reference, plain = per_domain_reference(model, tracker, ids, labels, domains)
+    largest = max(mod.weight.numel() for _, mod in tracker.modules)
+    monkeypatch.setattr("rbvl.balance.layers.PART_BUDGET", 1 if budget == "one domain at a time" else 3 * largest)
+    model.zero_grad()
+    tracked_micro_batch(model, tracker, ids, labels, domains)
+    torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-7)
+    for (_, mod), g in zip(tracker.modules, plain, strict=True):
+        torch.testing.assert_close(mod.weight.grad, g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_sketched_window_is_the_sketch_of_the_exact_window(cached, monkeypatch):
+    """The count sketch is linear: what the sketched tracker accumulates in one scatter per layer (buckets and signs
+    cached, or recomputed past the cache's budget) is the sketch of the exact per-domain sums."""
+    if not cached:
+        monkeypatch.setattr("rbvl.balance.tracker.INDEX_CACHE_BYTES", 0)
+    model = lora_llama()
+    exact = GradientTracker(model, 16)
+    exact.remove()
+    sketched = GradientTracker(model, 16, sketch_dim=exact.n_params // 3, seed=5)
+    assert all((c is not None) == cached for c in sketched.sketches.cache)
+    sketched.remove()
+    for layout in ("sorted", "interleaved"):
+        for tracker in (exact, sketched):
+            tracker.attach()
+            tracked_micro_batch(model, tracker, *batch(3, layout))
+            tracker.remove()
+    want = torch.zeros_like(sketched.sums[0])
+    base = torch.arange(16).view(-1, 1, 1) * want.shape[1]  # row d starts at d · N
+    for index, sums in enumerate(exact.sums):
+        _sketch_parts(want.view(-1), sketched.sketches, index, base, sums)
+    torch.testing.assert_close(sketched.sums[0], want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sketched.sq, exact.sq, rtol=1e-5, atol=1e-12)  # ‖s_ik‖² of the unsketched parts
+
+
+def test_old_checkpoint_keys_load():
+    """The tracker's state keys are those of checkpoints written before the batched backward: they still load."""
+    model = lora_llama()
+    tracker = GradientTracker(model, 4, sketch_dim=64)
+    keys = {"sums", "tokens", "tokens_sq", "sq", "last_diag", "has_diag", "last", "seen", "names", "sketch_dim",
+            "seed", "skipped_steps", "extra_flops"}  # fmt: skip
+    state = tracker.state_dict()
+    assert set(state) == keys
+    tracker.load_state_dict(state)
+
+
+def test_window_stats_stay_on_the_loss_device():
+    stats = WindowStats(3)
+    stats.add(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1, 2, 4]), torch.tensor([0, 2, 2]), input_tokens=7)
+    assert stats.stats.device == torch.device("cpu")
+    row = stats.pop(_OneProcess())
+    assert row["loss_per_domain"] == [1.0, None, 1.0] and row["samples_per_domain"] == [1.0, 0.0, 2.0]
+
+
+class _OneProcess:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def all_reduce(t):
+        return t
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On CUDA (scripts/gpu_check.sh runs these; skipped without a device)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["equal", "interleaved"])
+def test_cuda_parts_match_per_domain_autograd(layout):
+    model = lora_llama("cuda")
+    tracker = GradientTracker(model, 16)
+    ids, labels, domains = batch(3, layout, "cuda")
+    reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
+    tracked_micro_batch(model, tracker, ids, labels, domains)
+    torch.testing.assert_close(tracker.domain_grads().double().cpu(), reference, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sketch_dim", [0, 256])
+def test_cuda_micro_batch_has_no_host_sync(sketch_dim):
+    """set_domains, forward, watch_loss, backward and the loss stats of a micro-batch never wait on the device."""
+    torch.manual_seed(0)  # a plain stack (a transformers model's own mask code may sync): the tracker's path alone
+    model = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, VOCAB)).cuda()
+    tracker = GradientTracker(model, 16, params=[r"^1$", r"^3$"], sketch_dim=sketch_dim)
+    stats = WindowStats(16)
+    ids, labels, domains = batch(3, "interleaved")  # on the CPU, as the loader gives them
+    tokens = label_tokens(labels)
+    tracked_micro_batch(model, tracker, ids.cuda(), labels.cuda(), domains)  # warm-up: allocator, caches
+    ids, labels = ids.pin_memory().to("cuda", non_blocking=True), labels.pin_memory().to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tracker.set_domains(domains, tokens=tokens)
+        per_sample = token_loss_sums(model, ids, labels)
+        loss = per_sample.sum() / tokens.sum().to("cuda", non_blocking=True)
+        tracker.watch_loss(loss, normalizer=tokens.sum())
+        loss.backward()
+        stats.add(per_sample.detach(), tokens, domains)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert tracker.tokens.sum() > 0
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_and_fp16_scaler():
+    model = lora_llama("cuda")
+    tracker = GradientTracker(model, 16, guard_nonfinite=True)
+    ids, labels, domains = batch(3, "interleaved", "cuda")
+    reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        tracked_micro_batch(model, tracker, ids, labels, domains)
+    assert tracker.commit()
+    torch.testing.assert_close(tracker.domain_grads().double().cpu(), reference, rtol=0.1, atol=1e-3)
+    tracker.reset()
+    scaler = torch.amp.GradScaler("cuda")
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.float16):
+        tracked_micro_batch(model, tracker, ids, labels, domains, loss_scale=scaler.get_scale())
+    assert tracker.commit()
+    torch.testing.assert_close(tracker.domain_grads().double().cpu(), reference, rtol=0.05, atol=1e-3)
