@@ -196,7 +196,7 @@ def test_bad_config_value_train_and_validate_agree(tmp_path, shards, override, m
 
 def test_every_numeric_notation_validates():
     notations = ["optim.lr=1e-3", "optim.lr=1E-3", "balance.lam=.5", "max_steps=1_000", "resume=yes", "eval.every=0"]
-    r = rbvl("validate", RECIPE, *notations)
+    r = rbvl("validate", "--config-only", RECIPE, *notations)
     succeeded(r, "config", "rbvl validate ... " + " ".join(notations), r.stdout.strip())
     assert "max_steps=1000" in r.stdout
 

@@ -190,7 +190,7 @@ def test_balance_that_would_never_update_is_refused_at_validate_and_train(tmp_pa
     """The demo recipe (warmup 60, update_every 60) with max_steps=60 used to train as stratified, silently."""
     from rbvl.cli import main
 
-    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "max_steps=60"]) == 2
+    assert main(["validate", "--config-only", "recipes/demo_tiny_rnb.yaml", "max_steps=60"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("rbvl: error: balance.update_every: got 60, with balance.warmup_steps=60 the first update")
@@ -201,8 +201,13 @@ def test_balance_that_would_never_update_is_refused_at_validate_and_train(tmp_pa
                 "recipes/demo_tiny_rnb.yaml", ["max_steps=20", "balance.warmup_steps=5", "balance.update_every=16"]
             )
         )
-    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "max_steps=120"]) == 0  # the first update at step 120
-    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "max_steps=60", "mixing.strategy=stratified"]) == 0
+    assert (
+        main(["validate", "--config-only", "recipes/demo_tiny_rnb.yaml", "max_steps=120"]) == 0
+    )  # the first update at step 120
+    assert (
+        main(["validate", "--config-only", "recipes/demo_tiny_rnb.yaml", "max_steps=60", "mixing.strategy=stratified"])
+        == 0
+    )
 
 
 SIGNAL_HOOK = """
