@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rbvl.balance import Balancer, ProportionSchedule
+from rbvl.balance import Balancer, ProportionSchedule, label_tokens
 from rbvl.integrations.hf import BALANCE_STATE, TRACKER_STATE, DomainCollator, DomainSampler
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -122,6 +122,11 @@ def test_users_collator_gets_the_examples_unchanged(name):
     batch = DomainCollator(spy, "domain")(token_examples())
     assert [f["domain"] for f in seen] == [2, 0, 1], "the examples reach the user's collator as they are"
     assert batch["domain_ids"].tolist() == [2, 0, 1]
+    # numpy, which the Trainer leaves on the CPU: the tracker reads them without waiting for the GPU
+    assert isinstance(batch["domain_ids"], np.ndarray)
+    if "labels" in batch:  # counted where the labels are still on the CPU
+        assert isinstance(batch["label_tokens"], np.ndarray)
+        assert batch["label_tokens"].tolist() == label_tokens(batch["labels"]).tolist()
     assert "domain" not in batch, "the model never sees the domain column"
     assert batch["input_ids"].shape[0] == 3
 

@@ -112,25 +112,28 @@ class BalanceMixin:
         image_domain_ids = inputs.pop("image_domain_ids", None)  # domain of each projector row, for params: head
         if domain_ids is None:
             raise KeyError(f"BalanceTrainer: the batch has no domain ids (is '{self.domain_column}' in each example?)")
+        tokens = inputs.pop("label_tokens", None)  # (B,) counted by DomainCollator on the CPU
         training = model.training and torch.is_grad_enabled()  # evaluation passes through here too
         labels = inputs.get("labels")
         if training:
-            tokens = label_tokens(labels) if labels is not None else None
+            if tokens is None and labels is not None:
+                tokens = label_tokens(labels)
             self.tracker.set_domains(domain_ids, tokens=tokens, image_domain_ids=image_domain_ids)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if training and labels is not None:
             loss = out[0] if return_outputs else out
-            self.tracker.watch_loss(loss, normalizer=self._loss_normalizer(labels, num_items_in_batch))
+            self.tracker.watch_loss(loss, normalizer=self._loss_normalizer(tokens, num_items_in_batch))
         return out
 
-    def _loss_normalizer(self, labels, num_items_in_batch) -> float:
-        """What `Trainer.compute_loss` divides the summed token loss by (before any later scaling)."""
+    def _loss_normalizer(self, tokens, num_items_in_batch):
+        """What `Trainer.compute_loss` divides the summed token loss by (before any later scaling): a CPU number or
+        the Trainer's own tensor, never read back from the GPU here."""
         takes_items = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
         if num_items_in_batch is None or not takes_items:
-            return float(label_tokens(labels).sum())  # the model's own mean over this micro-batch's label tokens
-        n = float(num_items_in_batch)
+            return torch.as_tensor(tokens).sum()  # the model's own mean over this micro-batch's label tokens
+        n = num_items_in_batch
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            n /= self.accelerator.num_processes // self.get_tp_size()  # compute_loss multiplies the loss by this
+            n = n / (self.accelerator.num_processes // self.get_tp_size())  # compute_loss multiplies the loss by this
         return n
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -214,7 +217,12 @@ class DomainCollator:
         ids = [int(f[self.column]) for f in features]
         batch = self.collator(features)
         batch.pop(self.column, None)
-        batch["domain_ids"] = torch.tensor(ids, dtype=torch.long)
+        # numpy, not tensors: the Trainer moves tensors to the GPU, and reading them back would stall every micro-batch
+        batch["domain_ids"] = np.asarray(ids, dtype=np.int64)
+        if isinstance(batch.get("labels"), torch.Tensor):
+            batch["label_tokens"] = label_tokens(batch["labels"]).numpy()
+        if isinstance(batch.get("image_domain_ids"), torch.Tensor):
+            batch["image_domain_ids"] = batch["image_domain_ids"].numpy()
         return batch  # an `image_domain_ids` the user's collator returns (params: head on a VLM) rides along
 
 
