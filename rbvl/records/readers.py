@@ -197,17 +197,3 @@ def _tar_samples(samples: Iterator[dict], path: str) -> Iterator[dict]:
             raise RecordsError(f"{path}: not a readable tar shard after {n} samples: {problem}") from None
         n += 1
         yield sample
-
-
-def _tar_samples(samples: Iterator[dict], path: str) -> Iterator[dict]:
-    n = 0
-    while True:
-        try:
-            sample = next(samples)
-        except StopIteration:
-            return
-        except Exception as e:  # noqa: BLE001 - tarfile / webdataset raise several types for a broken shard
-            problem = " ".join(str(e.args[0] if e.args else e).split())
-            raise RecordsError(f"{path}: not a readable tar shard after {n} samples: {problem}") from None
-        n += 1
-        yield sample
