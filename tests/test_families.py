@@ -141,24 +141,48 @@ def test_a_fused_qkv_projection_is_adapted():
 
 def test_cross_attention_vlms_get_lora_on_self_attention():
     """Mllama's cross-attention keys and values are image tiles, not text rows: LoRA there broke the tracker."""
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
-    from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
-
-    from rbvl.config import LoraConfig
-    from rbvl.model import apply_lora
-
-    vision = MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
-                                attention_heads=4, image_size=56, patch_size=14, max_num_tiles=4,
-                                vision_output_dim=64, intermediate_layers_indices=[0])  # fmt: skip
-    text = MllamaTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
-                            pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
-    model = apply_lora(
-        MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text)), LoraConfig()
-    )
+    model, _ = build("tiny-mllama")
     adapted = sorted({n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n})
     assert adapted and all(".self_attn." in n and "language_model.layers." in n for n in adapted), adapted
     assert {n.split(".")[-3] for n in adapted} == {"0", "2"}, "layer 1 is the cross-attention layer"
+
+
+@pytest.mark.parametrize("sketch_dim", [0, 4096])
+def test_cross_attention_layers_a_user_targets_give_each_tile_row_its_samples_domain(sketch_dim):
+    """With LoRA on cross_attn too, its k/v rows are (batch · images · tiles), sample-major: each takes its sample's
+    domain. Reference: each domain's token-mean loss within the mixed batch, by plain autograd."""
+    model, processor = load_model(ModelConfig(name="tiny-mllama"), seed=3)
+    torch.manual_seed(3)
+    model = apply_lora(
+        model, LoraConfig(r=4, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+    )
+    assert any(".cross_attn.k_proj.lora_A" in n for n, _ in model.named_modules())
+    perturb(model)
+    pairs = samples_for(TINY_FAMILIES["tiny-mllama"])
+    batch, info = Encoder(processor)([s for s, _ in pairs], [d for _, d in pairs])
+    tracker = GradientTracker(model, 3, params="lora", sketch_dim=sketch_dim)
+    cross = [n for n in tracker.tracked_names if ".cross_attn.k_proj." in n or ".cross_attn.v_proj." in n]
+    assert cross
+    tracker.set_domains(info["domain_ids"], tokens=info["label_tokens"], image_domain_ids=info["image_domain_ids"])
+    loss = model(**batch).loss
+    tracker.watch_loss(loss, normalizer=info["label_tokens"].sum())
+    loss.backward()
+    got = tracker.domain_grads() if not sketch_dim else tracker.gram("plugin")
+    tracker.remove()
+    weights = [mod.weight for _, mod in tracker.modules]
+    refs = []
+    for d in range(3):
+        domain_loss = masked_loss(model(**model_inputs(batch)).logits, batch["labels"], info["domain_ids"] == d)
+        ref = torch.autograd.grad(domain_loss, weights, allow_unused=True)
+        refs.append(torch.cat([(g if g is not None else torch.zeros_like(w)).flatten() for g, w in zip(ref, weights)]))
+    refs = torch.stack(refs)
+    rows = [k for k, n in enumerate(tracker.tracked_names) if n in cross]
+    assert all(refs[:, sum(w.numel() for w in weights[:k]) :][:, : weights[k].numel()].abs().sum() > 0 for k in rows)
+    if not sketch_dim:
+        torch.testing.assert_close(got, refs, rtol=1e-4, atol=1e-4 * refs.abs().max().item())
+    else:  # the sketch keeps inner products: G from 4096 buckets near the exact one (P ≈ 10k here)
+        exact = refs.double() @ refs.double().T
+        assert (got - exact).abs().max() < 0.25 * exact.diagonal().max()
 
 
 def test_head_tracking_of_a_family_that_cannot_be_worked_out_says_which_key_to_set():
@@ -276,6 +300,22 @@ def test_export_merge_reloads_with_equal_logits(name, tmp_path):
         torch.testing.assert_close(merged(**model_inputs(batch)).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+# Families whose output for a sample depends on the rest of its batch. Run alone, a domain's samples compute another
+# function; the reference for them is the domain's token-mean loss within the mixed batch (masked), by plain autograd.
+BATCH_DEPENDENT = {
+    "tiny-mllama": "a text row with no image before it attends uniformly over every (padded) image tile of the batch",
+}
+
+
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The token-mean next-token loss over the label tokens of the samples `rows` selects."""
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+    )
+    keep = (labels[:, 1:] != -100) & rows[:, None]
+    return losses[keep].sum() / keep.sum()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_tracker_equals_separate_per_domain_backward(name):
@@ -290,7 +330,7 @@ def test_tracker_equals_separate_per_domain_backward(name):
     m = 3
     for params in ("lora", "head"):
         tracker = GradientTracker(model, m, params=params, head_patterns=head_patterns(model))
-        if params == "head" and fam.head_linear:
+        if params == "head" and fam.head_linear is not None:
             assert any(fam.projector in n for n in tracker.tracked_names), tracker.tracked_names
         rows = {}  # what the tracked projector layer sees: as many rows as image_domain_ids
         handles = [
@@ -314,9 +354,13 @@ def test_tracker_equals_separate_per_domain_backward(name):
         for w in frozen:
             w.requires_grad_(True)
         for d in range(m):
-            mine = [s for s, dd in zip(samples, domains) if dd == d]
-            sub, _ = encoder(mine, [d] * len(mine))
-            ref = torch.autograd.grad(model(**sub).loss, weights, allow_unused=True)  # domain d's token-mean loss
+            if name in BATCH_DEPENDENT:  # domain d's token-mean loss within the mixed batch
+                domain_loss = masked_loss(model(**model_inputs(batch)).logits, batch["labels"], info["domain_ids"] == d)
+            else:  # domain d's token-mean loss on its own samples, collated alone
+                mine = [s for s, dd in zip(samples, domains) if dd == d]
+                sub, _ = encoder(mine, [d] * len(mine))
+                domain_loss = model(**sub).loss
+            ref = torch.autograd.grad(domain_loss, weights, allow_unused=True)
             ref = torch.cat([(g if g is not None else torch.zeros_like(w)).flatten() for g, w in zip(ref, weights)])
             err = (got[d] - ref).abs().max() / ref.abs().max().clamp(min=1e-8)
             assert err < 1e-4, f"{name} params={params} domain {d}: relative error {err:.2e}"
@@ -372,7 +416,7 @@ def test_train_rnb_and_resume_exactly(name, tmp_path):
                 "train.save_every=5",
                 "balance.update_every=3",  # updates at 3, 6, 9: checkpoint-5 falls inside a window
                 "balance.lam=10",
-                f"balance.params={'head' if fam.head_linear else 'lora'}",
+                f"balance.params={'head' if fam.head_linear is not None else 'lora'}",
                 "lora.lora_dropout=0.1",  # dropout on: resume must restore its RNG too
                 "eval.every=0",
                 "data.max_length=256",

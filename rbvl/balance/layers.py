@@ -17,6 +17,9 @@ from torch import nn
 
 # Modules that see images (or tiles, or patch rows) rather than samples: their rows take `image_domain_ids`.
 VISION_SIDE = r"(multi_modal_projector|vision_tower|vision_model|visual|mm_projector|connector|merger)"
+# Cross-attention keys and values (Mllama): their rows are each sample's image tiles, (batch · images · tiles) of
+# them, sample-major; each row takes its sample's domain.
+CROSS_ATTENTION = r"\.cross_attn\.(k_proj|v_proj)(\.|$)"
 
 
 def select_modules(

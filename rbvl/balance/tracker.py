@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbvl.balance.layers import VISION_SIDE, _row_groups, _TrackedLinear, add_rows, select_modules
+from rbvl.balance.layers import CROSS_ATTENTION, VISION_SIDE, _row_groups, _TrackedLinear, add_rows, select_modules
 from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains, _sketch_parts
 from rbvl.balance.update import unbiased_diagonal
 
@@ -387,8 +387,11 @@ class GradientTracker:
                 f"GradientTracker: {name} sees images, not samples: pass image_domain_ids (the domain of each of its "
                 f"{batch_dim} rows) to set_domains"
             )
-        if batch_dim == self._sample_domains.numel():
+        n = self._sample_domains.numel()
+        if batch_dim == n:
             return self._groups["sample"]
+        if n and batch_dim % n == 0 and re.search(CROSS_ATTENTION, name):
+            return self._tile_groups(batch_dim // n)
         if self._image_domains is not None and batch_dim == self._image_domains.numel():
             return self._groups["image"]
         raise RuntimeError(
@@ -396,6 +399,16 @@ class GradientTracker:
             f"{self._sample_domains.numel()} sample ids"
             + ("" if self._image_domains is None else f" and {self._image_domains.numel()} image ids")
         )
+
+    def _tile_groups(self, per_sample: int):
+        """Row groups of a cross-attention layer whose rows are `per_sample` tiles of each sample, sample-major."""
+        key = ("tiles", per_sample)
+        if key not in self._groups:
+            groups = _row_groups(self._sample_domains.repeat_interleave(per_sample), self.sq.device)
+            if self.sketches is not None:
+                groups.base = groups.index.view(-1, 1, 1) * self.sketch_dim
+            self._groups[key] = groups
+        return self._groups[key]
 
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
         if self.sketches is None or self.sketches[index] is None:

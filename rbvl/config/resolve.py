@@ -12,8 +12,9 @@ from pathlib import Path
 
 # The tiny offline models (rbvl/model/tiny.py builds them; rbvl/model/families.py checks this list against its table).
 TINY_MODELS = (
-    "tiny-gemma3", "tiny-idefics3", "tiny-llama", "tiny-llava", "tiny-llava-next", "tiny-llava-onevision",
-    "tiny-paligemma", "tiny-phi3", "tiny-qwen2", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3", "tiny-qwen3-vl",
+    "tiny-gemma3", "tiny-idefics3", "tiny-internvl", "tiny-llama", "tiny-llava", "tiny-llava-next",
+    "tiny-llava-onevision", "tiny-mllama", "tiny-paligemma", "tiny-phi3", "tiny-qwen2", "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl", "tiny-qwen3", "tiny-qwen3-vl",
 )  # fmt: skip
 
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "<image>"  # how rbvl records mark an image inside a turn's text (docs/formats.md)
 TEXT_ONLY = Family("text", kind="text", language_model="", multi_image=False)
-PER_TOKEN = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")
+PER_TOKEN = ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
 
 
 def family_of_processor(processor) -> Family:
@@ -65,6 +65,7 @@ class Encoder:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length, self.overlong = max_length, overlong
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._image_token_id = getattr(processor, "image_token_id", None)
 
     def __call__(self, samples: list[dict], domain_ids: list[int]):
         """Returns (model inputs, or None when every sample was dropped; info).
@@ -174,10 +175,16 @@ class Encoder:
             from transformers import BatchFeature
 
             image_kwargs = {"images": images, "return_text_replacement_offsets": True} if any(images) else {}
+            some_without = self.family.projector_rows == "samples" and any(images) and not all(images)
             # tensors made here, after the offsets (a list of dicts) are out: Idefics3's processor tries to make them
             # a tensor too when every sample has as many images
-            enc = dict(self.processor(text=texts, **{**kwargs, "return_tensors": None}, **image_kwargs))
+            if some_without:  # Mllama's processor leaves <|image|> as it is: the tokenizer gives the same ids
+                enc = dict(self.tokenizer(texts, **{**kwargs, "return_tensors": None}))
+            else:
+                enc = dict(self.processor(text=texts, **{**kwargs, "return_tensors": None}, **image_kwargs))
             replaced = enc.pop("text_replacement_offsets", None) or [[] for _ in texts]
+            if some_without:
+                enc.update(mllama_images(self.processor, enc["input_ids"], images))
             enc = dict(BatchFeature(enc, tensor_type="pt"))
         offsets = enc.pop("offset_mapping")  # (B, T, 2) in the expanded text
         mask = enc["attention_mask"].bool()
@@ -191,7 +198,12 @@ class Encoder:
                 inside = real & (starts >= start) & (starts < end)
                 labels[b, inside] = enc["input_ids"][b, inside]
             ends = [r["new_span"][1] for r in replaced[b]]
-            last_image.append(int((mask[b] & (starts < max(ends))).nonzero().max()) if ends else -1)
+            if ends:
+                last_image.append(int((mask[b] & (starts < max(ends))).nonzero().max()))
+            elif images[b]:  # a placeholder the processor keeps as it is (Mllama's <|image|>): its last position
+                last_image.append(int((enc["input_ids"][b] == self._image_token_id).nonzero().max()))
+            else:
+                last_image.append(-1)
         enc["labels"] = labels
         return enc, mask.sum(1).tolist(), last_image
 
@@ -268,6 +280,11 @@ def projector_rows(family: Family, batch: dict, n_images: list[int], processor) 
         merge = processor.image_processor.merge_size
         per_image = batch["image_grid_thw"].prod(-1) // merge**2  # (n_images,)
         return torch.stack([part.sum() for part in per_image.split(n_images)]) if len(n) else n
+    if family.projector_rows == "samples":  # Mllama: the vision output keeps the batch dimension
+        return torch.ones_like(n)
+    if family.projector_rows == "tokens":  # InternVL: image_seq_length image tokens per tile, tiles flattened
+        tiles = (batch["input_ids"] == processor.image_token_id).sum(1) // processor.image_seq_length
+        return tiles.long()
     if family.projector_rows == "tiles":  # Idefics3: the model drops all-zero padding tiles; so do we
         real = (pixels != 0).flatten(2).any(-1)  # (B, max tiles)
         return real.sum(1)
@@ -286,6 +303,38 @@ def projector_rows(family: Family, batch: dict, n_images: list[int], processor) 
         per_image = torch.tensor(per_image, dtype=torch.long)
         return torch.stack([part.sum() for part in per_image.split(n_images)])
     return n  # one row per image
+
+
+def mllama_images(processor, input_ids: list[list[int]], images: list[list]) -> dict:
+    """Mllama's image inputs for a batch in which some samples have no image, laid out as its processor would.
+
+    Its image processor (transformers 5.23) fails on a batch whose first sample has no image and drops the aspect
+    ratios of trailing ones, so the samples with images are processed alone and their rows placed back; the others
+    get zero pixels, aspect ratio id 0 (padding) and no cross-attention."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    have = [b for b, imgs in enumerate(images) if imgs]
+    feats = processor.image_processor([images[b] for b in have], return_tensors="pt")
+    pixels, ids, mask = feats["pixel_values"], feats["aspect_ratio_ids"], feats["aspect_ratio_mask"]
+    out = {
+        "pixel_values": pixels.new_zeros((len(images), *pixels.shape[1:])),
+        "aspect_ratio_ids": ids.new_zeros((len(images), *ids.shape[1:])),
+        "aspect_ratio_mask": mask.new_zeros((len(images), *mask.shape[1:])),
+    }
+    out["aspect_ratio_mask"][:, :, 0] = 1  # as the processor pads a missing image
+    for key, value in (("pixel_values", pixels), ("aspect_ratio_ids", ids), ("aspect_ratio_mask", mask)):
+        out[key][have] = value
+    tiles = [[] for _ in images]
+    for b, n in zip(have, feats["num_tiles"]):
+        tiles[b] = n
+    sparse = [get_cross_attention_token_mask(ids_b, processor.image_token_id) for ids_b in input_ids]
+    max_tiles = processor.image_processor.max_image_tiles
+    dense = convert_sparse_cross_attention_mask_to_dense(sparse, tiles, max_tiles, max(map(len, input_ids)))
+    out["cross_attention_mask"] = torch.from_numpy(dense)
+    return out
 
 
 def to_messages(conversation: list[dict]) -> list[dict]:

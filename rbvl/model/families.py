@@ -14,6 +14,10 @@ each row its domain (rbvl.data.collate.projector_rows computes it):
   anyres   one row per tile of an any-resolution grid (LLaVA-NeXT; LLaVA-OneVision for single-image samples)
   tiles    one row per image split (Idefics3 / SmolVLM: the row × column crops plus the global image)
   patches  one row per merged patch token, a flat (N, d) tensor (Qwen2-VL, Qwen2.5-VL: t·h·w / merge² per image)
+  tokens   one row per tile, counted from the sample's image tokens (`image_seq_length` per tile: InternVL)
+  samples  one row per sample of a batch that holds images: the projector sees (batch, images, tiles, patches, d)
+           (Mllama). Its cross-attention layers see (batch · images · tiles) rows, sample-major: the tracker gives
+           them their sample's domain (rbvl.balance.layers.CROSS_ATTENTION)
 
 A model_type the table does not know is read by introspection (`introspect`): the language model's attention
 projections and a module named like a projector, with a warning naming the recipe keys that override it.
@@ -50,13 +54,15 @@ class Family:
     projector: str | None = None
     """Module trained in full through `lora.modules_to_save` (PEFT matches it by name suffix)."""
     head_linear: str | None = None
-    """The projector's last nn.Linear, relative to the projector (`linear_2`), tracked by `balance.params: head`."""
+    """The projector's last nn.Linear, relative to the projector (`linear_2`), tracked by `balance.params: head`;
+    "" when the projector is itself one nn.Linear (Mllama), None when it has none (Gemma 3)."""
     vision: str | None = None
     """The vision tower's module name (frozen when `model.freeze_vision`)."""
     image_token: str | None = None
     """The image placeholder of the chat text, before the processor expands it."""
     projector_rows: str = "image"
-    """How images map to the rows the projector sees: image | anyres | tiles | patches (see the module docstring)."""
+    """How images map to the rows the projector sees: image | anyres | tiles | patches | tokens | samples (see the
+    module docstring)."""
     text_only_samples: bool = True
     """Whether a batch may mix text-only samples with image samples."""
     multi_image: bool = True
@@ -91,7 +97,9 @@ class Family:
         PEFT's `modules_to_save` wraps a module as `NAME.modules_to_save.default.…`; the trained copy is matched,
         its frozen `original_module` is not (see rbvl.balance.select_modules)."""
         patterns = [r"(^|\.)lm_head(\.modules_to_save\.[^.]+)?$"]
-        if self.projector and self.head_linear:
+        if self.projector and self.head_linear == "":  # the projector is one nn.Linear
+            patterns.append(rf"(^|\.){re.escape(self.projector)}(\.modules_to_save\.[^.]+)?$")
+        elif self.projector and self.head_linear:
             patterns.append(
                 rf"(^|\.){re.escape(self.projector)}\.(modules_to_save\.[^.]+\.)?{re.escape(self.head_linear)}$"
             )
@@ -168,6 +176,24 @@ FAMILIES: dict[str, Family] = {
             image_token="<image>",
             projector_rows="tiles",
             aliases=("HuggingFaceTB/SmolVLM2-2.2B-Instruct",),
+        ),
+        Family(
+            "mllama",  # cross-attends to its images: LoRA on self-attention (cross_attn's keys are image tiles)
+            projector="multi_modal_projector",
+            head_linear="",
+            vision="vision_model",
+            image_token="<|image|>",
+            projector_rows="samples",
+            self_attention_only=True,
+            tiny="tiny-mllama",
+            aliases=("meta-llama/Llama-3.2-11B-Vision-Instruct",),
+        ),
+        Family(
+            "internvl",
+            **{**_LLAVA, "image_token": "<IMG_CONTEXT>"},
+            projector_rows="tokens",
+            tiny="tiny-internvl",
+            aliases=("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-8B-hf"),
         ),
         Family(
             "paligemma",
@@ -347,7 +373,9 @@ def markdown_table() -> str:
     ]
     for f in FAMILIES.values():
         loads = "AutoModelForCausalLM" if f.kind == "text" else "AutoModelForImageTextToText"
-        head = "lm_head" + (f" + {f.projector}.{f.head_linear}" if f.head_linear else "")
+        head = "lm_head" + (
+            f" + {'.'.join(filter(None, (f.projector, f.head_linear)))}" if f.head_linear is not None else ""
+        )
         mixed = "n/a (text)" if f.kind == "text" else f"{_yes(f.text_only_samples)} / {_yes(f.multi_image)}"
         rows.append(
             f"| {f.model_type} | {loads} | `{_cell(f.target_modules())}` | {', '.join(f.modules_to_save) or '—'} | {head} | "

@@ -49,6 +49,7 @@ def load_model(cfg: ModelConfig, seed: int = 0):
         auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
         with _seeded(seed if cfg.init_seed < 0 else cfg.init_seed):
             model = auto.from_config(config, **kwargs)
+            tiny.AFTER_INIT.get(cfg.name, lambda model: None)(model)
     else:
         remote = {"trust_remote_code": cfg.trust_remote_code}
         try:

@@ -16,7 +16,6 @@ from rbvl.model.families import TINY_FAMILIES
 from rbvl.model.tiny_templates import (
     CHATML,
     GEMMA3,
-    IDEFICS3,
     LLAMA3,
     LLAVA_NEXT,
     LLAVA_ONEVISION,
@@ -24,37 +23,8 @@ from rbvl.model.tiny_templates import (
     QWEN2,
     QWEN2_VL,
 )
-from rbvl.model.tiny_tokenizer import bpe_tokenizer
-
-
-def _llama(tok, hidden: int = 64, layers: int = 2, heads: int = 4, **extra) -> dict:
-    """Keyword arguments of a tiny decoder (Llama, Qwen2, Gemma ... share these names)."""
-    return dict(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        vocab_size=len(tok),
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-        **extra,
-    )
-
-
-def _vision(image_size: int, patch_size: int, **extra) -> dict:
-    return dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        **extra,
-    )
+from rbvl.model.tiny_tiled import idefics3, internvl, mllama, open_gates
+from rbvl.model.tiny_tokenizer import bpe_tokenizer, decoder_sizes, vision_sizes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -87,8 +57,8 @@ def llava_config(processor, hidden_size: int = 64, n_layers: int = 2, n_heads: i
 
     tok = processor.tokenizer
     image_size = processor.image_processor.crop_size["height"]
-    vision = CLIPVisionConfig(**_vision(image_size, processor.patch_size, projection_dim=32))
-    text = _llama(tok, hidden_size, n_layers, n_heads)
+    vision = CLIPVisionConfig(**vision_sizes(image_size, processor.patch_size, projection_dim=32))
+    text = decoder_sizes(tok, hidden_size, n_layers, n_heads)
     if hidden_size > 64:  # the benchmark's larger slices: Llama's 4× MLP and full multi-head attention
         text.update(intermediate_size=4 * hidden_size, num_key_value_heads=n_heads)
     if vocab_size:
@@ -129,8 +99,8 @@ def llava_next():
         num_additional_image_tokens=1,
     )
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**_vision(32, 8, projection_dim=32)),
-        text_config=MistralConfig(**_llama(tok, head_dim=16)),
+        vision_config=CLIPVisionConfig(**vision_sizes(32, 8, projection_dim=32)),
+        text_config=MistralConfig(**decoder_sizes(tok, head_dim=16)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=_PINPOINTS,
         vision_feature_select_strategy="default",
@@ -164,8 +134,8 @@ def llava_onevision():
         vision_aspect_ratio="anyres_max_9",
     )
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**_vision(32, 8)),
-        text_config=Qwen2Config(**_llama(tok)),
+        vision_config=SiglipVisionConfig(**vision_sizes(32, 8)),
+        text_config=Qwen2Config(**decoder_sizes(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=_PINPOINTS,
@@ -213,7 +183,7 @@ def qwen2_vl(version: str = "2"):
     ids = tok.convert_tokens_to_ids
     config = cfg_cls(
         vision_config=vision_kw,
-        text_config=_llama(tok, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        text_config=decoder_sizes(tok, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
@@ -241,37 +211,11 @@ def qwen3_vl():
     ids = tok.convert_tokens_to_ids
     config = tf.Qwen3VLConfig(
         vision_config=vision,
-        text_config=_llama(tok, head_dim=16, rope_scaling=rope),
+        text_config=decoder_sizes(tok, head_dim=16, rope_scaling=rope),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
-    )
-    return config, processor
-
-
-def idefics3():
-    """Idefics3 / SmolVLM: a 64 px image splits into 2×2 tiles of 32 px plus the global image; 4 tokens each."""
-    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
-
-    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    special = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>", *grid]
-    tok = bpe_tokenizer(special, IDEFICS3, eos="<end_of_utterance>")
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessor(
-            do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
-        ),
-        tokenizer=tok,
-        image_seq_len=4,  # (32 / 8)² patches / scale_factor²
-        chat_template=IDEFICS3,
-    )
-    config = Idefics3Config(
-        vision_config=_vision(32, 8),
-        text_config=_llama(tok),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
     )
     return config, processor
 
@@ -285,8 +229,8 @@ def paligemma():
     image_processor.image_seq_length = 16
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(**_vision(32, 8, projection_dim=64)),
-        text_config=GemmaConfig(**_llama(tok, head_dim=16)),
+        vision_config=SiglipVisionConfig(**vision_sizes(32, 8, projection_dim=64)),
+        text_config=GemmaConfig(**decoder_sizes(tok, head_dim=16)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         projection_dim=64,
         vocab_size=len(tok),
@@ -311,8 +255,8 @@ def gemma3():
     )
     ids = tok.convert_tokens_to_ids
     config = Gemma3Config(
-        vision_config=SiglipVisionConfig(**_vision(32, 8)),
-        text_config=Gemma3TextConfig(**_llama(tok, head_dim=16, sliding_window=64)),
+        vision_config=SiglipVisionConfig(**vision_sizes(32, 8)),
+        text_config=Gemma3TextConfig(**decoder_sizes(tok, head_dim=16, sliding_window=64)),
         mm_tokens_per_image=4,
         boi_token_index=ids("<start_of_image>"),
         eoi_token_index=ids("<end_of_image>"),
@@ -329,15 +273,15 @@ def text_lm(model_type: str):
     if model_type == "llama":
         special = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
         tok = bpe_tokenizer(special, LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
-        return tf.LlamaConfig(**_llama(tok)), tok
+        return tf.LlamaConfig(**decoder_sizes(tok)), tok
     if model_type == "phi3":
         special = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
         tok = bpe_tokenizer(special, PHI3, eos="<|end|>")
-        return tf.Phi3Config(**_llama(tok)), tok
+        return tf.Phi3Config(**decoder_sizes(tok)), tok
     tok = bpe_tokenizer([], QWEN2)
     if model_type == "qwen3":
-        return tf.Qwen3Config(**_llama(tok, head_dim=16)), tok
-    return tf.Qwen2Config(**_llama(tok)), tok
+        return tf.Qwen3Config(**decoder_sizes(tok, head_dim=16)), tok
+    return tf.Qwen2Config(**decoder_sizes(tok)), tok
 
 
 BUILDERS = {
@@ -348,6 +292,8 @@ BUILDERS = {
     "tiny-qwen2.5-vl": lambda: qwen2_vl("2.5"),
     "tiny-qwen3-vl": qwen3_vl,
     "tiny-idefics3": idefics3,
+    "tiny-mllama": mllama,
+    "tiny-internvl": internvl,
     "tiny-paligemma": paligemma,
     "tiny-gemma3": gemma3,
     "tiny-llama": lambda: text_lm("llama"),
@@ -356,6 +302,10 @@ BUILDERS = {
     "tiny-phi3": lambda: text_lm("phi3"),
 }
 assert set(BUILDERS) == set(TINY_FAMILIES), "every tiny name in the family table needs a builder"
+
+
+# What a tiny model's random init leaves where a pretrained checkpoint would not (run on the built model).
+AFTER_INIT = {"tiny-mllama": open_gates}
 
 
 def is_tiny(name: str) -> bool:

@@ -1,6 +1,8 @@
-"""The tiny models' tokenizer: a byte-level BPE trained in-process on a fixed corpus, deterministic and offline.
+"""What every tiny model shares: a byte-level BPE tokenizer trained in-process on a fixed corpus (deterministic,
+offline), and the sizes of its decoder and vision tower.
 
-Every tiny family (rbvl/model/tiny.py) builds its tokenizer here, with the family's special tokens and chat template.
+Every tiny family (rbvl/model/tiny.py, rbvl/model/tiny_tiled.py) builds its tokenizer here, with the family's special
+tokens and chat template.
 """
 
 from __future__ import annotations
@@ -52,3 +54,33 @@ def bpe_tokenizer(
     )
     tok.chat_template = chat_template
     return tok
+
+
+def decoder_sizes(tok, hidden: int = 64, layers: int = 2, heads: int = 4, **extra) -> dict:
+    """Keyword arguments of a tiny decoder (Llama, Qwen2, Gemma ... share these names)."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def vision_sizes(image_size: int, patch_size: int, **extra) -> dict:
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        **extra,
+    )
