@@ -26,7 +26,6 @@ from rbvl.model.tiny_templates import (
 from rbvl.model.tiny_tiled import idefics3, internvl, mllama, open_gates
 from rbvl.model.tiny_tokenizer import bpe_tokenizer, decoder_sizes, vision_sizes
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Builders: name → (config, processor)
 # ---------------------------------------------------------------------------------------------------------------------
