@@ -51,7 +51,6 @@ def convert(
         FileExistsError: `out` is not empty and `overwrite` is off.
         ValueError: an unknown task family or a count below 1.
     """
-    import reasoning_gym
     from reasoning_gym.factory import DATASETS
 
     unknown = [t for t in tasks if t not in DATASETS]
@@ -75,22 +74,9 @@ def convert(
         for i, task in enumerate(tasks):
             # train: task i gets per_task_train · (1 − i / (2·n)) rows, from 1× down to about 0.5×
             n = per_task_train * (2 * len(tasks) - i) // (2 * len(tasks)) if split == "train" else per_task_eval
-            # item j of a reasoning-gym dataset is drawn with seed + j, so nearby seeds overlap: keep them far apart
-            base = seed * 10_000_000 + i * 100_000 + offset * 50_000
-            ds = reasoning_gym.create_dataset(task, size=2 * n, seed=base)
-            kept = 0
-            for j in range(len(ds)):
-                item = ds[j]
-                question = str(item["question"]).strip()
-                if question in seen:
-                    continue
-                seen.add(question)
-                rows.append({"id": f"{split}-{task}-{j:05d}", "question": question, "answer": str(item["answer"])})
-                rows[-1]["domain"] = task
-                kept += 1
-                if kept == n:
-                    break
-            counts[task] = kept
+            new = generate(task, n, seed * 10_000_000 + i * 100_000 + offset * 50_000, seen, split)
+            rows += new
+            counts[task] = len(new)
         with (out / f"{split}.jsonl").open("w") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -102,6 +88,29 @@ def convert(
         stats["embedder"] = f"sentence-transformers:{out / 'minilm'}"
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
+
+
+def generate(task: str, n: int, base_seed: int, seen: set[str], split: str) -> list[dict]:
+    """Up to n rows {id, question, answer, domain} of one task family, skipping questions already in `seen`.
+
+    Item j of a reasoning-gym dataset is drawn with seed + j, so nearby seeds overlap: callers keep base seeds far
+    apart (100,000 per family, 50,000 between train and eval)."""
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset(task, size=2 * n, seed=base_seed)
+    rows = []
+    for j in range(len(ds)):
+        item = ds[j]
+        question = str(item["question"]).strip()
+        if question in seen:
+            continue
+        seen.add(question)
+        rows.append(
+            {"id": f"{split}-{task}-{j:05d}", "question": question, "answer": str(item["answer"]), "domain": task}
+        )
+        if len(rows) == n:
+            break
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,3 +110,38 @@ def test_reasoning_copies_the_offline_encoder(tmp_path):
     stats = convert(tmp_path / "r", ("gcd",), per_task_train=2, per_task_eval=1)
     assert stats["embedder"] == f"sentence-transformers:{tmp_path / 'r' / 'minilm'}"
     assert any((tmp_path / "r" / "minilm").rglob("config.json"))
+
+
+def test_planted_settings_plant_what_they_say(tmp_path):
+    """The known-answer settings: shares as planted, noise answers permuted (right in the control), dev and test
+    disjoint; the original-label manifest holds each setting's domains."""
+    pytest.importorskip("reasoning_gym")
+    from data_tools.planted import OVER, RARE, SETTINGS, build, main
+
+    def rows(folder, split):
+        return [json.loads(x) for x in (folder / f"{split}.jsonl").read_text().splitlines()]
+
+    stats = build(tmp_path / "dev", "planted-dev", per_task_train=40, per_task_eval=6)
+    control = build(tmp_path / "ctl", "planted-dev", per_task_train=40, per_task_eval=6, control=True)
+    spec = SETTINGS["planted-dev"]
+    assert stats["train"][spec["useful"][0]] == OVER * 40 and stats["train"][spec["rare"]] == 40 // RARE
+    assert all(stats["train"][t] == 40 for t in spec["useful"][1:]) and stats["train"]["noise"] == 40
+    assert stats["eval"]["noise"] / sum(stats["eval"].values()) == pytest.approx(0.02, abs=0.01)
+    noisy = {r["question"]: r["answer"] for r in rows(tmp_path / "dev", "train") if r["domain"] == "noise"}
+    right = {r["question"]: r["answer"] for r in rows(tmp_path / "ctl", "train") if r["domain"] == "noise"}
+    assert noisy.keys() == right.keys() and sorted(noisy.values()) == sorted(right.values())  # the same answers ...
+    assert sum(noisy[q] != right[q] for q in noisy) > len(noisy) // 2  # ... mostly given to other questions
+    assert rows(tmp_path / "dev", "eval") == rows(tmp_path / "ctl", "eval")  # eval is right in both
+    assert control["train"] == stats["train"]
+    test = SETTINGS["planted-test"]
+    assert not {*spec["useful"], spec["rare"], spec["noise"]} & {*test["useful"], test["rare"], test["noise"]}
+
+    coarse = build(tmp_path / "coarse", "coarse", per_task_train=20, per_task_eval=2)
+    assert coarse["train"] == {f"pair{j}": 40 for j in range(4)}
+    shuffled = build(tmp_path / "random", "random", per_task_train=20, per_task_eval=2)
+    assert sum(shuffled["train"].values()) == 120 and len(shuffled["train"]) == 6
+    assert main([str(tmp_path / "x"), "--setting", "coarse", "--control"]) == 2  # --control is for planted only
+
+    manifest = _manifest(tmp_path, tmp_path / "dev" / "train.jsonl", tmp_path / "dev" / "eval.jsonl",
+                         format="jsonl", preset="text")  # fmt: skip
+    assert sorted(c["name"] for c in manifest["clusters"]) == sorted(stats["train"])

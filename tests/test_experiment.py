@@ -268,3 +268,73 @@ def test_experiment_package_has_no_import_cycle():
     for m in graph:
         visit(m)
     assert graph["rbvl.experiment.spec"] == []  # the spec imports no other part of the package
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The oracle
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_oracle_search_finds_a_known_best_mixture():
+    """A loss bowl with its minimum at a known mixture: the grid hits its nearest point; above grid_max_m the
+    Dirichlet draws + refinement land nearer to it than uniform or any first-round draw."""
+    from rbvl.experiment.oracle import first_round, search
+    from rbvl.experiment.spec import OracleSpec
+
+    target3 = np.array([0.5, 0.5, 0.0])
+    best, tried = search(["a", "b", "c"], OracleSpec(grid_step=0.25), lambda j, p: float(((p - target3) ** 2).sum()))
+    assert np.allclose(best, target3) and len(tried) == 15  # C(4 + 2, 2) points of the 0.25 grid
+
+    target = np.array([0.02, 0.3, 0.3, 0.2, 0.1, 0.05, 0.03])
+    spec = OracleSpec(candidates=12, refine=6)
+    calls = []
+    best, tried = search(list("abcdefg"), spec, lambda j, p: calls.append(j) or float(((p - target) ** 2).sum()))
+    assert calls == list(range(1 + 12 + 6)) and len(tried) == 19
+    first = first_round(7, spec)
+    assert np.allclose(first[0], 1 / 7) and all(abs(p.sum() - 1) < 1e-9 and (p >= 0).all() for p, _ in tried)
+    dist = ((best - target) ** 2).sum()
+    assert dist <= min(((p - target) ** 2).sum() for p in first)  # refinement never loses the best
+    assert dist < ((first[0] - target) ** 2).sum() / 2
+
+
+def test_headroom_and_captured_share_by_hand():
+    from rbvl.experiment.oracle import headroom
+
+    strat = {0: 1.00, 1: 1.10, 2: 0.90, 3: 1.05}
+    best = {0: 0.80, 1: 0.92, 2: 0.70, 3: 0.85}  # 0.20, 0.18, 0.20, 0.20 below stratified
+    half = {0: 0.90, 1: 1.01, 2: 0.80, 3: 0.95}  # 0.10, 0.09, 0.10, 0.10: half of it
+    none = {0: 1.00, 1: 1.10, 2: 0.91}
+    out = headroom(strat, best, {"half": half, "none": none}, paired)
+    assert out["headroom"]["mean"] == pytest.approx(0.195) and not out["within_noise"]  # stratified − oracle
+    assert out["headroom"]["n"] == 4
+    assert out["share"]["half"]["share"] == pytest.approx(0.39 / 0.78)
+    assert out["share"]["half"]["low"] <= 0.5 <= out["share"]["half"]["high"]
+    assert out["share"]["none"]["n"] == 3 and out["share"]["none"]["share"] == pytest.approx(-0.01 / 0.58)
+    noisy = headroom({0: 1.0, 1: 1.0}, {0: 0.9, 1: 1.1}, {}, paired)
+    assert noisy["within_noise"]
+
+
+@pytest.mark.slow
+def test_oracle_runs_in_the_grid_resumes_and_reports_headroom(tmp_path, monkeypatch):
+    cells = [{"domains": "original", "strategy": "stratified"}, {"domains": "original", "strategy": "rnb"}]
+    path = experiment_file(tmp_path, cells=cells, seeds=[0, 1], headline_seeds=[0, 1],
+                           oracle={"domains": "original", "grid_step": 0.5, "search_seeds": [7]})  # fmt: skip
+    report = run_experiment(path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    search = [r for r in rows if r["label"].startswith("oracle-search")]
+    assert len(search) == 6 and {r["seed"] for r in search} == {7}  # the 0.5 grid on 3 domains, its own seed
+    weights = [r["config"]["mixing"]["weights"] for r in search]
+    assert all(r["config"]["mixing"]["strategy"] == "manual" for r in search) and len({str(w) for w in weights}) == 6
+    best = min(search, key=lambda r: r["eval_loss_all"])["config"]["mixing"]["weights"]
+    final = [r for r in rows if r["label"] == "oracle"]
+    assert sorted(r["seed"] for r in final) == [0, 1] and all(r["config"]["mixing"]["weights"] == best for r in final)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "original/rnb" in summary["oracle"]["share"] and summary["oracle"]["headroom"]["n"] == 2
+    assert not any("oracle-search" in g for g in summary["groups"])  # the search is not a row of the tables
+    text = report.read_text()
+    assert "## Headroom" in text and "original/manual+oracle" in text
+
+    import rbvl.train
+
+    monkeypatch.setattr(rbvl.train, "train", lambda cfg: pytest.fail("a finished run ran again"))
+    run_experiment(path, progress=False)  # the search resumes from results.jsonl: nothing to train

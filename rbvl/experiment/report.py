@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl.experiment.oracle import SEARCH, headroom, headroom_lines
 from rbvl.experiment.spec import ExperimentSpec
 
 METRIC = "eval_loss_all"  # every eval token, the same records for every grouping (see run.token_weighted)
@@ -104,7 +105,7 @@ def resolve_group(name: str, groups: dict, k: int | None) -> str | None:
 
 def summarise_experiment(spec: ExperimentSpec, rows: list[dict]) -> tuple[dict, str | None, str | None]:
     """(summary, baseline group, headline group) from the finished rows: what report.md and the README print."""
-    main = groups = _groups(rows)
+    main = groups = _groups([r for r in rows if not r.get("label", "").startswith(SEARCH)])
     base_key = resolve_group(spec.baseline, groups, spec.data.k)
     head_key = resolve_group(spec.headline, groups, spec.data.k)
     summary = {"experiment": spec.name, "metric": METRIC, "groups": {}, "paired": {}, "k_sweep": {}, "cost": {}}
@@ -129,10 +130,21 @@ def summarise_experiment(spec: ExperimentSpec, rows: list[dict]) -> tuple[dict, 
     if head_key and "original/stratified" in main:
         p = _paired_by_seed(main[head_key], main["original/stratified"])
         summary["headline_vs_original"] = {"reference": "original/stratified", **p} if p else None
+    summary["oracle"] = _headroom(spec, main)
     summary["cost"] = _cost_table(main)
     summary["k_sweep"] = _k_sweep(rows, spec)
     summary["domains_differ"] = _domains_differ(main.get(base_key) or [])
     return summary, base_key, head_key
+
+
+def _headroom(spec: ExperimentSpec, main: dict) -> dict:
+    """The oracle's headroom over stratified on its domains, and each other cell there's share of it."""
+    if not spec.oracle.domains:
+        return {}
+    where = "original" if spec.oracle.domains == "original" else f"regrouped-k{spec.data.k}"
+    by_seed = {g: {r["seed"]: r[METRIC] for r in rs} for g, rs in main.items() if g.startswith(f"{where}/")}
+    strat, best = by_seed.pop(f"{where}/stratified", {}), by_seed.pop(f"{where}/manual+oracle", {})
+    return headroom(strat, best, by_seed, paired)
 
 
 def _paired_by_seed(rows: list[dict], reference: list[dict]) -> dict | None:
@@ -146,7 +158,7 @@ def _paired_by_seed(rows: list[dict], reference: list[dict]) -> dict | None:
 
 def write_report(spec: ExperimentSpec, cells, rows: list[dict], out: Path, source: str = "") -> Path:
     """report.md + summary.json + PNG plots in `out` from the finished rows; returns report.md."""
-    main = _groups(rows)
+    main = _groups([r for r in rows if not r.get("label", "").startswith(SEARCH)])
     summary, base_key, head_key = summarise_experiment(spec, rows)
     plots = _plots(main, summary, out, base_key)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -161,6 +173,7 @@ def write_report(spec: ExperimentSpec, cells, rows: list[dict], out: Path, sourc
             f"{fmt(s['wall_s']['mean'], 1)} ± {fmt(s['wall_s']['std'], 1)} |"
         )
     lines += _paired_lines(spec, summary, base_key, head_key)
+    lines += headroom_lines(summary["oracle"], fmt)
     lines += _k_sweep_lines(summary["k_sweep"])
     lines += _cost_lines(summary["cost"])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from rbvl import manifest as manifest_file
 from rbvl.config import ConfigError, load_config, to_dict
+from rbvl.experiment.oracle import ORACLE, SEARCH, search, weights_override
 from rbvl.experiment.readme import update_readme
-from rbvl.experiment.report import write_report
+from rbvl.experiment.report import METRIC, write_report
 from rbvl.experiment.spec import Cell, ExperimentSpec, append_result, expand, load_experiment, plan, read_results
 from rbvl.records import RecordSpool, Rejects, images
 from rbvl.regroup import RegroupOptions, outdir, regroup
@@ -205,6 +206,8 @@ def run_experiment(
                     bar.write(f"first run took {row['wall_s']:.0f} s: about {eta / 60:.0f} min for the other {len(todo) - 1}")  # fmt: skip
             bar.update(1)
         bar.close()
+    if spec.oracle.domains and not report_only:
+        run_oracle(spec, out_dir)
     if _rank() != 0:
         return out_dir / "report.md"
     rows = read_results(out_dir)
@@ -212,6 +215,36 @@ def run_experiment(
     if readme:
         update_readme(Path(readme), out_dir)
     return report
+
+
+def run_oracle(spec: ExperimentSpec, out: Path) -> list[float]:
+    """The oracle (rbvl/experiment/oracle.py): static `manual` runs that search the simplex at `oracle.search_seeds`,
+    then the best mixture at `headline_seeds`. Each run is a results.jsonl row like any cell's, so an interrupted
+    search resumes where it stopped. Returns the best mixture."""
+    o = spec.oracle
+    k = spec.data.k if o.domains == "regrouped" else None
+    manifest = original_manifest(spec, out) if o.domains == "original" else regrouped_manifest(spec, k, out)
+    names = [c["name"] for c in manifest_file.read(manifest)["clusters"]]
+    rows = {r["cell"]: r for r in read_results(out)}
+
+    def train(label: str, p, seed: int) -> float:
+        cell = Cell(o.domains, k, "manual", seed, [weights_override(names, p)], label)
+        if cell.id not in rows:
+            rows[cell.id] = run_cell(spec, cell, out)
+            if _rank() == 0:
+                append_result(out, rows[cell.id])
+        return rows[cell.id][METRIC]
+
+    def score(j: int, p) -> float:
+        return float(np.mean([train(f"{SEARCH}{j}", p, s) for s in o.search_seeds]))
+
+    best, tried = search(names, o, score)
+    for seed in spec.headline_seeds:
+        train(ORACLE, best, seed)
+    if _rank() == 0:
+        print(f"oracle: best of {len(tried)} static mixtures: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, best)),
+              file=sys.stderr)  # fmt: skip
+    return best.tolist()
 
 
 def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:

@@ -85,6 +85,28 @@ class SweepSpec:
 
 
 @dataclass
+class OracleSpec:
+    """`oracle:` the best static mixture at the same budget (rbvl/experiment/oracle.py)."""
+
+    domains: str = ""
+    """`original` or `regrouped`: the domains whose best static mixture is searched (empty = no oracle)."""
+    search_seeds: list[int] = field(default_factory=lambda: [100])
+    """Seeds of the search runs, apart from the reported seeds so that the winner is scored on fresh seeds."""
+    candidates: int = 12
+    """Dirichlet(1) draws of the first round (above `grid_max_m` domains), beside the uniform point."""
+    refine: int = 6
+    """Draws around the best candidate of the first round."""
+    concentration: float = 30.0
+    """Dirichlet concentration of the refinement (higher = closer to the best)."""
+    grid_step: float = 0.25
+    """Grid step of the simplex when there are at most `grid_max_m` domains."""
+    grid_max_m: int = 4
+    """Up to this many domains the first round is the full grid (no refinement)."""
+    seed: int = 0
+    """Seed of the draws."""
+
+
+@dataclass
 class ExperimentSpec:
     name: str = "experiment"
     """Names the experiment in the report's title and the README block."""
@@ -110,6 +132,9 @@ class ExperimentSpec:
     """The cells (see `CellSpec`); default: R&B, its ablations and the peers (`DEFAULT_CELLS`)."""
     k_sweep: SweepSpec = field(default_factory=SweepSpec)
     """One strategy trained at several k (see `SweepSpec`): does loss follow the clusters' silhouette?"""
+    oracle: OracleSpec = field(default_factory=OracleSpec)
+    """The oracle: the best static mixture, searched on its own seeds and reported at `headline_seeds`, and the
+    headroom it leaves stratified (see `OracleSpec`)."""
     notes: str = ""
     """Free text copied into the report (what the setting is, how long it takes)."""
 
@@ -125,6 +150,8 @@ def load_experiment(path: str | Path) -> tuple[ExperimentSpec, list[CellSpec]]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     spec = from_dict(ExperimentSpec, tree)
     cells = [from_dict(CellSpec, c, prefix=f"cells[{i}].") for i, c in enumerate(spec.cells)]
+    if spec.oracle.domains not in ("", "original", "regrouped"):
+        raise ConfigError(f"{path}: oracle.domains: '{spec.oracle.domains}' is not original or regrouped")
     if not spec.recipe:
         raise ConfigError(f"{path}: `recipe` (the base recipe of every run) is required")
     return spec, cells
@@ -211,6 +238,11 @@ def plan(spec: ExperimentSpec, cells: list[Cell], done: set[str]) -> str:
             why.append("also DoReMi's reference")
         note = f"  ({'; '.join(why)})" if why else ""
         lines.append(f"  {group:36s} seeds {','.join(map(str, seeds))}{note}")
+    o = spec.oracle
+    if o.domains:
+        lines.append(f"  oracle on {o.domains} domains: a search of static mixtures (a grid up to {o.grid_max_m} domains, "
+                     f"else 1 + {o.candidates} draws + {o.refine} refinements) at seeds {','.join(map(str, o.search_seeds))}, "
+                     f"then the best at seeds {','.join(map(str, spec.headline_seeds))}")  # fmt: skip
     return "\n".join(lines)
 
 
