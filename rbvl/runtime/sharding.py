@@ -59,7 +59,7 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "auto",
     The root group holds what is left: embeddings, LM head, projector (and its modules_to_save copy). Root last, as
     FSDP2 requires. LoRA adapters live inside the decoder layers and are sharded with them; frozen and trainable
     parameters share a group (FSDP2 reduce-scatters only the gradients that exist)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     kwargs = {}
     policy = mixed_precision(precision, device)
@@ -71,11 +71,11 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "auto",
     if not layers:
         raise ValueError(f"train.parallel=fsdp: found no decoder layers in {type(model).__name__} to shard")
     for layer in layers:
-        fully_shard(layer, **kwargs)
+        _fully_shard(layer, **kwargs)
     tower = _vision_tower(model)
     if tower is not None and any(True for _ in tower.parameters()):
-        fully_shard(tower, **kwargs)
-    fully_shard(model, **kwargs)
+        _fully_shard(tower, **kwargs)
+    _fully_shard(model, **kwargs)
     if hasattr(model, "generate"):  # generate() calls the inner model: the root must unshard around it too
         from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -88,6 +88,21 @@ def shard_model(model: nn.Module, device: torch.device, precision: str = "auto",
         "bf16, fp32 reduce" if policy is not None else "fp32",
     )
     return model
+
+
+def _fully_shard(module: nn.Module, **kwargs) -> None:
+    """fully_shard, which gives `module` a new class (FSDP<Name>): transformers looks up which outputs a model can
+    record (hidden states for LLaVA's vision features) by class name, so the new class gets the old one's entry."""
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # an older transformers: no registry to keep
+        _CAN_RECORD_REGISTRY = None
+    entry = _CAN_RECORD_REGISTRY.get(module) if _CAN_RECORD_REGISTRY is not None else None
+    fully_shard(module, **kwargs)
+    if entry:
+        _CAN_RECORD_REGISTRY[module] = entry
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
