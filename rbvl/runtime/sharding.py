@@ -53,7 +53,9 @@ def mixed_precision(precision: str, device: torch.device):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def shard_model(model: nn.Module, device: torch.device, precision: str = "auto", cpu_offload: bool = False) -> nn.Module:
+def shard_model(
+    model: nn.Module, device: torch.device, precision: str = "auto", cpu_offload: bool = False
+) -> nn.Module:
     """`fully_shard` each decoder layer, the vision tower, then the root (in place; returns `model`).
 
     The root group holds what is left: embeddings, LM head, projector (and its modules_to_save copy). Root last, as

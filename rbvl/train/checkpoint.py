@@ -201,7 +201,13 @@ def _write(tmp: Path, final: Path, state: TrainState, trainable: dict) -> None:
     # PEFT saves the adapter from the trainable tensors; a model without LoRA saves all of its weights (under FSDP
     # gathered whole on every rank first: full fine-tuning of a model that large is not what fsdp is for here)
     peft = hasattr(state.model, "peft_config")
-    weights = trainable if peft else gather_full(state.model.state_dict().items()) if getattr(dist, "sharded", False) else None
+    weights = (
+        trainable
+        if peft
+        else gather_full(state.model.state_dict().items())
+        if getattr(dist, "sharded", False)
+        else None
+    )
     mixer_state = dict(state.mixer.state_dict())
     torch.save(
         {
