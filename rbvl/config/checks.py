@@ -26,6 +26,11 @@ def check_runnable(cfg) -> None:
                 f"{fix} (or max_steps >= {first})"
             )
     _check_peer_updates(cfg)
+    if cfg.train.parallel == "fsdp" and cfg.model.quantization:
+        raise ConfigError(
+            f"model.quantization: got {cfg.model.quantization} with train.parallel=fsdp, expected null: a quantised "
+            "base is not sharded here; QLoRA trains under train.parallel=ddp (each rank holds the 4-bit base)"
+        )
     if cfg.train.parallel == "fsdp" and cfg.mixing.strategy in UNSHARDED_PEERS:
         raise ConfigError(
             f"mixing.strategy: got {cfg.mixing.strategy} with train.parallel=fsdp, expected rnb, odm or a static "

@@ -96,6 +96,10 @@ class ModelConfig(Checked):
     """Recompute activations in backward to save memory (enables PEFT's input-grads fix)."""
     attn_implementation: str | None = option(None, check=_attn, allowed="eager, sdpa, flash_attention_2, ... or null")
     """`eager`, `sdpa`, `flash_attention_2`; None lets transformers choose."""
+    quantization: str | None = option(None, choices=(None, "4bit", "8bit"))
+    """QLoRA: load the frozen base through bitsandbytes, `4bit` (NF4, double quantisation, bf16 compute) or `8bit`,
+    and prepare it for k-bit training (PEFT's `prepare_model_for_kbit_training`); the LoRA adapters, which the
+    tracker reads, stay in full precision. Needs a CUDA GPU and `pip install bitsandbytes`; null = no quantisation."""
     init_seed: int = option(-1, ge=-1)
     """Seed of a tiny model's random weights; -1 = the run's `seed`. Fix it to compare seeds on one base model, as
     runs of a pretrained checkpoint are (only data order, adapter init and dropout then change with `seed`)."""
