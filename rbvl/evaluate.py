@@ -18,7 +18,9 @@ from rbvl.train.metrics import read_metrics
 def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None) -> dict:
     """Token-averaged loss per domain, and Σ_d q_d · loss_d (q = target, uniform when None).
 
-    Under DDP each rank takes every world_size-th batch of each domain and the sums are all-reduced.
+    Under DDP each rank takes every world_size-th batch of each domain and the sums are all-reduced. Under FSDP
+    (`dist.sharded`) every forward is a collective, so a rank left with fewer batches of a domain runs its last one
+    again, uncounted, until every rank has run as many.
     """
     from rbvl.data import iter_eval_batches
 
@@ -28,9 +30,12 @@ def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     m = len(domains.names)
     sums = torch.zeros(2, m, dtype=torch.float64, device=device)  # (loss sum, tokens) per domain
+    lockstep = dist is not None and getattr(dist, "sharded", False)
     for d in range(m):
         batches = iter_eval_batches(domains, d, eval_cfg.batch_size, collator, max_samples=eval_cfg.max_samples)
+        n_batches, spare, ran = 0, None, 0
         for i, batch in enumerate(batches):
+            n_batches, spare = i + 1, spare if spare is not None else batch
             if i % world != rank:
                 continue
             inputs = {k: v.to(device) for k, v in batch.items()}
@@ -38,6 +43,9 @@ def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None)
             token_loss = causal_lm_token_loss(model(**inputs).logits, labels)  # (B, T)
             sums[0, d] += token_loss.sum().double()
             sums[1, d] += (labels[:, 1:] != -100).sum()
+            ran += 1
+        for _ in range(-(-n_batches // world) - ran if lockstep else 0):  # uncounted: the collectives line up
+            model(**{k: v.to(device) for k, v in spare.items() if k != "labels"})
     if dist is not None:
         dist.all_reduce(sums)
     model.train(was_training)

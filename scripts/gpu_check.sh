@@ -39,3 +39,4 @@ step "bench train on CUDA"
 timeout 120 $PY -m rbvl.cli bench train --rounds 3 --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
 
 step "done: $OUT/"
+timeout 300 $PY -m pytest -q -rs -m gpu tests/test_qlora.py 2>&1 | tee "$OUT/qlora.txt"   # QLoRA: 4-bit base, tracked adapters (says so if bitsandbytes is missing)

@@ -263,3 +263,22 @@ def test_cli_validate_one_clear_line(tmp_path):
         assert r.returncode != 0
         assert r.stderr.strip().count("\n") == 0, r.stderr
         assert text in r.stderr
+
+
+def test_parallel_keys_give_one_line():
+    from rbvl.config import check_runnable
+
+    assert load_config(None, ["train.parallel=fsdp"]).train.parallel == "fsdp"
+    assert load_config(None, []).train.parallel == "ddp"
+    with pytest.raises(ConfigError, match=r"^train.parallel: 'zero3' is not one of ddp, fsdp") as e:
+        load_config(None, ["train.parallel=zero3"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="train.fsdp_cpu_offload: got true with train.parallel=ddp"):
+        load_config(None, ["train.fsdp_cpu_offload=true"])
+    with pytest.raises(ConfigError, match="train.fsdp_cpu_offload: got true with train.device=cpu, expected a GPU"):
+        load_config(None, ["train.parallel=fsdp", "train.fsdp_cpu_offload=true", "train.device=cpu"])
+    with pytest.raises(ConfigError, match="train.fsdp_precision: 'fp8' is not one of auto, bf16, fp32"):
+        load_config(None, ["train.fsdp_precision=fp8"])
+    cfg = load_config(None, ["train.parallel=fsdp", "mixing.strategy=dga", "max_steps=10", "balance.update_every=5"])
+    with pytest.raises(ConfigError, match="mixing.strategy: got dga with train.parallel=fsdp, expected rnb, odm"):
+        check_runnable(cfg)

@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from rbvl.balance import GradientTracker, _sketch_into, label_tokens, update_proportions
 from rbvl.bench import dispatch, peers
 from rbvl.bench._timing import alternate, medians, set_threads
+from rbvl.bench.memory import meta_dtype, per_rank_memory, print_memory
 from rbvl.config import load_config
 from rbvl.model import apply_lora, load_model
 from rbvl.model.families import head_patterns, is_text_only_config
@@ -125,7 +126,7 @@ def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
     config = model_config(cfg.model)
     auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
     with torch.device("meta"):
-        model = auto.from_config(config)
+        model = auto.from_config(config, dtype=meta_dtype(cfg.model.dtype))  # the recipe's dtype: memory per rank
     model = apply_lora(model, cfg.lora)
     text = getattr(config, "text_config", config)
 
@@ -166,6 +167,9 @@ def full_model_costs(cfg, m: int, sketch_dim: int) -> dict:
             "allreduce_bytes": tracker.allreduce_bytes(),
         }
         out["tracked_params"] = tracker.n_params
+        if (dim > 0) == (cfg.balance.sketch_dim > 0):  # the recipe's own tracker goes into the memory per rank
+            out["memory"] = per_rank_memory(model, tracker.nbytes, worlds=(8, 64))
+            out["memory_tracker"] = f"sketched, {dim:,}" if dim else "exact"
         tracker.remove()
     return out
 
@@ -367,6 +371,8 @@ def print_table(r: dict) -> None:
             f"  {label:22s}{x['memory_gib']:9.3f} GiB{100 * x['flops_fraction']:12.4f} %"
             f"{x['allreduce_bytes'] / GIB:16.3f} GiB"
         )
+    if "memory" in f:
+        print_memory(f["memory"], f["memory_tracker"])
     if "slice" in r:
         print_slice(r["slice"])
     if "peers" in r:

@@ -26,6 +26,24 @@ def check_runnable(cfg) -> None:
                 f"{fix} (or max_steps >= {first})"
             )
     _check_peer_updates(cfg)
+    if cfg.train.parallel == "fsdp" and cfg.model.quantization:
+        raise ConfigError(
+            f"model.quantization: got {cfg.model.quantization} with train.parallel=fsdp, expected null: a quantised "
+            "base is not sharded here; QLoRA trains under train.parallel=ddp (each rank holds the 4-bit base)"
+        )
+    if cfg.train.parallel == "fsdp" and cfg.mixing.strategy in UNSHARDED_PEERS:
+        raise ConfigError(
+            f"mixing.strategy: got {cfg.mixing.strategy} with train.parallel=fsdp, expected rnb, odm or a static "
+            f"mixture: {UNSHARDED_PEERS[cfg.mixing.strategy]}; train it with train.parallel=ddp"
+        )
+
+
+# peers whose extra passes were never run on a sharded model (each rank must run the same forwards under FSDP)
+UNSHARDED_PEERS = {
+    "dga": "its extra per-domain backward passes are untested on a sharded model",
+    "doremi": "its reference model would be a whole unsharded copy on every rank",
+    "aioli": "its LearnParams rounds are untested on a sharded model",
+}
 
 
 def _check_peer_updates(cfg) -> None:

@@ -96,6 +96,10 @@ class ModelConfig(Checked):
     """Recompute activations in backward to save memory (enables PEFT's input-grads fix)."""
     attn_implementation: str | None = option(None, check=_attn, allowed="eager, sdpa, flash_attention_2, ... or null")
     """`eager`, `sdpa`, `flash_attention_2`; None lets transformers choose."""
+    quantization: str | None = option(None, choices=(None, "4bit", "8bit"))
+    """QLoRA: load the frozen base through bitsandbytes, `4bit` (NF4, double quantisation, bf16 compute) or `8bit`,
+    and prepare it for k-bit training (PEFT's `prepare_model_for_kbit_training`); the LoRA adapters, which the
+    tracker reads, stay in full precision. Needs a CUDA GPU and `pip install bitsandbytes`; null = no quantisation."""
     init_seed: int = option(-1, ge=-1)
     """Seed of a tiny model's random weights; -1 = the run's `seed`. Fix it to compare seeds on one base model, as
     runs of a pretrained checkpoint are (only data order, adapter init and dropout then change with `seed`)."""
@@ -330,6 +334,28 @@ class TrainConfig(Checked):
     max_nonfinite_steps: int = option(3, ge=0)
     """Stop the run after this many optimizer steps in a row whose loss or gradients are not finite (each one is
     skipped, as fp16's loss scaler skips an overflow); 0 = never stop. No checkpoint holds non-finite weights."""
+    parallel: str = option("ddp", choices=("ddp", "fsdp"))
+    """How torchrun's ranks share the model. `ddp`: every rank holds all of it (enough for a 7B model with LoRA on
+    80 GB). `fsdp`: FSDP2 shards each decoder layer, the vision tower and the rest over the ranks, for a model one
+    GPU cannot hold (`rbvl bench balance --recipe` prints both per-rank memories). One process: the same either way."""
+    fsdp_precision: str = option("auto", choices=("auto", "bf16", "fp32"))
+    """Under `parallel: fsdp`, the parameters' all-gather and compute dtype: `bf16` (gradients reduced in fp32), `fp32`;
+    `auto`: bf16 on a GPU that has it, fp32 on the CPU."""
+    fsdp_cpu_offload: bool = False
+    """Under `parallel: fsdp` on GPUs, keep the parameter shards, gradients and optimizer state in CPU memory (the
+    optimizer steps on the CPU): slower, for a model whose shards do not fit."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fsdp_cpu_offload and self.parallel != "fsdp":
+            raise ConfigError(
+                f"train.fsdp_cpu_offload: got true with train.parallel={self.parallel}, expected train.parallel=fsdp"
+            )
+        if self.fsdp_cpu_offload and self.device in ("cpu", "meta", "mps"):
+            raise ConfigError(
+                f"train.fsdp_cpu_offload: got true with train.device={self.device}, expected a GPU: on the CPU the "
+                "shards are in CPU memory already"
+            )
 
 
 @dataclass

@@ -44,6 +44,13 @@ def load_model(cfg: ModelConfig, seed: int = 0):
     kwargs = {"dtype": DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization:
+        kwargs.update(quantization_kwargs(cfg))
+    if is_tiny(cfg.name) and cfg.quantization:
+        raise ModelError(
+            f"model.quantization={cfg.quantization} loads a saved model through bitsandbytes; {cfg.name} is built from "
+            "a config: save it first (rbvl.model.save_base) and set model.name to that folder"
+        )
     if is_tiny(cfg.name):
         config, processor = tiny.build(cfg.name)
         auto = AutoModelForCausalLM if is_text_only_config(config) else AutoModelForImageTextToText
@@ -69,6 +76,36 @@ def load_model(cfg: ModelConfig, seed: int = 0):
     return model, processor
 
 
+def quantization_kwargs(cfg: ModelConfig) -> dict:
+    """`from_pretrained` keywords of `model.quantization`: a BitsAndBytesConfig (4bit: NF4, double quantisation, bf16
+    compute) and the process's GPU as the device map. One line when there is no CUDA GPU or no bitsandbytes."""
+    if not torch.cuda.is_available():
+        raise ModelError(
+            f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes' k-bit kernels) and none is "
+            "visible; set model.quantization=null to train unquantised"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            f"model.quantization={cfg.quantization} needs bitsandbytes: pip install bitsandbytes"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    else:
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    import os
+
+    return {"quantization_config": bnb, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
+
+
 def prepare_model(cfg, run_dir: Path, rank: int = 0, device: torch.device | str = "cpu"):
     """`rbvl train`'s model: load it, put LoRA on it, move it to `device`; returns (model, processor).
 
@@ -84,12 +121,21 @@ def prepare_model(cfg, run_dir: Path, rank: int = 0, device: torch.device | str 
     except FamilyError as e:
         if cfg.lora.target_modules is None or cfg.lora.modules_to_save is None:
             raise ModelError(str(e)) from None
+    if cfg.model.quantization:  # norms and head in fp32, input grads on: PEFT's QLoRA preparation
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     torch.manual_seed(cfg.seed)
     model = apply_lora(model, cfg.lora)
     torch.manual_seed(cfg.seed + rank)
     if is_tiny(cfg.model.name) and hasattr(model, "peft_config"):
         model.peft_config["default"].base_model_name_or_path = str(base.resolve())
-    model.to(device)
+    if not cfg.model.quantization:  # a quantised base was placed on this rank's GPU as it loaded
+        model.to(device)
     log.info(trainable_summary(model))
     return model, processor
 

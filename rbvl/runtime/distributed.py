@@ -1,7 +1,8 @@
 """One process or many: torch.distributed as `rbvl train` and `rbvl-regroup` use it under torchrun.
 
     dist = Distributed.from_env()          # reads WORLD_SIZE / RANK / LOCAL_RANK; starts the process group
-    ddp_model = dist.wrap(model)           # DDP when world_size > 1, the model itself otherwise
+    model = dist.shard(model, cfg.train)   # train.parallel=fsdp: FSDP2 in place (before the optimizer); else as is
+    ddp_model = dist.wrap(model)           # DDP when world_size > 1 (and not sharded), the model itself otherwise
     dist.all_reduce(t); dist.barrier()     # no-ops on one process
     dist.close()                           # barrier, free, destroy (a bare destroy aborted ~1 run in 5 with gloo)
 
@@ -12,9 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class Distributed:
@@ -23,6 +27,7 @@ class Distributed:
     def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device):
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
         self.is_main = rank == 0
+        self.sharded = False  # FSDP2 (`shard`): every rank must run the same forwards, collectives follow the model
 
     @classmethod
     def from_env(cls, device: str = "auto") -> Distributed:
@@ -42,8 +47,21 @@ class Distributed:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def wrap(self, model):
+    def shard(self, model, train_cfg):
+        """`train.parallel=fsdp` under torchrun: FSDP2 on `model` in place (rbvl/runtime/sharding.py), before the
+        optimizer is built (FSDP2 replaces the parameters with sharded DTensors). DDP, or one process: `model`."""
+        if train_cfg.parallel != "fsdp":
+            return model
         if not self.enabled:
+            log.info("train.parallel=fsdp on one process: nothing to shard, the model trains as it is")
+            return model
+        from rbvl.runtime.sharding import shard_model
+
+        self.sharded = True
+        return shard_model(model, self.device, train_cfg.fsdp_precision, train_cfg.fsdp_cpu_offload)
+
+    def wrap(self, model):
+        if not self.enabled or self.sharded:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -52,7 +70,10 @@ class Distributed:
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def no_sync(self, ddp_model, sync: bool):
-        """DDP's no_sync() for the micro-batches of gradient accumulation before the last."""
+        """DDP's no_sync() for the micro-batches of gradient accumulation before the last (FSDP2: no reduce-scatter
+        until the last; the gradients stay whole until then)."""
+        if self.sharded:
+            return _gradient_sync(ddp_model, sync)
         if self.enabled and not sync:
             return ddp_model.no_sync()
         return contextlib.nullcontext()
@@ -86,6 +107,13 @@ class Distributed:
 
     def close(self) -> None:
         close()
+
+
+def _gradient_sync(fsdp_model, sync: bool):
+    """FSDP2 reads the flag in the backward pass, which runs after the forward's context has closed: it stays set
+    until the next micro-batch sets it again."""
+    fsdp_model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 def close() -> None:

@@ -4,7 +4,9 @@ RUN_DIR/checkpoint-N/
     adapter_config.json, adapter_model.safetensors   PEFT adapter (projector included via modules_to_save)
     processor / tokenizer files                      so the adapter loads and generates on its own
     config.yaml                                      the resolved run config
-    trainer_state.pt                                 trainable weights, optimizer, scheduler, step
+    trainer_state.pt                                 trainable weights, optimizer, scheduler, step (whole tensors:
+                                                     under train.parallel=fsdp the ranks all-gather the trainable
+                                                     shards and their optimizer state first, so the layout is DDP's)
     rbvl_state.json                                  the p schedule (under "balance"), step, world size, the run's
                                                      fingerprint (manifest hash, data / mixing / balance keys)
     rank-000.pt, rank-001.pt ...                     per rank: RNG, stream readers + cursors, the mixer's state (R&B:
@@ -34,6 +36,7 @@ import torch
 from rbvl.config import dump_config
 from rbvl.config.engine import to_dict
 from rbvl.runtime import fsfault, runlock
+from rbvl.runtime.sharding import full_optimizer_state, gather_full, load_full, load_full_optimizer_state, reshard
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +163,9 @@ def save(run_dir: str | Path, state: TrainState) -> Path:
     torchrun restores each rank exactly. The folder appears under its final name only once every file is in it.
     """
     dist, step = state.dist, state.step
-    trainable = {n: p for n, p in state.model.named_parameters() if p.requires_grad}
+    # whole tensors (under FSDP every rank all-gathers its shards here: LoRA and the projector are small)
+    reshard(state.model)
+    trainable = gather_full((n, p) for n, p in state.model.named_parameters() if p.requires_grad)
     bad = [n for n, p in trainable.items() if not bool(torch.isfinite(p.detach()).all())]  # every rank alike
     if bad:  # the optimizer skips non-finite steps, so this is a bug's mark: never let it reach a checkpoint
         raise CheckpointError(
@@ -192,6 +197,17 @@ def _write(tmp: Path, final: Path, state: TrainState, trainable: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    optimizer_state = full_optimizer_state(state.optimizer)  # whole tensors whatever the sharding (collective)
+    # PEFT saves the adapter from the trainable tensors; a model without LoRA saves all of its weights (under FSDP
+    # gathered whole on every rank first: full fine-tuning of a model that large is not what fsdp is for here)
+    peft = hasattr(state.model, "peft_config")
+    weights = (
+        trainable
+        if peft
+        else gather_full(state.model.state_dict().items())
+        if getattr(dist, "sharded", False)
+        else None
+    )
     mixer_state = dict(state.mixer.state_dict())
     torch.save(
         {
@@ -208,14 +224,14 @@ def _write(tmp: Path, final: Path, state: TrainState, trainable: dict) -> None:
     )
     dist.barrier()
     if dist.is_main:
-        state.model.save_pretrained(tmp)
+        state.model.save_pretrained(tmp, state_dict=weights)  # PEFT keeps the adapter's and modules_to_save's keys
         state.processor.save_pretrained(tmp)
         dump_config(state.cfg, tmp / "config.yaml")
         torch.save(
             {
                 "step": step,
-                "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                "optimizer": state.optimizer.state_dict(),
+                "trainable": trainable,
+                "optimizer": optimizer_state,
                 "scheduler": state.scheduler.state_dict(),
             },
             tmp / STATE,
@@ -299,10 +315,9 @@ def load(path: str | Path, state: TrainState) -> dict:
     missing = sorted(set(saved["trainable"]) ^ {n for n, p in named.items() if p.requires_grad})
     if missing:
         raise CheckpointError(f"{path} does not match this model's trainable parameters (e.g. {missing[0]})")
-    with torch.no_grad():
-        for name, value in saved["trainable"].items():
-            named[name].copy_(value)
-    state.optimizer.load_state_dict(saved["optimizer"])
+    for name, value in saved["trainable"].items():
+        load_full(named[name], value)  # under FSDP each rank keeps its shard of the whole tensor
+    load_full_optimizer_state(state.optimizer, saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(mine["rng"])
     if mine["cuda_rng"] is not None and dist.device.type == "cuda":

@@ -33,6 +33,7 @@ from rbvl.model import prepare_model
 from rbvl.model.families import lookup, model_type_of
 from rbvl.runtime import runlock
 from rbvl.runtime.distributed import Distributed
+from rbvl.runtime.sharding import same_forward_paths
 from rbvl.train import checkpoint as ckpt
 from rbvl.train.guard import DivergenceGuard, Preempted, StopSignals, ignore_stop_signals
 from rbvl.train.metrics import MetricsLogger, WindowStats, format_eval
@@ -66,11 +67,14 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
 
     # -------------------------------------------------------------------------------------------------------- model
     model, processor = prepare_model(cfg, run_dir, dist.rank, dist.device)
+    family = lookup(model_type_of(model))  # the table's row (a text LM's too, so the stream can name it)
+    model = dist.shard(model, cfg.train)  # train.parallel=fsdp: FSDP2 in place, before the optimizer sees the params
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg)
-    family = lookup(model_type_of(model))  # the table's row (a text LM's too, so the stream can name it)
     collator = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong, family=family)
     probe_domains(domains, collator, p0)  # a max_length that leaves a domain no label token: one line, now
+    paths = same_forward_paths(model, collator, dist)  # FSDP: a rank without an image still runs the vision tower
+    owned.callback(paths.remove)
     ctx, held_out = build_mix_context(cfg, model, domains, collator, dist, target, scheduler, schedule)
     mixer = build_mixer(
         cfg.mixing.strategy, m, target, cfg.mixing, ctx, initial=p0, seed=cfg.seed, balance=cfg.balance
@@ -116,6 +120,7 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
             state.window.add(token_loss.sum(1), meta.label_tokens, meta.domain_ids, n_input)
             # ODM's reward, DoReMi's excess loss: from the loss this step computed
             mixer.observe({**inputs, "labels": labels}, meta, token_loss.sum(1), meta.label_tokens, token_loss[:, :-1])
+        paths.settle(dist)  # FSDP: no image on any rank this step → no vision-side update (as under DDP)
         status = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)  # ok|overflow|nonfinite
         state.step += 1
         state.window.steps += 1
@@ -143,8 +148,10 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
             metrics.log("eval", state.step, **result)
             if dist.is_main:
                 progress.write(format_eval(state.step, names, result))
+            if dist.is_main or dist.sharded:  # a sharded model generates on every rank (each forward is collective)
                 generated = generate_samples(model, domains, collator, cfg.eval.generate, cfg.eval.max_new_tokens)
-                write_samples(run_dir, state.step, generated, metrics)  # eval.generate: what the model answers
+                if dist.is_main:
+                    write_samples(run_dir, state.step, generated, metrics)  # eval.generate: what the model answers
 
         # ---------------------------------------------------------------------------------------------- checkpoint
         signum = stop.poll(dist) if state.step < cfg.max_steps else 0  # SIGTERM & co: every rank stops at this step
