@@ -2,6 +2,7 @@
 
     python recipes/hf_trainer_example.py --output-dir runs/hf_example --max-steps 40
     python recipes/hf_trainer_example.py --output-dir runs/hf_example --max-steps 80 --resume   # continue
+    torchrun --nproc_per_node=2 recipes/hf_trainer_example.py --fsdp                            # FSDP2, 2 GPUs
 
 Everything here is an ordinary Trainer script (model + LoRA, a map-style dataset, a collator, TrainingArguments);
 the lines marked `# R&B` are what Balance adds. Swap in your own model (e.g. `llava-hf/llava-1.5-7b-hf`), data and
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import random
 
+import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import TrainingArguments
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> BalanceTrainer:
     parser.add_argument("--output-dir", default="runs/hf_example")
     parser.add_argument("--max-steps", type=int, default=40)
     parser.add_argument("--save-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8, help="per device")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output-dir")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (under torchrun; accelerate on GPUs)")
     args = parser.parse_args(argv)
 
     model, processor = load_model(ModelConfig(name="tiny-llava", freeze_vision=False), seed=0)
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> BalanceTrainer:
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=2,
         learning_rate=3e-3,
         lr_scheduler_type="constant",
@@ -80,7 +84,11 @@ def main(argv: list[str] | None = None) -> BalanceTrainer:
         logging_steps=5,
         report_to="none",
         seed=0,
-        use_cpu=True,
+        use_cpu=not (args.fsdp and torch.cuda.is_available()),
+        fsdp=args.fsdp,  # FSDP2 on each decoder layer, each vision encoder layer, then the root
+        fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer", "CLIPEncoderLayer"]}
+        if args.fsdp
+        else None,
         remove_unused_columns=False,  # R&B: the domain column must reach the collator (BalanceTrainer forces it)
     )
     trainer = BalanceTrainer(

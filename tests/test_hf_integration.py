@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -218,3 +220,102 @@ def test_trainer_window_holds_token_mean_gradients(tmp_path, grad_accum):
         )  # this domain's token-mean loss
         expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, weights)])
         torch.testing.assert_close(got[d], expected, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sharded models: accelerate's FSDP2 on 2 gloo ranks; DeepSpeed ZeRO-3 refused
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_trainer_under_accelerate_fsdp2_moves_p_and_resumes_exactly(tmp_path):
+    """recipes/hf_trainer_example.py --fsdp on 2 gloo ranks, one example per micro-batch: text-only and image
+    micro-batches meet on the two ranks, and the text-only rank runs the vision tower on the dummy image (else the
+    image rank waits in a vision layer's all-gather: the timeout bounds that). Resumed from checkpoint-15 (Trainer's
+    FSDP checkpoint + the Balance files), the run ends where the uninterrupted one did."""
+    worker = str(Path(__file__).parent / "dist_hf_fsdp_worker.py")
+    example_args = ["--max-steps", "30", "--save-steps", "15", "--batch-size", "1"]
+    r = torchrun(worker, str(tmp_path / "full.json"), "fsdp", "--output-dir", str(tmp_path / "full"), *example_args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert full["fsdp"] and [rank["param_type"] for rank in full["ranks"]] == ["DTensor", "DTensor"]
+    assert all(rank["dummy_runs"] > 0 for rank in full["ranks"]), "each rank had text-only micro-batches"
+    p = full["ranks"][0]["proportions"]
+    assert full["ranks"][1]["proportions"] == p, "the window is summed over ranks: one p"
+    assert abs(sum(p) - 1) < 1e-9 and max(abs(x - 1 / 3) for x in p) > 0.05, p
+    assert len(full["history"]) == 4, "updates at steps 10, 20, 30"
+
+    ckpt = tmp_path / "full" / "checkpoint-15"
+    assert {BALANCE_STATE, TRACKER_STATE.format(0), TRACKER_STATE.format(1)} <= {f.name for f in ckpt.iterdir()}
+    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-15")
+    r = torchrun(
+        worker, str(tmp_path / "resumed.json"), "fsdp", "--output-dir", str(tmp_path / "resumed"), *example_args,
+        "--resume",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["steps"] == 30
+    assert resumed["history"] == full["history"]
+    assert resumed["ranks"][0]["proportions"] == p
+    assert resumed["losses"] == full["losses"], "the steps after the checkpoint train the same batches the same way"
+
+
+def test_zero3_is_refused_at_start(monkeypatch, tmp_path):
+    """deepspeed is not installed here: the detection is patched. Stage 3 from TrainingArguments(deepspeed=...) is
+    refused before the Trainer is built, stage 3 from an accelerate config once it is; stage 2 passes."""
+    import transformers.integrations
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from rbvl.integrations.hf import BalanceTrainer, refuse_zero3
+
+    base = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128)
+    )
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    build = lambda: BalanceTrainer(  # noqa: E731
+        model=model, args=args, train_dataset=length_examples(), data_collator=pad_collate, n_domains=3
+    )
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match=r"^BalanceTrainer does not run under DeepSpeed ZeRO-3; shard with FSDP2"):
+        build()
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: False)
+    assert build().tracker.modules, "ZeRO off: the tracker holds the adapters"
+
+    def accelerator(stage):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        refuse_zero3(accelerator(3))
+    refuse_zero3(accelerator(2))
+    refuse_zero3(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)))
+
+
+def test_rbvl_train_refuses_an_accelerate_zero3_config(monkeypatch, tmp_path):
+    """`accelerate launch` exports its DeepSpeed config to the processes: stage 3 (named, or in the config file) stops
+    `rbvl train` before the run folder is touched; no DeepSpeed, or stage 2, passes the check."""
+    from rbvl.config import ConfigError, load_config
+    from rbvl.runtime.distributed import refuse_zero3
+    from rbvl.train import train
+
+    refuse_zero3()  # no accelerate launch
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    refuse_zero3()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    cfg = load_config(None, [f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^rbvl train does not run under DeepSpeed ZeRO-3 .*train.parallel=fsdp"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    config_file = tmp_path / "ds.json"
+    config_file.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        refuse_zero3()

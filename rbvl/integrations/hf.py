@@ -28,6 +28,12 @@ Each train example carries its domain id (an int column, `domain` by default). W
   holds p over steps.
 - Balance state (the p schedule; each rank's part of the window, like the Trainer's per-rank RNG files) is saved
   in every checkpoint folder and restored on resume; p is logged with every Trainer log line (so `report_to` gets it).
+- Under accelerate's FSDP2 (`fsdp=True, fsdp_config={"version": 2}`) the tracked linears read the all-gathered weights
+  inside their forward, as in `rbvl train` (rbvl/runtime/sharding.py). Every rank must run the same modules: a rank
+  whose micro-batch has no image runs the vision tower on a dummy image times zero (`SameForwardPaths`); the dummy is
+  one collated training example that has an image (or `dummy_images=`), and an optimizer step that saw no image on
+  any rank drops the vision side's zero gradients, as DDP leaves them. DeepSpeed ZeRO-3 is refused at the start
+  (its partitioned weights are not what the tracked linears read); ZeRO-1/2 keep whole weights and need nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,6 +52,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule, label_tokens
+from rbvl.balance.layers import VISION_SIDE
 from rbvl.config import BalanceConfig, from_dict
 from rbvl.model.families import head_patterns
 
@@ -56,7 +65,17 @@ TRACKER_STATE = "rbvl_tracker-rank{:03d}.pt"
 class BalanceMixin:
     """Adds R&B Balance to a `transformers.Trainer` subclass (put it first in the bases)."""
 
-    def __init__(self, *args, n_domains: int, domain_column: str = "domain", target=None, balance=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        n_domains: int,
+        domain_column: str = "domain",
+        target=None,
+        balance=None,
+        dummy_images=None,
+        **kwargs,
+    ):
+        refuse_zero3()  # TrainingArguments(deepspeed=...) with stage 3: before the Trainer partitions anything
         training_args = kwargs.get("args")
         if training_args is not None and getattr(training_args, "remove_unused_columns", False):
             log.info(
@@ -64,6 +83,7 @@ class BalanceMixin:
             )
             training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
+        refuse_zero3(self.accelerator)  # stage 3 from an `accelerate launch` config
         if isinstance(balance, dict) or balance is None:
             balance = from_dict(BalanceConfig, balance or {}, prefix="balance.")
         self.balance_config: BalanceConfig = balance
@@ -84,6 +104,9 @@ class BalanceMixin:
             seed=self.args.seed,
             guard_nonfinite=bool(self.args.fp16),
         )
+        if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate shards on accelerators only
+            log.warning("BalanceTrainer: fsdp was asked for but accelerate runs %s", self.accelerator.distributed_type)
+        self.paths = self._same_forward_paths(dummy_images) if self.is_fsdp_enabled else None
         self.data_collator = DomainCollator(self.data_collator, domain_column)
         self._balance_diagnostics: dict = {}  # the latest update's, for the next log line
         self.add_callback(_BalanceCallback(self))
@@ -104,6 +127,40 @@ class BalanceMixin:
             domain_ids_of(dataset, self.domain_column), self.balancer, unit, self.args.seed, self,
             block=self.args.per_device_train_batch_size,
         )  # fmt: skip
+
+    # -- sharded models (FSDP2) ---------------------------------------------------------------------------------------
+
+    def _same_forward_paths(self, dummy_images: dict | None):
+        """`SameForwardPaths` on a VLM with a dummy image; None for a text-only model (every rank runs the same
+        modules anyway) or when no training example has an image (no rank ever runs the tower)."""
+        from rbvl.runtime.sharding import SameForwardPaths, _vision_tower
+
+        if _vision_tower(self.model) is None:
+            return None
+        if dummy_images is None:
+            dummy_images = self._first_image_inputs()
+            if dummy_images is None:
+                log.warning(
+                    "BalanceTrainer under FSDP: no image in the first examples of the train set, so no dummy image; "
+                    "if a later batch has one, pass dummy_images= (one collated example's image inputs)"
+                )
+                return None
+        dummy = {k: v.to(self.args.device) for k, v in dummy_images.items() if isinstance(v, torch.Tensor)}
+        return SameForwardPaths(self.model, dummy)
+
+    def _first_image_inputs(self, tries: int = 64) -> dict | None:
+        """The user's collator on one training example that has an image: the first of each domain, then the first
+        `tries` examples. The same on every rank (each holds the whole map-style dataset)."""
+        dataset = self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return None
+        domains = domain_ids_of(dataset, self.domain_column)
+        firsts = [int(np.flatnonzero(domains == d)[0]) for d in range(self.n_domains) if (domains == d).any()]
+        for i in dict.fromkeys(firsts + list(range(min(tries, len(dataset))))):
+            batch = self.data_collator([dataset[i]])
+            if isinstance(batch.get("pixel_values"), torch.Tensor):
+                return batch
+        return None
 
     # -- the step ----------------------------------------------------------------------------------------------------
 
@@ -186,9 +243,35 @@ class BalanceMixin:
         self.tracker.load_state_dict(torch.load(mine, weights_only=True))
 
 
+def refuse_zero3(accelerator=None) -> None:
+    """DeepSpeed ZeRO-3 partitions every weight outside its module's forward: one line that points to FSDP2, at the
+    start, rather than a run whose tracked linears read partitions (or ranks that wait on each other)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if is_deepspeed_zero3_enabled() or getattr(plugin, "zero_stage", None) == 3:
+        raise ValueError(
+            "BalanceTrainer does not run under DeepSpeed ZeRO-3; shard with FSDP2 instead "
+            "(TrainingArguments(fsdp=True, fsdp_config={'version': 2}) or fsdp_version: 2 in the accelerate config); "
+            "ZeRO-1/2 work as they are"
+        )
+
+
 class _BalanceCallback(TrainerCallback):
     def __init__(self, trainer: BalanceMixin):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        paths = self.trainer.paths
+        if paths is not None:  # fully_shard has replaced the parameters with DTensors since __init__
+            named = self.trainer.model.named_parameters()
+            paths.vision_params = [p for n, p in named if p.requires_grad and re.search(VISION_SIDE, n)]
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.paths is not None:  # no image on any rank this step: drop the vision side's zero gradients
+            self.trainer.paths.settle(SimpleNamespace(device=args.device, all_reduce=torch.distributed.all_reduce))
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         # commit the step; every update_every steps: sync → gram → update_proportions → reset → publish
