@@ -123,3 +123,26 @@ def close() -> None:
         torch.distributed.barrier()
         gc.collect()
         torch.distributed.destroy_process_group()
+
+
+def refuse_zero3() -> None:
+    """`accelerate launch` with a DeepSpeed ZeRO-3 config (it exports the stage or the config file to every process):
+    one line that points to FSDP2. `rbvl train` never hands the model to DeepSpeed: other stages run as train.parallel
+    says (DDP, whose memory ZeRO-1/2 would only trim by the optimizer state of the adapters)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and os.path.isfile(path):
+        import json
+
+        with open(path) as f:
+            stage = json.load(f).get("zero_optimization", {}).get("stage", stage)
+    if str(stage) == "3":
+        from rbvl.config import ConfigError
+
+        raise ConfigError(
+            "rbvl train does not run under DeepSpeed ZeRO-3 (from the accelerate launch config); "
+            "shard with train.parallel=fsdp (FSDP2) under torchrun instead"
+        )
+    log.warning("rbvl train ignores accelerate launch's DeepSpeed config (ZeRO-%s): train.parallel decides", stage)

@@ -32,7 +32,7 @@ from rbvl.mixing.context import build_mix_context
 from rbvl.model import prepare_model
 from rbvl.model.families import lookup, model_type_of
 from rbvl.runtime import runlock
-from rbvl.runtime.distributed import Distributed
+from rbvl.runtime.distributed import Distributed, refuse_zero3
 from rbvl.runtime.sharding import same_forward_paths
 from rbvl.train import checkpoint as ckpt
 from rbvl.train.guard import DivergenceGuard, Preempted, StopSignals, ignore_stop_signals
@@ -50,6 +50,7 @@ def train(cfg: RunConfig) -> dict:
     Raises `Preempted` after a SIGTERM, SIGUSR1 or SIGINT (the step finished, a checkpoint written) and `Diverged`
     after `train.max_nonfinite_steps` non-finite steps in a row; the signal handlers live as long as this call."""
     check_runnable(cfg)  # settings that would make the run a silent no-op (Balance that never updates)
+    refuse_zero3()  # an `accelerate launch` DeepSpeed ZeRO-3 config: one line pointing to train.parallel=fsdp
     with StopSignals() as stop, contextlib.ExitStack() as owned:  # owned: what must stop before train() returns
         return _train(cfg, stop, owned)
 
