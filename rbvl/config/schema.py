@@ -347,15 +347,10 @@ class TrainConfig(Checked):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.fsdp_cpu_offload and self.parallel != "fsdp":
-            raise ConfigError(
-                f"train.fsdp_cpu_offload: got true with train.parallel={self.parallel}, expected train.parallel=fsdp"
-            )
-        if self.fsdp_cpu_offload and self.device in ("cpu", "meta", "mps"):
-            raise ConfigError(
-                f"train.fsdp_cpu_offload: got true with train.device={self.device}, expected a GPU: on the CPU the "
-                "shards are in CPU memory already"
-            )
+        if self.fsdp_cpu_offload and (self.parallel != "fsdp" or self.device in ("cpu", "meta", "mps")):
+            why = (f"train.parallel={self.parallel}, expected train.parallel=fsdp" if self.parallel != "fsdp" else
+                   f"train.device={self.device}, expected a GPU: on the CPU the shards are in CPU memory already")  # fmt: skip
+            raise ConfigError(f"train.fsdp_cpu_offload: got true with {why}")
 
 
 @dataclass

@@ -149,10 +149,7 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
             metrics.log("eval", state.step, **result)
             if dist.is_main:
                 progress.write(format_eval(state.step, names, result))
-            if dist.is_main or dist.sharded:  # a sharded model generates on every rank (each forward is collective)
-                generated = generate_samples(model, domains, collator, cfg.eval.generate, cfg.eval.max_new_tokens)
-                if dist.is_main:
-                    write_samples(run_dir, state.step, generated, metrics)  # eval.generate: what the model answers
+            _generate(model, domains, collator, cfg.eval, dist, run_dir, state.step, metrics)  # eval.generate
 
         # ---------------------------------------------------------------------------------------------- checkpoint
         signum = stop.poll(dist) if state.step < cfg.max_steps else 0  # SIGTERM & co: every rank stops at this step
@@ -177,6 +174,15 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
     if signum:
         raise Preempted(signum, summary["step"], f"checkpoint-{summary['step']}")
     return summary
+
+
+def _generate(model, domains, collator, eval_cfg, dist, run_dir: Path, step: int, metrics) -> None:
+    """`eval.generate`: what the model answers, into samples.jsonl (a sharded model generates on every rank, since
+    each of its forwards is collective; rank 0 writes)."""
+    if dist.is_main or dist.sharded:
+        generated = generate_samples(model, domains, collator, eval_cfg.generate, eval_cfg.max_new_tokens)
+        if dist.is_main:
+            write_samples(run_dir, step, generated, metrics)
 
 
 def _mixture(cfg: RunConfig):
