@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> BalanceTrainer:
     args = parser.parse_args(argv)
 
     model, processor = load_model(ModelConfig(name="tiny-llava", freeze_vision=False), seed=0)
+    torch.manual_seed(0)  # the adapters' initial weights (the Trainer seeds only once it is built, after them)
     model = apply_lora(
         model,
         LoraConfig(

@@ -29,7 +29,10 @@ Each train example carries its domain id (an int column, `domain` by default). W
 - Balance state (the p schedule; each rank's part of the window, like the Trainer's per-rank RNG files) is saved
   in every checkpoint folder and restored on resume; p is logged with every Trainer log line (so `report_to` gets it).
 - Under accelerate's FSDP2 (`fsdp=True, fsdp_config={"version": 2}`) the tracked linears read the all-gathered weights
-  inside their forward, as in `rbvl train` (rbvl/runtime/sharding.py). Every rank must run the same modules: a rank
+  inside their forward, as in `rbvl train` (rbvl/runtime/sharding.py). Rank 0's trainable parameters are broadcast
+  before accelerate shards the model, as DDP does when it wraps one (`broadcast_trainable`): accelerate shards each
+  rank's own tensors, and adapters built from the unseeded global RNG differ between ranks. Every rank must run the
+  same modules: a rank
   whose micro-batch has no image runs the vision tower on a dummy image times zero (`SameForwardPaths`); the dummy is
   one collated training example that has an image (or `dummy_images=`), and an optimizer step that saw no image on
   any rank drops the vision side's zero gradients, as DDP leaves them. DeepSpeed ZeRO-3 is refused at the start
@@ -106,6 +109,8 @@ class BalanceMixin:
         )
         if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate shards on accelerators only
             log.warning("BalanceTrainer: fsdp was asked for but accelerate runs %s", self.accelerator.distributed_type)
+        if self.is_fsdp_enabled:
+            broadcast_trainable(self.model, self.args.device)  # what DDP does as it wraps; FSDP2 shards each rank's own
         self.paths = self._same_forward_paths(dummy_images) if self.is_fsdp_enabled else None
         self.data_collator = DomainCollator(self.data_collator, domain_column)
         self._balance_diagnostics: dict = {}  # the latest update's, for the next log line
@@ -241,6 +246,34 @@ class BalanceMixin:
                 "an exact resume needs the same number of processes"
             )
         self.tracker.load_state_dict(torch.load(mine, weights_only=True))
+
+
+def broadcast_trainable(model: torch.nn.Module, device) -> None:
+    """Rank 0's trainable parameters on every rank, before accelerate shards the model.
+
+    DDP broadcasts rank 0's parameters when it wraps a model; accelerate's FSDP2 (without `cpu_ram_efficient_loading`)
+    keeps each rank's own shard of each rank's own tensors. LoRA adapters initialised from the unseeded global RNG
+    (PEFT draws `lora_A` from it; the Trainer seeds only in its __init__, after the model was built) then differ between
+    ranks, and the sharded model is a patchwork of them: a different model from DDP's from the first step on. The
+    adapters and `modules_to_save` copies are small; the frozen base is the same on every rank that loaded one
+    checkpoint, and is left alone. Parameters already sharded (DTensors) are left alone too."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        group = by_dtype[dtype]
+        flat = torch.cat([p.detach().reshape(-1).to(device) for p in group])
+        torch.distributed.broadcast(flat, src=0)
+        with torch.no_grad():
+            for p, value in zip(group, flat.split([p.numel() for p in group])):
+                p.copy_(value.view_as(p).to(p.device))
 
 
 def refuse_zero3(accelerator=None) -> None:

@@ -158,6 +158,7 @@ class SameForwardPaths:
             raise ValueError(f"SameForwardPaths: the dummy image inputs hold no pixel_values ({sorted(dummy)})")
         self._has_images = True
         self.dummy_runs = 0  # forwards that ran the dummy image (tests read it)
+        self.dropped = 0  # optimizer steps whose vision-side gradients `settle` dropped (tests read it)
         self._real = 0  # training forwards with images since the last optimizer step
         self.vision_params = [p for n, p in model.named_parameters() if p.requires_grad and re.search(VISION_SIDE, n)]
         inner = getattr(base, "model", base)  # PEFT calls the transformers model's .forward (no hooks); it calls this
@@ -176,6 +177,7 @@ class SameForwardPaths:
         dist.all_reduce(seen)
         self._real = 0
         if seen.item() == 0:
+            self.dropped += 1
             for p in self.vision_params:
                 p.grad = None
 
