@@ -387,8 +387,7 @@ class GradientTracker:
         def forward(x):
             if not (self.enabled and torch.is_grad_enabled() and (x.requires_grad or mod.weight.requires_grad)):
                 return F.linear(x, mod.weight, mod.bias)
-            domains = self._domains_for(x.shape[0], self.modules[index][0])
-            return _TrackedLinear.apply(x, mod.weight, mod.bias, self, index, domains)
+            return _tracked_linear(self, index, x, mod)
 
         forward.tracker = self
         return forward
@@ -506,6 +505,15 @@ class GradientTracker:
                 add_rows(target, groups.index, fold(stage.staging) * scale)
                 stage.staging.zero_()
                 self.extra_flops += groups.k * self._fold_flops()
+
+
+@torch._dynamo.disable
+def _tracked_linear(tracker: GradientTracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
+    """A tracked linear's forward, which torch.compile leaves to eager mode (one graph break per tracked layer): its
+    backward stages parts in the tracker's Python-side buffers and queues an autograd callback, which dynamo cannot
+    trace, so tracing into it would only break the graph later (and recompile the forward once per layer)."""
+    groups = tracker._domains_for(x.shape[0], tracker.modules[index][0])
+    return _TrackedLinear.apply(x, mod.weight, mod.bias, tracker, index, groups)
 
 
 class _Stage:
