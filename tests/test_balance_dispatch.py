@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rbvl.balance import GradientTracker, label_tokens
-from rbvl.balance.sketch import _sketch_parts
+from rbvl.balance.sketch import _sketch_domains
 from rbvl.train.metrics import WindowStats
 
 VOCAB, SEQ = 64, 6
@@ -123,17 +123,14 @@ def test_sketched_window_is_the_sketch_of_the_exact_window(cached, monkeypatch):
     exact = GradientTracker(model, 16)
     exact.remove()
     sketched = GradientTracker(model, 16, sketch_dim=exact.n_params // 3, seed=5)
-    assert all((c is not None) == cached for c in sketched.sketches.cache)
+    assert all((c is not None) == cached for c in sketched.sketches.index)
     sketched.remove()
     for layout in ("sorted", "interleaved"):
         for tracker in (exact, sketched):
             tracker.attach()
             tracked_micro_batch(model, tracker, *batch(3, layout))
             tracker.remove()
-    want = torch.zeros_like(sketched.sums[0])
-    base = torch.arange(16).view(-1, 1, 1) * want.shape[1]  # row d starts at d · N
-    for index, sums in enumerate(exact.sums):
-        _sketch_parts(want.view(-1), sketched.sketches, index, base, sums)
+    want = _sketch_domains(exact.sums, sketched.sketches, torch.zeros_like(sketched.sums[0]))
     torch.testing.assert_close(sketched.sums[0], want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(sketched.sq, exact.sq, rtol=1e-5, atol=1e-12)  # ‖s_ik‖² of the unsketched parts
 
@@ -224,3 +221,52 @@ def test_cuda_bf16_autocast_and_fp16_scaler():
         tracked_micro_batch(model, tracker, ids, labels, domains, loss_scale=scaler.get_scale())
     assert tracker.commit()
     torch.testing.assert_close(tracker.domain_grads().double().cpu(), reference, rtol=0.05, atol=1e-3)
+
+
+def test_window_is_current_when_backward_returns_and_reused_layers_add_up():
+    """The staged norms and sketches reach the window in the autograd callback at the end of the backward pass (no
+    later call needed); a layer run twice in one pass adds both parts, and both squared norms (as before staging)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4, bias=False)
+    model = nn.Sequential()
+    model.lin = lin
+    for sketch_dim in (0, 8):
+        tracker = GradientTracker(model, 2, params=[r"^lin$"], sketch_dim=sketch_dim)
+        x = torch.randn(3, 4)
+        tracker.set_domains([1, 1, 1])
+        h = lin(x)
+        h.retain_grad()
+        loss = lin(h).square().sum()
+        tracker.watch_loss(loss, normalizer=1.0)
+        (0.5 * loss).backward()
+        y_grad = 2 * lin(h).detach()  # ∂loss/∂y
+        parts = [y_grad.T @ h.detach(), (2 * h.grad).T @ x]  # the outer call's part, the inner call's (unscaled)
+        assert not tracker._pending and not tracker._queued
+        torch.testing.assert_close(tracker.sq[1], sum(p.double().square().sum() for p in parts), rtol=1e-5, atol=0)
+        if sketch_dim == 0:
+            torch.testing.assert_close(tracker.sums[0][1], parts[0] + parts[1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(lin.weight.grad, 0.5 * (parts[0] + parts[1]), rtol=1e-5, atol=1e-6)
+        else:
+            assert tracker.sums[0][1].abs().sum() > 0 and tracker.sums[0][0].abs().sum() == 0
+        tracker.remove()
+        lin.weight.grad = None
+
+
+def _backward_records(model, tracker, n_domains):
+    ids, labels, domains = batch(n_domains, "interleaved")
+    tracked_micro_batch(model, tracker, ids, labels, domains)  # warm-up: staging buffers for this k
+    tracker.set_domains(domains, tokens=label_tokens(labels))
+    loss = token_loss_sums(model, ids, labels).sum() / label_tokens(labels).sum()
+    tracker.watch_loss(loss, normalizer=label_tokens(labels).sum())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    return len(prof.events())
+
+
+@pytest.mark.parametrize("sketch_dim", [0, 64])
+def test_backward_operations_do_not_grow_with_the_domains_present(sketch_dim):
+    """O(1) operations per tracked layer: the backward pass of a micro-batch with 3 domains present launches as many
+    operations as one with 16 (rows interleaved, the general path)."""
+    model = lora_llama()
+    tracker = GradientTracker(model, 16, sketch_dim=sketch_dim)
+    assert _backward_records(model, tracker, 3) == _backward_records(model, tracker, 16)

@@ -29,7 +29,8 @@ def feed(tracker, micro_batches, skip=False):
         domains = sorted(mb)
         tracker.set_domains(domains, tokens=[mb[d][0] for d in domains])
         parts = torch.stack([mb[d][1].float() for d in domains])  # (k, OUT, IN), as the backward hands them over
-        tracker._add_parts(0, tracker._groups["sample"].index, parts)
+        tracker._add_parts(0, tracker._groups["sample"], parts[0] if len(domains) == 1 else parts)
+        tracker._end_backward()  # what the end of the backward pass does
     return tracker.commit(skip=skip)
 
 

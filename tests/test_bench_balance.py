@@ -81,17 +81,21 @@ def test_bench_balance_dispatch_counts(tmp_path, capsys, monkeypatch):
     from rbvl.bench import dispatch
 
     monkeypatch.setattr(dispatch, "compile_check", lambda: {"layers": 1, "tracked_linears": 14, "breaks_off": 0,
-                                                            "breaks_tracked": 0, "compiles": True})  # fmt: skip
+                                                            "breaks_tracked": 0, "graphs_off": 1, "graphs_tracked": 1,
+                                                            "compiles_off": True, "compiles_tracked": True})  # fmt: skip
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--dispatch", "--dispatch-layers", "1", "--dispatch-domains", "1,4",
+    args = parser.parse_args(["--dispatch", "--dispatch-layers", "1", "--dispatch-domains", "4,16",
                               "--json", str(tmp_path / "d.json")])  # fmt: skip
     result = run(args)
     assert result["tracked_linears"] == 14 and result["untracked"] > 0
-    assert set(result["counts"]) == {
+    counts = result["counts"]
+    assert set(counts) == {
         f"{mode}/{order}/{k}" for mode in ("exact", "sketched") for order, k in
-        (("sorted", 1), ("sorted", 4), ("interleaved", 4))
+        (("sorted", 4), ("sorted", 16), ("interleaved", 4), ("interleaved", 16))
     }  # fmt: skip
-    exact = result["counts"]["exact/sorted/1"] / result["untracked"]
-    assert exact < 1.5 and result["counts"]["exact/sorted/4"] / result["untracked"] < exact + 0.1  # O(1) in domains
-    assert "graph breaks" in capsys.readouterr().out and (tmp_path / "d.json").exists()
+    assert max(counts.values()) / result["untracked"] < 1.15  # the goal, here at 14 tracked linears
+    for mode in ("exact", "sketched"):  # O(1) in the domains present: 4 or 16 domains, the same operations (give or
+        # take a stray profiler record; one operation more per tracked linear and extra domain would be 168)
+        assert abs(counts[f"{mode}/sorted/16"] - counts[f"{mode}/sorted/4"]) <= 0.005 * result["untracked"]
+    assert "graphs" in capsys.readouterr().out and (tmp_path / "d.json").exists()

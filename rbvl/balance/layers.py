@@ -63,47 +63,50 @@ def select_modules(
 
 
 class _Groups:
-    """One micro-batch's rows by domain, worked out on the CPU from the batch's domain ids before the forward pass,
-    so the backward pass never asks the device where a domain's rows are.
+    """One micro-batch's rows by domain, worked out on the CPU in plain Python from the batch's domain ids before the
+    forward pass (a few hundred ids at most: no torch operations), so the backward pass never asks the device where a
+    domain's rows are.
 
-    `domains`: the k domains present (sorted; `index`, the same on the tracker's device). `local`: None when the rows
+    `domains`: the k domains present (sorted; `index`, the same on the tracker's device). `onehot`: None when the rows
     are sorted by domain in segments of equal length (one domain is the common case), so the k parts are one batched
-    product over views; else, on the device, each row's position among the present domains, so the rows' parts are
-    summed into the k domains' parts by one scatter (`add_rows`). `rows`: each domain's rows (a slice or CPU indices), for a
-    layer too large to hold k parts at once.
+    product over views; else (k, B) on the device, which sums the rows' parts into the k domains' parts in one product.
+    `rows_on(j, device)`: domain j's rows, for a layer too large to hold k parts at once.
     """
 
     def __init__(self, ids: torch.Tensor | None, device=None):
-        ids = torch.zeros(0, dtype=torch.long) if ids is None else ids
-        self.n_rows = ids.numel()
-        present, counts = torch.unique(ids, return_counts=True)  # on the CPU: no device sync
-        self.domains = present.tolist()
+        ids = [] if ids is None else torch.as_tensor(ids).reshape(-1).tolist()  # ids: (B,) on the CPU
+        self.n_rows = len(ids)
+        self.domains = sorted(set(ids))
         self.k = len(self.domains)
-        sorted_rows = self.n_rows == 0 or bool((ids[1:] >= ids[:-1]).all())
-        equal = self.k > 0 and bool((counts == counts[0]).all())
-        self.index = present.to(device, non_blocking=True)  # (k,)
-        self.local = None
-        if not (sorted_rows and equal):
-            self.local = torch.searchsorted(present, ids).to(device, non_blocking=True)  # (B,) row → position
-        self.rows = []
-        for d in self.domains:
-            where = (ids == d).nonzero().flatten()
-            lo, hi = int(where[0]), int(where[-1]) + 1
-            self.rows.append(slice(lo, hi) if hi - lo == where.numel() else where)
-        self._on_device: dict = {}
-        self.base: torch.Tensor | None = None  # (k, 1, 1): the tracker's offsets of these domains in its sketch
+        counts = {d: ids.count(d) for d in self.domains}
+        sorted_rows = all(a <= b for a, b in zip(ids, ids[1:]))
+        self.index = _to(torch.tensor(self.domains, dtype=torch.long), device)  # (k,)
+        self.onehot = None
+        if not (sorted_rows and len(set(counts.values())) <= 1):
+            onehot = torch.tensor([[float(d == domain) for d in ids] for domain in self.domains])
+            self.onehot = _to(onehot, device)  # (k, B)
+        self._ids = ids
+        self._rows: dict = {}
+        self.stage = None  # the tracker's staging buffers while a backward pass stages this micro-batch's parts
 
     def __len__(self) -> int:
         return self.k
 
     def rows_on(self, j: int, device) -> slice | torch.Tensor:
         """Domain j's rows (j: position among the present domains), as a slice or indices on `device`."""
-        rows = self.rows[j]
-        if isinstance(rows, slice):
-            return rows
-        if (j, device) not in self._on_device:
-            self._on_device[(j, device)] = rows.to(device, non_blocking=True)
-        return self._on_device[(j, device)]
+        if (j, device) not in self._rows:
+            where = [row for row, d in enumerate(self._ids) if d == self.domains[j]]
+            lo, hi = where[0], where[-1] + 1
+            rows = slice(lo, hi) if hi - lo == len(where) else _to(torch.tensor(where, dtype=torch.long), device)
+            self._rows[(j, device)] = rows
+        return self._rows[(j, device)]
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor on `device`: as it is on the CPU; elsewhere through pinned memory, without blocking."""
+    if device is None or torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 SERIAL_BELOW = 2**16  # elements: a smaller scatter on the CPU runs serially (see `add_rows`)
@@ -135,8 +138,9 @@ def label_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 class _TrackedLinear(torch.autograd.Function):
     """y = x Wᵀ + b whose backward computes ∂L/∂W as Σ_d δ_dᵀ a_d and hands the domains' parts to the tracker.
 
-    The parts come from one batched product per layer whatever the number of domains present (`domain_parts`), so
-    the operations a micro-batch launches grow with the tracked layers, not with layers × domains.
+    One domain present: the plain product, which is that domain's part. More: one batched product per layer whatever
+    the number of domains present (`domain_parts`). So the operations a micro-batch launches grow with the tracked
+    layers, not with layers × domains.
     """
 
     @staticmethod
@@ -153,30 +157,39 @@ class _TrackedLinear(torch.autograd.Function):
         dt = ctx.compute_dtype
         grad_out = grad_out if grad_out.dtype == dt else grad_out.to(dt)
         a = x if x.dtype == dt else x.to(dt)
+        delta2, a2 = grad_out.reshape(-1, grad_out.shape[-1]), a.reshape(-1, a.shape[-1])  # (tokens, out), (tokens, in)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ (weight if weight.dtype == dt else weight.to(dt))
+            grad_x = torch.mm(delta2, weight if weight.dtype == dt else weight.to(dt)).view(x.shape)
             grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
-        tracker, groups = ctx.tracker, ctx.groups
+            grad_b = delta2.sum(0)
+            grad_b = grad_b if grad_b.dtype == weight.dtype else grad_b.to(weight.dtype)
+        tracker, groups, index = ctx.tracker, ctx.groups, ctx.index
         if not tracker.enabled:  # switched off after the forward pass: the plain weight gradient
             if ctx.needs_input_grad[1]:
-                grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+                grad_w = torch.mm(delta2.t(), a2)
+        elif groups.k == 1:  # one domain: the plain product is its part
+            grad_w = torch.mm(delta2.t(), a2)
+            tracker._backward_started()
+            tracker._add_parts(index, groups, grad_w if grad_w.dtype == torch.float32 else grad_w.float())
         elif groups.k * weight.numel() <= PART_BUDGET:
             parts = domain_parts(grad_out, a, groups)  # (k, out, in) fp32: Σ_d parts = the weight gradient
-            grad_w = (parts[0] if groups.k == 1 else parts.sum(0)) if ctx.needs_input_grad[1] else None
-            tracker._add_parts(ctx.index, groups.index, parts, groups.base)
+            grad_w = parts.sum(0) if ctx.needs_input_grad[1] else None
+            tracker._backward_started()
+            tracker._add_parts(index, groups, parts)
         else:  # a layer too large for k parts at once (an LM head): one domain at a time
+            tracker._backward_started()
             for j in range(groups.k):
                 rows = groups.rows_on(j, x.device)
-                delta_j, a_j = (grad_out[rows], a[rows]) if groups.k > 1 else (grad_out, a)
+                delta_j, a_j = grad_out[rows], a[rows]
                 part = delta_j.reshape(-1, delta_j.shape[-1]).T @ a_j.reshape(-1, a_j.shape[-1])
                 part = part if part.dtype == torch.float32 else part.float()
                 if ctx.needs_input_grad[1]:
                     grad_w = part if grad_w is None else grad_w + part
-                base = None if groups.base is None else groups.base[j : j + 1]
-                tracker._add_parts(ctx.index, groups.index[j : j + 1], part[None], base)
+                tracker._add_parts(index, groups, part, j)
+        if grad_w is not None and not ctx.needs_input_grad[1]:
+            grad_w = None  # a frozen tracked layer: its gradient served the tracker only
         if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None, None
@@ -188,21 +201,32 @@ PART_BUDGET = 2**25  # elements of a layer's k per-domain parts (or its rows' pa
 def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch.Tensor:
     """(k, out, in) fp32: each present domain's Σ_t δ_t a_tᵀ over its rows, in O(1) operations.
 
-    Rows sorted by domain in equal segments (one domain always): one `bmm` over the k segments, as views, the matmul
-    FLOPs of the plain product. Otherwise one `bmm` over the rows (each row's δᵀa; the same FLOPs again, no padding)
-    and one scatter of the rows into their domains (B · out · in additions; a LoRA layer's weight-gradient product
-    costs 2 · tokens · out · in). Rows are taken in chunks when B row parts would exceed PART_BUDGET.
+    Rows sorted by domain in equal segments: one `bmm` over the k segments, as views, the matmul FLOPs of the plain
+    product. Otherwise one `bmm` over the rows (each row's δᵀa; the same FLOPs again, no padding), then one product
+    with the (k, B) one-hot matrix of the rows' domains sums them into the k parts: 2 · k · B · out · in FLOPs, k / T
+    of the weight-gradient product's 2 · B · T · out · in (T: tokens per row), in one deterministic operation (an
+    index_add_ into k zeroed parts needs two, atomics on a GPU, and a parallel region on the CPU that stalls for
+    milliseconds when other processes hold the cores). Rows are taken in chunks when B row parts would exceed
+    PART_BUDGET.
     """
     k, n = groups.k, delta.shape[0]
-    if groups.local is None:
-        parts = torch.bmm(delta.reshape(k, -1, delta.shape[-1]).transpose(1, 2), a.reshape(k, -1, a.shape[-1]))
+    out_f, in_f = delta.shape[-1], a.shape[-1]
+    if groups.onehot is None:
+        parts = torch.bmm(_split(delta, k).transpose(1, 2), _split(a, k))  # (k, out, in)
         return parts if parts.dtype == torch.float32 else parts.float()
     if delta.dim() != 3:
-        delta, a = delta.reshape(n, -1, delta.shape[-1]), a.reshape(n, -1, a.shape[-1])  # (B, tokens, ·)
-    parts = torch.zeros(k, delta.shape[-1], a.shape[-1], dtype=torch.float32, device=delta.device)
-    step = max(1, PART_BUDGET // (delta.shape[-1] * a.shape[-1]))
+        delta, a = _split(delta, n), _split(a, n)  # (B, tokens, ·)
+    step = max(1, PART_BUDGET // (out_f * in_f))
+    parts = None
     for lo in range(0, n, step):
-        rows = torch.bmm(delta[lo : lo + step].transpose(1, 2), a[lo : lo + step])  # (rows, out, in)
-        rows = rows if rows.dtype == torch.float32 else rows.float()
-        add_rows(parts, groups.local[lo : lo + step] if n > step else groups.local, rows)
-    return parts
+        d, x = (delta, a) if n <= step else (delta[lo : lo + step], a[lo : lo + step])
+        rows = torch.bmm(d.transpose(1, 2), x)  # (rows, out, in)
+        rows = (rows if rows.dtype == torch.float32 else rows.float()).view(rows.shape[0], -1)
+        onehot = groups.onehot if n <= step else groups.onehot[:, lo : lo + step]
+        parts = torch.mm(onehot, rows) if parts is None else parts.addmm_(onehot, rows)
+    return parts.view(k, out_f, in_f)
+
+
+def _split(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, rows / k, features): t's rows in k equal segments (a view when t is contiguous)."""
+    return t.view(k, -1, t.shape[-1]) if t.is_contiguous() else t.reshape(k, -1, t.shape[-1])

@@ -2,7 +2,9 @@
 
 The tracked linears run `_TrackedLinear` (rbvl/balance/layers.py), whose backward computes the weight gradient as
 the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa, in one batched product) and hands the parts
-to the tracker, which adds them to its accumulators in one scatter per layer. The tracker keeps, per domain,
+to the tracker: per layer, one norm into a staging buffer and one add (exact: into the window; sketched: a scatter into
+a staging sketch). What is the same for every layer (the loss scale, the squared norms, the sketch's signs and its
+rows' domains) is applied once, when the backward pass ends (`_end_backward`, an autograd final callback). The tracker keeps, per domain,
 Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
 is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and Σ_k T_ik² over micro-batches k.
 """
@@ -17,8 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbvl.balance.layers import CROSS_ATTENTION, VISION_SIDE, _row_groups, _TrackedLinear, add_rows, select_modules
-from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains, _sketch_parts
+from rbvl.balance.layers import (
+    CROSS_ATTENTION,
+    VISION_SIDE,
+    _Groups,
+    _row_groups,
+    _TrackedLinear,
+    add_rows,
+    select_modules,
+)
+from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains, _sketch_parts, fold
 from rbvl.balance.update import unbiased_diagonal
 
 log = logging.getLogger(__name__)
@@ -76,8 +86,15 @@ class GradientTracker:
         self.last = torch.zeros(n_domains, sketch_dim or self._fallback.dim, device=dev)  # (m, N)
         self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
         self._step_sums = self._zeros(dev) if guard_nonfinite else None
-        # the sketch a micro-batch adds to (the step's buffer with guard_nonfinite), flattened for one scatter per layer
-        self._sketch_flat = None if self.sketches is None else (self._step_sums or self.sums)[0].view(-1)
+        # What one backward pass stages before `_end_backward` adds it to the window (the step's buffers with
+        # guard_nonfinite): per row grouping (slot 0: samples, 1: images), a (k, 2N) staging sketch, grown to the
+        # largest k seen, and per k the (layers, k) norms of the parts; views of the accumulators, made once.
+        self._target = self._step_sums if guard_nonfinite else self.sums
+        self._staging: dict[int, torch.Tensor] = {}  # slot → (k_max, 2N)
+        self._stages: dict[tuple[int, int], _Stage] = {}  # (slot, k) → its buffers
+        self._pending: list[_Groups] = []  # the row groupings this backward pass staged parts for
+        self._queued = False  # whether `_end_backward` is queued to run when the backward pass ends
+        self._row_views: dict[tuple[int, int], torch.Tensor] = {}  # exact: (layer, domain) → its (out, in) window
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
         self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None
@@ -108,17 +125,16 @@ class GradientTracker:
             image_domain_ids: the domain of each row the vision side sees (one per image, or per tile / patch
                 row), for tracked layers whose batch dimension is images rather than samples.
         """
-        ids = torch.as_tensor(domain_ids, dtype=torch.long).flatten().cpu()  # on the CPU already in rbvl's loop
-        if ids.numel() and (ids.min() < 0 or ids.max() >= self.m):
-            raise ValueError(f"domain ids must lie in [0, {self.m}), got {ids.tolist()}")
+        self._end_backward()  # anything an interrupted backward pass left staged
+        ids = _cpu_ids(domain_ids)  # on the CPU already in rbvl's loop
+        listed = ids.tolist()
+        if listed and (min(listed) < 0 or max(listed) >= self.m):
+            raise ValueError(f"domain ids must lie in [0, {self.m}), got {listed}")
         self._sample_domains = ids
-        images = None if image_domain_ids is None else torch.as_tensor(image_domain_ids).long().flatten().cpu()
-        self._image_domains = images
+        self._image_domains = None if image_domain_ids is None else _cpu_ids(image_domain_ids)
         # Which rows belong to which domain, worked out once per micro-batch on the CPU for every tracked layer.
         dev = self.sq.device
         self._groups = {"sample": _row_groups(ids, dev), "image": _row_groups(self._image_domains, dev)}
-        for groups in self._groups.values() if self.sketches is not None else ():  # offsets in the (m · N) sketch
-            groups.base = groups.index.view(-1, 1, 1) * self.sketch_dim
         self._scale = 1.0
         units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
         if self.enabled:  # T_ik: this micro-batch's tokens per domain
@@ -149,6 +165,7 @@ class GradientTracker:
         Dropped when `skip` (the optimizer skipped the step) or, with `guard_nonfinite`, when it is not finite: that
         check reads one flag off the device per optimizer step (as GradScaler's own check does), never per micro-batch.
         """
+        self._end_backward()
         if self._step_sums is None:
             if skip:
                 log.warning("balance: a skipped step was already added to the window (guard_nonfinite is off)")
@@ -231,6 +248,7 @@ class GradientTracker:
         return G
 
     def _commit_pending(self) -> None:
+        self._end_backward()
         if self.guard and bool(self._step_tokens.any()):
             self.commit()
 
@@ -240,6 +258,7 @@ class GradientTracker:
 
     def reset(self) -> None:
         """End the window: remember each seen domain's gradient, then zero the accumulators."""
+        self._end_backward()
         fresh = self.tokens > 0
         if fresh.any():
             rows = fresh.to(self.last.device)
@@ -289,8 +308,9 @@ class GradientTracker:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the accumulators (window, last seen, step buffer)."""
-        held = [*self.sums, self.last, *(self._step_sums or [])]
+        """Bytes held by the accumulators (window, last seen, step buffer) and, sketched, the staging sketch of a
+        backward pass (k_max × 2N, k_max: the most domains a micro-batch has held so far)."""
+        held = [*self.sums, self.last, *(self._step_sums or []), *self._staging.values()]
         return sum(t.numel() * t.element_size() for t in held)
 
     def allreduce_bytes(self) -> int:
@@ -302,15 +322,19 @@ class GradientTracker:
         tracked layer and domain present, ‖part‖² and one scale-and-add of the part into its accumulator (exact) or the
         count sketch — O(out · in), independent of tokens; a frozen tracked layer also pays 2 · tokens · out · in."""
         ids = torch.as_tensor(domain_ids).flatten()
-        present = int(torch.unique(ids).numel())
+        present = len(set(ids.tolist()))
         total = 0
         for i, (_, mod) in enumerate(self.modules):
             total += present * self._part_flops(i, mod.weight)
             if not mod.weight.requires_grad:
                 total += 2 * mod.weight.numel() * ids.numel() * tokens_per_sample
-        return total
+        return total + present * self._fold_flops()
+
+    def _fold_flops(self) -> int:  # per domain present and micro-batch: fold, scale and add its staged sketch
+        return 0 if self.sketches is None else 3 * self.sketches.dim
 
     def state_dict(self) -> dict:
+        self._end_backward()
         if any(bool(s.any()) for s in self._step_sums or []) or bool(self._step_tokens.any()):
             raise RuntimeError("GradientTracker: commit() the step before saving the tracker")
         return {
@@ -354,6 +378,7 @@ class GradientTracker:
 
     def _mean_grads(self) -> list[torch.Tensor]:
         """Per accumulator: window sums / tokens (0 where the window has no tokens)."""
+        self._end_backward()
         out = []
         for s in self.sums:
             tokens = self.tokens.to(s.device, torch.float32).view(-1, *[1] * (s.dim() - 1))
@@ -370,8 +395,7 @@ class GradientTracker:
         def forward(x):
             if not (self.enabled and torch.is_grad_enabled() and (x.requires_grad or mod.weight.requires_grad)):
                 return F.linear(x, mod.weight, mod.bias)
-            domains = self._domains_for(x.shape[0], self.modules[index][0])
-            return _TrackedLinear.apply(x, mod.weight, mod.bias, self, index, domains)
+            return _tracked_linear(self, index, x, mod)
 
         forward.tracker = self
         return forward
@@ -404,32 +428,130 @@ class GradientTracker:
         """Row groups of a cross-attention layer whose rows are `per_sample` tiles of each sample, sample-major."""
         key = ("tiles", per_sample)
         if key not in self._groups:
-            groups = _row_groups(self._sample_domains.repeat_interleave(per_sample), self.sq.device)
-            if self.sketches is not None:
-                groups.base = groups.index.view(-1, 1, 1) * self.sketch_dim
-            self._groups[key] = groups
+            self._groups[key] = _row_groups(self._sample_domains.repeat_interleave(per_sample), self.sq.device)
         return self._groups[key]
 
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
-        if self.sketches is None or self.sketches[index] is None:
-            return 4 * weight.numel()  # scale + add; ‖part‖² (multiply-add)
-        if self.sketches.cache[index] is not None:
-            return 6 * weight.numel()  # scale; bucket + domain offset; sign; scatter-add; ‖part‖²
-        return 8 * weight.numel()  # and the bucket index (add, mod) and sign of each weight, recomputed
+        if self.sketches is None:
+            return 4 * weight.numel()  # scale-and-add (a multiply-add); ‖part‖² (a multiply-add)
+        if self.sketches.index[index] is not None:
+            return 3 * weight.numel()  # scatter-add at the cached signed index; ‖part‖²
+        return 7 * weight.numel()  # and the signed index of each weight (add, mod, sign, offset), recomputed
+
+    def _stage(self, groups: _Groups) -> _Stage:
+        """This backward pass's staging buffers for `groups` (k domains present), made once per (grouping, k)."""
+        stage = groups.stage
+        if stage is not None:
+            return stage
+        slot, k = len(self._pending), groups.k
+        stage = self._stages.get((slot, k))
+        if stage is None:
+            staging = None
+            if self.sketches is not None:
+                staging = self._staging.get(slot)
+                if staging is None or staging.shape[0] < k:  # grow: every k of this slot gets new views
+                    staging = torch.zeros(k, 2 * self.sketches.dim, device=self.sq.device)
+                    self._staging[slot] = staging
+                    self._stages = {key: st for key, st in self._stages.items() if key[0] != slot}
+            stage = _Stage(len(self.modules), k, self.sq.device, staging)
+            self._stages[(slot, k)] = stage
+        groups.stage = stage
+        self._pending.append(groups)
+        return stage
+
+    def _backward_started(self) -> None:
+        """Called by each tracked layer's backward: queue `_end_backward` to run once this backward pass is over."""
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     @torch.no_grad()
-    def _add_parts(self, index: int, domains: torch.Tensor, parts: torch.Tensor, base=None) -> None:
-        """parts: (k, out, in), the shares of domains (k,) (`base`: (k, 1, 1) domains · sketch_dim, worked out once per
-        micro-batch) in this call's weight gradient as backpropagated; stored as
-        Σ_t ∇ℓ_t. A few operations per call whatever k: one scale, one scatter into the window, and Σ_k ‖s_ik‖²
-        gets each part's squared norm (layers are disjoint coordinates, so their squares add up to ‖s_ik‖²)."""
-        parts = parts * self._scale
-        target = self._step_sums if self._step_sums is not None else self.sums
-        self.extra_flops += parts.shape[0] * self._part_flops(index, self.modules[index][1].weight)
-        if self.sketches is None:
-            add_rows(target[index], domains, parts)
+    def _add_parts(self, index: int, groups: _Groups, parts: torch.Tensor, j: int | None = None) -> None:
+        """Stage layer `index`'s share of this backward pass: parts (k, out, in), the k present domains' parts in
+        `groups`' order, or one part (out, in): domain j's (j: its position; default the only domain present); fp32,
+        as backpropagated (the loss scale is applied in `_end_backward`, or fused into the exact add).
+
+        Per call, whatever k: ‖part‖ per domain into the layer's row of the staged norms (layers are disjoint
+        coordinates, so their squares add up to ‖s_ik‖²), and one add: exact, a multiply-add into the window (one
+        domain: its (out, in) window row, a view made once) or one scatter of the scaled parts; sketched, one scatter
+        of the parts at the layer's cached signed index into the staging sketch."""
+        stage = self._stage(groups)
+        one = parts.dim() == 2
+        self.extra_flops += (1 if one else groups.k) * self._part_flops(index, self.modules[index][1].weight)
+        out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
+        if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
+            out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts, dim=(-2, -1))))
         else:
-            base = domains.view(-1, 1, 1) * self.sketch_dim if base is None else base
-            _sketch_parts(self._sketch_flat, self.sketches, index, base, parts)
-        norms = torch.linalg.vector_norm(parts, dim=(1, 2), dtype=torch.float64)  # (k,)
-        (self.sq if self._step_sq is None else self._step_sq).index_add_(0, domains, norms.square())
+            stage.written.add(index)
+            torch.linalg.vector_norm(parts, dim=(-2, -1), out=out)
+        j = j or 0
+        if self.sketches is not None:
+            staging = stage.staging if not one else stage.staging_rows[j]
+            _sketch_parts(staging, self.sketches, index, parts)
+        elif one:
+            row = self._row_view(index, groups.domains[j])
+            scale = self._scale
+            row.addcmul_(parts, scale) if isinstance(scale, torch.Tensor) else row.add_(parts, alpha=scale)
+        else:
+            add_rows(self._target[index], groups.index, parts * self._scale)
+
+    def _row_view(self, index: int, domain: int) -> torch.Tensor:
+        view = self._row_views.get((index, domain))
+        if view is None:
+            view = self._row_views[(index, domain)] = self._target[index][domain]
+        return view
+
+    @torch.no_grad()
+    def _end_backward(self) -> None:
+        """When a backward pass ends: add what it staged to the window, scaled to Σ_t ∇ℓ_t. A few operations per row
+        grouping (samples, images) whatever the layers: Σ_k ‖s_ik‖² gets the squared norms summed over layers and,
+        sketched, the window gets the staged sketches, folded (signs) and scaled, at their domains' rows."""
+        self._queued = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        scale = self._scale
+        sq = self.sq if self._step_sq is None else self._step_sq
+        for groups in pending:
+            stage, groups.stage = groups.stage, None
+            norms = stage.norms.double().square_().sum(0)  # (k,) Σ over layers of ‖part‖²
+            sq.index_add_(0, groups.index, norms * (scale * scale))  # scale: 1.0 until watch_loss's hook sets it
+            stage.norms.zero_()
+            stage.written.clear()
+            if self.sketches is not None:
+                target = self._target[0][:, : self.sketches.dim]  # (m, N)
+                add_rows(target, groups.index, fold(stage.staging) * scale)
+                stage.staging.zero_()
+                self.extra_flops += groups.k * self._fold_flops()
+
+
+@torch._dynamo.disable
+def _tracked_linear(tracker: GradientTracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
+    """A tracked linear's forward, which torch.compile leaves to eager mode (one graph break per tracked layer): its
+    backward stages parts in the tracker's Python-side buffers and queues an autograd callback, which dynamo cannot
+    trace, so tracing into it would only break the graph later (and recompile the forward once per layer)."""
+    groups = tracker._domains_for(x.shape[0], tracker.modules[index][0])
+    return _TrackedLinear.apply(x, mod.weight, mod.bias, tracker, index, groups)
+
+
+class _Stage:
+    """Buffers one backward pass fills for one row grouping with k domains present: `norms` (layers, k), each layer's
+    ‖part‖ per domain (`rows`: each layer's row, views made once), and, sketched, `staging` (k, 2N), the parts
+    scattered at their signed index (`staging_rows`: its k rows)."""
+
+    def __init__(self, n_layers: int, k: int, device, staging: torch.Tensor | None):
+        self.norms = torch.zeros(n_layers, k, device=device)
+        self.rows = list((self.norms.view(-1) if k == 1 else self.norms).unbind(0))  # (k,) each; () when k = 1
+        self.written: set[int] = set()  # layers whose norms this pass has written
+        self.staging = None if staging is None else staging[:k]
+        self.staging_rows = [] if staging is None else list(self.staging.unbind(0))
+
+
+def _cpu_ids(ids) -> torch.Tensor:
+    """(B,) int64 domain ids on the CPU (no operation when they are that already)."""
+    ids = torch.as_tensor(ids)
+    if ids.dtype != torch.long:
+        ids = ids.long()
+    if ids.device.type != "cpu":
+        ids = ids.cpu()
+    return ids if ids.dim() == 1 else ids.reshape(-1)

@@ -235,7 +235,10 @@ def slice_costs(cfg, args, compression: float) -> dict:
         exact.remove(), sketch.remove()
         return dt
 
-    med = medians(alternate(MODES, args.rounds, timed_step, order="mirror", warmup=1))  # round 0 warms up
+    figures = alternate(MODES, args.rounds, timed_step, order="mirror", warmup=1)  # round 0 warms up
+    med = medians(figures)
+    # each mode's step over the same round's untracked step: median and range over rounds (the spread under load)
+    paired = {mode: [t / off - 1 for t, off in zip(figures[mode], figures["off"], strict=True)] for mode in MODES}
     errors, l1s, gram_time = sketch_error(exact, sketch, step, args.windows, args.update_every, cfg.balance.lam)
     return {
         "device": str(device),
@@ -245,6 +248,9 @@ def slice_costs(cfg, args, compression: float) -> dict:
         "sketch_dim": sketch_dim,
         "step_s": med,
         "overhead": {mode: med[mode] / med["off"] - 1 for mode in MODES},
+        "overhead_paired": {
+            mode: {"median": statistics.median(v), "min": min(v), "max": max(v)} for mode, v in paired.items()
+        },
         "memory_gib": {"exact": exact.nbytes / GIB, "sketched": sketch.nbytes / GIB},
         "gram_s": medians(gram_time),
         "gram_rel_error": errors,
@@ -382,11 +388,13 @@ def print_table(r: dict) -> None:
 def print_slice(s: dict) -> None:
     where = s.get("device", "cpu").split(":")[0].upper()
     print(f"  {where} slice: {s['shape']}; tracked {s['tracked_params']:,}, sketch {s['sketch_dim']:,}")
-    print(f"  {'':22s}{'step (median)':>14s}{'overhead':>11s}{'memory':>12s}")
+    print(f"  {'':22s}{'step (median)':>14s}{'overhead':>11s}{'per round: median [min, max]':>32s}{'memory':>12s}")
     for mode in MODES:
         mem = s["memory_gib"].get(mode)
+        p = s.get("overhead_paired", {}).get(mode)
+        spread = f"{100 * p['median']:+8.2f} % [{100 * p['min']:+.2f}, {100 * p['max']:+.2f}]" if p else ""
         print(
-            f"  {mode:22s}{s['step_s'][mode]:12.3f} s{100 * s['overhead'][mode]:+10.2f} %"
+            f"  {mode:22s}{s['step_s'][mode]:12.3f} s{100 * s['overhead'][mode]:+10.2f} %{spread:>32s}"
             + (f"{mem:9.3f} GiB" if mem is not None else "")
         )
     naive, sk = s["step_s"]["naive"], s["step_s"]["sketched"]
