@@ -57,7 +57,8 @@ A domain with no samples in a window keeps its last seen gradient in G (stale, b
 zero if it was never seen): its column still counts in G q, and its score stays defined. `tracker.stale()` names
 such domains, and `Balancer.step` returns them for the logs.
 
-Files: tracker.py (GradientTracker), layers.py (which layers: `params`; the tracked linear), sketch.py (the count
+Files: tracker.py (GradientTracker), staging.py (what its backward pass stages and folds into the window), layers.py
+(which layers: `params`; the tracked linear), sketch.py (the count
 sketch), update.py (G → p), schedule.py (p over steps; the Balancer).
 """
 

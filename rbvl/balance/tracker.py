@@ -4,7 +4,7 @@ The tracked linears run `_TrackedLinear` (rbvl/balance/layers.py), whose backwar
 the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa, in one batched product) and hands the parts
 to the tracker: per layer, one norm into a staging buffer and one add (exact: into the window; sketched: a scatter into
 a staging sketch). What is the same for every layer (the loss scale, the squared norms, the sketch's signs and its
-rows' domains) is applied once, when the backward pass ends (`_end_backward`, an autograd final callback). The tracker keeps, per domain,
+rows' domains) is applied once, when the backward pass ends (rbvl/balance/staging.py). The tracker keeps, per domain,
 Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
 is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and Σ_k T_ik² over micro-batches k.
 """
@@ -25,16 +25,16 @@ from rbvl.balance.layers import (
     _Groups,
     _row_groups,
     _TrackedLinear,
-    add_rows,
     select_modules,
 )
-from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains, _sketch_parts, fold
+from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains
+from rbvl.balance.staging import _Stage, _Staging
 from rbvl.balance.update import unbiased_diagonal
 
 log = logging.getLogger(__name__)
 
 
-class GradientTracker:
+class GradientTracker(_Staging):
     """Accumulates each domain's gradient of the tracked linear layers' weights, read off the normal backward pass.
 
     Args:
@@ -330,9 +330,6 @@ class GradientTracker:
                 total += 2 * mod.weight.numel() * ids.numel() * tokens_per_sample
         return total + present * self._fold_flops()
 
-    def _fold_flops(self) -> int:  # per domain present and micro-batch: fold, scale and add its staged sketch
-        return 0 if self.sketches is None else 3 * self.sketches.dim
-
     def state_dict(self) -> dict:
         self._end_backward()
         if any(bool(s.any()) for s in self._step_sums or []) or bool(self._step_tokens.any()):
@@ -431,99 +428,6 @@ class GradientTracker:
             self._groups[key] = _row_groups(self._sample_domains.repeat_interleave(per_sample), self.sq.device)
         return self._groups[key]
 
-    def _part_flops(self, index: int, weight: torch.Tensor) -> int:
-        if self.sketches is None:
-            return 4 * weight.numel()  # scale-and-add (a multiply-add); ‖part‖² (a multiply-add)
-        if self.sketches.index[index] is not None:
-            return 3 * weight.numel()  # scatter-add at the cached signed index; ‖part‖²
-        return 7 * weight.numel()  # and the signed index of each weight (add, mod, sign, offset), recomputed
-
-    def _stage(self, groups: _Groups) -> _Stage:
-        """This backward pass's staging buffers for `groups` (k domains present), made once per (grouping, k)."""
-        stage = groups.stage
-        if stage is not None:
-            return stage
-        slot, k = len(self._pending), groups.k
-        stage = self._stages.get((slot, k))
-        if stage is None:
-            staging = None
-            if self.sketches is not None:
-                staging = self._staging.get(slot)
-                if staging is None or staging.shape[0] < k:  # grow: every k of this slot gets new views
-                    staging = torch.zeros(k, 2 * self.sketches.dim, device=self.sq.device)
-                    self._staging[slot] = staging
-                    self._stages = {key: st for key, st in self._stages.items() if key[0] != slot}
-            stage = _Stage(len(self.modules), k, self.sq.device, staging)
-            self._stages[(slot, k)] = stage
-        groups.stage = stage
-        self._pending.append(groups)
-        return stage
-
-    def _backward_started(self) -> None:
-        """Called by each tracked layer's backward: queue `_end_backward` to run once this backward pass is over."""
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
-
-    @torch.no_grad()
-    def _add_parts(self, index: int, groups: _Groups, parts: torch.Tensor, j: int | None = None) -> None:
-        """Stage layer `index`'s share of this backward pass: parts (k, out, in), the k present domains' parts in
-        `groups`' order, or one part (out, in): domain j's (j: its position; default the only domain present); fp32,
-        as backpropagated (the loss scale is applied in `_end_backward`, or fused into the exact add).
-
-        Per call, whatever k: ‖part‖ per domain into the layer's row of the staged norms (layers are disjoint
-        coordinates, so their squares add up to ‖s_ik‖²), and one add: exact, a multiply-add into the window (one
-        domain: its (out, in) window row, a view made once) or one scatter of the scaled parts; sketched, one scatter
-        of the parts at the layer's cached signed index into the staging sketch."""
-        stage = self._stage(groups)
-        one = parts.dim() == 2
-        self.extra_flops += (1 if one else groups.k) * self._part_flops(index, self.modules[index][1].weight)
-        out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
-        if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
-            out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts, dim=(-2, -1))))
-        else:
-            stage.written.add(index)
-            torch.linalg.vector_norm(parts, dim=(-2, -1), out=out)
-        j = j or 0
-        if self.sketches is not None:
-            staging = stage.staging if not one else stage.staging_rows[j]
-            _sketch_parts(staging, self.sketches, index, parts)
-        elif one:
-            row = self._row_view(index, groups.domains[j])
-            scale = self._scale
-            row.addcmul_(parts, scale) if isinstance(scale, torch.Tensor) else row.add_(parts, alpha=scale)
-        else:
-            add_rows(self._target[index], groups.index, parts * self._scale)
-
-    def _row_view(self, index: int, domain: int) -> torch.Tensor:
-        view = self._row_views.get((index, domain))
-        if view is None:
-            view = self._row_views[(index, domain)] = self._target[index][domain]
-        return view
-
-    @torch.no_grad()
-    def _end_backward(self) -> None:
-        """When a backward pass ends: add what it staged to the window, scaled to Σ_t ∇ℓ_t. A few operations per row
-        grouping (samples, images) whatever the layers: Σ_k ‖s_ik‖² gets the squared norms summed over layers and,
-        sketched, the window gets the staged sketches, folded (signs) and scaled, at their domains' rows."""
-        self._queued = False
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        scale = self._scale
-        sq = self.sq if self._step_sq is None else self._step_sq
-        for groups in pending:
-            stage, groups.stage = groups.stage, None
-            norms = stage.norms.double().square_().sum(0)  # (k,) Σ over layers of ‖part‖²
-            sq.index_add_(0, groups.index, norms * (scale * scale))  # scale: 1.0 until watch_loss's hook sets it
-            stage.norms.zero_()
-            stage.written.clear()
-            if self.sketches is not None:
-                target = self._target[0][:, : self.sketches.dim]  # (m, N)
-                add_rows(target, groups.index, fold(stage.staging) * scale)
-                stage.staging.zero_()
-                self.extra_flops += groups.k * self._fold_flops()
-
 
 @torch._dynamo.disable
 def _tracked_linear(tracker: GradientTracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
@@ -532,19 +436,6 @@ def _tracked_linear(tracker: GradientTracker, index: int, x: torch.Tensor, mod: 
     trace, so tracing into it would only break the graph later (and recompile the forward once per layer)."""
     groups = tracker._domains_for(x.shape[0], tracker.modules[index][0])
     return _TrackedLinear.apply(x, mod.weight, mod.bias, tracker, index, groups)
-
-
-class _Stage:
-    """Buffers one backward pass fills for one row grouping with k domains present: `norms` (layers, k), each layer's
-    ‖part‖ per domain (`rows`: each layer's row, views made once), and, sketched, `staging` (k, 2N), the parts
-    scattered at their signed index (`staging_rows`: its k rows)."""
-
-    def __init__(self, n_layers: int, k: int, device, staging: torch.Tensor | None):
-        self.norms = torch.zeros(n_layers, k, device=device)
-        self.rows = list((self.norms.view(-1) if k == 1 else self.norms).unbind(0))  # (k,) each; () when k = 1
-        self.written: set[int] = set()  # layers whose norms this pass has written
-        self.staging = None if staging is None else staging[:k]
-        self.staging_rows = [] if staging is None else list(self.staging.unbind(0))
 
 
 def _cpu_ids(ids) -> torch.Tensor:
