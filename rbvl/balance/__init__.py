@@ -58,8 +58,8 @@ zero if it was never seen): its column still counts in G q, and its score stays 
 such domains, and `Balancer.step` returns them for the logs.
 
 Files: tracker.py (GradientTracker), staging.py (what its backward pass stages and folds into the window), layers.py
-(which layers: `params`; the tracked linear), sketch.py (the count
-sketch), update.py (G → p), schedule.py (p over steps; the Balancer).
+(which layers: `params`; the tracked linear), sketch.py (the count sketch), update.py (G → p), schedule.py (p over
+steps; the Balancer).
 """
 
 from rbvl.balance.layers import label_tokens, select_modules
