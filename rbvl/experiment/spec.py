@@ -240,9 +240,11 @@ def plan(spec: ExperimentSpec, cells: list[Cell], done: set[str]) -> str:
         lines.append(f"  {group:36s} seeds {','.join(map(str, seeds))}{note}")
     o = spec.oracle
     if o.domains:
-        lines.append(f"  oracle on {o.domains} domains: a search of static mixtures (a grid up to {o.grid_max_m} domains, "
-                     f"else 1 + {o.candidates} draws + {o.refine} refinements) at seeds {','.join(map(str, o.search_seeds))}, "
-                     f"then the best at seeds {','.join(map(str, spec.headline_seeds))}")  # fmt: skip
+        search = (1 + o.candidates + o.refine) * len(o.search_seeds)
+        lines.append(f"  oracle on {o.domains} domains: a search of static mixtures at seeds "
+                     f"{','.join(map(str, o.search_seeds))} (the simplex grid up to {o.grid_max_m} domains; above, "
+                     f"1 + {o.candidates} draws + {o.refine} refinements = {search} runs), then the best at seeds "
+                     f"{','.join(map(str, spec.headline_seeds))} ({len(spec.headline_seeds)} runs); not counted above")  # fmt: skip
     return "\n".join(lines)
 
 
