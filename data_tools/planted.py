@@ -31,7 +31,7 @@ import random
 import sys
 from pathlib import Path
 
-from data_tools.reasoning import generate
+from data_tools.reasoning import generate, run_tool
 
 SETTINGS = {
     "planted-dev": dict(
@@ -145,19 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        import reasoning_gym  # noqa: F401
-    except ImportError:
-        print("planted: the reasoning-gym package is missing: pip install -e '.[experiments]'", file=sys.stderr)
-        return 2
-    try:
-        stats = build(args.out, args.setting, args.per_task_train, args.per_task_eval, args.seed, args.control,
-                      args.overwrite)  # fmt: skip
-    except (FileExistsError, ValueError) as e:
-        print(f"planted: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"train": stats["train"], "eval": stats["eval"]}))
-    return 0
+    return run_tool("planted", lambda: build(args.out, args.setting, args.per_task_train, args.per_task_eval,
+                                             args.seed, args.control, args.overwrite))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -123,18 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-minilm", action="store_true", help="do not copy the MiniLM encoder into OUT/minilm")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    return run_tool("reasoning", lambda: convert(args.out, tasks, args.per_task_train, args.per_task_eval, args.seed,
+                                                 args.overwrite, not args.no_minilm))  # fmt: skip
+
+
+def run_tool(tool: str, make) -> int:
+    """A converter's command line around `make()` (→ its stats): reasoning-gym missing, or a FileExistsError /
+    ValueError, is one line `TOOL: ...` and exit 2; else the train/eval counts as JSON and exit 0."""
     try:
         import reasoning_gym  # noqa: F401
     except ImportError:
-        print("reasoning: the reasoning-gym package is missing: pip install -e '.[experiments]'", file=sys.stderr)
+        print(f"{tool}: the reasoning-gym package is missing: pip install -e '.[experiments]'", file=sys.stderr)
         return 2
-    tasks = tuple(t for t in args.tasks.split(",") if t)
     try:
-        stats = convert(
-            args.out, tasks, args.per_task_train, args.per_task_eval, args.seed, args.overwrite, not args.no_minilm
-        )
+        stats = make()
     except (FileExistsError, ValueError) as e:
-        print(f"reasoning: error: {e}", file=sys.stderr)
+        print(f"{tool}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"train": stats["train"], "eval": stats["eval"]}))
     return 0
