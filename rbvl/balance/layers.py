@@ -157,7 +157,7 @@ class _TrackedLinear(torch.autograd.Function):
         dt = ctx.compute_dtype
         grad_out = grad_out if grad_out.dtype == dt else grad_out.to(dt)
         a = x if x.dtype == dt else x.to(dt)
-        delta2, a2 = grad_out.reshape(-1, grad_out.shape[-1]), a.reshape(-1, a.shape[-1])  # (tokens, out), (tokens, in)
+        delta2 = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(delta2, weight if weight.dtype == dt else weight.to(dt)).view(x.shape)
@@ -168,9 +168,9 @@ class _TrackedLinear(torch.autograd.Function):
         tracker, groups, index = ctx.tracker, ctx.groups, ctx.index
         if not tracker.enabled:  # switched off after the forward pass: the plain weight gradient
             if ctx.needs_input_grad[1]:
-                grad_w = torch.mm(delta2.t(), a2)
+                grad_w = torch.mm(delta2.t(), a.reshape(-1, a.shape[-1]))
         elif groups.k == 1:  # one domain: the plain product is its part
-            grad_w = torch.mm(delta2.t(), a2)
+            grad_w = torch.mm(delta2.t(), a.reshape(-1, a.shape[-1]))
             tracker._backward_started()
             tracker._add_parts(index, groups, grad_w if grad_w.dtype == torch.float32 else grad_w.float())
         elif groups.k * weight.numel() <= PART_BUDGET:

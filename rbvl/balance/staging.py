@@ -61,7 +61,8 @@ class _Staging:
 
         Per call, whatever k: ‖part‖ per domain into the layer's row of the staged norms (layers are disjoint
         coordinates, so their squares add up to ‖s_ik‖²), and one add: exact, a multiply-add into the window (one
-        domain: its (out, in) window row, a view made once) or one scatter of the scaled parts; sketched, one scatter
+        domain, or consecutive ones: their (k, out, in) window rows, a view made once) or one scatter of the scaled
+        parts; sketched, one scatter
         of the parts at the layer's cached signed index into the staging sketch."""
         stage = self._stage(groups)
         one = parts.dim() == 2
@@ -76,17 +77,21 @@ class _Staging:
         if self.sketches is not None:
             staging = stage.staging if not one else stage.staging_rows[j]
             _sketch_parts(staging, self.sketches, index, parts)
-        elif one:
-            row = self._row_view(index, groups.domains[j])
-            scale = self._scale
-            row.addcmul_(parts, scale) if isinstance(scale, torch.Tensor) else row.add_(parts, alpha=scale)
         else:
-            add_rows(self._target[index], groups.index, parts * self._scale)
+            lo, hi = (groups.domains[j], groups.domains[j] + 1) if one else (groups.domains[0], groups.domains[-1] + 1)
+            if one or hi - lo == groups.k:  # one domain, or consecutive ones: a view of the window, one fused add
+                rows = self._rows_view(index, lo, hi, one)
+                scale = self._scale
+                rows.addcmul_(parts, scale) if isinstance(scale, torch.Tensor) else rows.add_(parts, alpha=scale)
+            else:
+                add_rows(self._target[index], groups.index, parts * self._scale)
 
-    def _row_view(self, index: int, domain: int) -> torch.Tensor:
-        view = self._row_views.get((index, domain))
+    def _rows_view(self, index: int, lo: int, hi: int, one: bool) -> torch.Tensor:
+        """Layer `index`'s window rows lo..hi-1 ((out, in) for one row): a view, made once."""
+        view = self._row_views.get((index, lo, hi))
         if view is None:
-            view = self._row_views[(index, domain)] = self._target[index][domain]
+            view = self._target[index][lo] if one else self._target[index][lo:hi]
+            self._row_views[(index, lo, hi)] = view
         return view
 
     @torch.no_grad()

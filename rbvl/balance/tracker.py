@@ -67,6 +67,7 @@ class GradientTracker(_Staging):
         self.m = n_domains
         self.enabled = True
         self.modules = select_modules(model, params, head_patterns)  # [(name, nn.Linear)]
+        self._vision_side = [re.search(VISION_SIDE, name) is not None for name, _ in self.modules]
         self.sketch_dim, self.seed, self.guard = sketch_dim, seed, guard_nonfinite
         dev = self.modules[0][1].weight.device
         shapes = [mod.weight.shape for _, mod in self.modules]
@@ -94,7 +95,7 @@ class GradientTracker(_Staging):
         self._stages: dict[tuple[int, int], _Stage] = {}  # (slot, k) → its buffers
         self._pending: list[_Groups] = []  # the row groupings this backward pass staged parts for
         self._queued = False  # whether `_end_backward` is queued to run when the backward pass ends
-        self._row_views: dict[tuple[int, int], torch.Tensor] = {}  # exact: (layer, domain) → its (out, in) window
+        self._row_views: dict[tuple, torch.Tensor] = {}  # exact: (layer, lo, hi) → its window rows (a view)
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
         self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None
@@ -392,15 +393,17 @@ class GradientTracker(_Staging):
         def forward(x):
             if not (self.enabled and torch.is_grad_enabled() and (x.requires_grad or mod.weight.requires_grad)):
                 return F.linear(x, mod.weight, mod.bias)
+            if torch.compiler.is_compiling():  # dynamo is tracing: leave the tracked linear to eager mode
+                return _tracked_linear_eager(self, index, x, mod)
             return _tracked_linear(self, index, x, mod)
 
         forward.tracker = self
         return forward
 
-    def _domains_for(self, batch_dim: int, name: str) -> list[tuple[int, slice | torch.Tensor]]:
+    def _domains_for(self, batch_dim: int, index: int) -> _Groups:
         if self._sample_domains is None:
             raise RuntimeError("GradientTracker: call set_domains(domain_ids) before the forward pass")
-        vision_side = re.search(VISION_SIDE, name) is not None
+        name, vision_side = self.modules[index][0], self._vision_side[index]
         if vision_side and self._image_domains is not None and batch_dim == self._image_domains.numel():
             return self._groups["image"]
         if vision_side and self._image_domains is None:
@@ -429,13 +432,17 @@ class GradientTracker(_Staging):
         return self._groups[key]
 
 
-@torch._dynamo.disable
 def _tracked_linear(tracker: GradientTracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
-    """A tracked linear's forward, which torch.compile leaves to eager mode (one graph break per tracked layer): its
-    backward stages parts in the tracker's Python-side buffers and queues an autograd callback, which dynamo cannot
-    trace, so tracing into it would only break the graph later (and recompile the forward once per layer)."""
-    groups = tracker._domains_for(x.shape[0], tracker.modules[index][0])
+    """A tracked linear's forward: the autograd Function whose backward hands the domains' parts to the tracker."""
+    groups = tracker._domains_for(x.shape[0], index)
     return _TrackedLinear.apply(x, mod.weight, mod.bias, tracker, index, groups)
+
+
+# Under torch.compile the tracked linear runs in eager mode (one graph break per tracked layer): its backward stages
+# parts in the tracker's Python-side buffers and queues an autograd callback, which dynamo cannot trace, so tracing
+# into it would only break the graph later (and recompile the forward once per layer). Outside compilation the
+# forward calls `_tracked_linear` directly: the disable wrapper costs microseconds per call.
+_tracked_linear_eager = torch._dynamo.disable(_tracked_linear)
 
 
 def _cpu_ids(ids) -> torch.Tensor:
