@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rbvl.train.metrics import read_metrics
+from rbvl.train.metrics import mixture_summary, read_metrics
 
 
 @torch.no_grad()
@@ -140,11 +140,9 @@ def compare_runs(run_dirs: list[str]) -> str:
 
 def _p_stability(run: str) -> str:
     """The median L1 change of p per update of a run (its balance rows; a peer's p rows otherwise), as text."""
-    rows = [r for r in read_metrics(run) if r["kind"] not in ("train", "eval") and isinstance(r.get("p"), list)]
-    changes = [r["p_l1_change"] for r in rows if isinstance(r.get("p_l1_change"), (int, float))]
-    if not changes and len(rows) > 1:  # mixers that log p without the change: from consecutive p
-        changes = [sum(abs(a - b) for a, b in zip(x["p"], y["p"])) for x, y in zip(rows, rows[1:])]
-    return f"{sorted(changes)[len(changes) // 2]:.3f} " if changes else "- "
+    summary = mixture_summary(run)
+    median = summary and summary["p_l1_median"]
+    return f"{median:.3f} " if median is not None else "- "
 
 
 def _domain_names(run_dir: str, m: int) -> tuple[list[str], str | None]:

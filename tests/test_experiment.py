@@ -314,6 +314,44 @@ def test_headroom_and_captured_share_by_hand():
     assert noisy["within_noise"]
 
 
+def test_mixture_section_by_hand_with_a_clean_control(tmp_path):
+    from rbvl.experiment.mixture import mixture_lines, mixture_summary
+    from rbvl.experiment.report import fmt
+    from rbvl.experiment.spec import ControlSpec, ExperimentSpec, append_result
+
+    names = ["a", "noise", "z"]
+
+    def row(group, seed, p_mean, l1, order=names):
+        mix = {"updates": 3, "p_mean": p_mean, "p_final": p_mean, "p_l1_median": l1}
+        return {"group": group, "seed": seed, "domain_names": order, "mixture": mix}
+
+    control = tmp_path / "control"
+    control.mkdir()
+    for r in [
+        row("original/rnb", 0, [0.3, 0.4, 0.3], 0.1),
+        row("original/rnb", 1, [0.2, 0.2, 0.6], 0.3, ["z", "noise", "a"]),
+    ]:
+        append_result(control, r)  # the second control run lists its domains in another order
+    spec = ExperimentSpec(recipe="r.yaml", control=ControlSpec(out=str(control), domain="noise"))
+    main = {
+        "original/rnb": [row("original/rnb", 0, [0.5, 0.1, 0.4], 0.2), row("original/rnb", 1, [0.6, 0.2, 0.2], 0.4),
+                         row("original/rnb", 2, [0.4, 0.15, 0.45], 1.0)],
+        "original/stratified": [{"group": "original/stratified", "seed": 0, "domain_names": names, "mixture": None}],
+    }  # fmt: skip
+    out = mixture_summary(spec, main)
+    assert set(out["groups"]) == {"original/rnb"}  # a static mixture logs no p
+    rnb = out["groups"]["original/rnb"]
+    assert rnb["p_mean"] == pytest.approx([0.5, 0.15, 0.35]) and rnb["p_l1_median"] == pytest.approx(0.4)
+    assert rnb["p_domain"] == pytest.approx(0.15) and rnb["p_domain_control"] == pytest.approx(0.3)
+    assert rnb["ratio"] == pytest.approx(0.5) and rnb["control_n"] == 2
+    text = "\n".join(mixture_lines(out, fmt))
+    assert "| original/rnb | 3 | 0.500 | 0.150 | 0.350 | 0.400 |" in text
+    assert "| original/rnb | 0.150 | 0.300 (n=2) | 0.50 |" in text
+    alone = mixture_summary(ExperimentSpec(recipe="r.yaml", control=ControlSpec(domain="noise")), main)
+    assert "p_domain_control" not in alone["groups"]["original/rnb"]  # no control folder: p on noise, no ratio
+    assert "against the clean control" not in "\n".join(mixture_lines(alone, fmt))
+
+
 @pytest.mark.slow
 def test_oracle_runs_in_the_grid_resumes_and_reports_headroom(tmp_path, monkeypatch):
     cells = [{"domains": "original", "strategy": "stratified"}, {"domains": "original", "strategy": "rnb"}]
@@ -331,6 +369,10 @@ def test_oracle_runs_in_the_grid_resumes_and_reports_headroom(tmp_path, monkeypa
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "original/rnb" in summary["oracle"]["share"] and summary["oracle"]["headroom"]["n"] == 2
     assert not any("oracle-search" in g for g in summary["groups"])  # the search is not a row of the tables
+    rnb = [r["mixture"] for r in rows if r["group"] == "original/rnb"]
+    assert all(m["updates"] >= 1 and sum(m["p_mean"]) == pytest.approx(1.0) for m in rnb)  # where p went, per run
+    assert all(r["mixture"] is None for r in rows if r["strategy"] in ("stratified", "manual"))
+    assert summary["mixture"]["groups"]["original/rnb"]["n"] == 2
     text = report.read_text()
     assert "## Headroom" in text and "original/manual+oracle" in text
 

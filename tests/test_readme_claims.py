@@ -113,11 +113,19 @@ def test_regroup_takes_version():
 def test_docs_experiments_documents_every_key_and_its_example_loads(tmp_path):
     import dataclasses
 
-    from rbvl.experiment.spec import CellSpec, DataSpec, ExperimentSpec, OracleSpec, SweepSpec, load_experiment
+    from rbvl.experiment.spec import (
+        CellSpec,
+        ControlSpec,
+        DataSpec,
+        ExperimentSpec,
+        OracleSpec,
+        SweepSpec,
+        load_experiment,
+    )
 
     page = Path("docs/experiments.md").read_text()
     classes = ((ExperimentSpec, ""), (DataSpec, "data."), (SweepSpec, "k_sweep."), (CellSpec, "cells[]."),
-               (OracleSpec, "oracle."))  # fmt: skip
+               (OracleSpec, "oracle."), (ControlSpec, "control."))  # fmt: skip
     for cls, prefix in classes:
         for f in dataclasses.fields(cls):
             if cls is ExperimentSpec and f.name in ("data", "k_sweep"):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbvl.experiment.mixture import mixture_lines, mixture_summary
 from rbvl.experiment.oracle import SEARCH, headroom, headroom_lines
 from rbvl.experiment.spec import ExperimentSpec
 
@@ -131,6 +132,7 @@ def summarise_experiment(spec: ExperimentSpec, rows: list[dict]) -> tuple[dict, 
         p = _paired_by_seed(main[head_key], main["original/stratified"])
         summary["headline_vs_original"] = {"reference": "original/stratified", **p} if p else None
     summary["oracle"] = _headroom(spec, main)
+    summary["mixture"] = mixture_summary(spec, main)
     summary["cost"] = _cost_table(main)
     summary["k_sweep"] = _k_sweep(rows, spec)
     summary["domains_differ"] = _domains_differ(main.get(base_key) or [])
@@ -174,6 +176,7 @@ def write_report(spec: ExperimentSpec, cells, rows: list[dict], out: Path, sourc
         )
     lines += _paired_lines(spec, summary, base_key, head_key)
     lines += headroom_lines(summary["oracle"], fmt)
+    lines += mixture_lines(summary["mixture"], fmt)
     lines += _k_sweep_lines(summary["k_sweep"])
     lines += _cost_lines(summary["cost"])
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

@@ -251,6 +251,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
     """Train one cell (continuing from its newest checkpoint when one is there); returns its results.jsonl row."""
     from rbvl.train import checkpoint as ckpt  # torch, transformers: only when a cell runs
     from rbvl.train import train
+    from rbvl.train.metrics import mixture_summary
 
     manifest = original_manifest(spec, out) if cell.domains == "original" else regrouped_manifest(spec, cell.k, out)
     run_dir = out / "runs" / cell.dirname
@@ -294,6 +295,7 @@ def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
         "wall_s": wall,
         "resumed": resume,
         "cost": _plain(summary.get("cost")),
+        "mixture": mixture_summary(run_dir),
         "train_tokens": summary.get("train_tokens"),
         "train_flops": summary.get("train_flops"),
         "config": to_dict(cfg),

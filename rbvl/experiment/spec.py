@@ -107,6 +107,16 @@ class OracleSpec:
 
 
 @dataclass
+class ControlSpec:
+    """`control:` p on a planted domain here against the same cells run on clean data (rbvl/experiment/mixture.py)."""
+
+    out: str = ""
+    """The control experiment's folder (its results.jsonl): the same cells on the rows with the defect removed."""
+    domain: str = ""
+    """The planted domain whose p is compared (e.g. `noise`); its p is tabled for every cell even without `out`."""
+
+
+@dataclass
 class ExperimentSpec:
     name: str = "experiment"
     """Names the experiment in the report's title and the README block."""
@@ -135,6 +145,8 @@ class ExperimentSpec:
     oracle: OracleSpec = field(default_factory=OracleSpec)
     """The oracle: the best static mixture, searched on its own seeds and reported at `headline_seeds`, and the
     headroom it leaves stratified (see `OracleSpec`)."""
+    control: ControlSpec = field(default_factory=ControlSpec)
+    """A clean control for a planted domain (see `ControlSpec`)."""
     notes: str = ""
     """Free text copied into the report (what the setting is, how long it takes)."""
 

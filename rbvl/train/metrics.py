@@ -96,6 +96,29 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     return [r for r in _read_rows(path) if kind is None or r["kind"] == kind]
 
 
+def mixture_summary(run_dir: str | Path) -> dict | None:
+    """What a run's mixer did with p, from its metrics.jsonl (None when it never logged p: a static mixture).
+
+    `updates` (how many times p was set), `p_mean` (each domain's p averaged over the updates: where the mixer put
+    its weight), `p_final`, and `p_l1_median`: the median L1 change of p per update (0 = p stays; 2 = all the mass
+    moves). Balance logs the change (`p_l1_change`); for a peer that logs p alone it comes from consecutive p.
+    """
+    rows = [r for r in read_metrics(run_dir) if r["kind"] not in ("train", "eval") and isinstance(r.get("p"), list)]
+    if not rows:
+        return None
+    changes = [r["p_l1_change"] for r in rows if isinstance(r.get("p_l1_change"), (int, float))]
+    if not changes:
+        changes = [sum(abs(a - b) for a, b in zip(x["p"], y["p"])) for x, y in zip(rows, rows[1:])]
+    m = len(rows[-1]["p"])
+    ps = [r["p"] for r in rows if len(r["p"]) == m]
+    return {
+        "updates": len(rows),
+        "p_mean": [sum(p[i] for p in ps) / len(ps) for i in range(m)],
+        "p_final": rows[-1]["p"],
+        "p_l1_median": sorted(changes)[len(changes) // 2] if changes else None,
+    }
+
+
 def _read_rows(path: Path) -> list[dict]:
     """The rows of a metrics.jsonl; lines that do not parse (a torn last line after a kill) are dropped, named."""
     rows = []
