@@ -112,6 +112,8 @@ def test_unknown_key_names_it(tmp_path):
     path = experiment_file(tmp_path, cells=[{"domains": "regrouped", "stratgy": "rnb"}])
     with pytest.raises(ConfigError, match="cells\\[0\\].stratgy"):
         load_experiment(path)
+    with pytest.raises(ConfigError, match="role: 'dev' is not development or held-out"):
+        load_experiment(experiment_file(tmp_path, role="dev"))
 
 
 def test_label_manifest_groups_by_label(tmp_path):

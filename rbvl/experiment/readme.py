@@ -41,14 +41,19 @@ def readme_block(out: Path, readme_dir: Path) -> str:
     if not source.is_file():
         source = out / "experiment.yaml"  # the copy the run left (its `out` is this folder): it runs as well
     command = f"rbvl experiment {Path(os.path.relpath(source, readme_dir)).as_posix()}"
+    role = {"development": " (development setting: defaults were chosen here)",
+            "held-out": " (held-out setting: nothing was tuned here)"}.get(spec.role, "")  # fmt: skip
+    shares = (summary.get("oracle") or {}).get("share", {})
+    mixture = (summary.get("mixture") or {}).get("groups", {})
     lines = [
         BLOCK_BEGIN.format(path=rel),
-        f"**{spec.name}**: `{command}`, {len(rows)} runs; "
+        f"**{spec.name}**{role}: `{command}`, {len(rows)} runs; "
         f"{machine.get('cpus', '?')} CPUs ({machine.get('machine', '?')}), torch {machine.get('torch', '?')}, "
         f"run {when}. Full report: [{rel}/report.md]({rel}/report.md).",
         "",
-        f"| cell | seeds | eval loss (all tokens) | Δ vs {base_key} [95% CI] | verdict | wall s | extra FLOPs |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| cell | seeds | eval loss (all tokens) | Δ vs {base_key} [95% CI] | verdict | share of headroom [95% CI] | "
+        "p change per update | wall s | extra FLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     k_main = f"regrouped-k{spec.data.k}/"
     order = [g for g in summary["groups"] if g.startswith("original/") or g.startswith(k_main)]
@@ -65,11 +70,16 @@ def readme_block(out: Path, readme_dir: Path) -> str:
         )
         verdict = "" if g == base_key or p is None else p["verdict"]
         share = c["extra_flops_share"]
+        room = shares.get(g)
+        room = "–" if room is None else f"{fmt(room['share'], 2)} [{fmt(room['low'], 2)}, {fmt(room['high'], 2)}]"
+        l1 = fmt((mixture.get(g) or {}).get("p_l1_median"), 2)
         lines.append(
             f"| {g}{' (headline)' if g == head_key else ''} | {s['n']} | {fmt(s['mean'])} ± {fmt(s['std'])} | "
-            f"{delta} | {verdict} | {fmt(c['wall_s'], 1)} | {'–' if share is None else f'{100 * share:.3f}%'} |"
+            f"{delta} | {verdict} | {room} | {l1} | {fmt(c['wall_s'], 1)} | "
+            f"{'–' if share is None else f'{100 * share:.3f}%'} |"
         )
     lines += ["", _reading(summary, spec, base_key, head_key)]
+    lines += _headroom_sentence(summary.get("oracle"), mixture, spec.control.domain)
     sweep = summary["k_sweep"]
     if sweep:
         ks = ", ".join(sweep["by_k"])
@@ -128,3 +138,18 @@ def _reading(summary: dict, spec: ExperimentSpec, base_key: str | None, head_key
     if alone:
         text += f" Balance alone (original/rnb against original/stratified): {alone['verdict']}."
     return text
+
+
+def _headroom_sentence(oracle: dict | None, mixture: dict, domain: str) -> list[str]:
+    """The oracle's headroom and, on a planted setting, p on the planted domain against the clean control."""
+    said = []
+    if oracle:
+        h = oracle["headroom"]
+        said.append(f"Headroom (stratified − the best static mixture, {h['n']} seeds): {fmt(h['mean'])} "
+                     f"[{fmt(h['low'])}, {fmt(h['high'])}]" + ("; within noise, so this setting cannot rank mixers."
+                                                               if oracle["within_noise"] else "."))  # fmt: skip
+    ratios = [f"{g} {fmt(e['p_domain'], 3)} vs {fmt(e['p_domain_control'], 3)} (×{fmt(e['ratio'], 2)})"
+              for g, e in mixture.items() if e.get("p_domain_control") is not None]  # fmt: skip
+    if ratios:
+        said.append(f"p on `{domain}` against the clean control: " + "; ".join(ratios) + ".")
+    return ["", " ".join(said)] if said else []

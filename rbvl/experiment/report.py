@@ -189,6 +189,9 @@ def write_report(spec: ExperimentSpec, cells, rows: list[dict], out: Path, sourc
 def _header_lines(spec: ExperimentSpec, rows: list[dict], out: Path, source: str) -> list[str]:
     """Title, notes, where and when the runs ran, the metric, and the head of the results table."""
     lines = [f"# {spec.name}: R&B against its ablations and peers", ""]
+    if spec.role:
+        lines += [f"Role: {spec.role} setting ("
+                  + ("defaults were chosen here)." if spec.role == "development" else "nothing was tuned here)."), ""]  # fmt: skip
     if spec.notes:
         lines += [spec.notes.strip(), ""]
     where = (rows[0].get("machine") if rows else None) or {  # where the runs ran (rows of rbvl ≤ 0.2: here)

@@ -120,6 +120,8 @@ class ControlSpec:
 class ExperimentSpec:
     name: str = "experiment"
     """Names the experiment in the report's title and the README block."""
+    role: str = ""
+    """`development` (defaults may be chosen on it) or `held-out` (run untouched); said in the report and README."""
     out: str = "experiments/out/experiment"
     """Report folder: report.md, results.jsonl, plots, runs/, shards/ (`--out` replaces it)."""
     recipe: str = ""
@@ -164,6 +166,8 @@ def load_experiment(path: str | Path) -> tuple[ExperimentSpec, list[CellSpec]]:
     cells = [from_dict(CellSpec, c, prefix=f"cells[{i}].") for i, c in enumerate(spec.cells)]
     if spec.oracle.domains not in ("", "original", "regrouped"):
         raise ConfigError(f"{path}: oracle.domains: '{spec.oracle.domains}' is not original or regrouped")
+    if spec.role not in ("", "development", "held-out"):
+        raise ConfigError(f"{path}: role: '{spec.role}' is not development or held-out")
     if not spec.recipe:
         raise ConfigError(f"{path}: `recipe` (the base recipe of every run) is required")
     return spec, cells
