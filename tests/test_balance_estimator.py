@@ -137,6 +137,39 @@ def test_unbiased_on_average_and_the_plugin_bias_is_trace_sigma_over_n(sketch_di
     assert (bias > 3 * true_G.diagonal()).any(), "the setting is one where the plug-in's bias dominates"
 
 
+def test_shrunk_gram_by_hand_and_a_noise_domain_scores_near_zero():
+    from rbvl.balance.update import shrink_gram, update_proportions
+
+    plugin_gram = torch.tensor([[4.0, 1.0, 2.0], [1.0, 2.0, 0.0], [2.0, 0.0, 9.0]], dtype=torch.float64)
+    unbiased = torch.tensor([3.0, -1.0, 12.0], dtype=torch.float64)  # c = 0.75, 0 (clipped up), 1 (clipped down)
+    c = [0.75, 0.0, 1.0]
+    expected = torch.tensor([[c[i] * c[j] * plugin_gram[i, j] for j in range(3)] for i in range(3)])
+    torch.testing.assert_close(shrink_gram(plugin_gram, unbiased), expected.double())
+    torch.testing.assert_close(shrink_gram(torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2)), torch.zeros(2, 2,
+                               dtype=torch.float64))  # fmt: skip
+
+    # the tracker's `shrunk` from its own two diagonals; then a stream where domain 2's gradient is pure noise
+    gen = torch.Generator().manual_seed(3)
+    g = torch.zeros(3, OUT, IN, dtype=torch.float64)
+    g[0], g[1] = 0.3 * torch.randn(OUT, IN, generator=gen), 0.3 * torch.randn(OUT, IN, generator=gen)
+    g[1] = 0.5 * g[0] + 0.5 * g[1]  # 0 and 1 share a direction; 2 has no signal, only noise (an unlearnable domain)
+    sigma = torch.tensor([0.3, 0.3, 3.0], dtype=torch.float64)
+    p_noise = {"unbiased": [], "plugin": [], "shrunk": []}
+    tracker = toy_tracker(3)
+    for _ in range(200):
+        feed(tracker, synthetic_window(gen, g, sigma, TOKENS))
+        G, info = tracker.gram(with_info=True)
+        shrunk = tracker.gram("shrunk")
+        torch.testing.assert_close(shrunk, shrink_gram(tracker.gram("plugin"), torch.tensor(info["unbiased_diag"])))
+        for name, gram in (("unbiased", G), ("plugin", tracker.gram("plugin")), ("shrunk", shrunk)):
+            p_noise[name].append(update_proportions(gram, lam=3.0)[2].item())
+        tracker.reset()
+    mean = {k: sum(v) / len(v) for k, v in p_noise.items()}
+    # measured: plug-in 0.87 (its diagonal is the noise), unbiased 0.27, shrunk 0.19 (uniform is 1/3)
+    assert mean["shrunk"] < 0.8 * mean["unbiased"] < 0.4 * mean["plugin"], mean
+    assert mean["shrunk"] < 0.25, mean
+
+
 def test_matches_per_micro_batch_autograd_on_a_model():
     """Σ_k ‖s_ik‖² comes from the parts of every tracked layer; check it against autograd, one micro-batch at a time."""
     model = tiny_lora()

@@ -74,9 +74,9 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
 
 def test_resume_mid_window_is_exact(tmp_path, tiny_manifest):
     """Checkpoint-10 falls inside a Balance window (K = 4) and inside a log window (every 4), with LoRA dropout on; the
-    update carries state across windows (Ḡ of gram_ema; mirror steps from the previous p)."""
+    update carries state across windows (Ḡ of gram_ema; mirror steps from the previous p); G is the shrunk one."""
     mid = ("balance.update_every=4", "train.log_every=4", "lora.lora_dropout=0.1", "data.num_workers=1")
-    mid += ("balance.update=mirror", "balance.eta=1", "balance.gram_ema=0.5")
+    mid += ("balance.update=mirror", "balance.eta=1", "balance.gram_ema=0.5", "balance.gram=shrunk")
     full = train(config(tmp_path / "a", tiny_manifest, *mid))
     # A run that stopped after checkpoint-10: same config, resumed to the end.
     run_b = tmp_path / "b" / "run"

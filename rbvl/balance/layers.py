@@ -195,6 +195,19 @@ class _TrackedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def _tracked_linear(tracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
+    """A tracked linear's forward: the autograd Function whose backward hands the domains' parts to the tracker."""
+    groups = tracker._domains_for(x.shape[0], index)
+    return _TrackedLinear.apply(x, mod.weight, mod.bias, tracker, index, groups)
+
+
+# Under torch.compile the tracked linear runs in eager mode (one graph break per tracked layer): its backward stages
+# parts in the tracker's Python-side buffers and queues an autograd callback, which dynamo cannot trace, so tracing
+# into it would only break the graph later (and recompile the forward once per layer). Outside compilation the
+# forward calls `_tracked_linear` directly: the disable wrapper costs microseconds per call.
+_tracked_linear_eager = torch._dynamo.disable(_tracked_linear)
+
+
 PART_BUDGET = 2**25  # elements of a layer's k per-domain parts (or its rows' parts) held at once: 128 MiB in fp32
 
 

@@ -24,12 +24,13 @@ from rbvl.balance.layers import (
     VISION_SIDE,
     _Groups,
     _row_groups,
-    _TrackedLinear,
+    _tracked_linear,
+    _tracked_linear_eager,
     select_modules,
 )
 from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains
 from rbvl.balance.staging import _Stage, _Staging
-from rbvl.balance.update import unbiased_diagonal
+from rbvl.balance.update import GRAM_ESTIMATORS, shrink_gram, unbiased_diagonal
 
 log = logging.getLogger(__name__)
 
@@ -210,18 +211,21 @@ class GradientTracker(_Staging):
         `estimator`: "plugin" is ĝ_i · ĝ_j (the paper's), whose diagonal is biased up by tr Σ_i / n_i; "unbiased"
         replaces the diagonal by the U-statistic over micro-batches (`update.unbiased_diagonal`, docs/balance.md).
         Off the diagonal the two agree: different domains' samples are independent, so E[ĝ_i · ĝ_j] = g_i · g_j.
+        "shrunk": the Gram of c_i ĝ_i, c_i = unbiased / plug-in G_ii in [0, 1] (`update.shrink_gram`).
         A domain seen in fewer than 2 micro-batches keeps its last de-biased G_ii (else the plug-in): `info` names
         them in `diag_fallback` {domain: "previous" | "plugin"}, next to `plugin_diag` and `unbiased_diag`.
 
         A domain the window missed but an earlier one saw enters with its last seen gradient (the sketched store).
         """
-        if estimator not in ("unbiased", "plugin"):
-            raise ValueError(f"gram estimator must be 'unbiased' or 'plugin', got {estimator!r}")
+        if estimator not in GRAM_ESTIMATORS:
+            raise ValueError(f"gram estimator must be one of {', '.join(GRAM_ESTIMATORS)}, got {estimator!r}")
         G = self._plugin_gram()
         plugin = G.diagonal().clone()
         unbiased, ok = self._debiased(plugin)
         if estimator == "unbiased":
             G.diagonal().copy_(unbiased)
+        elif estimator == "shrunk":
+            G = shrink_gram(G, unbiased)
         if not with_info:
             return G
         fallback = {i: "previous" if self.has_diag[i] else "plugin" for i in (~ok).nonzero().flatten().tolist()}
@@ -430,19 +434,6 @@ class GradientTracker(_Staging):
         if key not in self._groups:
             self._groups[key] = _row_groups(self._sample_domains.repeat_interleave(per_sample), self.sq.device)
         return self._groups[key]
-
-
-def _tracked_linear(tracker: GradientTracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:
-    """A tracked linear's forward: the autograd Function whose backward hands the domains' parts to the tracker."""
-    groups = tracker._domains_for(x.shape[0], index)
-    return _TrackedLinear.apply(x, mod.weight, mod.bias, tracker, index, groups)
-
-
-# Under torch.compile the tracked linear runs in eager mode (one graph break per tracked layer): its backward stages
-# parts in the tracker's Python-side buffers and queues an autograd callback, which dynamo cannot trace, so tracing
-# into it would only break the graph later (and recompile the forward once per layer). Outside compilation the
-# forward calls `_tracked_linear` directly: the disable wrapper costs microseconds per call.
-_tracked_linear_eager = torch._dynamo.disable(_tracked_linear)
 
 
 def _cpu_ids(ids) -> torch.Tensor:

@@ -48,6 +48,26 @@ def unbiased_diagonal(sum_sq, sq_sums, tokens, tokens_sq) -> tuple[torch.Tensor,
     return torch.where(ok, (sum_sq - sq_sums) / torch.where(ok, den, 1.0), 0.0), ok
 
 
+GRAM_ESTIMATORS = ("unbiased", "plugin", "shrunk")
+
+
+def shrink_gram(plugin_gram: torch.Tensor, unbiased_diag: torch.Tensor) -> torch.Tensor:
+    """(m, m) the Gram of the shrunk domain gradients c_i ĝ_i: G̃_ij = c_i c_j ĝ_i · ĝ_j, c_i = Ĝ_ii / (ĝ_i · ĝ_i).
+
+    ĝ_i · ĝ_i (the plug-in) estimates ‖g_i‖² + tr Σ_i / T_i and the unbiased Ĝ_ii estimates ‖g_i‖², so c_i is the
+    share of the window gradient's squared norm that is signal. It is the Wiener (posterior-mean) factor for
+    g_i ~ N(0, τ_i² I) observed with noise N(0, σ_i² I / T_i): E[g_i | ĝ_i] = τ_i² / (τ_i² + σ_i² / T_i) · ĝ_i, with
+    τ_i² d and σ_i² d / T_i read off the two diagonals. A domain whose window gradient is mostly sampling noise (its
+    answers cannot be learned; it was starved in the window) gets c_i ≈ 0 and a score near 0 instead of a noisy one
+    that softmax turns into weight. c_i is clipped to [0, 1] (Ĝ_ii can be negative or exceed the plug-in when it fell
+    back to an earlier window's value); a domain with no gradient keeps c_i = 1 (nothing to shrink).
+    """
+    plugin = plugin_gram.diagonal()
+    c = torch.where(plugin > 0, unbiased_diag.to(plugin) / plugin.clamp(min=torch.finfo(plugin.dtype).tiny), 1.0)
+    c = c.clamp(0.0, 1.0)
+    return plugin_gram * c[:, None] * c[None, :]
+
+
 def update_proportions(G, q=None, lam: float = 3.0, **options):
     """p = softmax(λ · G q / ‖G q‖): domains whose gradients align with the target mixture q get more weight."""
     return update_proportions_with_info(G, q, lam, **options)[0]

@@ -276,10 +276,10 @@ class BalanceConfig(Checked):
     sketch_dim: int = option(0, ge=0)
     """Keep each domain's gradient in a seeded count sketch of this many numbers (0 = exact: m × tracked params).
     Inner products stay unbiased; memory is 2 × m × sketch_dim floats whatever the model (see docs/balance.md)."""
-    gram: str = option("unbiased", choices=("unbiased", "plugin"))
+    gram: str = option("unbiased", choices=("unbiased", "plugin", "shrunk"))
     """How G is estimated from a window. `unbiased`: G_ii from the U-statistic over micro-batches
     (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²), whose mean is ‖g_i‖²; `plugin`: ĝ_i · ĝ_j, the paper's, whose
-    diagonal is biased up by each domain's sampling variance tr Σ_i / n_i (see docs/balance.md)."""
+    diagonal is biased up by tr Σ_i / n_i; `shrunk`: the Gram of c_i ĝ_i, c_i = unbiased / plug-in G_ii (docs/balance.md)."""
     update: str = option("replace", choices=("replace", "mirror"))
     """`replace` (the paper): p ← softmax(λ · G q / ‖G q‖) every window; `mirror`: one exponentiated-gradient step from
     the previous p, p ∝ p_prev · exp(η · G q / ‖G q‖) (η = `eta`): each log-ratio of p moves by at most √2 · η."""
