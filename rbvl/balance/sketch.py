@@ -30,6 +30,7 @@ class _Plans(list):
     dim: int  # N: numbers used
     device: torch.device
     index: list  # per layer: its (out · in,) signed buckets in [0, 2N), or None (not cached)
+    wide: dict  # (layer, k) → its index expanded to (k, out · in): a view, for the CPU's scatter of k parts
 
 
 def index_dtype(device) -> torch.dtype:
@@ -45,6 +46,7 @@ def _plan_sketches(shapes, sketch_dim: int, seed: int, device, cache_bytes: int 
     plans = _Plans()
     plans.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     plans.index = [None] * len(shapes)
+    plans.wide = {}
     plans.device = torch.device(device)
     exact_layout = sketch_dim >= sum(sizes)
     plans.dim = sum(sizes) if exact_layout else sketch_dim
@@ -94,7 +96,16 @@ def _sketch_parts(staging: torch.Tensor, plans: _Plans, index: int, parts: torch
     flat = parts.view(*parts.shape[:dim], -1)  # (k, out · in) or (out · in,)
     cached = plans.index[index]
     if cached is not None:
-        staging.index_add_(dim, cached, flat)
+        if dim == 1 and staging.device.type == "cpu":
+            # k parts on the CPU: index_add_ along dim 1 expands the index into a scatter on every call and costs
+            # milliseconds when the cores are busy (2.0 ms against 31 µs for 16 parts of 4,096 measured); scatter
+            # at an expanded view of the cached index (a view, made once per layer and k) instead
+            wide = plans.wide.get((index, flat.shape[0]))
+            if wide is None:
+                wide = plans.wide[(index, flat.shape[0])] = cached.expand(flat.shape[0], -1)
+            staging.scatter_add_(1, wide, flat)
+        else:
+            staging.index_add_(dim, cached, flat)
         return
     shape = parts.shape[-2:]
     step = max(1, CHUNK // shape[1])
