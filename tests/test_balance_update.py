@@ -166,3 +166,21 @@ def test_config_keys_reach_the_balancer():
     assert (default.gram, default.rule, default.gram_ema, default.temperature) == ("unbiased", "replace", 0.0, "fixed")
     with pytest.raises(ValueError, match="balance.update"):
         BalanceConfig(update="jump")
+
+
+def test_paper_is_one_key_whatever_the_others_say_and_the_resolved_config_shows_it(tmp_path):
+    from rbvl.config import load_config, to_dict
+
+    cfg = BalanceConfig(
+        update_every=1, paper=True, gram="shrunk", update="mirror", eta=0.3, gram_ema=0.8, temperature="sqrt_m"
+    )
+    assert (cfg.gram, cfg.update, cfg.gram_ema, cfg.temperature) == ("plugin", "replace", 0.0, "fixed")
+    bal = Balancer.from_config(3, cfg, target=Q)
+    tracker = ScriptedTracker([(G, [3.0, 2.0, 5.0])])
+    by_plugin = G.clone()
+    by_plugin.diagonal().copy_(torch.tensor([3.0, 2.0, 5.0]))
+    assert bal.step(1, tracker)["p"] == pytest.approx(softmax([3.0 * x for x in unit_score(by_plugin, Q)]))
+    run = load_config(None, ["balance.paper=true", "balance.update=mirror"])
+    assert to_dict(run)["balance"]["update"] == "replace" and to_dict(run)["balance"]["gram"] == "plugin"
+    with pytest.raises(ValueError, match="balance.paper"):
+        load_config(None, ["balance.paper=maybe"])

@@ -379,3 +379,26 @@ def _type_name(hint: Any) -> str:
         args = ", ".join(_type_name(a) for a in typing.get_args(hint))
         return f"{origin.__name__}[{args}]"
     return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+FAMILY_KEYS = ("lora.target_modules", "lora.modules_to_save")
+
+
+def follow_model(path, overrides: list[str], default_model: str) -> list[str]:
+    """`overrides`, plus `KEY=null` for each of the recipe's FAMILY_KEYS when `model.name` is overridden with another
+    model (its LoRA module names were written for the recipe's model; the new one's family defaults apply)."""
+    given = dict(parse_override(item) for item in overrides)
+    if not path or "model.name" not in given:
+        return overrides
+    recipe = read_yaml(path)
+    lora = recipe.get("lora") if isinstance(recipe.get("lora"), dict) else {}
+    model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
+    if model.get("name", default_model) == given["model.name"]:
+        return overrides
+    dropped = [key for key in FAMILY_KEYS if key not in given and lora.get(key.split(".")[1]) is not None]
+    for key in dropped:
+        log.warning(
+            "model.name=%s: %s follows its family (the recipe's value was written for %s); set %s=... to keep one",
+            given["model.name"], key, model.get("name", default_model), key,
+        )  # fmt: skip
+    return overrides + [f"{key}=null" for key in dropped]

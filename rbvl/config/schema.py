@@ -8,16 +8,13 @@ validated `RunConfig`.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from rbvl.config import help as _help
-from rbvl.config.engine import Checked, ConfigError, load, option, parse_override, read_yaml
-
-log = logging.getLogger(__name__)
+from rbvl.config.engine import Checked, ConfigError, follow_model, load, option
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Field checks
@@ -274,8 +271,7 @@ class BalanceConfig(Checked):
     smoothing: float = option(0.0, ge=0.0, lt=1.0)
     """s in p ← (1−s)·p_new + s·p_old (0 = off: as the paper, p comes from the current window alone)."""
     sketch_dim: int = option(0, ge=0)
-    """Keep each domain's gradient in a seeded count sketch of this many numbers (0 = exact: m × tracked params).
-    Inner products stay unbiased; memory is 2 × m × sketch_dim floats whatever the model (see docs/balance.md)."""
+    """Numbers of the seeded count sketch each domain's gradient is kept in (0 = exact: m × tracked params)."""
     gram: str = option("unbiased", choices=("unbiased", "plugin", "shrunk"))
     """How G is estimated from a window. `unbiased`: G_ii from the U-statistic over micro-batches
     (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²), whose mean is ‖g_i‖²; `plugin`: ĝ_i · ĝ_j, the paper's, whose
@@ -290,6 +286,15 @@ class BalanceConfig(Checked):
     temperature: str = option("fixed", choices=("fixed", "sqrt_m"))
     """`fixed` (the paper): logits λ · G q / ‖G q‖, whose spread shrinks like λ / √m; `sqrt_m`: × √m, so λ is the
     logits' root mean square for any m (the paper's λ = 3 at m = 64 is λ = 0.375)."""
+    paper: bool = False
+    """The paper's rules, whatever the four keys above say: plug-in G, `replace` every window, no EMA, fixed λ."""
+
+    PAPER: ClassVar[dict] = {"gram": "plugin", "update": "replace", "gram_ema": 0.0, "temperature": "fixed"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key, value in self.PAPER.items() if self.paper else ():
+            object.__setattr__(self, key, value)
 
 
 @dataclass
@@ -421,28 +426,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     A recipe's LoRA module names belong to its model: when `model.name` is overridden with another model, the recipe's
     `lora.target_modules` / `lora.modules_to_save` give way to the new model's family defaults (said in a warning),
     unless they are overridden too."""
-    return load(RunConfig, path, _follow_model(path, list(overrides or [])))
-
-
-FAMILY_KEYS = ("lora.target_modules", "lora.modules_to_save")
-
-
-def _follow_model(path, overrides: list[str]) -> list[str]:
-    given = dict(parse_override(item) for item in overrides)
-    if not path or "model.name" not in given:
-        return overrides
-    recipe = read_yaml(path)
-    lora = recipe.get("lora") if isinstance(recipe.get("lora"), dict) else {}
-    model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
-    if model.get("name", ModelConfig.name) == given["model.name"]:
-        return overrides
-    dropped = [key for key in FAMILY_KEYS if key not in given and lora.get(key.split(".")[1]) is not None]
-    for key in dropped:
-        log.warning(
-            "model.name=%s: %s follows its family (the recipe's value was written for %s); set %s=... to keep one",
-            given["model.name"], key, model.get("name", ModelConfig.name), key,
-        )  # fmt: skip
-    return overrides + [f"{key}=null" for key in dropped]
+    return load(RunConfig, path, follow_model(path, list(overrides or []), ModelConfig.name))
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
