@@ -106,7 +106,7 @@ G2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 4.0, 1.0], [0.0, 1.0, 0.5]], dtype=tor
 
 
 def test_gram_ema_and_estimator_in_the_balancer_by_hand():
-    bal = Balancer(3, target=Q, update_every=1, lam=2.0, gram_ema=0.75)
+    bal = Balancer(3, target=Q, update_every=1, lam=2.0, gram_ema=0.75, update="replace")
     tracker = ScriptedTracker([(G, [3.0, 2.0, 5.0]), (G2, [1.5, 4.5, 1.0])])
     first = bal.step(1, tracker)
     assert first["p"] == pytest.approx(softmax([2.0 * x for x in unit_score(G, Q)]), rel=1e-12)  # Ḡ starts at G
@@ -117,7 +117,7 @@ def test_gram_ema_and_estimator_in_the_balancer_by_hand():
     assert second["gram_noise"] == pytest.approx([0.5, 0.5, 0.5]) and second["gram_fallback"] == {"2": "previous"}
     assert second["grad_norm"] == pytest.approx([1.0, 2.0, math.sqrt(0.5)])
     assert second["p_l1_change"] == pytest.approx(sum(abs(a - b) for a, b in zip(second["p"], first["p"])))
-    plugin = Balancer(3, target=Q, update_every=1, lam=2.0, gram="plugin")
+    plugin = Balancer(3, target=Q, update_every=1, lam=2.0, gram="plugin", update="replace", gram_ema=0.0)
     info = plugin.step(1, ScriptedTracker([(G, [3.0, 2.0, 5.0])]))
     by_plugin = G.clone()
     by_plugin.diagonal().copy_(torch.tensor([3.0, 2.0, 5.0]))
@@ -145,7 +145,7 @@ def test_balancer_state_resumes_exactly_and_loads_the_older_format():
 def test_unstable_p_warns_once_with_what_to_do(caplog):
     flip = torch.diag(torch.tensor([4.0, 0.1, 0.1], dtype=torch.float64))
     flop = torch.diag(torch.tensor([0.1, 0.1, 4.0], dtype=torch.float64))
-    bal = Balancer(3, update_every=1, lam=6.0)
+    bal = Balancer(3, update_every=1, lam=6.0, update="replace", gram_ema=0.0)  # the paper's: jumps
     tracker = ScriptedTracker([(flip if k % 2 else flop, [1.0] * 3) for k in range(8)])
     with caplog.at_level(logging.WARNING, logger="rbvl.balance.schedule"):
         changes = [bal.step(k, tracker)["p_l1_change"] for k in range(1, 8)]
@@ -163,7 +163,15 @@ def test_config_keys_reach_the_balancer():
     bal = Balancer.from_config(3, cfg, schedule=ProportionSchedule(3))
     assert (bal.gram, bal.rule, bal.eta, bal.gram_ema, bal.temperature) == ("plugin", "mirror", 0.3, 0.8, "sqrt_m")
     default = Balancer.from_config(3, BalanceConfig())
-    assert (default.gram, default.rule, default.gram_ema, default.temperature) == ("unbiased", "replace", 0.0, "fixed")
+    assert (default.gram, default.rule, default.eta, default.gram_ema, default.temperature) == (
+        "unbiased",
+        "mirror",
+        0.5,
+        0.5,
+        "fixed",
+    )  # the defaults the development settings chose (docs/balance.md)
+    plain = Balancer(3)
+    assert (plain.gram, plain.rule, plain.eta, plain.gram_ema) == ("unbiased", "mirror", 0.5, 0.5)
     with pytest.raises(ValueError, match="balance.update"):
         BalanceConfig(update="jump")
 

@@ -86,7 +86,9 @@ class Balancer:
     ("unbiased" or the paper's "plugin"); `gram_ema` β > 0 feeds the update Ḡ ← β Ḡ + (1 − β) G instead of the
     window's G (the first window starts Ḡ), averaging out the estimator's noise across windows as DoGE and ADO
     average their weights; `update` ("replace", the paper's, or "mirror", with step `eta`, 0 = λ) and `temperature`
-    ("fixed" or "sqrt_m") shape the step from G to p. If p's L1 change exceeds `unstable_l1` at 3 updates in a row,
+    ("fixed" or "sqrt_m") shape the step from G to p. Defaults (mirror, η = 0.5, β = 0.5, the unbiased G) are what
+    the development settings supported (docs/balance.md); the paper's rules are gram="plugin", update="replace",
+    gram_ema=0. If p's L1 change exceeds `unstable_l1` at 3 updates in a row,
     it warns once per run.
     """
 
@@ -103,9 +105,9 @@ class Balancer:
         smoothing: float = 0.0,
         schedule: ProportionSchedule | None = None,
         gram: str = "unbiased",
-        update: str = "replace",
-        eta: float = 0.0,
-        gram_ema: float = 0.0,
+        update: str = "mirror",
+        eta: float = 0.5,
+        gram_ema: float = 0.5,
         temperature: str = "fixed",
         unstable_l1: float = 0.5,
     ):
@@ -133,9 +135,9 @@ class Balancer:
             smoothing=config.smoothing,
             schedule=schedule,
             gram=getattr(config, "gram", "unbiased"),
-            update=getattr(config, "update", "replace"),
-            eta=getattr(config, "eta", 0.0),
-            gram_ema=getattr(config, "gram_ema", 0.0),
+            update=getattr(config, "update", "mirror"),
+            eta=getattr(config, "eta", 0.5),
+            gram_ema=getattr(config, "gram_ema", 0.5),
             temperature=getattr(config, "temperature", "fixed"),
         )
 

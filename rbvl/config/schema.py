@@ -254,14 +254,15 @@ class MixingConfig(Checked):
 
 @dataclass
 class BalanceConfig(Checked):
-    """R&B Balance: p ← softmax(λ · G q / ‖G q‖) every `update_every` optimizer steps."""
+    """R&B Balance every `update_every` optimizer steps: p ∝ p_prev · exp(η · Ḡ q / ‖Ḡ q‖) by default (the paper's
+    p ← softmax(λ · G q / ‖G q‖) is `paper: true`; defaults chosen on the development settings, docs/balance.md)."""
 
     KEY: ClassVar[str] = "balance."
 
     update_every: int = option(20, ge=1)
     """K: optimizer steps per window. The paper updated a handful of times per run (about every tenth of training)."""
     lam: float = option(3.0, ge=0.0)
-    """λ: how far p may move from uniform (0 keeps p uniform; the paper used 3 on S1-59k)."""
+    """λ of `update: replace`: how far p may move from uniform (the paper used 3 on S1-59k); mirror's η when eta = 0."""
     params: str | list[str] = option("lora", check=_regex_or_names, allowed="lora, head, or regexes")
     """Tracked parameters: `lora` (the adapters), `head` (LM head and projector: the paper's last layer), or regexes."""
     warmup_steps: int = option(0, ge=0)
@@ -276,12 +277,12 @@ class BalanceConfig(Checked):
     """How G is estimated from a window. `unbiased`: G_ii from the U-statistic over micro-batches
     (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²), whose mean is ‖g_i‖²; `plugin`: ĝ_i · ĝ_j, the paper's, whose
     diagonal is biased up by tr Σ_i / n_i; `shrunk`: the Gram of c_i ĝ_i, c_i = unbiased / plug-in G_ii (docs/balance.md)."""
-    update: str = option("replace", choices=("replace", "mirror"))
+    update: str = option("mirror", choices=("replace", "mirror"))
     """`replace` (the paper): p ← softmax(λ · G q / ‖G q‖) every window; `mirror`: one exponentiated-gradient step from
     the previous p, p ∝ p_prev · exp(η · G q / ‖G q‖) (η = `eta`): each log-ratio of p moves by at most √2 · η."""
-    eta: float = option(0.0, ge=0.0)
+    eta: float = option(0.5, ge=0.0)
     """η, the step of `update: mirror` (0 = λ)."""
-    gram_ema: float = option(0.0, ge=0.0, lt=1.0)
+    gram_ema: float = option(0.5, ge=0.0, lt=1.0)
     """β in Ḡ ← β · Ḡ + (1 − β) · G: the update reads an average of G over windows (0 = off: the window's G alone)."""
     temperature: str = option("fixed", choices=("fixed", "sqrt_m"))
     """`fixed` (the paper): logits λ · G q / ‖G q‖, whose spread shrinks like λ / √m; `sqrt_m`: × √m, so λ is the
