@@ -38,6 +38,8 @@ def readme_block(out: Path, readme_dir: Path) -> str:
     days = sorted({r["finished"][:10] for r in rows if r.get("finished")})
     when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}" if days else "?"
     source = out.parent.parent / f"{out.name}.yaml"  # experiments/out/NAME was written by experiments/NAME.yaml
+    if not source.is_file():  # or by experiments/NA_ME.yaml (file names take underscores, experiment names dashes)
+        source = out.parent.parent / f"{out.name.replace('-', '_')}.yaml"
     if not source.is_file():
         source = out / "experiment.yaml"  # the copy the run left (its `out` is this folder): it runs as well
     command = f"rbvl experiment {Path(os.path.relpath(source, readme_dir)).as_posix()}"
