@@ -45,7 +45,8 @@ def readme_block(out: Path, readme_dir: Path) -> str:
     command = f"rbvl experiment {Path(os.path.relpath(source, readme_dir)).as_posix()}"
     role = {"development": " (development setting: defaults were chosen here)",
             "held-out": " (held-out setting: nothing was tuned here)"}.get(spec.role, "")  # fmt: skip
-    shares = (summary.get("oracle") or {}).get("share", {})
+    oracle = summary.get("oracle") or {}
+    shares = {} if oracle.get("within_noise") else oracle.get("share", {})  # a share of noise says nothing
     mixture = (summary.get("mixture") or {}).get("groups", {})
     lines = [
         BLOCK_BEGIN.format(path=rel),
