@@ -62,8 +62,7 @@ class _Staging:
         Per call, whatever k: ‖part‖ per domain into the layer's row of the staged norms (layers are disjoint
         coordinates, so their squares add up to ‖s_ik‖²), and one add: exact, a multiply-add into the window (one
         domain, or consecutive ones: their (k, out, in) window rows, a view made once) or one scatter of the scaled
-        parts; sketched, one scatter
-        of the parts at the layer's cached signed index into the staging sketch."""
+        parts; sketched, one scatter of the parts at the layer's cached signed index into the staging sketch."""
         stage = self._stage(groups)
         one = parts.dim() == 2
         self.extra_flops += (1 if one else groups.k) * self._part_flops(index, self.modules[index][1].weight)
