@@ -1,5 +1,9 @@
 """`rbvl bench balance` runs end to end on the tiny demo recipe and prints its table (the numbers are the bench's)."""
 
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from rbvl.bench.balance import add_arguments, run
@@ -99,3 +103,11 @@ def test_bench_balance_dispatch_counts(tmp_path, capsys, monkeypatch):
         # take a stray profiler record; one operation more per tracked linear and extra domain would be 168)
         assert abs(counts[f"{mode}/sorted/16"] - counts[f"{mode}/sorted/4"]) <= 0.005 * result["untracked"]
     assert "graphs" in capsys.readouterr().out and (tmp_path / "d.json").exists()
+
+
+def test_gpu_check_script_parses_and_fits_its_time():
+    """scripts/gpu_check.sh (run by hand on CUDA, never in CI): valid bash, and its parts' timeouts within 8 minutes."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    limits = [int(s) for s in re.findall(r"^part \w+ (\d+) ", script.read_text(), flags=re.M)]
+    assert len(limits) == 4 and sum(limits) <= 8 * 60

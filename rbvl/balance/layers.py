@@ -145,53 +145,68 @@ class _TrackedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, tracker, index, groups):
-        out = F.linear(x, weight, bias)  # under autocast: the low-precision matmul autocast would do
-        ctx.compute_dtype = out.dtype
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):  # autocast's casts, done here once: the backward reuses the saved copies
+            dt = torch.get_autocast_dtype(kind)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        out = F.linear(x, weight, bias)
         ctx.tracker, ctx.index, ctx.groups = tracker, index, groups
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight)  # in the compute dtype, as autocast's own linear saves them
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        dt = ctx.compute_dtype
+        kind = grad_out.device.type
+        if torch.is_autocast_enabled(kind):  # backward called inside autocast: the parts and norms stay fp32
+            with torch.autocast(kind, enabled=False):
+                return _TrackedLinear._backward(ctx, grad_out)
+        return _TrackedLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        a, weight = ctx.saved_tensors  # the compute dtype's copies (x and W cast in the forward)
+        dt, w_dtype = a.dtype, ctx.w_dtype
         grad_out = grad_out if grad_out.dtype == dt else grad_out.to(dt)
-        a = x if x.dtype == dt else x.to(dt)
         delta2 = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(delta2, weight if weight.dtype == dt else weight.to(dt)).view(x.shape)
-            grad_x = grad_x if grad_x.dtype == x.dtype else grad_x.to(x.dtype)
-        if ctx.needs_input_grad[2]:
+        if need_x:
+            grad_x = torch.mm(delta2, weight).view(a.shape)
+            grad_x = grad_x if grad_x.dtype == ctx.x_dtype else grad_x.to(ctx.x_dtype)
+        if need_b:
             grad_b = delta2.sum(0)
-            grad_b = grad_b if grad_b.dtype == weight.dtype else grad_b.to(weight.dtype)
+            grad_b = grad_b if grad_b.dtype == w_dtype else grad_b.to(w_dtype)
         tracker, groups, index = ctx.tracker, ctx.groups, ctx.index
         if not tracker.enabled:  # switched off after the forward pass: the plain weight gradient
-            if ctx.needs_input_grad[1]:
+            if need_w:
                 grad_w = torch.mm(delta2.t(), a.reshape(-1, a.shape[-1]))
         elif groups.k == 1:  # one domain: the plain product is its part
             grad_w = torch.mm(delta2.t(), a.reshape(-1, a.shape[-1]))
+            part = grad_w if grad_w.dtype == torch.float32 else grad_w.float()
+            grad_w = part if w_dtype == torch.float32 else grad_w  # one cast serves both
             tracker._backward_started()
-            tracker._add_parts(index, groups, grad_w if grad_w.dtype == torch.float32 else grad_w.float())
+            tracker._add_parts(index, groups, part)
         elif groups.k * weight.numel() <= PART_BUDGET:
             parts = domain_parts(grad_out, a, groups)  # (k, out, in) fp32: Σ_d parts = the weight gradient
-            grad_w = parts.sum(0) if ctx.needs_input_grad[1] else None
+            grad_w = parts.sum(0) if need_w else None
             tracker._backward_started()
             tracker._add_parts(index, groups, parts)
         else:  # a layer too large for k parts at once (an LM head): one domain at a time
             tracker._backward_started()
             for j in range(groups.k):
-                rows = groups.rows_on(j, x.device)
+                rows = groups.rows_on(j, a.device)
                 delta_j, a_j = grad_out[rows], a[rows]
                 part = delta_j.reshape(-1, delta_j.shape[-1]).T @ a_j.reshape(-1, a_j.shape[-1])
                 part = part if part.dtype == torch.float32 else part.float()
-                if ctx.needs_input_grad[1]:
+                if need_w:
                     grad_w = part if grad_w is None else grad_w + part
                 tracker._add_parts(index, groups, part, j)
-        if grad_w is not None and not ctx.needs_input_grad[1]:
+        if grad_w is not None and not need_w:
             grad_w = None  # a frozen tracked layer: its gradient served the tracker only
-        if grad_w is not None and grad_w.dtype != weight.dtype:
-            grad_w = grad_w.to(weight.dtype)
+        if grad_w is not None and grad_w.dtype != w_dtype:
+            grad_w = grad_w.to(w_dtype)
         return grad_x, grad_w, grad_b, None, None, None
 
 

@@ -65,7 +65,12 @@ class _Staging:
         parts; sketched, one scatter of the parts at the layer's cached signed index into the staging sketch."""
         stage = self._stage(groups)
         one = parts.dim() == 2
-        self.extra_flops += (1 if one else groups.k) * self._part_flops(index, self.modules[index][1].weight)
+        flops = self._flops_at.get(index)
+        if flops is None:
+            flops = self._part_flops(index, self.modules[index][1].weight)
+            if self.sketches is None or self.sketches.index[index] is not None:
+                self._flops_at[index] = flops
+        self.extra_flops += flops if one else groups.k * flops
         out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
         if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
             out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts, dim=(-2, -1))))

@@ -97,6 +97,7 @@ class GradientTracker(_Staging):
         self._pending: list[_Groups] = []  # the row groupings this backward pass staged parts for
         self._queued = False  # whether `_end_backward` is queued to run when the backward pass ends
         self._row_views: dict[tuple, torch.Tensor] = {}  # exact: (layer, lo, hi) → its window rows (a view)
+        self._flops_at: dict[int, int] = {}  # layer → extra FLOPs of one part (once its sketch index is cached)
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
         self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None

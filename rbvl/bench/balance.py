@@ -47,6 +47,7 @@ from rbvl.bench.memory import meta_dtype, per_rank_memory, print_memory
 from rbvl.config import load_config
 from rbvl.model import apply_lora, load_model
 from rbvl.model.families import head_patterns, is_text_only_config
+from rbvl.model.load import DTYPES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs"
 GIB = 2**30
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--domains", type=int, default=64, help="m for the full-model table")
     p.add_argument("--sketch-dim", type=int, default=0, help="sketched tracker size (default: the recipe's, else 2^20)")
-    p.add_argument("--slice-layers", type=int, default=2, help="language-model layers of the CPU slice (0 = no slice)")
+    p.add_argument("--slice-layers", type=int, default=2, help="language-model layers of the slice (0 = no slice)")
     p.add_argument("--seq", type=int, default=512, help="tokens per sample on the slice")
     p.add_argument("--batch", type=int, default=2, help="samples per micro-batch on the slice")
     p.add_argument("--slice-domains", type=int, default=8, help="m on the slice")
@@ -71,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-every", type=int, default=2, help="K on the slice (steps per window)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cpu", help="where the slice trains: cpu, cuda, cuda:N (timed with syncs)")
+    p.add_argument(
+        "--autocast",
+        choices=["none", "bf16"],
+        default="none",
+        help="bf16: the slice's forward under bf16 autocast and its frozen base in the recipe's model.dtype, as "
+        "`rbvl train` runs the recipe on a GPU (none: all fp32)",
+    )
     p.add_argument("--json", help="also write the results here")
     peers.add_arguments(p)
     dispatch.add_arguments(p)
@@ -191,8 +199,8 @@ def _projections(target_modules) -> list[str]:
 
 def slice_costs(cfg, args, compression: float) -> dict:
     device = torch.device(args.device)
-    model, config = slice_model(cfg, args.slice_layers)
-    model.to(device)
+    base_dtype = DTYPES[cfg.model.dtype] if args.autocast == "bf16" else None  # as `rbvl train` loads the base
+    model, config = slice_model(cfg, args.slice_layers, device, base_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     m, B, T = args.slice_domains, args.batch, args.seq
@@ -205,6 +213,11 @@ def slice_costs(cfg, args, compression: float) -> dict:
     trackers = {"exact": exact, "sketched": sketch}
     batches = synthetic_batches(m, B, T, config.vocab_size, device)
     batch_index = itertools.count()  # every step, timed or not, trains on the next batch
+    dtype = torch.bfloat16 if args.autocast == "bf16" else None
+
+    def forward(ids, labels):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return masked_loss(model, ids, labels)
 
     def step(mode: str) -> float:
         ids, labels, domains, tokens = batches(next(batch_index))
@@ -213,14 +226,14 @@ def slice_costs(cfg, args, compression: float) -> dict:
         t = time.perf_counter()
         if tracker is not None:
             tracker.set_domains(domains, tokens=tokens)
-        loss = masked_loss(model, ids, labels)
+        loss = forward(ids, labels)
         if tracker is not None:
             tracker.watch_loss(loss, normalizer=tokens.sum())
         loss.backward()
         if mode == "naive":  # one more forward + backward per domain present, on that domain's samples
             for d in domains.unique().tolist():
                 rows = (domains == d).nonzero().flatten().to(device)
-                torch.autograd.grad(masked_loss(model, ids[rows], labels[rows]), params, allow_unused=True)
+                torch.autograd.grad(forward(ids[rows], labels[rows]), params, allow_unused=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if tracker is not None:
@@ -242,6 +255,7 @@ def slice_costs(cfg, args, compression: float) -> dict:
     errors, l1s, gram_time = sketch_error(exact, sketch, step, args.windows, args.update_every, cfg.balance.lam)
     return {
         "device": str(device),
+        "autocast": args.autocast,
         "shape": f"{args.slice_layers} layers of hidden {config.hidden_size} (intermediate {config.intermediate_size}), "
         f"seq {T}, batch {B}, m {m}, LoRA r {cfg.lora.r} on {'/'.join(_projections(cfg.lora.target_modules))}",
         "tracked_params": P,
@@ -259,14 +273,18 @@ def slice_costs(cfg, args, compression: float) -> dict:
     }
 
 
-def slice_model(cfg, n_layers: int):
-    """The recipe's language model cut to `n_layers` layers, random weights, with the recipe's LoRA (lora_B away
-    from zero, as after some training, so lora_A has gradients too); returns it and its config."""
+def slice_model(cfg, n_layers: int, device="cpu", base_dtype: torch.dtype | None = None):
+    """The recipe's language model cut to `n_layers` layers, random weights, built on `device`, the frozen base in
+    `base_dtype` (None: fp32), with the recipe's LoRA (fp32 adapters, as PEFT makes them; lora_B away from zero, as
+    after some training, so lora_A has gradients too); returns it and its config."""
     full = model_config(cfg.model)
     text = getattr(full, "text_config", None) or full
     config = type(text).from_dict({**text.to_dict(), "num_hidden_layers": n_layers})
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    if base_dtype is not None:
+        model.to(base_dtype)
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.lora_alpha,
@@ -387,6 +405,8 @@ def print_table(r: dict) -> None:
 
 def print_slice(s: dict) -> None:
     where = s.get("device", "cpu").split(":")[0].upper()
+    if s.get("autocast", "none") != "none":
+        where += f" ({s['autocast']} autocast)"
     print(f"  {where} slice: {s['shape']}; tracked {s['tracked_params']:,}, sketch {s['sketch_dim']:,}")
     print(f"  {'':22s}{'step (median)':>14s}{'overhead':>11s}{'per round: median [min, max]':>32s}{'memory':>12s}")
     for mode in MODES:
@@ -394,7 +414,7 @@ def print_slice(s: dict) -> None:
         p = s.get("overhead_paired", {}).get(mode)
         spread = f"{100 * p['median']:+8.2f} % [{100 * p['min']:+.2f}, {100 * p['max']:+.2f}]" if p else ""
         print(
-            f"  {mode:22s}{s['step_s'][mode]:12.3f} s{100 * s['overhead'][mode]:+10.2f} %{spread:>32s}"
+            f"  {mode:22s}{1000 * s['step_s'][mode]:11.2f} ms{100 * s['overhead'][mode]:+10.2f} %{spread:>32s}"
             + (f"{mem:9.3f} GiB" if mem is not None else "")
         )
     naive, sk = s["step_s"]["naive"], s["step_s"]["sketched"]
