@@ -61,6 +61,47 @@ def test_mirror_step_by_hand():
         update_proportions(G, Q, update="momentum")
 
 
+def test_mirror_pull_by_hand():
+    """pull γ: the step starts from p_prev^(1−γ) · anchor^γ; γ = 0 is plain mirror, γ = 1 replace around the anchor."""
+    u = unit_score(G, Q)
+    anchor = [0.2, 0.3, 0.5]
+    for pull in (0.0, 0.25, 1.0):
+        logits = [(1 - pull) * math.log(PREV[i]) + pull * math.log(anchor[i]) + 0.7 * u[i] for i in range(3)]
+        p = update_proportions(G, Q, prev=PREV, update="mirror", eta=0.7, pull=pull, anchor=anchor)
+        assert p.tolist() == pytest.approx(softmax(logits), rel=1e-12)
+    toward_uniform = softmax([0.75 * math.log(PREV[i]) + 0.25 * math.log(1 / 3) + 0.7 * u[i] for i in range(3)])
+    p = update_proportions(G, Q, prev=PREV, update="mirror", eta=0.7, pull=0.25)  # no anchor: uniform
+    assert p.tolist() == pytest.approx(toward_uniform, rel=1e-12)
+    with pytest.raises(ValueError, match="pull must be in"):
+        update_proportions(G, Q, prev=PREV, update="mirror", pull=1.5)
+
+
+def test_pull_bounds_the_walk_of_noise_and_keeps_a_steady_signal():
+    """Windows whose G is pure noise: without pull, log p walks away from the start (its spread grows like √t); with
+    pull γ it stays within η·max|u|/γ. A score that keeps its sign settles at log p = log anchor + η u / γ."""
+    gen = torch.Generator().manual_seed(0)
+    m, eta = 8, 0.5
+    spread = {}
+    for pull in (0.0, 0.2):
+        b = Balancer(m, update_every=1, update="mirror", eta=eta, gram_ema=0.0, gram="plugin", pull=pull)
+        worst = 0.0
+        for _ in range(400):
+            g = torch.ones(m, 16, dtype=torch.float64) + 0.3 * torch.randn(m, 16, generator=gen, dtype=torch.float64)
+            p, _ = b.update(g @ g.T)
+            b.schedule.publish(p, 0)
+            worst = max(worst, max(abs(math.log(x * m)) for x in p))
+        spread[pull] = worst
+    assert spread[0.2] <= eta / 0.2  # |u_i − mean u| ≤ 1 for a unit vector: log-ratios stay within η / γ
+    assert spread[0.0] > 2 * spread[0.2]
+    # a fixed G: the fixed point of the pulled step, reached geometrically
+    b = Balancer(3, update_every=1, update="mirror", eta=0.7, gram_ema=0.0, gram="plugin", pull=0.25)
+    for _ in range(200):
+        p, _ = b.update(G)
+        b.schedule.publish(p, 0)
+    u = unit_score(G, [1 / 3] * 3)
+    assert p == pytest.approx(softmax([0.7 * x / 0.25 for x in u]), rel=1e-9)
+
+
 def test_diagnostics_by_hand():
     d = diagnostics(G, Q, plugin_diag=[2.5, 1.0, 4.0])
     assert d["grad_norm"] == pytest.approx([math.sqrt(2), 1.0, math.sqrt(3)])

@@ -295,6 +295,19 @@ def test_resume_checks_what_it_resumes(tmp_path, tiny_manifest):
     train(_config(tmp_path, tiny_manifest, "max_steps=5", "balance.update_every=2", "resume=true"))
 
 
+def test_a_key_newer_than_the_checkpoint_counts_at_its_default(tmp_path, tiny_manifest):
+    """A checkpoint from an rbvl without `balance.pull` resumes when pull keeps its default, and says why not else."""
+    from rbvl.train.checkpoint import CheckpointError, check_same_run, fingerprint
+
+    saved = {"fingerprint": fingerprint(_config(tmp_path, tiny_manifest))}
+    del saved["fingerprint"]["keys"]["balance.pull"]
+    check_same_run(tmp_path, saved, _config(tmp_path, tiny_manifest, "balance.pull=0"), 3)
+    with pytest.raises(CheckpointError, match=r"balance.pull \(new since this checkpoint; default 0.0\) → 0.3"):
+        check_same_run(tmp_path, saved, _config(tmp_path, tiny_manifest, "balance.pull=0.3"), 3)
+    with pytest.raises(CheckpointError, match=r"written by another run: balance.eta 0.5 → 0.7"):
+        check_same_run(tmp_path, saved, _config(tmp_path, tiny_manifest, "balance.eta=0.7"), 3)
+
+
 def test_cli_shows_divergence_and_preemption_as_one_line(monkeypatch, capsys):
     import rbvl.train as train_package
     from rbvl import cli

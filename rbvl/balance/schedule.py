@@ -86,7 +86,8 @@ class Balancer:
     ("unbiased" or the paper's "plugin"); `gram_ema` β > 0 feeds the update Ḡ ← β Ḡ + (1 − β) G instead of the
     window's G (the first window starts Ḡ), averaging out the estimator's noise across windows as DoGE and ADO
     average their weights; `update` ("replace", the paper's, or "mirror", with step `eta`, 0 = λ) and `temperature`
-    ("fixed" or "sqrt_m") shape the step from G to p. Defaults (mirror, η = 0.5, β = 0.5, the unbiased G) are what
+    ("fixed" or "sqrt_m") shape the step from G to p; `pull` γ draws mirror's log p back toward the initial p by a
+    fraction γ per update, so noise cannot walk it away. Defaults (mirror, η = 0.5, β = 0.5, the unbiased G) are what
     the development settings supported (docs/balance.md); the paper's rules are gram="plugin", update="replace",
     gram_ema=0. If p's L1 change exceeds `unstable_l1` at 3 updates in a row,
     it warns once per run.
@@ -110,11 +111,12 @@ class Balancer:
         gram_ema: float = 0.5,
         temperature: str = "fixed",
         unstable_l1: float = 0.5,
+        pull: float = 0.0,
     ):
         self.m = n_domains
         self.gram = gram  # "unbiased" | "plugin": the estimator of G (GradientTracker.gram)
         self.rule, self.eta, self.temperature = update, eta, temperature
-        self.gram_ema, self.unstable_l1 = gram_ema, unstable_l1
+        self.gram_ema, self.unstable_l1, self.pull = gram_ema, unstable_l1, pull
         self.gram_avg: torch.Tensor | None = None  # (m, m) Ḡ, the EMA of G across windows (gram_ema > 0)
         self.unstable_updates, self.warned_unstable = 0, False
         self.target = None if target is None else [float(x) for x in target]
@@ -139,6 +141,7 @@ class Balancer:
             eta=getattr(config, "eta", 0.5),
             gram_ema=getattr(config, "gram_ema", 0.5),
             temperature=getattr(config, "temperature", "fixed"),
+            pull=getattr(config, "pull", 0.0),
         )
 
     @property
@@ -165,7 +168,8 @@ class Balancer:
             used = self.gram_avg
         p, info = update_proportions_with_info(
             used, self.target, self.lam, prev=self.proportions, floor=self.floor, smoothing=self.smoothing,
-            update=self.rule, eta=self.eta, temperature=self.temperature,
+            update=self.rule, eta=self.eta, temperature=self.temperature, pull=self.pull,
+            anchor=self.schedule.table[0],
         )  # fmt: skip
         info.update(gram=G.tolist(), eigenvalues=torch.linalg.eigvalsh(G).tolist() if finite else None)
         return p.tolist(), info

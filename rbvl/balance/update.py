@@ -84,6 +84,8 @@ def update_proportions_with_info(
     update: str = "replace",
     eta: float = 0.0,
     temperature: str = "fixed",
+    pull: float = 0.0,
+    anchor=None,
 ):
     """`update_proportions`, plus a dict for logging: ‖G q‖, the domains with no gradient, why an update was skipped.
 
@@ -94,7 +96,12 @@ def update_proportions_with_info(
     - `update="mirror"`: one mirror-descent (exponentiated-gradient) step from the previous p on the linear gain
       uᵀp, p = argmax_p c · η · uᵀp − KL(p ‖ p_prev) ∝ p_prev · exp(c · η · u) (Kivinen & Warmuth 1997; PiKE takes
       such a step because jumps of p upset Adam's moments). η = `eta`, or λ when `eta` is 0. Evidence accumulates
-      over windows: a score that keeps its sign keeps moving p, so pair it with `floor`.
+      over windows: a score that keeps its sign keeps moving p, so pair it with `floor` or `pull`.
+    - `pull` γ (mirror only): the step starts from p_prev^(1−γ) · anchor^γ (`anchor`: where Balance started, uniform
+      when None) instead of p_prev, so log p is an exponential average of the scores, log p − log anchor =
+      η Σ_s (1 − γ)^s u_{t−s}: a score that keeps its sign moves log p to η u / γ, and scores of random sign (a window's
+      noise) no longer add up to a random walk (their spread stays η σ / √(γ (2 − γ))). γ = 1 is `replace` around
+      the anchor with λ = η; γ = 0 is the plain mirror step.
     - `temperature`: c = 1 (`fixed`), or c = √m (`sqrt_m`). u is a unit vector, so its entries have root mean
       square 1/√m and the paper's logits shrink like λ/√m; with `sqrt_m` the logits' root mean square is λ for
       any m (their spread about their mean is at most λ; the paper's λ = 3 at m = 64 is λ = 0.375 here).
@@ -106,6 +113,8 @@ def update_proportions_with_info(
     """
     if update not in UPDATES or temperature not in TEMPERATURES:
         raise ValueError(f"update must be one of {UPDATES} and temperature one of {TEMPERATURES}")
+    if not 0.0 <= pull <= 1.0:
+        raise ValueError(f"pull must be in [0, 1], got {pull}")
     G = torch.as_tensor(G, dtype=torch.float64)
     m = G.shape[0]
     q = torch.full((m,), 1.0 / m, dtype=torch.float64) if q is None else torch.as_tensor(q, dtype=torch.float64)
@@ -131,6 +140,13 @@ def update_proportions_with_info(
     c = math.sqrt(m) if temperature == "sqrt_m" else 1.0
     if update == "mirror":
         logits = fallback.log() + c * (eta or lam) * gq / norm  # log p_prev + η u
+        if pull > 0:  # (1 − γ) log p_prev + γ log anchor + η u
+            start = (
+                torch.full((m,), 1.0 / m, dtype=torch.float64)
+                if anchor is None
+                else torch.as_tensor(anchor, dtype=torch.float64)
+            )
+            logits = logits - pull * (fallback.log() - start.log())
     else:
         logits = c * lam * gq / norm
     p = torch.softmax(logits, dim=0)

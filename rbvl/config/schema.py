@@ -282,6 +282,9 @@ class BalanceConfig(Checked):
     the previous p, p ∝ p_prev · exp(η · G q / ‖G q‖) (η = `eta`): each log-ratio of p moves by at most √2 · η."""
     eta: float = option(0.5, ge=0.0)
     """η, the step of `update: mirror` (0 = λ)."""
+    pull: float = option(0.0, ge=0.0, le=1.0)
+    """γ of `update: mirror`: each update first moves log p a fraction γ back toward the initial p, so window noise
+    cannot walk p away (a score that keeps its sign holds log-ratios at η·u/γ); 0 = off, 1 = `replace` with λ = η."""
     gram_ema: float = option(0.5, ge=0.0, lt=1.0)
     """β in Ḡ ← β · Ḡ + (1 − β) · G: the update reads an average of G over windows (0 = off: the window's G alone)."""
     temperature: str = option("fixed", choices=("fixed", "sqrt_m"))

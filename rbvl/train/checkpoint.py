@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,14 @@ def check_same_run(path: Path, saved: dict, cfg, n_domains: int) -> None:
     before = saved.get("fingerprint")
     if before is None or cfg.resume == "force":
         return
-    now = fingerprint(cfg)
-    changed = [f"{k} {before['keys'].get(k)!r} → {v!r}" for k, v in now["keys"].items() if before["keys"].get(k) != v]
+    now, was = fingerprint(cfg), before["keys"]
+    changed = [f"{k} {was[k]!r} → {v!r}" for k, v in now["keys"].items() if k in was and was[k] != v]
+    # a key newer than the checkpoint: the run it resumes had the key's default, whatever its rbvl called it
+    changed += [
+        f"{k} (new since this checkpoint; default {d!r}) → {v!r}"
+        for k, v in now["keys"].items()
+        if k not in was and (d := _default_of(cfg, k)) != v
+    ]
     if before["manifest"] != now["manifest"]:
         changed.insert(0, f"manifest={cfg.manifest} (other content)")
     if changed:
@@ -153,6 +160,21 @@ def check_same_run(path: Path, saved: dict, cfg, n_domains: int) -> None:
             f"{path} was written by another run: {'; '.join(changed)}; resume with the same settings, or pass "
             "resume=force to resume anyway"
         )
+
+
+def _default_of(cfg, key: str):
+    """The schema's default for a dotted config key ("balance.pull"), or a marker no value equals."""
+    *path, name = key.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part, None)
+    for f in dataclasses.fields(node) if dataclasses.is_dataclass(node) else ():
+        if f.name == name:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return _NO_DEFAULT
+
+
+_NO_DEFAULT = object()
 
 
 def save(run_dir: str | Path, state: TrainState) -> Path:
