@@ -115,15 +115,15 @@ def test_large_layer_paths_match(budget, monkeypatch):
 
 @pytest.mark.parametrize("cached", [True, False])
 def test_sketched_window_is_the_sketch_of_the_exact_window(cached, monkeypatch):
-    """The count sketch is linear: what the sketched tracker accumulates in one scatter per layer (buckets and signs
-    cached, or recomputed past the cache's budget) is the sketch of the exact per-domain sums."""
+    """The sketch is linear: what the sketched tracker accumulates with one multiply-add per run of a layer (signs
+    cached, or applied per call past the cache's budget) is the sketch of the exact per-domain sums."""
     if not cached:
-        monkeypatch.setattr("rbvl.balance.tracker.INDEX_CACHE_BYTES", 0)
+        monkeypatch.setattr("rbvl.balance.tracker.SIGN_CACHE_BYTES", 0)
     model = lora_llama()
     exact = GradientTracker(model, 16)
     exact.remove()
     sketched = GradientTracker(model, 16, sketch_dim=exact.n_params // 3, seed=5)
-    assert all((c is not None) == cached for c in sketched.sketches.index)
+    assert all((c is not None) == cached for c in sketched.sketches.signs)
     sketched.remove()
     for layout in ("sorted", "interleaved"):
         for tracker in (exact, sketched):
@@ -142,8 +142,27 @@ def test_old_checkpoint_keys_load():
     keys = {"sums", "tokens", "tokens_sq", "sq", "last_diag", "has_diag", "last", "seen", "names", "sketch_dim",
             "seed", "skipped_steps", "extra_flops"}  # fmt: skip
     state = tracker.state_dict()
-    assert set(state) == keys
+    assert set(state) == keys | {"sketch"}
     tracker.load_state_dict(state)
+
+
+def test_a_window_saved_under_the_older_sketch_restarts(caplog):
+    """A state without the sketch layout's name (saved by the hashed-scatter sketch) is not mixed into this window:
+    the window and the last seen gradients restart, with a warning; an exact tracker's state loads as it is."""
+    model = lora_llama()
+    for sketch_dim, restarts in ((64, True), (0, False)):
+        tracker = GradientTracker(model, 16, sketch_dim=sketch_dim)
+        tracked_micro_batch(model, tracker, *batch(3, "interleaved"))
+        assert tracker.commit()
+        state = tracker.state_dict()
+        del state["sketch"]
+        tracker.remove()
+        fresh = GradientTracker(model, 16, sketch_dim=sketch_dim)
+        caplog.clear()
+        fresh.load_state_dict(state)
+        assert ("older sketch layout" in caplog.text) == restarts
+        assert (fresh.tokens.sum() == 0) == restarts and (fresh.sums[0].abs().sum() == 0) == restarts
+        fresh.remove()
 
 
 def test_window_stats_stay_on_the_loss_device():

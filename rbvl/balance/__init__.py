@@ -42,10 +42,10 @@ domain present, not O(params × tokens). A frozen tracked layer (a frozen LM hea
 weight gradient to split, so it pays one weight-gradient product. No extra forward or backward pass.
 
 Memory. Exact (`sketch_dim=0`): m × tracked params fp32 for the window, and each domain's last seen gradient in a
-small sketch (FALLBACK_DIM numbers). Sketched: every layer's part goes into one count sketch of `sketch_dim` buckets
-(entry (i, j) of a layer into bucket (a_i + b_j) mod N with sign s_i · t_j, hashes of its own per layer;
-E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased), so memory is 2 × m × sketch_dim (window + last seen) whatever the
-model. The hashes depend only on the seed and the layer shapes, so every rank sketches alike.
+small sketch (FALLBACK_DIM numbers). Sketched: every layer's part goes into one sketch of `sketch_dim` buckets
+(entry p = (i, j) of a layer, flattened, into bucket (r + p) mod N from a seeded offset r, with sign s_i · t_j seeded per
+row and column; E[⟨S(A), S(B)⟩] = ⟨A, B⟩, so G stays unbiased), so memory is 2 × m × sketch_dim (window + last seen)
+whatever the model. The offsets and signs depend only on the seed and the layer shapes, so every rank sketches alike.
 
 Estimating G. The plug-in ĝ_i · ĝ_i is biased up by the window's sampling variance tr Σ_i / n_i, so `gram()` by
 default replaces the diagonal by the U-statistic over micro-batches, (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²)
@@ -58,7 +58,7 @@ zero if it was never seen): its column still counts in G q, and its score stays 
 such domains, and `Balancer.step` returns them for the logs.
 
 Files: tracker.py (GradientTracker), staging.py (what its backward pass stages and folds into the window), layers.py
-(which layers: `params`; the tracked linear), sketch.py (the count sketch), update.py (G → p), schedule.py (p over
+(which layers: `params`; the tracked linear), sketch.py (the sketch), update.py (G → p), schedule.py (p over
 steps; the Balancer).
 """
 

@@ -1,137 +1,116 @@
-"""The count sketch that keeps each domain's gradient in N numbers, whatever the model.
+"""The sketch that keeps each domain's gradient in N numbers, whatever the model.
 
-Entry (i, j) of a tracked layer's (out, in) weight gradient goes to bucket (a_i + b_j) mod N with sign s_i · t_j,
-with seeded hashes a, b and signs s, t of its own per layer, so E[⟨S(A), S(B)⟩] = ⟨A, B⟩ and G stays unbiased. The
-hashes depend only on the seed and the layer shapes, so every rank (and a resumed run) sketches alike.
+Layer l's (out, in) weight gradient, flattened row-major, is laid on the N buckets as one run that starts at a seeded
+offset r_l and wraps around (entry p goes to bucket (r_l + p) mod N), with sign s_i · t_j for entry (i, j) (seeded
+±1 per row and per column of the layer). The signs make it unbiased: ⟨S(A), S(B)⟩ = ⟨A, B⟩ plus a sum over the
+pairs of weights that share a bucket, each term carrying a product of independent signs, so E over seeds is ⟨A, B⟩.
+A layer of at most N weights gets an offset at which its run does not wrap, so it never collides with itself; its
+collisions are with other layers, at seeded shifts. The offsets and signs depend only on the seed and the layer
+shapes, so every rank (and a resumed run) sketches alike.
 
-The sign goes into the index: a weight whose sign is − lands in bucket N + (a_i + b_j) mod N of a (2N,) staging row,
-and the sketch is the row's first half minus its second (`fold`). So sketching a part is one scatter of the part as it
-is (no multiply, no per-call index arithmetic), and the signed index of every weight is computed once.
+Sketching k parts of a layer is one fused multiply-add per run (`addcmul_` of the parts and the layer's sign matrix
+into a contiguous slice of the (k, N) sketch rows: one run when the layer fits in N; a layer of many times N weights
+adds its whole turns of the N buckets in one signed sum, so at most three runs): coalesced, with no atomics and no
+index. The sketch before this one scattered each weight to a hashed bucket; on an H200 that atomic scatter took
+19 ms of a 7B model's 365 ms step (docs/balance.md). A state saved with it is not mixed into this one's window
+(`SKETCH` marks the layout in the tracker's state).
 """
 
 from __future__ import annotations
 
 import torch
 
-CHUNK = 2**22  # elements of a part sketched at once when its index is not cached (bounds the temporaries)
+SKETCH = "runs-v2"  # the layout's name in the tracker's state; windows saved under another layout are not mixed in
 FALLBACK_DIM = 2**16  # an exact tracker's store of last seen gradients: m × this many numbers
-# Each layer's signed bucket of every weight is computed once and kept while it fits in this many bytes (on the
-# tracker's device): int32 on a GPU (4 bytes per tracked weight: LoRA r = 128 on the seven projections of a 7B Llama,
-# 319.8M weights, takes 1.3 GB), int64 on the CPU, whose index_add_ along dim 1 takes a per-index slow path with
-# int32 (10× slower, measured). A layer past the budget recomputes its index at every call (a few more operations).
-INDEX_CACHE_BYTES = 2 * 2**30
+# Each layer's (out, in) sign matrix s ⊗ t is kept while the signs fit in this many bytes (fp32, on the tracker's
+# device: LoRA r = 128 on the seven projections of a 7B Llama, 319.8M weights, takes 1.3 GB). A layer past the budget
+# multiplies its parts by s and t at every call (two more operations and a temporary the size of its parts).
+SIGN_CACHE_BYTES = 2 * 2**30
 
 
 class _Plans(list):
-    """Per layer: None (the exact layout: each layer in its own slice) or (a, neg_a, b, neg_b): its hashes and signs
-    (True where the sign is −)."""
+    """Per layer: None (the exact layout: each layer in its own slice, sign +) or (s, t): its ±1 row and column signs
+    (fp32)."""
 
-    offsets: list[int]
+    offsets: list[int]  # per layer: r_l, the bucket of its first weight
+    runs: list[list[tuple[int, int, int, int]]]  # per layer: (p0, p1, b0, b1): weights p0..p1 → buckets b0..b1
     dim: int  # N: numbers used
     device: torch.device
-    index: list  # per layer: its (out · in,) signed buckets in [0, 2N), or None (not cached)
-    wide: dict  # (layer, k) → its index expanded to (k, out · in): a view, for the CPU's scatter of k parts
-
-
-def index_dtype(device) -> torch.dtype:
-    return torch.int64 if torch.device(device).type in ("cpu", "meta") else torch.int32
+    signs: list  # per layer: its (out · in,) cached signs s_i · t_j, or None (not cached, or the exact layout)
 
 
 def _plan_sketches(shapes, sketch_dim: int, seed: int, device, cache_bytes: int = 0) -> _Plans | None:
-    """Hashes and signs of every layer into one sketch of sketch_dim buckets (the exact layout if that is no smaller
-    than the layers together); each layer's signed index is cached within `cache_bytes`."""
+    """Offsets and signs of every layer into one sketch of sketch_dim buckets (the exact layout if that is no smaller
+    than the layers together); each layer's sign matrix is cached within `cache_bytes`."""
     if sketch_dim <= 0:
         return None
     sizes = [int(s[0]) * int(s[1]) for s in shapes]
     plans = _Plans()
-    plans.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    plans.index = [None] * len(shapes)
-    plans.wide = {}
+    plans.offsets, plans.runs, plans.signs = [], [], []
     plans.device = torch.device(device)
     exact_layout = sketch_dim >= sum(sizes)
-    plans.dim = sum(sizes) if exact_layout else sketch_dim
-    dtype = index_dtype(device)
-    for i, (rows, cols) in enumerate(shapes):
+    n_buckets = plans.dim = sum(sizes) if exact_layout else sketch_dim
+    for i, ((rows, cols), n) in enumerate(zip(shapes, sizes, strict=True)):
+        signs = None
         if exact_layout:
-            plans.append(None)
+            offset, plan = sum(sizes[:i]), None
         else:
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            a = torch.randint(0, sketch_dim, (rows,), generator=g).to(device)
-            neg_a = (torch.randint(0, 2, (rows,), generator=g) == 0).to(device)  # the sign s_a = 2 · draw − 1
-            b = torch.randint(0, sketch_dim, (cols,), generator=g).to(device)
-            neg_b = (torch.randint(0, 2, (cols,), generator=g) == 0).to(device)
-            plans.append((a, neg_a, b, neg_b))
-        need = rows * cols * dtype.itemsize
-        if cache_bytes >= need and torch.device(device).type != "meta":
-            cache_bytes -= need
-            plans.index[i] = _signed_index(plans, i, slice(None), (rows, cols)).flatten().to(dtype)
+            offset = int(torch.randint(0, n_buckets - n + 1 if n <= n_buckets else n_buckets, (1,), generator=g))
+            s = (2 * torch.randint(0, 2, (int(rows),), generator=g) - 1).float().to(device)
+            t = (2 * torch.randint(0, 2, (int(cols),), generator=g) - 1).float().to(device)
+            plan = (s, t)
+            if cache_bytes >= 4 * n and plans.device.type != "meta":
+                cache_bytes -= 4 * n
+                signs = torch.outer(s, t).flatten()
+        plans.append(plan)
+        plans.offsets.append(offset)
+        plans.runs.append(_runs(offset, n, n_buckets))
+        plans.signs.append(signs)
     return plans
 
 
-def _signed_index(plans: _Plans, index: int, rows: slice, shape) -> torch.Tensor:
-    """(rows, in) int64: the signed bucket of each weight of layer `index` in those rows."""
-    plan = plans[index]
-    if plan is None:  # exact layout: the layer's own slice, sign +
-        cols = shape[1]
-        first = rows.start or 0
-        stop = shape[0] if rows.stop is None else min(rows.stop, shape[0])
-        return torch.arange(first * cols, stop * cols, device=plans.device).view(-1, cols) + plans.offsets[index]
-    a, neg_a, b, neg_b = plan
-    buckets = (a[rows, None] + b[None, :]).remainder_(plans.dim)
-    return buckets.add_((neg_a[rows, None] ^ neg_b[None, :]).long() * plans.dim)
+def _runs(offset: int, n: int, n_buckets: int) -> list[tuple[int, int, int, int]]:
+    """The runs of weights 0..n-1 laid from bucket `offset` on, wrapping at n_buckets: (p0, p1, b0, b1) puts weights
+    p0..p1 on buckets b0..b1. At most three: the head up to the last bucket, whole turns of all N buckets as one run
+    (p1 − p0 a multiple of N = b1 − b0; summed over the turns), and the tail."""
+    head = min(n, n_buckets - offset)
+    runs = [(0, head, offset, offset + head)]
+    turns = (n - head) // n_buckets
+    if turns:
+        runs.append((head, head + turns * n_buckets, 0, n_buckets))
+    if n > head + turns * n_buckets:
+        runs.append((head + turns * n_buckets, n, 0, n - head - turns * n_buckets))
+    return runs
 
 
-def _sketch_parts(staging: torch.Tensor, plans: _Plans, index: int, parts: torch.Tensor) -> None:
-    """Add layer `index`'s parts, signed, into `staging` in one scatter: parts (k, out, in) into staging (k, 2N), or
-    one part (out, in) into a (2N,) row. `fold(staging)` is then the parts' sketches.
-
-    One count sketch over every tracked weight: entry (i, j) of layer l goes to bucket (a_i + b_j) mod N with sign
-    s_i · t_j, with seeded hashes a, b and signs s, t of its own per layer. Every layer spreads over all N buckets
-    and collisions are pairwise independent, so E[⟨S(A), S(B)⟩] = ⟨A, B⟩ with the variance of one N-bucket count
-    sketch, (‖A‖²‖B‖² + ⟨A, B⟩²) / N, however the gradient's energy is spread over the layers (per-layer slices of
-    the N numbers err like the slice of the layer that holds the most energy). A layer whose index is not cached
-    takes its rows in chunks, so the temporaries stay small.
-    """
-    dim = staging.dim() - 1  # 0: one part into a row; 1: k parts into k rows
-    flat = parts.view(*parts.shape[:dim], -1)  # (k, out · in) or (out · in,)
-    cached = plans.index[index]
-    if cached is not None:
-        if dim == 1 and staging.device.type == "cpu":
-            # k parts on the CPU: index_add_ along dim 1 expands the index into a scatter on every call and costs
-            # milliseconds when the cores are busy (2.0 ms against 31 µs for 16 parts of 4,096 measured); scatter
-            # at an expanded view of the cached index (a view, made once per layer and k) instead
-            wide = plans.wide.get((index, flat.shape[0]))
-            if wide is None:
-                wide = plans.wide[(index, flat.shape[0])] = cached.expand(flat.shape[0], -1)
-            staging.scatter_add_(1, wide, flat)
+def _sketch_parts(rows: torch.Tensor, plans: _Plans, index: int, parts: torch.Tensor) -> None:
+    """Add the sketches of layer `index`'s parts into `rows`: parts (k, out, in) into rows (k, N), or one part
+    (out, in) into a (N,) row; one fused multiply-add per run of the layer (an add in the exact layout)."""
+    dim = rows.dim() - 1  # 0: one part into a row; 1: k parts into k rows
+    flat = parts.reshape(*parts.shape[:dim], -1)  # (k, out · in) or (out · in,): a view of a contiguous part
+    plan, signs = plans[index], plans.signs[index]
+    if plan is not None and signs is None:  # past the cache's budget: sign the parts, then add
+        s, t = plan
+        flat = (parts * s.view(-1, 1) * t).reshape(*parts.shape[:dim], -1)
+    for p0, p1, b0, b1 in plans.runs[index]:
+        width = b1 - b0
+        if p1 - p0 > width:  # whole turns of the N buckets: sign, then sum over the turns
+            turns = flat[..., p0:p1].unflatten(-1, (-1, width))  # (…, turns, N)
+            rows.add_((turns if signs is None else turns * signs[p0:p1].view(-1, width)).sum(-2))
+        elif signs is None:
+            rows[..., b0:b1].add_(flat[..., p0:p1])
         else:
-            staging.index_add_(dim, cached, flat)
-        return
-    shape = parts.shape[-2:]
-    step = max(1, CHUNK // shape[1])
-    for r in range(0, shape[0], step):
-        rows = slice(r, r + step)
-        signed = _signed_index(plans, index, rows, shape).to(staging.device).flatten()
-        staging.index_add_(dim, signed, parts[..., rows, :].reshape(*parts.shape[:dim], -1))
-
-
-def fold(staging: torch.Tensor) -> torch.Tensor:
-    """(…, 2N) staging → (…, N) sketch: the + half minus the − half."""
-    n = staging.shape[-1] // 2
-    return staging[..., :n] - staging[..., n:]
+            rows[..., b0:b1].addcmul_(flat[..., p0:p1], signs[p0:p1])
 
 
 def _sketch_into(out: torch.Tensor, plans: _Plans, index: int, part: torch.Tensor) -> None:
     """Add the sketch of layer `index`'s (out, in) `part` into the (N,) vector `out` (one domain's row)."""
-    staging = torch.zeros(2 * out.shape[-1], dtype=out.dtype, device=out.device)
-    _sketch_parts(staging, plans, index, part)
-    out += fold(staging)
+    _sketch_parts(out, plans, index, part)
 
 
 def _sketch_domains(means: list[torch.Tensor], plans: _Plans, out: torch.Tensor) -> torch.Tensor:
     """(m, N) `out` with each domain's gradient (per layer (m, out, in) in `means`) added in, sketched by `plans`."""
-    staging = torch.zeros(out.shape[0], 2 * out.shape[1], dtype=out.dtype, device=out.device)
     for index, g in enumerate(means):
-        _sketch_parts(staging, plans, index, g)
-    out += fold(staging)
+        _sketch_parts(out, plans, index, g)
     return out

@@ -1,9 +1,9 @@
-"""What one backward pass does with the parts the tracked layers hand over: stage them per layer, then fold them
+"""What one backward pass does with the parts the tracked layers hand over: stage them per layer, then add them
 into the window once, when the pass ends (GradientTracker inherits it; rbvl/balance/tracker.py).
 
 Per layer and call, whatever the number k of domains present: ‖part‖ per domain into the pass's staged norms (layers
-are disjoint coordinates, so their squares add up to ‖s_ik‖²) and one add (exact: into the window; sketched: a scatter
-at the layer's cached signed index into a staging sketch). What is the same for every layer (the loss scale, the
+are disjoint coordinates, so their squares add up to ‖s_ik‖²) and one add (exact: into the window; sketched: a multiply-add
+by the layer's signs into its runs of a staging sketch). What is the same for every layer (the loss scale, the
 squared norms, the sketch's signs and its rows' domains) is applied once per row grouping in `_end_backward`, an
 autograd final callback.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from rbvl.balance.layers import _Groups, add_rows
-from rbvl.balance.sketch import _sketch_parts, fold
+from rbvl.balance.sketch import _sketch_parts
 
 
 class _Staging:
@@ -22,9 +22,11 @@ class _Staging:
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
         if self.sketches is None:
             return 4 * weight.numel()  # scale-and-add (a multiply-add); ‖part‖² (a multiply-add)
-        if self.sketches.index[index] is not None:
-            return 3 * weight.numel()  # scatter-add at the cached signed index; ‖part‖²
-        return 7 * weight.numel()  # and the signed index of each weight (add, mod, sign, offset), recomputed
+        if self.sketches[index] is None:
+            return 3 * weight.numel()  # the exact layout: an add into the layer's slice; ‖part‖²
+        if self.sketches.signs[index] is not None:
+            return 4 * weight.numel()  # a multiply and an add (by the cached signs, into the layer's runs); ‖part‖²
+        return 5 * weight.numel()  # the row and column signs applied (two multiplies), an add; ‖part‖²
 
     def _stage(self, groups: _Groups) -> _Stage:
         """This backward pass's staging buffers for `groups` (k domains present), made once per (grouping, k)."""
@@ -38,7 +40,7 @@ class _Staging:
             if self.sketches is not None:
                 staging = self._staging.get(slot)
                 if staging is None or staging.shape[0] < k:  # grow: every k of this slot gets new views
-                    staging = torch.zeros(k, 2 * self.sketches.dim, device=self.sq.device)
+                    staging = torch.zeros(k, self.sketches.dim, device=self.sq.device)
                     self._staging[slot] = staging
                     self._stages = {key: st for key, st in self._stages.items() if key[0] != slot}
             stage = _Stage(len(self.modules), k, self.sq.device, staging)
@@ -62,14 +64,13 @@ class _Staging:
         Per call, whatever k: ‖part‖ per domain into the layer's row of the staged norms (layers are disjoint
         coordinates, so their squares add up to ‖s_ik‖²), and one add: exact, a multiply-add into the window (one
         domain, or consecutive ones: their (k, out, in) window rows, a view made once) or one scatter of the scaled
-        parts; sketched, one scatter of the parts at the layer's cached signed index into the staging sketch."""
+        parts; sketched, a multiply-add of the parts by the layer's signs into its runs of the staging sketch (one run
+        when the layer fits in N)."""
         stage = self._stage(groups)
         one = parts.dim() == 2
         flops = self._flops_at.get(index)
         if flops is None:
-            flops = self._part_flops(index, self.modules[index][1].weight)
-            if self.sketches is None or self.sketches.index[index] is not None:
-                self._flops_at[index] = flops
+            flops = self._flops_at[index] = self._part_flops(index, self.modules[index][1].weight)
         self.extra_flops += flops if one else groups.k * flops
         out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
         if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
@@ -102,7 +103,7 @@ class _Staging:
     def _end_backward(self) -> None:
         """When a backward pass ends: add what it staged to the window, scaled to Σ_t ∇ℓ_t. A few operations per row
         grouping (samples, images) whatever the layers: Σ_k ‖s_ik‖² gets the squared norms summed over layers and,
-        sketched, the window gets the staged sketches, folded (signs) and scaled, at their domains' rows."""
+        sketched, the window gets the staged sketches, scaled, at their domains' rows."""
         self._queued = False
         if not self._pending:
             return
@@ -117,18 +118,18 @@ class _Staging:
             stage.written.clear()
             if self.sketches is not None:
                 target = self._target[0][:, : self.sketches.dim]  # (m, N)
-                add_rows(target, groups.index, fold(stage.staging) * scale)
+                add_rows(target, groups.index, stage.staging * scale)
                 stage.staging.zero_()
                 self.extra_flops += groups.k * self._fold_flops()
 
-    def _fold_flops(self) -> int:  # per domain present and micro-batch: fold, scale and add its staged sketch
-        return 0 if self.sketches is None else 3 * self.sketches.dim
+    def _fold_flops(self) -> int:  # per domain present and micro-batch: scale and add its staged sketch
+        return 0 if self.sketches is None else 2 * self.sketches.dim
 
 
 class _Stage:
     """Buffers one backward pass fills for one row grouping with k domains present: `norms` (layers, k), each layer's
-    ‖part‖ per domain (`rows`: each layer's row, views made once), and, sketched, `staging` (k, 2N), the parts
-    scattered at their signed index (`staging_rows`: its k rows)."""
+    ‖part‖ per domain (`rows`: each layer's row, views made once), and, sketched, `staging` (k, N), the parts'
+    sketches (`staging_rows`: its k rows)."""
 
     def __init__(self, n_layers: int, k: int, device, staging: torch.Tensor | None):
         self.norms = torch.zeros(n_layers, k, device=device)

@@ -2,10 +2,10 @@
 
 The tracked linears run `_TrackedLinear` (rbvl/balance/layers.py), whose backward computes the weight gradient as
 the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa, in one batched product) and hands the parts
-to the tracker: per layer, one norm into a staging buffer and one add (exact: into the window; sketched: a scatter into
-a staging sketch). What is the same for every layer (the loss scale, the squared norms, the sketch's signs and its
-rows' domains) is applied once, when the backward pass ends (rbvl/balance/staging.py). The tracker keeps, per domain,
-Σ_t ∇ℓ_t over the window (exact, or in the count sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
+to the tracker: per layer, one norm into a staging buffer and one add (exact: into the window; sketched: a multiply-add by the
+layer's signs into its runs of a staging sketch). What is the same for every layer (the loss scale, the squared norms
+and the rows' domains) is applied once, when the backward pass ends (rbvl/balance/staging.py). The tracker keeps, per
+domain, Σ_t ∇ℓ_t over the window (exact, or in the sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
 is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and Σ_k T_ik² over micro-batches k.
 """
 
@@ -28,7 +28,7 @@ from rbvl.balance.layers import (
     _tracked_linear_eager,
     select_modules,
 )
-from rbvl.balance.sketch import FALLBACK_DIM, INDEX_CACHE_BYTES, _plan_sketches, _sketch_domains
+from rbvl.balance.sketch import FALLBACK_DIM, SIGN_CACHE_BYTES, SKETCH, _plan_sketches, _sketch_domains
 from rbvl.balance.staging import _Stage, _Staging
 from rbvl.balance.update import GRAM_ESTIMATORS, shrink_gram, unbiased_diagonal
 
@@ -48,7 +48,7 @@ class GradientTracker(_Staging):
             this model's family, e.g. `rbvl.model.families.head_patterns(model)`; the model's output embedding is
             tracked too. Ignored for other `params`.
         sketch_dim: 0 for exact accumulators (m × tracked params); N > 0 keeps each domain's gradient in an
-            N-dimensional count sketch (m × N), unbiased inner products.
+            N-number sketch (m × N), unbiased inner products.
         seed: the sketch's hash seed (the same on every rank).
         guard_nonfinite: buffer each optimizer step's contribution and add it to the window only if it is finite
             (`commit`), so an fp16 step that overflowed (and that GradScaler skips) does not poison the window.
@@ -72,7 +72,7 @@ class GradientTracker(_Staging):
         self.sketch_dim, self.seed, self.guard = sketch_dim, seed, guard_nonfinite
         dev = self.modules[0][1].weight.device
         shapes = [mod.weight.shape for _, mod in self.modules]
-        self.sketches = _plan_sketches(shapes, sketch_dim, seed, dev, cache_bytes=INDEX_CACHE_BYTES)
+        self.sketches = _plan_sketches(shapes, sketch_dim, seed, dev, cache_bytes=SIGN_CACHE_BYTES)
         self.sums = self._zeros(dev)  # the window: Σ_t ∇ℓ_t per domain, [(m, *shape)] exact or [(m, N)] sketched
         self.tokens = torch.zeros(n_domains, dtype=torch.float64)  # (m,) label tokens per domain in the window
         # For the unbiased diagonal (docs/balance.md): per domain, Σ_k T_ik² and Σ_k ‖s_ik‖² over micro-batches k
@@ -89,15 +89,15 @@ class GradientTracker(_Staging):
         self.seen = torch.zeros(n_domains, dtype=torch.bool)  # (m,) ever seen
         self._step_sums = self._zeros(dev) if guard_nonfinite else None
         # What one backward pass stages before `_end_backward` adds it to the window (the step's buffers with
-        # guard_nonfinite): per row grouping (slot 0: samples, 1: images), a (k, 2N) staging sketch, grown to the
+        # guard_nonfinite): per row grouping (slot 0: samples, 1: images), a (k, N) staging sketch, grown to the
         # largest k seen, and per k the (layers, k) norms of the parts; views of the accumulators, made once.
         self._target = self._step_sums if guard_nonfinite else self.sums
-        self._staging: dict[int, torch.Tensor] = {}  # slot → (k_max, 2N)
+        self._staging: dict[int, torch.Tensor] = {}  # slot → (k_max, N)
         self._stages: dict[tuple[int, int], _Stage] = {}  # (slot, k) → its buffers
         self._pending: list[_Groups] = []  # the row groupings this backward pass staged parts for
         self._queued = False  # whether `_end_backward` is queued to run when the backward pass ends
         self._row_views: dict[tuple, torch.Tensor] = {}  # exact: (layer, lo, hi) → its window rows (a view)
-        self._flops_at: dict[int, int] = {}  # layer → extra FLOPs of one part (once its sketch index is cached)
+        self._flops_at: dict[int, int] = {}  # layer → extra FLOPs of one part
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
         self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None
@@ -315,7 +315,7 @@ class GradientTracker(_Staging):
     @property
     def nbytes(self) -> int:
         """Bytes held by the accumulators (window, last seen, step buffer) and, sketched, the staging sketch of a
-        backward pass (k_max × 2N, k_max: the most domains a micro-batch has held so far)."""
+        backward pass (k_max × N, k_max: the most domains a micro-batch has held so far)."""
         held = [*self.sums, self.last, *(self._step_sums or []), *self._staging.values()]
         return sum(t.numel() * t.element_size() for t in held)
 
@@ -326,7 +326,7 @@ class GradientTracker(_Staging):
     def flops(self, domain_ids, tokens_per_sample: int) -> int:
         """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts): per
         tracked layer and domain present, ‖part‖² and one scale-and-add of the part into its accumulator (exact) or the
-        count sketch — O(out · in), independent of tokens; a frozen tracked layer also pays 2 · tokens · out · in."""
+        sketch — O(out · in), independent of tokens; a frozen tracked layer also pays 2 · tokens · out · in."""
         ids = torch.as_tensor(domain_ids).flatten()
         present = len(set(ids.tolist()))
         total = 0
@@ -351,6 +351,7 @@ class GradientTracker(_Staging):
             "seen": self.seen.clone(),
             "names": self.tracked_names,
             "sketch_dim": self.sketch_dim,
+            "sketch": SKETCH,
             "seed": self.seed,
             "skipped_steps": self.skipped_steps,
             "extra_flops": self.extra_flops,
@@ -364,6 +365,15 @@ class GradientTracker(_Staging):
                 f"tracker state was saved with sketch_dim={state.get('sketch_dim', 0)}, seed={state.get('seed')}; "
                 f"this tracker has sketch_dim={self.sketch_dim}, seed={self.seed}"
             )
+        if state.get("sketch") != SKETCH and self._sketched_anywhere():
+            # saved under an older sketch layout: its window and last seen gradients cannot join this one's
+            log.warning(
+                "balance: the tracker state was saved under an older sketch layout; the window restarts and the "
+                "domains' last seen gradients are forgotten (p and the rest of the run resume)"
+            )
+            state = {**state, "sums": [torch.zeros_like(s) for s in self.sums], "last": torch.zeros_like(self.last)}
+            state.update(tokens=torch.zeros(self.m), tokens_sq=torch.zeros(self.m), sq=torch.zeros(self.m))
+            state.update(seen=torch.zeros(self.m, dtype=torch.bool))
         for dst, src in zip(self.sums, state["sums"], strict=True):
             dst.copy_(src)
         self.last.copy_(state["last"])
@@ -376,6 +386,10 @@ class GradientTracker(_Staging):
         self.seen = state["seen"].clone().bool()
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.extra_flops = int(state.get("extra_flops", 0))
+
+    def _sketched_anywhere(self) -> bool:
+        """Whether the window or the last-seen store holds a compressing sketch (not the exact layout)."""
+        return any(plan is not None for plans in (self.sketches, self._fallback) if plans for plan in plans)
 
     # -- inside the backward pass -----------------------------------------------------------------------------------
 

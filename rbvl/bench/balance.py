@@ -17,7 +17,7 @@ Three parts, all printed as one table.
    training steps (AdamW) on token batches whose domains differ in vocabulary and answer length. Step time with
    tracking off / exact / sketched / naive (one extra forward + backward per domain present, what DGA/DoGE-style
    mixers pay), alternating in one process, medians. Then `--windows` Balance windows of training with the exact
-   tracker; each window's sketch is the sketch of the exact window sums (the count sketch is linear, so this is
+   tracker; each window's sketch is the sketch of the exact window sums (the sketch is linear, so this is
    exactly what the sketched tracker accumulates), giving the relative Frobenius error of G and the L1 distance of p.
    The slice's sketch keeps the recipe's compression (tracked params per sketch number) unless `--slice-sketch-dim`.
 3. R&B against the peer mixers (odm, dga, doremi, aioli) in real training runs of a small model, every strategy's

@@ -19,6 +19,7 @@ object; `open_run` decides at the start whether a run resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -27,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
