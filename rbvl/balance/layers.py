@@ -87,10 +87,20 @@ class _Groups:
             self.onehot = _to(onehot, device)  # (k, B)
         self._ids = ids
         self._rows: dict = {}
+        self._onehots: dict = {}  # dtype → onehot in it
         self.stage = None  # the tracker's staging buffers while a backward pass stages this micro-batch's parts
 
     def __len__(self) -> int:
         return self.k
+
+    def onehot_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """`onehot` in `dtype` (the layers' compute dtype: bf16 under autocast), made once per dtype."""
+        if self.onehot.dtype == dtype:
+            return self.onehot
+        cast = self._onehots.get(dtype)
+        if cast is None:
+            cast = self._onehots[dtype] = self.onehot.to(dtype)
+        return cast
 
     def rows_on(self, j: int, device) -> slice | torch.Tensor:
         """Domain j's rows (j: position among the present domains), as a slice or indices on `device`."""
@@ -246,12 +256,19 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
         delta, a = _split(delta, n), _split(a, n)  # (B, tokens, ·)
     step = max(1, PART_BUDGET // (out_f * in_f))
     parts = None
+    onehot_all = groups.onehot_as(delta.dtype)
     for lo in range(0, n, step):
         d, x = (delta, a) if n <= step else (delta[lo : lo + step], a[lo : lo + step])
-        rows = torch.bmm(d.transpose(1, 2), x)  # (rows, out, in)
-        rows = (rows if rows.dtype == torch.float32 else rows.float()).view(rows.shape[0], -1)
-        onehot = groups.onehot if n <= step else groups.onehot[:, lo : lo + step]
-        parts = torch.mm(onehot, rows) if parts is None else parts.addmm_(onehot, rows)
+        rows = torch.bmm(d.transpose(1, 2), x).view(d.shape[0], -1)  # (rows, out · in), in the compute dtype
+        onehot = onehot_all if n <= step else onehot_all[:, lo : lo + step]
+        # the rows' sum per domain in the compute dtype (fp32 accumulation; under autocast each part rounds to bf16
+        # once, as autocast's own weight gradient does), so the B row parts are never converted: half the traffic
+        if parts is not None and rows.dtype == torch.float32:
+            parts.addmm_(onehot, rows)
+            continue
+        chunk = torch.mm(onehot, rows)
+        chunk = chunk if chunk.dtype == torch.float32 else chunk.float()
+        parts = chunk if parts is None else parts.add_(chunk)
     return parts.view(k, out_f, in_f)
 
 
