@@ -352,6 +352,12 @@ def test_mixture_section_by_hand_with_a_clean_control(tmp_path):
     alone = mixture_summary(ExperimentSpec(recipe="r.yaml", control=ControlSpec(domain="noise")), main)
     assert "p_domain_control" not in alone["groups"]["original/rnb"]  # no control folder: p on noise, no ratio
     assert "against the clean control" not in "\n".join(mixture_lines(alone, fmt))
+    # cells on other domains (a k's clusters) get their own table, with their own columns
+    main["regrouped-k2/rnb"] = [row("regrouped-k2/rnb", 0, [0.7, 0.3], 0.05, ["cluster_000", "cluster_001"])]
+    text = "\n".join(mixture_lines(mixture_summary(spec, main), fmt))
+    assert "| cell | n | cluster_000 | cluster_001 | median L1 change of p per update |" in text
+    assert "| regrouped-k2/rnb | 1 | 0.700 | 0.300 | 0.050 |" in text
+    assert "| original/rnb | 3 | 0.500 | 0.150 | 0.350 | 0.400 |" in text
 
 
 @pytest.mark.slow

@@ -52,13 +52,17 @@ def mixture_lines(result: dict, fmt) -> list[str]:
     groups = result.get("groups") or {}
     if not groups:
         return []
-    lines = ["", "## Where the mixers put their weight (p averaged over updates, then over seeds)", ""]
-    names = next(iter(groups.values()))["names"]
-    lines += ["| cell | n | " + " | ".join(names) + " | median L1 change of p per update |",
-              "| --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]  # fmt: skip
+    lines = ["", "## Where the mixers put their weight (p averaged over updates, then over seeds)"]
+    by_domains: dict[tuple, list[str]] = {}  # one table per set of domains (original names, a k's clusters)
     for g, e in groups.items():
-        ps = " | ".join(fmt(p, 3) for p in e["p_mean"]) if e["names"] == names else " | ".join("" for _ in names)
-        lines.append(f"| {g} | {e['n']} | {ps} | {fmt(e['p_l1_median'], 3)} |")
+        by_domains.setdefault(tuple(e["names"]), []).append(g)
+    for names, cells in by_domains.items():
+        lines += ["", "| cell | n | " + " | ".join(names) + " | median L1 change of p per update |",
+                  "| --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]  # fmt: skip
+        for g in cells:
+            e = groups[g]
+            ps = " | ".join(fmt(p, 3) for p in e["p_mean"])
+            lines.append(f"| {g} | {e['n']} | {ps} | {fmt(e['p_l1_median'], 3)} |")
     lines.append("")
     lines.append("L1 change: 0 = p stays from one update to the next, 2 = all the mass moves.")
     domain = result.get("domain")
