@@ -37,6 +37,7 @@ class _Plans(list):
     dim: int  # N: numbers used
     device: torch.device
     signs: list  # per layer: its (out · in,) cached signs s_i · t_j, or None (not cached, or the exact layout)
+    run_signs: list  # per layer: None, or per run the view of `signs` its part multiplies
 
 
 def _plan_sketches(shapes, sketch_dim: int, seed: int, device, cache_bytes: int = 0) -> _Plans | None:
@@ -46,7 +47,7 @@ def _plan_sketches(shapes, sketch_dim: int, seed: int, device, cache_bytes: int 
         return None
     sizes = [int(s[0]) * int(s[1]) for s in shapes]
     plans = _Plans()
-    plans.offsets, plans.runs, plans.signs = [], [], []
+    plans.offsets, plans.runs, plans.signs, plans.run_signs = [], [], [], []
     plans.device = torch.device(device)
     exact_layout = sketch_dim >= sum(sizes)
     n_buckets = plans.dim = sum(sizes) if exact_layout else sketch_dim
@@ -65,8 +66,15 @@ def _plan_sketches(shapes, sketch_dim: int, seed: int, device, cache_bytes: int 
                 signs = torch.outer(s, t).flatten()
         plans.append(plan)
         plans.offsets.append(offset)
-        plans.runs.append(_runs(offset, n, n_buckets))
+        runs = _runs(offset, n, n_buckets)
+        plans.runs.append(runs)
         plans.signs.append(signs)
+        # each run's signs, as its part sees them: (p1 − p0,), or (turns, N) for whole turns (views, made once)
+        plans.run_signs.append(
+            None
+            if signs is None
+            else [signs[p0:p1] if p1 - p0 == b1 - b0 else signs[p0:p1].view(-1, b1 - b0) for p0, p1, b0, b1 in runs]
+        )
     return plans
 
 
@@ -84,24 +92,32 @@ def _runs(offset: int, n: int, n_buckets: int) -> list[tuple[int, int, int, int]
     return runs
 
 
-def _sketch_parts(rows: torch.Tensor, plans: _Plans, index: int, parts: torch.Tensor) -> None:
+def _sketch_parts(rows: torch.Tensor, plans: _Plans, index: int, parts: torch.Tensor, targets=None) -> None:
     """Add the sketches of layer `index`'s parts into `rows`: parts (k, out, in) into rows (k, N), or one part
-    (out, in) into a (N,) row; one fused multiply-add per run of the layer (an add in the exact layout)."""
-    dim = rows.dim() - 1  # 0: one part into a row; 1: k parts into k rows
-    flat = parts.reshape(*parts.shape[:dim], -1)  # (k, out · in) or (out · in,): a view of a contiguous part
-    plan, signs = plans[index], plans.signs[index]
+    (out, in) into a (N,) row; one fused multiply-add per run of the layer (an add in the exact layout). `targets`:
+    the views of `rows` at the layer's runs (`run_targets`), when the caller keeps them."""
+    dim = (rows if targets is None else targets[0]).dim() - 1  # 0: one part into a row; 1: k parts into k rows
+    flat = parts.view(*parts.shape[:dim], -1) if parts.is_contiguous() else parts.reshape(*parts.shape[:dim], -1)
+    plan, signs = plans[index], plans.run_signs[index]
     if plan is not None and signs is None:  # past the cache's budget: sign the parts, then add
         s, t = plan
         flat = (parts * s.view(-1, 1) * t).reshape(*parts.shape[:dim], -1)
-    for p0, p1, b0, b1 in plans.runs[index]:
-        width = b1 - b0
-        if p1 - p0 > width:  # whole turns of the N buckets: sign, then sum over the turns
-            turns = flat[..., p0:p1].unflatten(-1, (-1, width))  # (…, turns, N)
-            rows.add_((turns if signs is None else turns * signs[p0:p1].view(-1, width)).sum(-2))
+    runs = plans.runs[index]
+    targets = targets if targets is not None else run_targets(rows, plans, index)
+    for r, (p0, p1, b0, b1) in enumerate(runs):
+        part = flat if len(runs) == 1 else flat[..., p0:p1]
+        if p1 - p0 > b1 - b0:  # whole turns of the N buckets: sign, then sum over the turns
+            turns = part.unflatten(-1, (-1, b1 - b0))  # (…, turns, N)
+            targets[r].add_((turns if signs is None else turns * signs[r]).sum(-2))
         elif signs is None:
-            rows[..., b0:b1].add_(flat[..., p0:p1])
+            targets[r].add_(part)
         else:
-            rows[..., b0:b1].addcmul_(flat[..., p0:p1], signs[p0:p1])
+            targets[r].addcmul_(part, signs[r])
+
+
+def run_targets(rows: torch.Tensor, plans: _Plans, index: int) -> list[torch.Tensor]:
+    """The views of `rows` ((k, N) or (N,)) that layer `index`'s runs add into."""
+    return [rows if (b0, b1) == (0, rows.shape[-1]) else rows[..., b0:b1] for _, _, b0, b1 in plans.runs[index]]
 
 
 def _sketch_into(out: torch.Tensor, plans: _Plans, index: int, part: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from rbvl.balance.layers import _Groups, add_rows
-from rbvl.balance.sketch import _sketch_parts
+from rbvl.balance.sketch import _sketch_parts, run_targets
 
 
 class _Staging:
@@ -80,8 +80,12 @@ class _Staging:
             torch.linalg.vector_norm(parts, dim=(-2, -1), out=out)
         j = j or 0
         if self.sketches is not None:
-            staging = stage.staging if not one else stage.staging_rows[j]
-            _sketch_parts(staging, self.sketches, index, parts)
+            key = (index, j if one else -1)
+            targets = stage.targets.get(key)
+            if targets is None:
+                staging = stage.staging if not one else stage.staging_rows[j]
+                targets = stage.targets[key] = run_targets(staging, self.sketches, index)
+            _sketch_parts(None, self.sketches, index, parts, targets)
         else:
             lo, hi = (groups.domains[j], groups.domains[j] + 1) if one else (groups.domains[0], groups.domains[-1] + 1)
             if one or hi - lo == groups.k:  # one domain, or consecutive ones: a view of the window, one fused add
@@ -137,3 +141,4 @@ class _Stage:
         self.written: set[int] = set()  # layers whose norms this pass has written
         self.staging = None if staging is None else staging[:k]
         self.staging_rows = [] if staging is None else list(self.staging.unbind(0))
+        self.targets: dict[tuple[int, int], list] = {}  # (layer, row; -1: all k) → the staging's views at its runs
