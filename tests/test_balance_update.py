@@ -147,7 +147,7 @@ G2 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 4.0, 1.0], [0.0, 1.0, 0.5]], dtype=tor
 
 
 def test_gram_ema_and_estimator_in_the_balancer_by_hand():
-    bal = Balancer(3, target=Q, update_every=1, lam=2.0, gram_ema=0.75, update="replace")
+    bal = Balancer(3, target=Q, update_every=1, lam=2.0, gram_ema=0.75, update="replace", gram="unbiased")
     tracker = ScriptedTracker([(G, [3.0, 2.0, 5.0]), (G2, [1.5, 4.5, 1.0])])
     first = bal.step(1, tracker)
     assert first["p"] == pytest.approx(softmax([2.0 * x for x in unit_score(G, Q)]), rel=1e-12)  # Ḡ starts at G
@@ -186,7 +186,7 @@ def test_balancer_state_resumes_exactly_and_loads_the_older_format():
 def test_unstable_p_warns_once_with_what_to_do(caplog):
     flip = torch.diag(torch.tensor([4.0, 0.1, 0.1], dtype=torch.float64))
     flop = torch.diag(torch.tensor([0.1, 0.1, 4.0], dtype=torch.float64))
-    bal = Balancer(3, update_every=1, lam=6.0, update="replace", gram_ema=0.0)  # the paper's: jumps
+    bal = Balancer(3, update_every=1, lam=6.0, update="replace", gram_ema=0.0, gram="unbiased")  # replace: jumps
     tracker = ScriptedTracker([(flip if k % 2 else flop, [1.0] * 3) for k in range(8)])
     with caplog.at_level(logging.WARNING, logger="rbvl.balance.schedule"):
         changes = [bal.step(k, tracker)["p_l1_change"] for k in range(1, 8)]
@@ -194,7 +194,7 @@ def test_unstable_p_warns_once_with_what_to_do(caplog):
     warnings = [r.getMessage() for r in caplog.records if "balance.lam" in r.getMessage()]
     assert len(warnings) == 1 and "balance.update=mirror" in warnings[0] and "balance.gram_ema" in warnings[0]
     assert bal.state_dict()["warned_unstable"] is True
-    calm = Balancer(3, update_every=1, lam=6.0, update="mirror", eta=0.1)
+    calm = Balancer(3, update_every=1, lam=6.0, update="mirror", eta=0.1, gram="unbiased", gram_ema=0.5)
     tracker = ScriptedTracker([(flip if k % 2 else flop, [1.0] * 3) for k in range(8)])
     assert max(calm.step(k, tracker)["p_l1_change"] for k in range(1, 8)) < 0.5 and not calm.warned_unstable
 
@@ -204,15 +204,16 @@ def test_config_keys_reach_the_balancer():
     bal = Balancer.from_config(3, cfg, schedule=ProportionSchedule(3))
     assert (bal.gram, bal.rule, bal.eta, bal.gram_ema, bal.temperature) == ("plugin", "mirror", 0.3, 0.8, "sqrt_m")
     default = Balancer.from_config(3, BalanceConfig())
-    assert (default.gram, default.rule, default.eta, default.gram_ema, default.temperature) == (
-        "unbiased",
-        "mirror",
+    assert (default.gram, default.rule, default.eta, default.gram_ema, default.temperature, default.pull) == (
+        "plugin",
+        "replace",
         0.5,
-        0.5,
+        0.0,
         "fixed",
-    )  # the defaults the development settings chose (docs/balance.md)
+        0.0,
+    )  # the paper's rules: what the development settings chose (docs/balance.md)
     plain = Balancer(3)
-    assert (plain.gram, plain.rule, plain.eta, plain.gram_ema) == ("unbiased", "mirror", 0.5, 0.5)
+    assert (plain.gram, plain.rule, plain.eta, plain.gram_ema, plain.pull) == ("plugin", "replace", 0.5, 0.0, 0.0)
     with pytest.raises(ValueError, match="balance.update"):
         BalanceConfig(update="jump")
 

@@ -87,10 +87,9 @@ class Balancer:
     window's G (the first window starts Ḡ), averaging out the estimator's noise across windows as DoGE and ADO
     average their weights; `update` ("replace", the paper's, or "mirror", with step `eta`, 0 = λ) and `temperature`
     ("fixed" or "sqrt_m") shape the step from G to p; `pull` γ draws mirror's log p back toward the initial p by a
-    fraction γ per update, so noise cannot walk it away. Defaults (mirror, η = 0.5, β = 0.5, the unbiased G) are what
-    the development settings supported (docs/balance.md); the paper's rules are gram="plugin", update="replace",
-    gram_ema=0. If p's L1 change exceeds `unstable_l1` at 3 updates in a row,
-    it warns once per run.
+    fraction γ per update, so noise cannot walk it away. The defaults are the paper's rules (gram="plugin",
+    update="replace", gram_ema=0): on the development settings the one rule never worse than stratified beyond noise
+    (docs/balance.md). If p's L1 change exceeds `unstable_l1` at 3 updates in a row, it warns once per run.
     """
 
     WARN_AFTER = 3  # consecutive updates with an L1 change above unstable_l1
@@ -105,10 +104,10 @@ class Balancer:
         floor: float = 0.0,
         smoothing: float = 0.0,
         schedule: ProportionSchedule | None = None,
-        gram: str = "unbiased",
-        update: str = "mirror",
+        gram: str = "plugin",
+        update: str = "replace",
         eta: float = 0.5,
-        gram_ema: float = 0.5,
+        gram_ema: float = 0.0,
         temperature: str = "fixed",
         unstable_l1: float = 0.5,
         pull: float = 0.0,
@@ -136,10 +135,10 @@ class Balancer:
             floor=config.floor,
             smoothing=config.smoothing,
             schedule=schedule,
-            gram=getattr(config, "gram", "unbiased"),
-            update=getattr(config, "update", "mirror"),
+            gram=getattr(config, "gram", "plugin"),
+            update=getattr(config, "update", "replace"),
             eta=getattr(config, "eta", 0.5),
-            gram_ema=getattr(config, "gram_ema", 0.5),
+            gram_ema=getattr(config, "gram_ema", 0.0),
             temperature=getattr(config, "temperature", "fixed"),
             pull=getattr(config, "pull", 0.0),
         )

@@ -254,8 +254,9 @@ class MixingConfig(Checked):
 
 @dataclass
 class BalanceConfig(Checked):
-    """R&B Balance every `update_every` optimizer steps: p ∝ p_prev · exp(η · Ḡ q / ‖Ḡ q‖) by default (the paper's
-    p ← softmax(λ · G q / ‖G q‖) is `paper: true`; defaults chosen on the development settings, docs/balance.md)."""
+    """R&B Balance every `update_every` optimizer steps: p ← softmax(λ · G q / ‖G q‖) on the window's plug-in G, the
+    paper's rule, by default (chosen on the development settings: the one rule never worse than stratified beyond noise
+    there, docs/balance.md); `update: mirror`, `gram: unbiased | shrunk`, `gram_ema` and `pull` are the options."""
 
     KEY: ClassVar[str] = "balance."
 
@@ -273,11 +274,11 @@ class BalanceConfig(Checked):
     """s in p ← (1−s)·p_new + s·p_old (0 = off: as the paper, p comes from the current window alone)."""
     sketch_dim: int = option(0, ge=0)
     """Numbers of the seeded count sketch each domain's gradient is kept in (0 = exact: m × tracked params)."""
-    gram: str = option("unbiased", choices=("unbiased", "plugin", "shrunk"))
+    gram: str = option("plugin", choices=("unbiased", "plugin", "shrunk"))
     """How G is estimated from a window. `unbiased`: G_ii from the U-statistic over micro-batches
     (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²), whose mean is ‖g_i‖²; `plugin`: ĝ_i · ĝ_j, the paper's, whose
     diagonal is biased up by tr Σ_i / n_i; `shrunk`: the Gram of c_i ĝ_i, c_i = unbiased / plug-in G_ii (docs/balance.md)."""
-    update: str = option("mirror", choices=("replace", "mirror"))
+    update: str = option("replace", choices=("replace", "mirror"))
     """`replace` (the paper): p ← softmax(λ · G q / ‖G q‖) every window; `mirror`: one exponentiated-gradient step from
     the previous p, p ∝ p_prev · exp(η · G q / ‖G q‖) (η = `eta`): each log-ratio of p moves by at most √2 · η."""
     eta: float = option(0.5, ge=0.0)
@@ -285,13 +286,14 @@ class BalanceConfig(Checked):
     pull: float = option(0.0, ge=0.0, le=1.0)
     """γ of `update: mirror`: each update first moves log p a fraction γ back toward the initial p, so window noise
     cannot walk p away (a score that keeps its sign holds log-ratios at η·u/γ); 0 = off, 1 = `replace` with λ = η."""
-    gram_ema: float = option(0.5, ge=0.0, lt=1.0)
+    gram_ema: float = option(0.0, ge=0.0, lt=1.0)
     """β in Ḡ ← β · Ḡ + (1 − β) · G: the update reads an average of G over windows (0 = off: the window's G alone)."""
     temperature: str = option("fixed", choices=("fixed", "sqrt_m"))
     """`fixed` (the paper): logits λ · G q / ‖G q‖, whose spread shrinks like λ / √m; `sqrt_m`: × √m, so λ is the
     logits' root mean square for any m (the paper's λ = 3 at m = 64 is λ = 0.375)."""
     paper: bool = False
-    """The paper's rules, whatever the four keys above say: plug-in G, `replace` every window, no EMA, fixed λ."""
+    """The paper's rules, whatever the four keys above say: plug-in G, `replace` every window, no EMA, fixed λ (the
+    defaults; `paper: true` pins them when a recipe or override sets any of the four)."""
 
     PAPER: ClassVar[dict] = {"gram": "plugin", "update": "replace", "gram_ema": 0.0, "temperature": "fixed"}
 
