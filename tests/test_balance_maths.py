@@ -445,7 +445,16 @@ def test_balancer_step_is_commit_gram_update_reset_publish():
     model = tiny_lora(seed=4)
     tracker = GradientTracker(model, 2, guard_nonfinite=True)
     schedule = ProportionSchedule(2, lag=1)
-    bal = Balancer(2, target=[0.25, 0.75], update_every=3, lam=3.0, schedule=schedule, update="replace", gram_ema=0.0)
+    bal = Balancer(
+        2,
+        target=[0.25, 0.75],
+        update_every=3,
+        lam=3.0,
+        schedule=schedule,
+        update="replace",
+        gram_ema=0.0,
+        gram="unbiased",
+    )
     for step, batch in enumerate([micro_batch([0, 1, 1], 11), micro_batch([1, 1, 0, 0], 12)], 1):
         train_window(model, tracker, [batch])
         assert bal.step(step, tracker) is None

@@ -19,6 +19,19 @@ from rbvl.balance.sketch import _sketch_parts, run_targets
 class _Staging:
     """The backward-pass half of GradientTracker; it reads the tracker's window (`_target`, `sq`, `_scale`, ...)."""
 
+    def flops(self, domain_ids, tokens_per_sample: int) -> int:
+        """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts): per
+        tracked layer and domain present, ‖part‖² and one scale-and-add of the part into its accumulator (exact) or the
+        sketch — O(out · in), independent of tokens; a frozen tracked layer also pays 2 · tokens · out · in."""
+        ids = torch.as_tensor(domain_ids).flatten()
+        present = len(set(ids.tolist()))
+        total = 0
+        for i, (_, mod) in enumerate(self.modules):
+            total += present * self._part_flops(i, mod.weight)
+            if not mod.weight.requires_grad:
+                total += 2 * mod.weight.numel() * ids.numel() * tokens_per_sample
+        return total + present * self._fold_flops()
+
     def _part_flops(self, index: int, weight: torch.Tensor) -> int:
         if self.sketches is None:
             return 4 * weight.numel()  # scale-and-add (a multiply-add); ‖part‖² (a multiply-add)

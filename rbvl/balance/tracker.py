@@ -323,19 +323,6 @@ class GradientTracker(_Staging):
         """Bytes each `sync` all-reduces."""
         return sum(t.numel() * t.element_size() for t in self.sums) + 3 * self.m * 8
 
-    def flops(self, domain_ids, tokens_per_sample: int) -> int:
-        """Extra FLOPs tracking adds to one micro-batch of these domains (analytic; what `extra_flops` counts): per
-        tracked layer and domain present, ‖part‖² and one scale-and-add of the part into its accumulator (exact) or the
-        sketch — O(out · in), independent of tokens; a frozen tracked layer also pays 2 · tokens · out · in."""
-        ids = torch.as_tensor(domain_ids).flatten()
-        present = len(set(ids.tolist()))
-        total = 0
-        for i, (_, mod) in enumerate(self.modules):
-            total += present * self._part_flops(i, mod.weight)
-            if not mod.weight.requires_grad:
-                total += 2 * mod.weight.numel() * ids.numel() * tokens_per_sample
-        return total + present * self._fold_flops()
-
     def state_dict(self) -> dict:
         self._end_backward()
         if any(bool(s.any()) for s in self._step_sums or []) or bool(self._step_tokens.any()):
