@@ -239,11 +239,16 @@ def test_sketch_is_unbiased_and_close():
     assert l1.mean() < 0.12, l1.mean()  # measured 0.021 at a 4× compression of 2,688 parameters (hashed: 0.068)
 
 
+@pytest.mark.parametrize("per_turn", [True, False], ids=["cpu-per-turn", "gpu-signed-sum"])
 @pytest.mark.parametrize("cached", [True, False])
-def test_sketch_lays_each_weight_at_its_bucket_with_its_sign(cached):
+def test_sketch_lays_each_weight_at_its_bucket_with_its_sign(cached, per_turn, monkeypatch):
     """From the definition, weight by weight: entry p of layer l (row i, column j) adds s_i · t_j · w to bucket
-    (r_l + p) mod N, for layers smaller than N, as large, and many times larger (head, whole turns and tail)."""
+    (r_l + p) mod N, for layers smaller than N, as large, and many times larger (head, whole turns and tail); whole
+    turns both ways (the CPU's add per turn, the GPU's signed sum, run here on the CPU)."""
+    from rbvl.balance import sketch
     from rbvl.balance.sketch import _plan_sketches, _sketch_parts
+
+    monkeypatch.setattr(sketch, "PER_TURN_DEVICES", {"cpu"} if per_turn else set())
 
     shapes = [(8, 16), (16, 8), (3, 5), (40, 12)]
     for n_buckets in (7, 50, 128, 200):

@@ -9,11 +9,12 @@ collisions are with other layers, at seeded shifts. The offsets and signs depend
 shapes, so every rank (and a resumed run) sketches alike.
 
 Sketching k parts of a layer is one fused multiply-add per run (`addcmul_` of the parts and the layer's sign matrix
-into a contiguous slice of the (k, N) sketch rows: one run when the layer fits in N; a layer of many times N weights
-adds its whole turns of the N buckets in one signed sum, so at most three runs): coalesced, with no atomics and no
-index. The sketch before this one scattered each weight to a hashed bucket; on an H200 that atomic scatter took
-19 ms of a 7B model's 365 ms step (docs/balance.md). A state saved with it is not mixed into this one's window
-(`SKETCH` marks the layout in the tracker's state).
+into a contiguous slice of the (k, N) sketch rows): one run when the layer fits in N, at most three when it wraps.
+A layer of many times N weights adds its whole turns of the N buckets as one run: on a GPU in one signed sum over the
+turns (a launch per turn would cost more than the temporary), on the CPU as a fused add per turn (a call is cheap
+there and memory traffic is not). Coalesced, with no atomics and no index. The sketch before this one scattered each
+weight to a hashed bucket; on an H200 that atomic scatter took 19 ms of a 7B model's 365 ms step (docs/balance.md).
+A state saved with it is not mixed into this one's window (`SKETCH` marks the layout in the tracker's state).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FALLBACK_DIM = 2**16  # an exact tracker's store of last seen gradients: m × th
 # device: LoRA r = 128 on the seven projections of a 7B Llama, 319.8M weights, takes 1.3 GB). A layer past the budget
 # multiplies its parts by s and t at every call (two more operations and a temporary the size of its parts).
 SIGN_CACHE_BYTES = 2 * 2**30
+PER_TURN_DEVICES = {"cpu"}  # devices that add a layer's whole turns one by one (module doc)
 
 
 class _Plans(list):
@@ -106,9 +108,16 @@ def _sketch_parts(rows: torch.Tensor, plans: _Plans, index: int, parts: torch.Te
     targets = targets if targets is not None else run_targets(rows, plans, index)
     for r, (p0, p1, b0, b1) in enumerate(runs):
         part = flat if len(runs) == 1 else flat[..., p0:p1]
-        if p1 - p0 > b1 - b0:  # whole turns of the N buckets: sign, then sum over the turns
+        if p1 - p0 > b1 - b0:  # whole turns of the N buckets
             turns = part.unflatten(-1, (-1, b1 - b0))  # (…, turns, N)
-            targets[r].add_((turns if signs is None else turns * signs[r]).sum(-2))
+            if turns.device.type in PER_TURN_DEVICES:  # a fused add per turn, no temporary
+                for j in range(turns.shape[-2]):
+                    if signs is None:
+                        targets[r].add_(turns[..., j, :])
+                    else:
+                        targets[r].addcmul_(turns[..., j, :], signs[r][j])
+            else:  # sign, then sum over the turns
+                targets[r].add_((turns if signs is None else turns * signs[r]).sum(-2))
         elif signs is None:
             targets[r].add_(part)
         else:
