@@ -145,3 +145,42 @@ def test_planted_settings_plant_what_they_say(tmp_path):
     manifest = _manifest(tmp_path, tmp_path / "dev" / "train.jsonl", tmp_path / "dev" / "eval.jsonl",
                          format="jsonl", preset="text")  # fmt: skip
     assert sorted(c["name"] for c in manifest["clusters"]) == sorted(stats["train"])
+
+
+@pytest.mark.slow
+def test_base_is_pretrained_on_families_no_setting_uses_and_loads_as_a_model(tmp_path):
+    """`python -m data_tools.base`: its families are disjoint from every setting's; it trains every weight (the
+    language model changes, no adapter); OUT/model loads through the same path as a hub model; base.json and the
+    experiment row's regime say what it is."""
+    pytest.importorskip("reasoning_gym")
+    import torch
+
+    from data_tools import base, planted
+    from rbvl.config import ModelConfig
+    from rbvl.experiment.report import regime
+    from rbvl.experiment.run import base_info
+    from rbvl.model.load import load_model
+
+    used = base.setting_families()
+    assert {planted.SETTINGS["planted-test"]["noise"], planted.SETTINGS["planted-dev"]["rare"], "gcd"} <= used
+    assert not set(base.BASE_TASKS) & used
+    info = base.build(tmp_path / "b", steps=3, per_task_train=6, per_task_eval=1, progress=False)
+    assert info["steps"] == 3 and info["families"] == list(base.BASE_TASKS) and info["eval_loss"] > 0
+    assert {r["domain"] for r in map(json.loads, (tmp_path / "b" / "data" / "train.jsonl").open())} == set(
+        base.BASE_TASKS
+    )
+    model, processor = load_model(ModelConfig(name=str(tmp_path / "b" / "model")))
+    init, _ = load_model(ModelConfig(name="tiny-llava", init_seed=0))
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    lm = {n: p for n, p in model.named_parameters() if "language_model" in n}
+    lm0 = dict(init.named_parameters())
+    assert lm and all(not torch.equal(p, lm0[n]) for n, p in lm.items() if "norm" not in n)  # trained, not copied
+    assert base_info(str(tmp_path / "b" / "model")) == info and base_info("tiny-llava") is None
+    with pytest.raises(FileExistsError):
+        base.build(tmp_path / "b", steps=1)
+    row = {"config": {"model": {"name": info["model"]}, "lora": {"r": 16, "modules_to_save": ["multi_modal_projector"]},
+                      "max_steps": 480, "train": {"batch_size": 16}}, "base": info}  # fmt: skip
+    assert regime(row).startswith(f"a pretrained base ({info['model']}: tiny-llava (init_seed 0), trained in full, 3")
+    assert "LoRA r = 16 on the language model, trained in full: multi_modal_projector; 480 steps of 16." in regime(row)
+    row = {"config": {"model": {"name": "tiny-llava", "init_seed": 0}, "lora": {"enabled": False}, "max_steps": 9}}
+    assert regime(row) == "tiny-llava from random weights (init_seed 0); every weight trained; 9 steps of ?."

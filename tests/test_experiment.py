@@ -298,6 +298,16 @@ def test_oracle_search_finds_a_known_best_mixture():
     assert dist <= min(((p - target) ** 2).sum() for p in first)  # refinement never loses the best
     assert dist < ((first[0] - target) ** 2).sum() / 2
 
+    # the natural mixture (train shares) is tried last, after every earlier index, and wins when it is the best
+    rows = np.array([2, 60, 60, 40, 20, 10, 8])
+    calls = []
+    best, tried = search(
+        list("abcdefg"), spec, lambda j, p: calls.append(j) or float(((p - rows / 200) ** 2).sum()), rows
+    )
+    assert (
+        calls == list(range(1 + 12 + 6 + 1)) and np.allclose(best, rows / 200) and np.allclose(tried[-1][0], rows / 200)
+    )
+
 
 def test_headroom_and_captured_share_by_hand():
     from rbvl.experiment.oracle import headroom
@@ -368,9 +378,10 @@ def test_oracle_runs_in_the_grid_resumes_and_reports_headroom(tmp_path, monkeypa
     report = run_experiment(path, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     search = [r for r in rows if r["label"].startswith("oracle-search")]
-    assert len(search) == 6 and {r["seed"] for r in search} == {7}  # the 0.5 grid on 3 domains, its own seed
+    # the 0.5 grid on 3 domains, then the natural mixture; on its own seed
+    assert len(search) == 7 and {r["seed"] for r in search} == {7}
     weights = [r["config"]["mixing"]["weights"] for r in search]
-    assert all(r["config"]["mixing"]["strategy"] == "manual" for r in search) and len({str(w) for w in weights}) == 6
+    assert all(r["config"]["mixing"]["strategy"] == "manual" for r in search) and len({str(w) for w in weights}) == 7
     best = min(search, key=lambda r: r["eval_loss_all"])["config"]["mixing"]["weights"]
     final = [r for r in rows if r["label"] == "oracle"]
     assert sorted(r["seed"] for r in final) == [0, 1] and all(r["config"]["mixing"]["weights"] == best for r in final)
@@ -388,3 +399,17 @@ def test_oracle_runs_in_the_grid_resumes_and_reports_headroom(tmp_path, monkeypa
 
     monkeypatch.setattr(rbvl.train, "train", lambda cfg: pytest.fail("a finished run ran again"))
     run_experiment(path, progress=False)  # the search resumes from results.jsonl: nothing to train
+    monkeypatch.undo()
+
+    # oracle runs of an older winner (a search that had fewer candidates then) are redone with today's, not kept
+    results = tmp_path / "out" / "results.jsonl"
+    old = {name: 1.0 if name == min(best, key=best.get) else 0.0 for name in best}  # not the winner
+    edited = [json.loads(x) for x in results.read_text().splitlines()]
+    for r in edited:
+        if r["label"] == "oracle":
+            r["config"]["mixing"]["weights"] = old
+    results.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    run_experiment(path, progress=False)
+    final = [json.loads(x) for x in results.read_text().splitlines()]
+    final = [r for r in final if r["label"] == "oracle"]
+    assert sorted(r["seed"] for r in final) == [0, 1] and all(r["config"]["mixing"]["weights"] == best for r in final)

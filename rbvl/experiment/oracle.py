@@ -3,7 +3,8 @@
 A mixer can only be judged against what mixing could gain at all. The oracle searches the simplex with static
 `manual` runs on `search_seeds`: every point of a grid of step `grid_step` when there are at most `grid_max_m`
 domains, else the uniform point and `candidates` Dirichlet(1) draws, then `refine` draws around the best so far
-(Dirichlet centred on it, concentration `concentration`), the way Aioli's repository searches its static baselines.
+(Dirichlet centred on it, concentration `concentration`), the way Aioli's repository searches its static baselines;
+last, the natural mixture (each domain's share of the train rows), the static mixture a user has without mixing.
 The winner is then trained at `headline_seeds`, seeds the search never saw, so its reported loss is not the minimum
 of noisy candidates (which would flatter it).
 
@@ -47,13 +48,17 @@ def weights_override(names: list[str], p: np.ndarray) -> str:
     return "mixing.weights={" + ", ".join(f"'{n}': {w:.4f}" for n, w in zip(names, p)) + "}"
 
 
-def search(names: list[str], spec, score) -> tuple[np.ndarray, list[tuple[np.ndarray, float]]]:
+def search(names: list[str], spec, score, natural=None) -> tuple[np.ndarray, list[tuple[np.ndarray, float]]]:
     """Run the search: `score(index, p)` trains mixture p (candidate `index`) at the search seeds and returns its
-    mean metric (lower is better). Returns the best mixture and every (mixture, score)."""
+    mean metric (lower is better). `natural` (the train shares), when given, is the last candidate, so a search
+    run before it existed keeps its indices. Returns the best mixture and every (mixture, score)."""
     tried = [(p, score(j, p)) for j, p in enumerate(first_round(len(names), spec))]
     best = min(tried, key=lambda t: t[1])[0]
     offset = len(tried)
     tried += [(p, score(offset + j, p)) for j, p in enumerate(refinements(best, spec))]
+    if natural is not None:
+        natural = np.asarray(natural, dtype=float) / float(np.sum(natural))
+        tried.append((natural, score(len(tried), natural)))
     return min(tried, key=lambda t: t[1])[0], tried
 
 

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from rbvl.experiment.report import METRIC, fmt, resolve_group, summarise_experiment
+from rbvl.experiment.report import METRIC, fmt, regime, resolve_group, summarise_experiment
 from rbvl.experiment.spec import ExperimentSpec, load_experiment, read_results
 
 BLOCK_BEGIN = "<!-- results:{path} -->"
@@ -54,6 +54,7 @@ def readme_block(out: Path, readme_dir: Path) -> str:
         f"{machine.get('cpus', '?')} CPUs ({machine.get('machine', '?')}), torch {machine.get('torch', '?')}, "
         f"run {when}. Full report: [{rel}/report.md]({rel}/report.md).",
         "",
+        *([f"Regime: {regime(rows[0])}", ""] if regime(rows[0]) else []),
         f"| cell | seeds | eval loss (all tokens) | Δ vs {base_key} [95% CI] | verdict | share of headroom [95% CI] | "
         "p change per update | wall s | extra FLOPs |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

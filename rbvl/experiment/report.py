@@ -186,6 +186,30 @@ def write_report(spec: ExperimentSpec, cells, rows: list[dict], out: Path, sourc
     return report
 
 
+def regime(row: dict) -> str | None:
+    """One sentence on what a run fine-tuned and how, from its row's resolved config (and its base's base.json)."""
+    cfg, base = row.get("config") or {}, row.get("base")
+    model, lora = cfg.get("model") or {}, cfg.get("lora") or {}
+    if not model:
+        return None
+    name = model.get("name", "?")
+    if base:
+        start = (f"a pretrained base ({name}: {base.get('from', '?')}, {base.get('steps', '?')} steps of "
+                 f"{base.get('batch_size', '?')} on {len(base.get('families') or [])} reasoning-gym families that no "
+                 f"setting uses, eval loss {fmt(base.get('eval_loss'), 3)})")  # fmt: skip
+    elif name.startswith("tiny-"):
+        start = f"{name} from random weights (init_seed {model.get('init_seed', '?')})"
+    else:
+        start = name
+    if lora.get("enabled", True):
+        full = ", ".join(lora.get("modules_to_save") or []) or "nothing else"
+        how = f"LoRA r = {lora.get('r', '?')} on the language model, trained in full: {full}"
+    else:
+        how = "every weight trained"
+    train = cfg.get("train") or {}
+    return f"{start}; {how}; {cfg.get('max_steps', '?')} steps of {train.get('batch_size', '?')}."
+
+
 def _header_lines(spec: ExperimentSpec, rows: list[dict], out: Path, source: str) -> list[str]:
     """Title, notes, where and when the runs ran, the metric, and the head of the results table."""
     lines = [f"# {spec.name}: R&B against its ablations and peers", ""]
@@ -194,6 +218,8 @@ def _header_lines(spec: ExperimentSpec, rows: list[dict], out: Path, source: str
                   + ("defaults were chosen here)." if spec.role == "development" else "nothing was tuned here)."), ""]  # fmt: skip
     if spec.notes:
         lines += [spec.notes.strip(), ""]
+    if rows and regime(rows[0]):
+        lines += [f"Regime: {regime(rows[0])}", ""]
     where = (rows[0].get("machine") if rows else None) or {  # where the runs ran (rows of rbvl ≤ 0.2: here)
         "machine": platform.machine(),
         "cpus": os.cpu_count(),

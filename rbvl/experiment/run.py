@@ -30,7 +30,16 @@ from rbvl.config import ConfigError, load_config, to_dict
 from rbvl.experiment.oracle import ORACLE, SEARCH, search, weights_override
 from rbvl.experiment.readme import update_readme
 from rbvl.experiment.report import METRIC, write_report
-from rbvl.experiment.spec import Cell, ExperimentSpec, append_result, expand, load_experiment, plan, read_results
+from rbvl.experiment.spec import (
+    Cell,
+    ExperimentSpec,
+    append_result,
+    drop_results,
+    expand,
+    load_experiment,
+    plan,
+    read_results,
+)
 from rbvl.records import RecordSpool, Rejects, images
 from rbvl.regroup import RegroupOptions, outdir, regroup
 from rbvl.regroup.write import cluster_entry, write_shards
@@ -224,11 +233,19 @@ def run_oracle(spec: ExperimentSpec, out: Path) -> list[float]:
     o = spec.oracle
     k = spec.data.k if o.domains == "regrouped" else None
     manifest = original_manifest(spec, out) if o.domains == "original" else regrouped_manifest(spec, k, out)
-    names = [c["name"] for c in manifest_file.read(manifest)["clusters"]]
+    clusters = manifest_file.read(manifest)["clusters"]
+    names = [c["name"] for c in clusters]
+    natural = [c["n_train"] for c in clusters] if o.natural else None
     rows = {r["cell"]: r for r in read_results(out)}
 
     def train(label: str, p, seed: int) -> float:
         cell = Cell(o.domains, k, "manual", seed, [weights_override(names, p)], label)
+        if label == ORACLE and cell.id in rows and not _same_weights(rows[cell.id], names, p):
+            # the search has a new winner since these ran (a candidate was added to it): they are redone with it
+            if _rank() == 0:
+                drop_results(out, cell.id)
+                shutil.rmtree(out / "runs" / cell.dirname, ignore_errors=True)
+            del rows[cell.id]
         if cell.id not in rows:
             rows[cell.id] = run_cell(spec, cell, out)
             if _rank() == 0:
@@ -238,13 +255,19 @@ def run_oracle(spec: ExperimentSpec, out: Path) -> list[float]:
     def score(j: int, p) -> float:
         return float(np.mean([train(f"{SEARCH}{j}", p, s) for s in o.search_seeds]))
 
-    best, tried = search(names, o, score)
+    best, tried = search(names, o, score, natural)
     for seed in spec.headline_seeds:
         train(ORACLE, best, seed)
     if _rank() == 0:
         print(f"oracle: best of {len(tried)} static mixtures: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, best)),
               file=sys.stderr)  # fmt: skip
     return best.tolist()
+
+
+def _same_weights(row: dict, names: list[str], p) -> bool:
+    """Whether a finished oracle run trained mixture p (its weights as `weights_override` wrote them)."""
+    ran = (row.get("config") or {}).get("mixing", {}).get("weights") or {}
+    return all(abs(float(ran.get(n, 0.0)) - float(f"{w:.4f}")) < 1e-6 for n, w in zip(names, p))
 
 
 def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
@@ -299,9 +322,22 @@ def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:
         "train_tokens": summary.get("train_tokens"),
         "train_flops": summary.get("train_flops"),
         "config": to_dict(cfg),
+        "base": base_info(cfg.model.name),
         "machine": machine(),
         "finished": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def base_info(name: str) -> dict | None:
+    """What a pretrained base was trained on (BASE/base.json, written by `python -m data_tools.base BASE` beside its
+    BASE/model folder), so that a report states its regime from results.jsonl alone; None for any other model."""
+    info = Path(name).parent / "base.json"
+    if not Path(name).is_dir() or not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def machine() -> dict:

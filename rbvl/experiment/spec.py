@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class OracleSpec:
     """Up to this many domains the first round is the full grid (no refinement)."""
     seed: int = 0
     """Seed of the draws."""
+    natural: bool = True
+    """Also try the natural mixture (each domain's share of the train rows, what not mixing gives), scored last."""
 
 
 @dataclass
@@ -282,6 +285,22 @@ def read_results(out: Path) -> list[dict]:
             except json.JSONDecodeError:
                 log.warning("%s:%d is not JSON (an interrupted write?): ignored, the cell runs again", path, n)
     return rows
+
+
+def drop_results(out: Path, cell_id: str) -> None:
+    """Remove cell `cell_id`'s lines from OUT/results.jsonl (rewritten beside it, then moved into place)."""
+    path = Path(out) / RESULTS
+    keep = [line for line in path.read_text().splitlines() if line.strip() and _cell_of(line) != cell_id]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _cell_of(line: str) -> str | None:
+    try:
+        return json.loads(line).get("cell")
+    except json.JSONDecodeError:
+        return None
 
 
 def append_result(out: Path, row: dict) -> None:
