@@ -65,6 +65,7 @@ def test_rbvl_train_on_two_ranks(tmp_path, tiny_manifest):
 
 RULES = {  # every estimator and update rule that keeps state across a checkpoint, on the all-reduced window
     "replace-shrunk-ema": ("balance.gram_ema=0.5", "balance.gram=shrunk"),  # Ḡ, and both diagonals of the window
+    "paper": ("balance.paper=true",),  # the plug-in G and replace: nothing but the window itself
     "mirror-unbiased-pull": (
         "balance.update=mirror",
         "balance.gram=unbiased",
