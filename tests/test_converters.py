@@ -157,7 +157,7 @@ def test_base_is_pretrained_on_families_no_setting_uses_and_loads_as_a_model(tmp
 
     from data_tools import base, planted
     from rbvl.config import ModelConfig
-    from rbvl.experiment.report import regime
+    from rbvl.experiment.regime import regime
     from rbvl.experiment.run import base_info
     from rbvl.model.load import load_model
 

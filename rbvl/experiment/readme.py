@@ -14,7 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from rbvl.experiment.report import METRIC, fmt, regime, resolve_group, summarise_experiment
+from rbvl.experiment.regime import regime
+from rbvl.experiment.report import METRIC, fmt, resolve_group, summarise_experiment
 from rbvl.experiment.spec import ExperimentSpec, load_experiment, read_results
 
 BLOCK_BEGIN = "<!-- results:{path} -->"

@@ -22,6 +22,7 @@ import numpy as np
 
 from rbvl.experiment.mixture import mixture_lines, mixture_summary
 from rbvl.experiment.oracle import SEARCH, headroom, headroom_lines
+from rbvl.experiment.regime import regime
 from rbvl.experiment.spec import ExperimentSpec
 
 METRIC = "eval_loss_all"  # every eval token, the same records for every grouping (see run.token_weighted)
@@ -184,30 +185,6 @@ def write_report(spec: ExperimentSpec, cells, rows: list[dict], out: Path, sourc
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
-
-
-def regime(row: dict) -> str | None:
-    """One sentence on what a run fine-tuned and how, from its row's resolved config (and its base's base.json)."""
-    cfg, base = row.get("config") or {}, row.get("base")
-    model, lora = cfg.get("model") or {}, cfg.get("lora") or {}
-    if not model:
-        return None
-    name = model.get("name", "?")
-    if base:
-        start = (f"a pretrained base ({name}: {base.get('from', '?')}, {base.get('steps', '?')} steps of "
-                 f"{base.get('batch_size', '?')} on {len(base.get('families') or [])} reasoning-gym families that no "
-                 f"setting uses, eval loss {fmt(base.get('eval_loss'), 3)})")  # fmt: skip
-    elif name.startswith("tiny-"):
-        start = f"{name} from random weights (init_seed {model.get('init_seed', '?')})"
-    else:
-        start = name
-    if lora.get("enabled", True):
-        full = ", ".join(lora.get("modules_to_save") or []) or "nothing else"
-        how = f"LoRA r = {lora.get('r', '?')} on the language model, trained in full: {full}"
-    else:
-        how = "every weight trained"
-    train = cfg.get("train") or {}
-    return f"{start}; {how}; {cfg.get('max_steps', '?')} steps of {train.get('batch_size', '?')}."
 
 
 def _header_lines(spec: ExperimentSpec, rows: list[dict], out: Path, source: str) -> list[str]:
