@@ -10,6 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rbvl.balance import GradientTracker, label_tokens
+from rbvl.balance.layers import _grouped_mode
 from rbvl.balance.sketch import _sketch_domains
 from rbvl.train.metrics import WindowStats
 
@@ -17,7 +18,7 @@ VOCAB, SEQ = 64, 6
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lora_llama(device="cpu"):
+def lora_llama(device="cpu", r=2):
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=16,
@@ -27,7 +28,7 @@ def lora_llama(device="cpu"):
         num_key_value_heads=1,
         vocab_size=VOCAB,
     )
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=PROJECTIONS))
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=r, target_modules=PROJECTIONS))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -84,28 +85,41 @@ def tracked_micro_batch(model, tracker, ids, labels, domains, loss_scale=1.0):
 
 @pytest.mark.parametrize("layout", ["equal", "sorted", "interleaved"])
 @pytest.mark.parametrize("n_domains", [1, 3, 16])
-def test_parts_match_per_domain_autograd(n_domains, layout):
-    model = lora_llama()
+@pytest.mark.parametrize("r", [2, 4])  # LoRA rank 4: every tracked layer's rows are 16-byte units (grouped products)
+def test_parts_match_per_domain_autograd(n_domains, layout, r, monkeypatch):
+    model = lora_llama(r=r)
     tracker = GradientTracker(model, 16)
     ids, labels, domains = batch(n_domains, layout)
     reference, plain = per_domain_reference(model, tracker, ids, labels, domains)
     model.zero_grad()
+    grouped = []
+    _grouped_mode(torch.device("cpu"), torch.float32)  # its one trial product is not counted below
+    product = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **kw: grouped.append(1) or product(*a, **kw))
     tracked_micro_batch(model, tracker, ids, labels, domains, loss_scale=0.25)
+    # sorted in unequal segments: one grouped product per layer where the rows allow it; never otherwise
+    assert len(grouped) == (len(tracker.modules) if (layout, r) == ("sorted", 4) and n_domains > 1 else 0)
     torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-7)
     for (_, mod), g in zip(tracker.modules, plain, strict=True):  # the gradient training uses: the plain one
         torch.testing.assert_close(mod.weight.grad, 0.25 * g, rtol=1e-5, atol=1e-7)
     assert isinstance(tracker._scale, torch.Tensor), "the loss scale stays a tensor: no host read in the hook"
 
 
-@pytest.mark.parametrize("budget", ["one domain at a time", "row chunks"])
+@pytest.mark.parametrize("budget", ["one domain at a time", "row chunks", "a flush per layer", "no part held"])
 def test_large_layer_paths_match(budget, monkeypatch):
-    """A layer too large for k parts at once goes one domain at a time; B row parts too large go in row chunks."""
+    """A layer too large for k parts at once goes one domain at a time; B row parts too large go in row chunks; parts
+    past the staging budget are flushed inside the backward pass, layer by layer; parts past HOLD_BELOW go at once."""
     model = lora_llama()
     tracker = GradientTracker(model, 16)
     ids, labels, domains = batch(3, "interleaved")
     reference, plain = per_domain_reference(model, tracker, ids, labels, domains)
     largest = max(mod.weight.numel() for _, mod in tracker.modules)
-    monkeypatch.setattr("rbvl.balance.layers.PART_BUDGET", 1 if budget == "one domain at a time" else 3 * largest)
+    if budget == "a flush per layer":
+        monkeypatch.setattr("rbvl.balance.staging.STAGE_BUDGET", 0)
+    elif budget == "no part held":
+        monkeypatch.setattr("rbvl.balance.staging.HOLD_BELOW", {"cpu": 0})
+    else:
+        monkeypatch.setattr("rbvl.balance.layers.PART_BUDGET", 1 if budget == "one domain at a time" else 3 * largest)
     model.zero_grad()
     tracked_micro_batch(model, tracker, ids, labels, domains)
     torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-7)
@@ -187,9 +201,9 @@ class _OneProcess:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["equal", "interleaved"])
+@pytest.mark.parametrize("layout", ["equal", "sorted", "interleaved"])
 def test_cuda_parts_match_per_domain_autograd(layout):
-    model = lora_llama("cuda")
+    model = lora_llama("cuda", r=8)  # rows of 16-byte units even in bf16: sorted rows take grouped products
     tracker = GradientTracker(model, 16)
     ids, labels, domains = batch(3, layout, "cuda")
     reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
@@ -198,14 +212,15 @@ def test_cuda_parts_match_per_domain_autograd(layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["sorted", "interleaved"])
 @pytest.mark.parametrize("sketch_dim", [0, 256])
-def test_cuda_micro_batch_has_no_host_sync(sketch_dim):
+def test_cuda_micro_batch_has_no_host_sync(sketch_dim, layout):
     """set_domains, forward, watch_loss, backward and the loss stats of a micro-batch never wait on the device."""
     torch.manual_seed(0)  # a plain stack (a transformers model's own mask code may sync): the tracker's path alone
     model = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, VOCAB)).cuda()
     tracker = GradientTracker(model, 16, params=[r"^1$", r"^3$"], sketch_dim=sketch_dim)
     stats = WindowStats(16)
-    ids, labels, domains = batch(3, "interleaved")  # on the CPU, as the loader gives them
+    ids, labels, domains = batch(3, layout)  # on the CPU, as the loader gives them
     tokens = label_tokens(labels)
     tracked_micro_batch(model, tracker, ids.cuda(), labels.cuda(), domains)  # warm-up: allocator, caches
     ids, labels = ids.pin_memory().to("cuda", non_blocking=True), labels.pin_memory().to("cuda", non_blocking=True)
@@ -223,12 +238,14 @@ def test_cuda_micro_batch_has_no_host_sync(sketch_dim):
     assert tracker.tokens.sum() > 0
 
 
+@pytest.mark.parametrize("layout", ["sorted", "interleaved"])
 @pytest.mark.parametrize("n_domains", [1, 3])
-def test_backward_inside_cpu_autocast_keeps_parts_fp32(n_domains):
-    """A backward pass run inside `torch.autocast` (as some loops do) must not turn the tracker's sums to bf16."""
-    model = lora_llama()
+def test_backward_inside_cpu_autocast_keeps_parts_fp32(n_domains, layout):
+    """A backward pass run inside `torch.autocast` (as some loops do) must not turn the tracker's sums to bf16 (sorted
+    rows: grouped products in bf16)."""
+    model = lora_llama(r=8)
     tracker = GradientTracker(model, 16)
-    ids, labels, domains = batch(n_domains, "interleaved")
+    ids, labels, domains = batch(n_domains, layout)
     reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tracked_micro_batch(model, tracker, ids, labels, domains)
@@ -239,10 +256,11 @@ def test_backward_inside_cpu_autocast_keeps_parts_fp32(n_domains):
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_autocast_and_fp16_scaler():
-    model = lora_llama("cuda")
+@pytest.mark.parametrize("layout", ["sorted", "interleaved"])
+def test_cuda_bf16_autocast_and_fp16_scaler(layout):
+    model = lora_llama("cuda", r=8)
     tracker = GradientTracker(model, 16, guard_nonfinite=True)
-    ids, labels, domains = batch(3, "interleaved", "cuda")
+    ids, labels, domains = batch(3, layout, "cuda")
     reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         tracked_micro_batch(model, tracker, ids, labels, domains)
@@ -258,9 +276,13 @@ def test_cuda_bf16_autocast_and_fp16_scaler():
     torch.testing.assert_close(tracker.domain_grads().double().cpu(), reference, rtol=0.05, atol=1e-3)
 
 
-def test_window_is_current_when_backward_returns_and_reused_layers_add_up():
+@pytest.mark.parametrize("held", [True, False])
+def test_window_is_current_when_backward_returns_and_reused_layers_add_up(held, monkeypatch):
     """The staged norms and sketches reach the window in the autograd callback at the end of the backward pass (no
-    later call needed); a layer run twice in one pass adds both parts, and both squared norms (as before staging)."""
+    later call needed); a layer run twice in one pass adds both parts, and both squared norms (as before staging),
+    whether its parts are held to the end of the pass or go at once."""
+    if not held:
+        monkeypatch.setattr("rbvl.balance.staging.HOLD_BELOW", {"cpu": 0})
     torch.manual_seed(0)
     lin = nn.Linear(4, 4, bias=False)
     model = nn.Sequential()

@@ -70,6 +70,7 @@ class _Groups:
     `domains`: the k domains present (sorted; `index`, the same on the tracker's device). `onehot`: None when the rows
     are sorted by domain in segments of equal length (one domain is the common case), so the k parts are one batched
     product over views; else (k, B) on the device, which sums the rows' parts into the k domains' parts in one product.
+    `sorted`: each domain's rows are contiguous (`offsets`: where the segments end, for one grouped product).
     `rows_on(j, device)`: domain j's rows, for a layer too large to hold k parts at once.
     """
 
@@ -79,10 +80,12 @@ class _Groups:
         self.domains = sorted(set(ids))
         self.k = len(self.domains)
         counts = {d: ids.count(d) for d in self.domains}
-        sorted_rows = all(a <= b for a, b in zip(ids, ids[1:]))
+        self.sorted = all(a <= b for a, b in zip(ids, ids[1:]))  # each domain's rows contiguous
         self.index = _to(torch.tensor(self.domains, dtype=torch.long), device)  # (k,)
         self.onehot = None
-        if not (sorted_rows and len(set(counts.values())) <= 1):
+        self._ends = [sum(counts[d] for d in self.domains[: j + 1]) for j in range(self.k)]  # sorted: segment ends
+        self._offsets: dict = {}  # (tokens per row, device) → int32 token offsets of the segments' ends
+        if not (self.sorted and len(set(counts.values())) <= 1):
             onehot = torch.tensor([[float(d == domain) for d in ids] for domain in self.domains])
             self.onehot = _to(onehot, device)  # (k, B)
         self._ids = ids
@@ -101,6 +104,15 @@ class _Groups:
         if cast is None:
             cast = self._onehots[dtype] = self.onehot.to(dtype)
         return cast
+
+    def offsets(self, per_row: int, device) -> torch.Tensor:
+        """Sorted rows: (k,) int32, where each domain's segment ends among the micro-batch's tokens (`per_row` tokens
+        per row), the `offs` of a grouped product; made once per (per_row, device)."""
+        key = (per_row, device)
+        if key not in self._offsets:
+            ends = torch.tensor([e * per_row for e in self._ends], dtype=torch.int32)
+            self._offsets[key] = _to(ends, device)
+        return self._offsets[key]
 
     def rows_on(self, j: int, device) -> slice | torch.Tensor:
         """Domain j's rows (j: position among the present domains), as a slice or indices on `device`."""
@@ -196,15 +208,12 @@ class _TrackedLinear(torch.autograd.Function):
             grad_w = torch.mm(delta2.t(), a.reshape(-1, a.shape[-1]))
             part = grad_w if grad_w.dtype == torch.float32 else grad_w.float()
             grad_w = part if w_dtype == torch.float32 else grad_w  # one cast serves both
-            tracker._backward_started()
             tracker._add_parts(index, groups, part)
         elif groups.k * weight.numel() <= PART_BUDGET:
             parts = domain_parts(grad_out, a, groups)  # (k, out, in) fp32: Σ_d parts = the weight gradient
             grad_w = parts.sum(0) if need_w else None
-            tracker._backward_started()
             tracker._add_parts(index, groups, parts)
         else:  # a layer too large for k parts at once (an LM head): one domain at a time
-            tracker._backward_started()
             for j in range(groups.k):
                 rows = groups.rows_on(j, a.device)
                 delta_j, a_j = grad_out[rows], a[rows]
@@ -240,7 +249,8 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
     """(k, out, in) fp32: each present domain's Σ_t δ_t a_tᵀ over its rows, in O(1) operations.
 
     Rows sorted by domain in equal segments: one `bmm` over the k segments, as views, the matmul FLOPs of the plain
-    product. Otherwise one `bmm` over the rows (each row's δᵀa; the same FLOPs again, no padding), then one product
+    product. Sorted in segments of any lengths (rbvl's loader sorts each micro-batch): one grouped product over the
+    segments' tokens, the same FLOPs (`_grouped_parts`, where the device and dtype have one). Otherwise one `bmm` over the rows (each row's δᵀa; the same FLOPs again, no padding), then one product
     with the (k, B) one-hot matrix of the rows' domains sums them into the k parts: 2 · k · B · out · in FLOPs, k / T
     of the weight-gradient product's 2 · B · T · out · in (T: tokens per row), in one deterministic operation (an
     index_add_ into k zeroed parts needs two, atomics on a GPU, and a parallel region on the CPU that stalls for
@@ -252,6 +262,10 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
     if groups.onehot is None:
         parts = torch.bmm(_split(delta, k).transpose(1, 2), _split(a, k))  # (k, out, in)
         return parts if parts.dtype == torch.float32 else parts.float()
+    if groups.sorted:
+        parts = _grouped_parts(delta, a, groups)
+        if parts is not None:
+            return parts
     if delta.dim() != 3:
         delta, a = _split(delta, n), _split(a, n)  # (B, tokens, ·)
     step = max(1, PART_BUDGET // (out_f * in_f))
@@ -270,6 +284,56 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
         chunk = chunk if chunk.dtype == torch.float32 else chunk.float()
         parts = chunk if parts is None else parts.add_(chunk)
     return parts.view(k, out_f, in_f)
+
+
+# (device type, dtype) → how a grouped product runs there: the out_dtype it takes ("fp32": accumulates into fp32 parts;
+# "same": parts in the compute dtype, cast after), or None where it does not run (found by one small trial product)
+_GROUPED: dict[tuple[str, torch.dtype], str | None] = {}
+
+
+def _grouped_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch.Tensor | None:
+    """Sorted rows in segments of any lengths: the k parts as one grouped product over the tokens (`F.grouped_mm`
+    with the segments' token offsets), the matmul FLOPs of the plain product, no row parts, no padding; fp32.
+    None where this device and dtype have no grouped product (the caller takes the one-hot path)."""
+    delta2 = delta.reshape(-1, delta.shape[-1])  # (tokens, out)
+    a2 = a.reshape(-1, a.shape[-1])  # (tokens, in)
+    mode = _grouped_mode(a2.device, a2.dtype)
+    if mode is None or (delta2.shape[1] * a2.element_size()) % 16 or (a2.shape[1] * a2.element_size()) % 16:
+        return None  # the grouped kernels take rows of whole 16-byte units only
+    offs = groups.offsets(delta2.shape[0] // groups.n_rows, a2.device)
+    try:
+        parts = F.grouped_mm(delta2.t(), a2, offs=offs, out_dtype=torch.float32 if mode == "fp32" else None)
+    except RuntimeError:  # an operand's start not aligned as the kernel needs (a view into a larger tensor)
+        return None
+    return parts if parts.dtype == torch.float32 else parts.float()
+
+
+def _grouped_mode(device: torch.device, dtype: torch.dtype) -> str | None:
+    """How a grouped product runs on `device` in `dtype` (see _GROUPED), tried once; GradientTracker asks for its
+    device's dtypes when it is built, so the trial's host read never falls inside a training step."""
+    device = torch.device(device)
+    key = (device.type, dtype)
+    if key not in _GROUPED and device.type == "meta":  # shapes only: nothing runs there
+        return None
+    if key not in _GROUPED:
+        _GROUPED[key] = None
+        a = torch.ones(16, 8, device=device, dtype=dtype)
+        offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
+        for mode, out_dtype in (("fp32", torch.float32), ("same", None)):
+            try:
+                parts = F.grouped_mm(a.t(), a, offs=offs, out_dtype=out_dtype)
+            except (RuntimeError, NotImplementedError, TypeError):
+                continue
+            if parts.shape == (2, 8, 8) and bool((parts == 8).all()):  # a host read, once per process and key
+                _GROUPED[key] = mode
+                break
+    return _GROUPED[key]
+
+
+def try_grouped_products(device) -> None:
+    """Find out once which dtypes have grouped products on `device` (GradientTracker calls it when built)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        _grouped_mode(device, dtype)
 
 
 def _split(t: torch.Tensor, k: int) -> torch.Tensor:

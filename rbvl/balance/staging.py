@@ -1,11 +1,14 @@
-"""What one backward pass does with the parts the tracked layers hand over: stage them per layer, then add them
-into the window once, when the pass ends (GradientTracker inherits it; rbvl/balance/tracker.py).
+"""What one backward pass does with the parts the tracked layers hand over: hold them, then take all the layers'
+norms and adds together in a few multi-tensor operations when the pass ends (GradientTracker inherits it;
+rbvl/balance/tracker.py).
 
-Per layer and call, whatever the number k of domains present: ‖part‖ per domain into the pass's staged norms (layers
-are disjoint coordinates, so their squares add up to ‖s_ik‖²) and one add (exact: into the window; sketched: a multiply-add
-by the layer's signs into its runs of a staging sketch). What is the same for every layer (the loss scale, the
-squared norms, the sketch's signs and its rows' domains) is applied once per row grouping in `_end_backward`, an
-autograd final callback.
+Per layer and call, whatever the number k of domains present, the layer's backward appends its parts to a list (a
+part too large to stay in the CPU's cache goes at once: a norm and one add). `_flush` (when the pass ends, or once
+STAGE_BUDGET elements are held) squares and sums every layer's per-domain norms
+(layers are disjoint coordinates, so their squares add up to ‖s_ik‖²) and adds the parts into the window with one
+multi-tensor add (exact; a scatter per layer for domains with non-consecutive ids) or, sketched, a multiply-add per
+run into a staging sketch. What is the same for every layer (the loss scale, the squared norms, the sketch's rows'
+domains) is applied once per row grouping in `_end_backward`, an autograd final callback.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ import torch
 
 from rbvl.balance.layers import _Groups, add_rows
 from rbvl.balance.sketch import _sketch_parts, run_targets
+
+STAGE_BUDGET = 2**24  # elements of parts a backward pass holds before flushing them (64 MiB in fp32)
+# Parts of at least this many elements go into the window at once on these devices: on the CPU, reading a part back
+# from memory at the flush costs more than the Python the flush saves (elsewhere: held up to STAGE_BUDGET)
+HOLD_BELOW = {"cpu": 2**15}
 
 
 class _Staging:
@@ -62,51 +70,92 @@ class _Staging:
         self._pending.append(groups)
         return stage
 
-    def _backward_started(self) -> None:
-        """Called by each tracked layer's backward: queue `_end_backward` to run once this backward pass is over."""
-        if not self._queued:
-            self._queued = True
+    def _add_parts(self, index: int, groups: _Groups, parts: torch.Tensor, j: int | None = None) -> None:
+        """Stage layer `index`'s share of this backward pass (called by its backward): parts (k, out, in), the k
+        present domains' parts in `groups`' order, or one part (out, in): domain j's (j: its position; default the only
+        domain present); fp32, as backpropagated (the loss scale is applied when they join the window).
+
+        Small parts are held until the pass ends (or until STAGE_BUDGET elements are held), then `_flush` takes all
+        their layers' norms and adds in a few multi-tensor operations: per layer and call, the backward pass pays a
+        list append. Parts past `HOLD_BELOW` on their device (on the CPU, more than stay in cache) go at once: a norm
+        into the layer's row of the staged norms and one add, while they are hot."""
+        if not self._queued and torch._C._current_graph_task_id() != -1:  # the first tracked layer of a backward
+            self._queued = True  # pass: `_end_backward` runs when the pass is over (outside one: at the next read)
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        stage = groups.stage or self._stage(groups)
+        if j is not None or parts.numel() >= HOLD_BELOW.get(parts.device.type, STAGE_BUDGET):
+            self._add_now(stage, groups, index, parts, j)
+            return
+        stage.held.append((index, parts))
+        stage.held_elems += parts.numel()
+        if stage.held_elems > STAGE_BUDGET:
+            self._flush(stage, groups)
 
     @torch.no_grad()
-    def _add_parts(self, index: int, groups: _Groups, parts: torch.Tensor, j: int | None = None) -> None:
-        """Stage layer `index`'s share of this backward pass: parts (k, out, in), the k present domains' parts in
-        `groups`' order, or one part (out, in): domain j's (j: its position; default the only domain present); fp32,
-        as backpropagated (the loss scale is applied in `_end_backward`, or fused into the exact add).
-
-        Per call, whatever k: ‖part‖ per domain into the layer's row of the staged norms (layers are disjoint
-        coordinates, so their squares add up to ‖s_ik‖²), and one add: exact, a multiply-add into the window (one
-        domain, or consecutive ones: their (k, out, in) window rows, a view made once) or one scatter of the scaled
-        parts; sketched, a multiply-add of the parts by the layer's signs into its runs of the staging sketch (one run
-        when the layer fits in N)."""
-        stage = self._stage(groups)
+    def _add_now(self, stage: _Stage, groups: _Groups, index: int, parts: torch.Tensor, j: int | None) -> None:
+        """Layer `index`'s parts (or domain j's part) into the staged norms and the window, now."""
         one = parts.dim() == 2
-        flops = self._flops_at.get(index)
-        if flops is None:
-            flops = self._flops_at[index] = self._part_flops(index, self.modules[index][1].weight)
-        self.extra_flops += flops if one else groups.k * flops
+        self.extra_flops += (1 if one else groups.k) * self._part_flops(index, self.modules[index][1].weight)
         out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
         if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
             out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts, dim=(-2, -1))))
         else:
             stage.written.add(index)
             torch.linalg.vector_norm(parts, dim=(-2, -1), out=out)
+        self._add_to_window(stage, groups, [index], [parts], j)
+
+    @torch.no_grad()
+    def _flush(self, stage: _Stage, groups: _Groups) -> None:
+        """The held parts into the staged ‖s_ik‖² (Σ over layers of each domain's squared part norm: layers are
+        disjoint coordinates) and into the window or the staging sketch."""
+        if not stage.held:
+            return
+        indices, parts = zip(*stage.held, strict=True)
+        stage.held, stage.held_elems = [], 0
+        k = groups.k
+        flops = self._flops_at
+        for index in indices:
+            if index not in flops:
+                flops[index] = self._part_flops(index, self.modules[index][1].weight)
+            self.extra_flops += k * flops[index]
+        if k == 1:  # one multi-tensor norm
+            norms = torch.stack(torch._foreach_norm(list(parts))).double().view(len(parts), 1)
+        else:  # per layer, its k domains' norms in one operation
+            norms = torch.stack([torch.linalg.vector_norm(p, dim=(-2, -1)) for p in parts]).double()
+        stage.sq += norms.square_().sum(0)
+        self._add_to_window(stage, groups, indices, parts, None)
+
+    def _add_to_window(self, stage: _Stage, groups: _Groups, indices, parts, j: int | None) -> None:
+        """Layers `indices`' parts (k, out, in) each, or domain j's (out, in)) into the window, scaled (exact), or their
+        sketches into the staging sketch."""
+        one = j is not None or groups.k == 1
         j = j or 0
         if self.sketches is not None:
-            key = (index, j if one else -1)
-            targets = stage.targets.get(key)
-            if targets is None:
-                staging = stage.staging if not one else stage.staging_rows[j]
-                targets = stage.targets[key] = run_targets(staging, self.sketches, index)
-            _sketch_parts(None, self.sketches, index, parts, targets)
-        else:
-            lo, hi = (groups.domains[j], groups.domains[j] + 1) if one else (groups.domains[0], groups.domains[-1] + 1)
-            if one or hi - lo == groups.k:  # one domain, or consecutive ones: a view of the window, one fused add
-                rows = self._rows_view(index, lo, hi, one)
-                scale = self._scale
-                rows.addcmul_(parts, scale) if isinstance(scale, torch.Tensor) else rows.add_(parts, alpha=scale)
-            else:
-                add_rows(self._target[index], groups.index, parts * self._scale)
+            for index, part in zip(indices, parts, strict=True):
+                key = (index, j if one else -1)
+                targets = stage.targets.get(key)
+                if targets is None:
+                    staging = stage.staging if not one else stage.staging_rows[j]
+                    targets = stage.targets[key] = run_targets(staging, self.sketches, index)
+                _sketch_parts(None, self.sketches, index, part, targets)
+            return
+        lo, hi = (groups.domains[j], groups.domains[j] + 1) if one else (groups.domains[0], groups.domains[-1] + 1)
+        scale = self._scale
+        if not (one or hi - lo == groups.k):  # domains not consecutive: a scatter into their window rows per layer
+            for index, part in zip(indices, parts, strict=True):
+                add_rows(self._target[index], groups.index, part * scale)
+            return
+        rows = [self._rows_view(index, lo, hi, one) for index in indices]  # one domain, or consecutive ones: views
+        if len(set(indices)) < len(indices):  # a layer run twice in the pass: its adds one after the other
+            for row, part in zip(rows, parts, strict=True):
+                row.addcmul_(part, scale) if isinstance(scale, torch.Tensor) else row.add_(part, alpha=scale)
+            return
+        if not isinstance(scale, torch.Tensor):
+            torch._foreach_add_(rows, list(parts), alpha=scale)
+        elif scale.device.type == "cpu":  # fused, no temporary
+            torch._foreach_addcmul_(rows, list(parts), [scale] * len(rows))
+        else:  # two multi-tensor kernels (a multiply-add by a 0-dim tensor would take one kernel per layer)
+            torch._foreach_add_(rows, torch._foreach_mul(list(parts), scale))
 
     def _rows_view(self, index: int, lo: int, hi: int, one: bool) -> torch.Tensor:
         """Layer `index`'s window rows lo..hi-1 ((out, in) for one row): a view, made once."""
@@ -129,10 +178,13 @@ class _Staging:
         sq = self.sq if self._step_sq is None else self._step_sq
         for groups in pending:
             stage, groups.stage = groups.stage, None
-            norms = stage.norms.double().square_().sum(0)  # (k,) Σ over layers of ‖part‖²
-            sq.index_add_(0, groups.index, norms * (scale * scale))  # scale: 1.0 until watch_loss's hook sets it
-            stage.norms.zero_()
-            stage.written.clear()
+            self._flush(stage, groups)
+            if stage.written:  # the norms of the parts that went at once
+                stage.sq += stage.norms.double().square_().sum(0)
+                stage.norms.zero_()
+                stage.written.clear()
+            sq.index_add_(0, groups.index, stage.sq * (scale * scale))  # scale: 1.0 until watch_loss's hook sets it
+            stage.sq.zero_()
             if self.sketches is not None:
                 target = self._target[0][:, : self.sketches.dim]  # (m, N)
                 add_rows(target, groups.index, stage.staging * scale)
@@ -144,14 +196,19 @@ class _Staging:
 
 
 class _Stage:
-    """Buffers one backward pass fills for one row grouping with k domains present: `norms` (layers, k), each layer's
-    ‖part‖ per domain (`rows`: each layer's row, views made once), and, sketched, `staging` (k, N), the parts'
-    sketches (`staging_rows`: its k rows)."""
+    """Buffers one backward pass fills for one row grouping with k domains present: `sq` (k,), Σ over the flushed
+    layers of each domain's squared part norm; `held`, the (layer, parts) not yet flushed (`held_elems` elements);
+    `norms` (layers, k), each layer's ‖part‖ per domain for parts that went at once (`rows`: each layer's row, views
+    made once; `written`: the layers written this pass); and, sketched, `staging` (k, N), the parts' sketches
+    (`staging_rows`: its k rows)."""
 
     def __init__(self, n_layers: int, k: int, device, staging: torch.Tensor | None):
+        self.sq = torch.zeros(k, dtype=torch.float64, device=device)
         self.norms = torch.zeros(n_layers, k, device=device)
         self.rows = list((self.norms.view(-1) if k == 1 else self.norms).unbind(0))  # (k,) each; () when k = 1
-        self.written: set[int] = set()  # layers whose norms this pass has written
+        self.written: set[int] = set()
+        self.held: list[tuple[int, torch.Tensor]] = []
+        self.held_elems = 0
         self.staging = None if staging is None else staging[:k]
         self.staging_rows = [] if staging is None else list(self.staging.unbind(0))
         self.targets: dict[tuple[int, int], list] = {}  # (layer, row; -1: all k) → the staging's views at its runs

@@ -1,12 +1,12 @@
 """GradientTracker: each domain's gradient of the tracked linear layers, read off the ordinary backward pass.
 
 The tracked linears run `_TrackedLinear` (rbvl/balance/layers.py), whose backward computes the weight gradient as
-the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa, in one batched product) and hands the parts
-to the tracker: per layer, one norm into a staging buffer and one add (exact: into the window; sketched: a multiply-add by the
-layer's signs into its runs of a staging sketch). What is the same for every layer (the loss scale, the squared norms
-and the rows' domains) is applied once, when the backward pass ends (rbvl/balance/staging.py). The tracker keeps, per
-domain, Σ_t ∇ℓ_t over the window (exact, or in the sketch of rbvl/balance/sketch.py), the window's label tokens (so g_i
-is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and Σ_k T_ik² over micro-batches k.
+the sum of per-domain parts Σ_d δ_dᵀ a_d (the same matmul FLOPs as one δᵀa, in one batched or grouped product) and
+hands the parts to the tracker, which holds them until the pass ends, then takes all the layers' norms and adds
+(exact: into the window; sketched: into a staging sketch) and applies the loss scale once (rbvl/balance/staging.py).
+The tracker keeps, per domain, Σ_t ∇ℓ_t over the window (exact, or in the sketch of rbvl/balance/sketch.py), the
+window's label tokens (so g_i is domain i's token-mean loss gradient) and, for the unbiased G_ii, Σ_k ‖s_ik‖² and
+Σ_k T_ik² over micro-batches k.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from rbvl.balance.layers import (
     _tracked_linear,
     _tracked_linear_eager,
     select_modules,
+    try_grouped_products,
 )
 from rbvl.balance.sketch import FALLBACK_DIM, SIGN_CACHE_BYTES, SKETCH, _plan_sketches, _sketch_domains
 from rbvl.balance.staging import _Stage, _Staging
@@ -109,6 +110,7 @@ class GradientTracker(_Staging):
         self.skipped_steps = 0
         self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
         self._originals: list | None = None
+        try_grouped_products(dev)  # one small trial product per dtype, here rather than inside a training step
         self.attach()
 
     def _zeros(self, dev) -> list[torch.Tensor]:

@@ -348,13 +348,13 @@ def _sync(device) -> None:
 
 
 def synthetic_batches(m: int, B: int, T: int, vocab: int, device="cpu"):
-    """Batch i: B samples, domains drawn uniformly; domain d's tokens come from its own band of the vocabulary and
-    its answers (labelled tokens) are longer the larger d is."""
+    """Batch i: B samples, domains drawn uniformly and sorted (as rbvl's loader sorts a micro-batch's rows); domain d's
+    tokens come from its own band of the vocabulary and its answers (labelled tokens) are longer the larger d is."""
     band = max(1, vocab // m)
 
     def make(i: int):
         g = torch.Generator().manual_seed(1000 + i)
-        domains = torch.randint(0, m, (B,), generator=g)
+        domains = torch.randint(0, m, (B,), generator=g).sort().values
         ids = torch.stack([torch.randint(d * band, (d + 1) * band, (T,), generator=g) for d in domains.tolist()])
         labels = torch.full_like(ids, -100)
         for row, d in enumerate(domains.tolist()):
