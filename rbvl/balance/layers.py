@@ -250,8 +250,8 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
 
     Rows sorted by domain in equal segments: one `bmm` over the k segments, as views, the matmul FLOPs of the plain
     product. Sorted in segments of any lengths (rbvl's loader sorts each micro-batch): one grouped product over the
-    segments' tokens, the same FLOPs (`_grouped_parts`, where the device and dtype have one). Otherwise one `bmm` over the rows (each row's δᵀa; the same FLOPs again, no padding), then one product
-    with the (k, B) one-hot matrix of the rows' domains sums them into the k parts: 2 · k · B · out · in FLOPs, k / T
+    segments' tokens, the same FLOPs (`_grouped_parts`, where the device and dtype have one). Otherwise one `bmm` over
+    the rows (each row's δᵀa; the same FLOPs again, no padding), then one product with the (k, B) one-hot matrix of the rows' domains sums them into the k parts: 2 · k · B · out · in FLOPs, k / T
     of the weight-gradient product's 2 · B · T · out · in (T: tokens per row), in one deterministic operation (an
     index_add_ into k zeroed parts needs two, atomics on a GPU, and a parallel region on the CPU that stalls for
     milliseconds when other processes hold the cores). Rows are taken in chunks when B row parts would exceed
@@ -311,22 +311,23 @@ def _grouped_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> tor
 def _grouped_mode(device: torch.device, dtype: torch.dtype) -> str | None:
     """How a grouped product runs on `device` in `dtype` (see _GROUPED), tried once; GradientTracker asks for its
     device's dtypes when it is built, so the trial's host read never falls inside a training step."""
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else torch.device(device)
     key = (device.type, dtype)
-    if key not in _GROUPED and device.type == "meta":  # shapes only: nothing runs there
+    if key in _GROUPED:  # every call but the first (each tracked layer's backward asks)
+        return _GROUPED[key]
+    if device.type == "meta":  # shapes only: nothing runs there
         return None
-    if key not in _GROUPED:
-        _GROUPED[key] = None
-        a = torch.ones(16, 8, device=device, dtype=dtype)
-        offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
-        for mode, out_dtype in (("fp32", torch.float32), ("same", None)):
-            try:
-                parts = F.grouped_mm(a.t(), a, offs=offs, out_dtype=out_dtype)
-            except (RuntimeError, NotImplementedError, TypeError):
-                continue
-            if parts.shape == (2, 8, 8) and bool((parts == 8).all()):  # a host read, once per process and key
-                _GROUPED[key] = mode
-                break
+    _GROUPED[key] = None
+    a = torch.ones(16, 8, device=device, dtype=dtype)
+    offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
+    for mode, out_dtype in (("fp32", torch.float32), ("same", None)):
+        try:
+            parts = F.grouped_mm(a.t(), a, offs=offs, out_dtype=out_dtype)
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        if parts.shape == (2, 8, 8) and bool((parts == 8).all()):  # a host read, once per process and key
+            _GROUPED[key] = mode
+            break
     return _GROUPED[key]
 
 

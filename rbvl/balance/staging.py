@@ -4,10 +4,9 @@ rbvl/balance/tracker.py).
 
 Per layer and call, whatever the number k of domains present, the layer's backward appends its parts to a list (a
 part too large to stay in the CPU's cache goes at once: a norm and one add). `_flush` (when the pass ends, or once
-STAGE_BUDGET elements are held) squares and sums every layer's per-domain norms
-(layers are disjoint coordinates, so their squares add up to ‖s_ik‖²) and adds the parts into the window with one
-multi-tensor add (exact; a scatter per layer for domains with non-consecutive ids) or, sketched, a multiply-add per
-run into a staging sketch. What is the same for every layer (the loss scale, the squared norms, the sketch's rows'
+STAGE_BUDGET elements are held) squares and sums every layer's per-domain norms (layers are disjoint coordinates, so
+their squares add up to ‖s_ik‖²) and adds the parts into the window with one multi-tensor add (exact; a scatter per
+layer for domains with non-consecutive ids) or, sketched, a multiply-add per run into a staging sketch. What is the same for every layer (the loss scale, the squared norms, the sketch's rows'
 domains) is applied once per row grouping in `_end_backward`, an autograd final callback.
 """
 
@@ -48,6 +47,13 @@ class _Staging:
         if self.sketches.signs[index] is not None:
             return 4 * weight.numel()  # a multiply and an add (by the cached signs, into the layer's runs); ‖part‖²
         return 5 * weight.numel()  # the row and column signs applied (two multiplies), an add; ‖part‖²
+
+    def _flops_of(self, index: int) -> int:
+        """`_part_flops` of layer `index`, worked out once."""
+        flops = self._flops_at.get(index)
+        if flops is None:
+            flops = self._flops_at[index] = self._part_flops(index, self.modules[index][1].weight)
+        return flops
 
     def _stage(self, groups: _Groups) -> _Stage:
         """This backward pass's staging buffers for `groups` (k domains present), made once per (grouping, k)."""
@@ -95,7 +101,7 @@ class _Staging:
     def _add_now(self, stage: _Stage, groups: _Groups, index: int, parts: torch.Tensor, j: int | None) -> None:
         """Layer `index`'s parts (or domain j's part) into the staged norms and the window, now."""
         one = parts.dim() == 2
-        self.extra_flops += (1 if one else groups.k) * self._part_flops(index, self.modules[index][1].weight)
+        self.extra_flops += (1 if one else groups.k) * self._flops_of(index)
         out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
         if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
             out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts, dim=(-2, -1))))
@@ -113,11 +119,7 @@ class _Staging:
         indices, parts = zip(*stage.held, strict=True)
         stage.held, stage.held_elems = [], 0
         k = groups.k
-        flops = self._flops_at
-        for index in indices:
-            if index not in flops:
-                flops[index] = self._part_flops(index, self.modules[index][1].weight)
-            self.extra_flops += k * flops[index]
+        self.extra_flops += k * sum(self._flops_of(index) for index in indices)
         if k == 1:  # one multi-tensor norm
             norms = torch.stack(torch._foreach_norm(list(parts))).double().view(len(parts), 1)
         else:  # per layer, its k domains' norms in one operation
