@@ -26,7 +26,7 @@ def test_bench_balance_smoke(tmp_path, capsys):
     assert full["sketched"]["memory_gib"] == pytest.approx(2 * 8 * 4096 * 4 / 2**30)
     assert full["exact"]["memory_gib"] > full["sketched"]["memory_gib"] > 0
     assert 0 < full["sketched"]["flops_fraction"] < 1
-    assert set(sliced["step_s"]) == {"off", "exact", "sketched", "naive"} and len(sliced["p_l1"]) == 2
+    assert set(sliced["step_s"]) == {"off", "exact", "sketched", "naive", "linears"} and len(sliced["p_l1"]) == 2
     assert all(0 <= e < 1 for e in sliced["gram_rel_error"])
     out = capsys.readouterr().out
     assert "naive / sketched" in out and (tmp_path / "b.json").exists()

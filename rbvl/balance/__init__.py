@@ -58,7 +58,7 @@ zero if it was never seen): its column still counts in G q, and its score stays 
 such domains, and `Balancer.step` returns them for the logs.
 
 Files: tracker.py (GradientTracker), staging.py (what its backward pass stages and folds into the window), layers.py
-(which layers: `params`; the tracked linear), sketch.py (the sketch), update.py (G → p), schedule.py (p over
+(which layers: `params`; the tracked linear), lora.py (a PEFT LoRA adapter's A and B as one tracked function), sketch.py (the sketch), update.py (G → p), schedule.py (p over
 steps; the Balancer).
 """
 

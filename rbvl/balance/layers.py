@@ -147,6 +147,16 @@ def add_rows(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) ->
         target.index_add_(0, index, source)
 
 
+def _cpu_ids(ids) -> torch.Tensor:
+    """(B,) int64 domain ids on the CPU (no operation when they are that already)."""
+    ids = torch.as_tensor(ids)
+    if ids.dtype != torch.long:
+        ids = ids.long()
+    if ids.device.type != "cpu":
+        ids = ids.cpu()
+    return ids if ids.dim() == 1 else ids.reshape(-1)
+
+
 def _row_groups(ids: torch.Tensor | None, device=None) -> _Groups:
     """The rows of each domain present in a micro-batch (`ids`: (B,) domain ids on the CPU)."""
     return _Groups(ids, device)
@@ -200,33 +210,43 @@ class _TrackedLinear(torch.autograd.Function):
         if need_b:
             grad_b = delta2.sum(0)
             grad_b = grad_b if grad_b.dtype == w_dtype else grad_b.to(w_dtype)
-        tracker, groups, index = ctx.tracker, ctx.groups, ctx.index
-        if not tracker.enabled:  # switched off after the forward pass: the plain weight gradient
-            if need_w:
-                grad_w = torch.mm(delta2.t(), a.reshape(-1, a.shape[-1]))
-        elif groups.k == 1:  # one domain: the plain product is its part
-            grad_w = torch.mm(delta2.t(), a.reshape(-1, a.shape[-1]))
-            part = grad_w if grad_w.dtype == torch.float32 else grad_w.float()
-            grad_w = part if w_dtype == torch.float32 else grad_w  # one cast serves both
-            tracker._add_parts(index, groups, part)
-        elif groups.k * weight.numel() <= PART_BUDGET:
-            parts = domain_parts(grad_out, a, groups)  # (k, out, in) fp32: Σ_d parts = the weight gradient
-            grad_w = parts.sum(0) if need_w else None
-            tracker._add_parts(index, groups, parts)
-        else:  # a layer too large for k parts at once (an LM head): one domain at a time
-            for j in range(groups.k):
-                rows = groups.rows_on(j, a.device)
-                delta_j, a_j = grad_out[rows], a[rows]
-                part = delta_j.reshape(-1, delta_j.shape[-1]).T @ a_j.reshape(-1, a_j.shape[-1])
-                part = part if part.dtype == torch.float32 else part.float()
-                if need_w:
-                    grad_w = part if grad_w is None else grad_w + part
-                tracker._add_parts(index, groups, part, j)
-        if grad_w is not None and not need_w:
-            grad_w = None  # a frozen tracked layer: its gradient served the tracker only
-        if grad_w is not None and grad_w.dtype != w_dtype:
-            grad_w = grad_w.to(w_dtype)
+        grad_w = weight_grad(ctx.tracker, ctx.index, ctx.groups, grad_out, a, need_w, w_dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def weight_grad(tracker, index: int, groups: _Groups, delta, a, need_w: bool, w_dtype) -> torch.Tensor | None:
+    """∂L/∂W = Σ_t δ_t a_tᵀ of tracked layer `index`, as the sum of the parts of the domains present, which go to the
+    tracker (`delta`: the layer's output gradient, `a`: its input, (rows, …, features) in the compute dtype); in
+    `w_dtype`, or None where W takes no gradient (a frozen tracked layer's parts serve the tracker only).
+
+    One domain present: the plain product, which is that domain's part. More: one batched or grouped product per layer
+    whatever the number of domains present (`domain_parts`). A layer too large for k parts at once: one domain at a time.
+    """
+    grad_w = None
+    if not tracker.enabled:  # switched off after the forward pass: the plain weight gradient
+        if need_w:
+            grad_w = torch.mm(delta.reshape(-1, delta.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
+    elif groups.k == 1:
+        grad_w = torch.mm(delta.reshape(-1, delta.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
+        part = grad_w if grad_w.dtype == torch.float32 else grad_w.float()
+        grad_w = part if w_dtype == torch.float32 else grad_w  # one cast serves both
+        tracker._add_parts(index, groups, part)
+    elif groups.k * delta.shape[-1] * a.shape[-1] <= PART_BUDGET:
+        parts = domain_parts(delta, a, groups)  # (k, out, in) fp32: Σ_d parts = the weight gradient
+        grad_w = parts.sum(0) if need_w else None
+        tracker._add_parts(index, groups, parts)
+    else:
+        for j in range(groups.k):
+            rows = groups.rows_on(j, a.device)
+            delta_j, a_j = delta[rows], a[rows]
+            part = delta_j.reshape(-1, delta_j.shape[-1]).T @ a_j.reshape(-1, a_j.shape[-1])
+            part = part if part.dtype == torch.float32 else part.float()
+            if need_w:
+                grad_w = part if grad_w is None else grad_w + part
+            tracker._add_parts(index, groups, part, j)
+    if grad_w is None or not need_w:
+        return None
+    return grad_w if grad_w.dtype == w_dtype else grad_w.to(w_dtype)
 
 
 def _tracked_linear(tracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 from rbvl.balance.layers import (
     CROSS_ATTENTION,
     VISION_SIDE,
+    _cpu_ids,
     _Groups,
     _row_groups,
     _tracked_linear,
@@ -29,6 +30,7 @@ from rbvl.balance.layers import (
     select_modules,
     try_grouped_products,
 )
+from rbvl.balance.lora import lora_forward, lora_pairs
 from rbvl.balance.sketch import FALLBACK_DIM, SIGN_CACHE_BYTES, SKETCH, _plan_sketches, _sketch_domains
 from rbvl.balance.staging import _Stage, _Staging
 from rbvl.balance.update import GRAM_ESTIMATORS, shrink_gram, unbiased_diagonal
@@ -54,6 +56,10 @@ class GradientTracker(_Staging):
         guard_nonfinite: buffer each optimizer step's contribution and add it to the window only if it is finite
             (`commit`), so an fp16 step that overflowed (and that GradScaler skips) does not poison the window.
     """
+
+    # A PEFT LoRA layer whose A and B are both tracked runs its adapter as one function (rbvl/balance/lora.py); set
+    # False before building a tracker to run each tracked linear on its own (`rbvl bench train --arms rnb_linears`)
+    pair_lora = True
 
     def __init__(
         self,
@@ -109,7 +115,8 @@ class GradientTracker(_Staging):
         self._scale: float | torch.Tensor = 1.0
         self.skipped_steps = 0
         self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
-        self._originals: list | None = None
+        self._originals: list | None = None  # [(module, its own forward or None)] while attached
+        self._lora = lora_pairs(model, self.tracked_names) if self.pair_lora else []  # [(name, layer, adapter, A, B)]
         try_grouped_products(dev)  # one small trial product per dtype, here rather than inside a training step
         self.attach()
 
@@ -279,21 +286,22 @@ class GradientTracker(_Staging):
             s.zero_()
 
     def attach(self) -> None:
-        """Route the tracked layers through the tracker (done on construction; again after `remove`)."""
+        """Route the tracked layers through the tracker (done on construction; again after `remove`): each tracked
+        linear, and each PEFT LoRA layer whose A and B are both tracked (one function for the pair, lora.py)."""
         if self._originals is not None:
             return
         for name, mod in self.modules:
             if getattr(mod.__dict__.get("forward"), "tracker", None) is not None:
                 raise RuntimeError(f"{name} is already tracked by another GradientTracker: remove() that one first")
-        self._originals = [mod.__dict__.get("forward") for _, mod in self.modules]
-        for i, (_, mod) in enumerate(self.modules):
-            mod.forward = self._make_forward(i, mod)
+        routed = [(mod, self._make_forward(i, mod)) for i, (_, mod) in enumerate(self.modules)]
+        routed += [(layer, lora_forward(self, layer, adapter, ia, ib)) for _, layer, adapter, ia, ib in self._lora]
+        self._originals = [(mod, mod.__dict__.get("forward")) for mod, _ in routed]
+        for mod, forward in routed:
+            mod.forward = forward
 
     def remove(self) -> None:
         """Give the tracked layers back their own forward (the accumulators stay; `attach` resumes tracking)."""
-        if self._originals is None:
-            return
-        for (_, mod), orig in zip(self.modules, self._originals, strict=True):
+        for mod, orig in self._originals or []:
             if orig is None:
                 mod.__dict__.pop("forward", None)
             else:
@@ -438,13 +446,3 @@ class GradientTracker(_Staging):
         if key not in self._groups:
             self._groups[key] = _row_groups(self._sample_domains.repeat_interleave(per_sample), self.sq.device)
         return self._groups[key]
-
-
-def _cpu_ids(ids) -> torch.Tensor:
-    """(B,) int64 domain ids on the CPU (no operation when they are that already)."""
-    ids = torch.as_tensor(ids)
-    if ids.dtype != torch.long:
-        ids = ids.long()
-    if ids.device.type != "cpu":
-        ids = ids.cpu()
-    return ids if ids.dim() == 1 else ids.reshape(-1)

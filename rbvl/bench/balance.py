@@ -16,7 +16,8 @@ Three parts, all printed as one table.
 2. A CPU-sized slice with the same layer dimensions (`--slice-layers` language-model layers, the recipe's LoRA), real
    training steps (AdamW) on token batches whose domains differ in vocabulary and answer length. Step time with
    tracking off / exact / sketched / naive (one extra forward + backward per domain present, what DGA/DoGE-style
-   mixers pay), alternating in one process, medians. Then `--windows` Balance windows of training with the exact
+   mixers pay) / linears (exact, with PEFT's LoRA forward through each tracked linear instead of rbvl's one function
+   per adapter: the tracker's own cost apart from that function's), alternating in one process, medians. Then `--windows` Balance windows of training with the exact
    tracker; each window's sketch is the sketch of the exact window sums (the sketch is linear, so this is
    exactly what the sketched tracker accumulates), giving the relative Frobenius error of G and the L1 distance of p.
    The slice's sketch keeps the recipe's compression (tracked params per sketch number) unless `--slice-sketch-dim`.
@@ -51,7 +52,9 @@ from rbvl.model.load import DTYPES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs"
 GIB = 2**30
-MODES = ("off", "exact", "sketched", "naive")  # tracking on the CPU slice
+# tracking on the CPU slice; "linears": exact, with each tracked LoRA linear on its own function and PEFT's LoRA
+# forward (GradientTracker.pair_lora = False), so the tracker's own cost shows apart from rbvl's LoRA function's
+MODES = ("off", "exact", "sketched", "naive", "linears")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -210,7 +213,13 @@ def slice_costs(cfg, args, compression: float) -> dict:
     sketch_dim = args.slice_sketch_dim or max(len(exact.modules), int(P / compression))
     sketch = GradientTracker(model, m, params="lora", sketch_dim=sketch_dim)
     sketch.remove()
-    trackers = {"exact": exact, "sketched": sketch}
+    GradientTracker.pair_lora = False
+    try:
+        linears = GradientTracker(model, m, params="lora")
+    finally:
+        GradientTracker.pair_lora = True
+    linears.remove()
+    trackers = {"exact": exact, "sketched": sketch, "linears": linears}
     batches = synthetic_batches(m, B, T, config.vocab_size, device)
     batch_index = itertools.count()  # every step, timed or not, trains on the next batch
     dtype = torch.bfloat16 if args.autocast == "bf16" else None
@@ -245,7 +254,8 @@ def slice_costs(cfg, args, compression: float) -> dict:
         if mode in trackers:
             trackers[mode].attach()
         dt = step(mode)
-        exact.remove(), sketch.remove()
+        for tracker in trackers.values():
+            tracker.remove()
         return dt
 
     figures = alternate(MODES, args.rounds, timed_step, order="mirror", warmup=1)  # round 0 warms up
@@ -265,7 +275,7 @@ def slice_costs(cfg, args, compression: float) -> dict:
         "overhead_paired": {
             mode: {"median": statistics.median(v), "min": min(v), "max": max(v)} for mode, v in paired.items()
         },
-        "memory_gib": {"exact": exact.nbytes / GIB, "sketched": sketch.nbytes / GIB},
+        "memory_gib": {mode: tracker.nbytes / GIB for mode, tracker in trackers.items()},
         "gram_s": medians(gram_time),
         "gram_rel_error": errors,
         "p_l1": l1s,

@@ -10,6 +10,8 @@ same batch size, optimizer (AdamW, lr, weight decay, grad-norm clip), precision 
     rnb            `rbvl.train.train` with mixing.strategy=rnb (the GradientTracker on every step, Balance updates)
     balance_hf     `rbvl.integrations.hf.BalanceTrainer`
     trainer        a plain `transformers.Trainer`
+    rnb_linears    (only when named in --arms) rnb with each tracked LoRA linear on its own autograd function, as
+                   before a LoRA layer's A and B ran as one (GradientTracker.pair_lora = False)
 
 The two Trainer arms read a map-style dataset of the manifest's training samples, decoded once up front, through
 the same `rbvl.data.collate.Encoder`; `rbvl train` reads the shards through `MixtureStream` (tar reading, PNG decoding and
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from rbvl.balance import GradientTracker
 from rbvl.bench._timing import alternate, medians, paired_ratio, quiet_training, set_threads
 from rbvl.config import load_config
 from rbvl.data import decode, load_domains, read_shard
@@ -54,11 +57,13 @@ from rbvl.model import apply_lora, load_model
 from rbvl.train import train
 from rbvl.train.metrics import read_metrics
 
-ARMS = ("stratified", "rnb", "balance_hf", "trainer")
-RATIOS = (  # (numerator, denominator, goal)
+ARMS = ("stratified", "rnb", "balance_hf", "trainer", "rnb_linears")
+DEFAULT_ARMS = ARMS[:4]
+RATIOS = (  # (numerator, denominator, goal or None)
     ("stratified", "trainer", 1.0),
     ("rnb", "stratified", 0.97),
     ("balance_hf", "trainer", 0.95),
+    ("rnb", "rnb_linears", None),
 )
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny_rnb.yaml"
 
@@ -73,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="loader workers for every arm (default: the recipe's data.num_workers)")
     p.add_argument("--update-every", type=int, help="Balance update interval (default: min(recipe's, --steps))")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     p.add_argument("--json", help="also write the result to this file")
 
 
@@ -106,9 +111,14 @@ def run(args) -> dict:
 
         def measure(arm: str, r: int) -> float:
             out = tmp / f"round{r}-{arm}"
-            if arm in ("stratified", "rnb"):
-                run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}", f"mixing.strategy={arm}"])
-                seconds = time_rbvl_train(run_cfg, args.warmup)
+            if arm in ("stratified", "rnb", "rnb_linears"):
+                strategy = "rnb" if arm == "rnb_linears" else arm
+                run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}", f"mixing.strategy={strategy}"])
+                GradientTracker.pair_lora = arm != "rnb_linears"
+                try:
+                    seconds = time_rbvl_train(run_cfg, args.warmup)
+                finally:
+                    GradientTracker.pair_lora = True
             else:
                 run_cfg = load_config(args.recipe, [*overrides, f"output_dir={out}"])
                 seconds = time_trainer(run_cfg, samples, balance=arm == "balance_hf", warmup=args.warmup)
@@ -161,9 +171,8 @@ def print_result(result: dict, model_name: str) -> None:
     for a, b, goal in RATIOS:
         if f"{a}/{b}" in ratios:
             key = f"{a}/{b}"
-            print(
-                f"  {a + ' / ' + b:<24} {ratios[key]:6.3f}×   (per round, median {paired[key]:.3f}×; goal ≥ {goal:.2f}×)"
-            )
+            target = "" if goal is None else f"; goal ≥ {goal:.2f}×"
+            print(f"  {a + ' / ' + b:<24} {ratios[key]:6.3f}×   (per round, median {paired[key]:.3f}×{target})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
