@@ -220,3 +220,16 @@ def test_bf16_base_with_fp32_adapters_adds_as_peft_does(monkeypatch):
     assert float((g - g_ref).norm() / g_ref.norm()) < 1e-2
     for a, b in zip(grads, grads_ref, strict=True):
         assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+@pytest.mark.slow  # dynamo traces a 1-layer Llama twice: ~10 s
+def test_under_torch_compile_peft_forward_runs_and_trains_as_eager():
+    """Under torch.compile a LoRA layer takes PEFT's forward (dynamo cannot trace the tracker's staging): the model
+    compiles around the tracked linears, fills the window, and gets eager's weight gradients."""
+    from rbvl.bench.dispatch import compile_check
+
+    result = compile_check()
+    assert result["compiles_off"] is True and result["compiles_tracked"] is True, result
+    assert result["tracked_linears"] == 2 * len(PROJECTIONS)
+    # at most one graph break per tracked linear (tracing the pair's function instead made 23 graphs here)
+    assert result["graphs_tracked"] <= result["tracked_linears"] + 1, result

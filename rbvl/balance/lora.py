@@ -51,14 +51,14 @@ def lora_forward(tracker, layer: nn.Module, adapter: str, ia: int, ib: int):
 
     def forward(x, *args, **kwargs):
         if (
-            args
+            torch.compiler.is_compiling()  # first: dynamo traces PEFT's forward, and none of the checks below
+            or args
             or kwargs
             or not (tracker.enabled and torch.is_grad_enabled())
             or layer.disable_adapters
             or layer.merged
             or layer.active_adapters != [adapter]
             or adapter in getattr(layer, "lora_variant", ())
-            or torch.compiler.is_compiling()
         ):
             return peft_forward(x, *args, **kwargs)
         result = layer.base_layer(x)
