@@ -8,10 +8,12 @@
 #    (torch.cuda.set_sync_debug_mode("error")), bf16 autocast, fp16 + GradScaler, pinned memory, QLoRA (skipped,
 #    saying so, without bitsandbytes);
 # 2. `rbvl bench balance` on CUDA in bf16 autocast with the base in the recipe's bf16 (how LoRA trains on a GPU),
-#    tracking off / exact / sketched / naive, wall-clock ratios in one run each (R&B's claim is about this figure;
+#    tracking off / exact / sketched / naive / linears (exact with PEFT's LoRA forward through each tracked linear),
+#    wall-clock ratios in one run each (R&B's claim is about this figure;
 #    goal: sketched <= 1% over off): on a 2-layer slice of the 7B model's width (a short, launch-bound step), and on
 #    the whole 32-layer 7B language model at 4 x 1024 tokens (the GPU-bound step a 7B LoRA run takes);
-# 3. `rbvl bench train` on CUDA: rbvl train (stratified, rnb) and BalanceTrainer against a plain Trainer.
+# 3. `rbvl bench train` on CUDA: rbvl train (stratified, rnb, and rnb with each tracked linear on its own function)
+#    and BalanceTrainer against a plain Trainer.
 # `rbvl bench balance --dispatch` (operations per micro-batch) counts the same on any device: run it anywhere.
 #
 # Environment: PYTHON (default python), SKIP (space-separated part names to leave out: tests slice full train).
@@ -56,7 +58,8 @@ part slice 100 $PY -m rbvl.cli bench balance --device cuda --autocast bf16 --sli
     --rounds 9 --windows 2 --no-peers --json "$OUT/slice.json"
 part full 150 $PY -m rbvl.cli bench balance --device cuda --autocast bf16 --slice-layers 32 --seq 1024 --batch 4 \
     --rounds 3 --windows 1 --no-peers --json "$OUT/full.json"
-part train 120 $PY -m rbvl.cli bench train --rounds 3 --json "$OUT/train.json"
+part train 120 $PY -m rbvl.cli bench train --rounds 3 --arms stratified,rnb,balance_hf,trainer,rnb_linears \
+    --json "$OUT/train.json"
 echo
 if ((${#failed[@]})); then
     echo "gpu_check: ${failed[*]} did not pass; see $OUT/" | tee -a "$OUT/summary.txt"

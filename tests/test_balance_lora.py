@@ -123,6 +123,7 @@ def two_adapters():
     return model
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # PEFT: no base bias, so no merging; not used here
 @pytest.mark.parametrize(
     "case",
     ["two adapters active", "a bias on B", "only B tracked", "adapter_names"],
