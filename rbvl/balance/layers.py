@@ -67,10 +67,11 @@ class _Groups:
     forward pass (a few hundred ids at most: no torch operations), so the backward pass never asks the device where a
     domain's rows are.
 
-    `domains`: the k domains present (sorted; `index`, the same on the tracker's device). `onehot`: None when the rows
-    are sorted by domain in segments of equal length (one domain is the common case), so the k parts are one batched
-    product over views; else (k, B) on the device, which sums the rows' parts into the k domains' parts in one product.
-    `sorted`: each domain's rows are contiguous (`offsets`: where the segments end, for one grouped product).
+    `domains`: the k domains present (sorted; `index`, the same on the tracker's device). `equal`: the rows are sorted
+    by domain in segments of equal length (one domain is the common case), so the k parts are one batched product over
+    views. `sorted`: each domain's rows are contiguous (`offsets`: where the segments end, for one grouped product).
+    `onehot`: (k, B) on the device, which sums the rows' parts into the k domains' parts in one product where neither
+    applies; made on first use (sorted rows seldom need it).
     `rows_on(j, device)`: domain j's rows, for a layer too large to hold k parts at once.
     """
 
@@ -81,13 +82,11 @@ class _Groups:
         self.k = len(self.domains)
         counts = {d: ids.count(d) for d in self.domains}
         self.sorted = all(a <= b for a, b in zip(ids, ids[1:]))  # each domain's rows contiguous
+        self.equal = self.sorted and len(set(counts.values())) <= 1
         self.index = _to(torch.tensor(self.domains, dtype=torch.long), device)  # (k,)
-        self.onehot = None
         self._ends = [sum(counts[d] for d in self.domains[: j + 1]) for j in range(self.k)]  # sorted: segment ends
         self._offsets: dict = {}  # (tokens per row, device) → int32 token offsets of the segments' ends
-        if not (self.sorted and len(set(counts.values())) <= 1):
-            onehot = torch.tensor([[float(d == domain) for d in ids] for domain in self.domains])
-            self.onehot = _to(onehot, device)  # (k, B)
+        self._device, self._onehot = device, None
         self._ids = ids
         self._rows: dict = {}
         self._onehots: dict = {}  # dtype → onehot in it
@@ -95,6 +94,14 @@ class _Groups:
 
     def __len__(self) -> int:
         return self.k
+
+    @property
+    def onehot(self) -> torch.Tensor:
+        """(k, B): row b's column is 1 at its domain's position, on the device; made once, on first use."""
+        if self._onehot is None:
+            onehot = torch.tensor([[float(d == domain) for d in self._ids] for domain in self.domains])
+            self._onehot = _to(onehot, self._device)
+        return self._onehot
 
     def onehot_as(self, dtype: torch.dtype) -> torch.Tensor:
         """`onehot` in `dtype` (the layers' compute dtype: bf16 under autocast), made once per dtype."""
@@ -279,7 +286,7 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
     """
     k, n = groups.k, delta.shape[0]
     out_f, in_f = delta.shape[-1], a.shape[-1]
-    if groups.onehot is None:
+    if groups.equal:
         parts = torch.bmm(_split(delta, k).transpose(1, 2), _split(a, k))  # (k, out, in)
         return parts if parts.dtype == torch.float32 else parts.float()
     if groups.sorted:
