@@ -197,11 +197,7 @@ class _TrackedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        kind = grad_out.device.type
-        if torch.is_autocast_enabled(kind):  # backward called inside autocast: the parts and norms stay fp32
-            with torch.autocast(kind, enabled=False):
-                return _TrackedLinear._backward(ctx, grad_out)
-        return _TrackedLinear._backward(ctx, grad_out)
+        return outside_autocast(_TrackedLinear._backward, ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):
@@ -219,6 +215,16 @@ class _TrackedLinear(torch.autograd.Function):
             grad_b = grad_b if grad_b.dtype == w_dtype else grad_b.to(w_dtype)
         grad_w = weight_grad(ctx.tracker, ctx.index, ctx.groups, grad_out, a, need_w, w_dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def outside_autocast(backward, ctx, grad_out):
+    """`backward(ctx, grad_out)` with autocast off when a loop runs the backward pass inside it (as some do): the
+    tracked functions' products run in their saved compute dtype, and their parts and norms stay fp32."""
+    kind = grad_out.device.type
+    if torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
+            return backward(ctx, grad_out)
+    return backward(ctx, grad_out)
 
 
 def weight_grad(tracker, index: int, groups: _Groups, delta, a, need_w: bool, w_dtype) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbvl.balance.layers import _Groups, weight_grad
+from rbvl.balance.layers import _Groups, outside_autocast, weight_grad
 
 
 def lora_pairs(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str, int, int]]:
@@ -99,11 +99,7 @@ class _TrackedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        kind = grad_out.device.type
-        if torch.is_autocast_enabled(kind):  # backward called inside autocast: the parts and norms stay fp32
-            with torch.autocast(kind, enabled=False):
-                return _TrackedLoRA._backward(ctx, grad_out)
-        return _TrackedLoRA._backward(ctx, grad_out)
+        return outside_autocast(_TrackedLoRA._backward, ctx, grad_out)
 
     @staticmethod
     def _backward(ctx, grad_out):
