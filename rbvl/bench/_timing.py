@@ -8,6 +8,7 @@ comparison is the ratio of two medians, or the median of the ratios within each 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -58,6 +59,33 @@ def medians(figures: dict[str, list[float]]) -> dict[str, float]:
 def paired_ratio(xs: Sequence[float], ys: Sequence[float]) -> float:
     """The median over rounds of x / y within each round."""
     return statistics.median(x / y for x, y in zip(xs, ys))
+
+
+def median_interval(values: Sequence[float], level: float = 0.9) -> tuple[float, float, float] | None:
+    """A distribution-free interval for the median of what `values` sample (e.g. the per-round ratios): the j-th
+    smallest and j-th largest value, for the largest j whose coverage, 1 − 2·P(Binomial(n, ½) < j), is still at least
+    `level`; returns (low, high, coverage), or None when even the smallest and largest cover less (too few rounds:
+    seven give 98 %, five 94 %, four 88 %)."""
+    xs, n = sorted(values), len(values)
+    best = None
+    for j in range(1, n // 2 + 1):
+        coverage = 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+        if coverage < level:
+            break
+        best = (xs[j - 1], xs[n - j], coverage)
+    return best
+
+
+def verdict(interval: tuple[float, float, float] | None, goal: float) -> str:
+    """Whether a ratio's interval says it meets `goal` (at least): met, not met, or not decided by this run's noise."""
+    if interval is None:
+        return "too few rounds to decide"
+    low, high, _ = interval
+    if low >= goal:
+        return "met"
+    if high < goal:
+        return "not met"
+    return "not decided at this noise (more --rounds narrow the interval)"
 
 
 def ratio_line(ratio: float, goal: float) -> str:

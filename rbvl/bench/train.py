@@ -33,7 +33,11 @@ update falls inside every timed span, for both `rnb` and `balance_hf` (`--update
 Rounds alternate the arms (in a rotated order each round), so drift in the machine's speed hits every arm alike;
 each arm's figure is the median samples/s over the rounds. The ratios the issue sets goals for are printed beside
 them, as the ratio of the medians and as the median of the ratios within each round (`paired_ratios`); they are
-reported, not asserted (timings on a shared machine are noisy).
+reported, not asserted (timings on a shared machine are noisy). Beside each per-round median stands a distribution-free
+90 % interval for it (`paired_intervals`: order statistics of the per-round ratios; five rounds at least), and for a
+ratio with a goal, whether that interval says the goal is met, not met, or not decided at this run's noise. On a shared
+2-core VM the per-round ratios of two identical loops spread by ±20 %, so 21 rounds still leave an interval about
+0.1 wide: a few percent is beyond this bench there (`rbvl bench balance` times the tracker within one process).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from pathlib import Path
 import torch
 
 from rbvl.balance import GradientTracker
-from rbvl.bench._timing import alternate, medians, paired_ratio, quiet_training, set_threads
+from rbvl.bench._timing import alternate, median_interval, medians, paired_ratio, quiet_training, set_threads, verdict
+from rbvl.bench.step import print_step_cost, tracker_step_cost
 from rbvl.config import load_config
 from rbvl.data import decode, load_domains, read_shard
 from rbvl.data.collate import Encoder
@@ -65,6 +70,8 @@ RATIOS = (  # (numerator, denominator, goal or None)
     ("balance_hf", "trainer", 0.95),
     ("rnb", "rnb_linears", None),
 )
+# rnb / stratified's goal, held here to the per-micro-batch tracking alone (the in-process part)
+TRACKER_GOAL = 0.97
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_tiny_rnb.yaml"
 
 
@@ -73,11 +80,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="a regroup manifest.json (default: a generated 3-domain one in a temp folder)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (loader start-up, allocator)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every arm once")
+    p.add_argument(
+        "--rounds", type=int, default=7, help="rounds; each runs every arm once (5 at least for an interval)"
+    )
     p.add_argument("--batch", type=int, help="samples per optimizer step (default: the recipe's train.batch_size)")
     p.add_argument("--workers", type=int, help="loader workers for every arm (default: the recipe's data.num_workers)")
     p.add_argument("--update-every", type=int, help="Balance update interval (default: min(recipe's, --steps))")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument(
+        "--tracker-rounds",
+        type=int,
+        default=15,
+        help="last part: rounds of the tracker's cost timed within one process (rbvl/bench/step.py); 0 skips it",
+    )
+    p.add_argument("--tracker-block", type=int, default=6, help="optimizer steps per side in each of those rounds")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     p.add_argument("--json", help="also write the result to this file")
 
@@ -90,6 +106,8 @@ def run(args) -> dict:
         raise SystemExit(f"--arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
         raise SystemExit("--steps, --warmup and --rounds must be at least 1")
+    if args.tracker_rounds < 0 or args.tracker_block < 1:
+        raise SystemExit("--tracker-rounds must be at least 0 and --tracker-block at least 1")
     quiet_training()
 
     with tempfile.TemporaryDirectory(prefix="rbvl-bench-train-") as tmp:
@@ -107,7 +125,7 @@ def run(args) -> dict:
             f"balance.update_every={update_every}",
             "balance.warmup_steps=0",
         ]
-        samples = load_samples(manifest) if {"balance_hf", "trainer"} & set(arms) else []
+        samples = load_samples(manifest) if {"balance_hf", "trainer"} & set(arms) or args.tracker_rounds else []
 
         def measure(arm: str, r: int) -> float:
             out = tmp / f"round{r}-{arm}"
@@ -128,11 +146,21 @@ def run(args) -> dict:
             print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{a} {rates[a][-1]:7.1f}" for a in arms), flush=True)
 
         rates = alternate(arms, args.rounds, measure, order="rotate", after_round=print_round)
+        step_cost = None
+        if args.tracker_rounds:
+            step_cfg = load_config(args.recipe, [*overrides, f"output_dir={tmp / 'in-process'}"])
+            step_cost = tracker_step_cost(step_cfg, samples, args.tracker_rounds, args.tracker_block, batch)
 
     median = medians(rates)
     ratios = {f"{a}/{b}": median[a] / median[b] for a, b, _ in RATIOS if a in median and b in median}
     # the same ratios taken within each round, then the median: robust to the machine's speed drifting between rounds
     paired = {f"{a}/{b}": paired_ratio(rates[a], rates[b]) for a, b, _ in RATIOS if a in rates and b in rates}
+    # how far the per-round ratios let that median be trusted: a 90 % interval, distribution-free
+    intervals = {
+        f"{a}/{b}": median_interval([x / y for x, y in zip(rates[a], rates[b])])
+        for a, b, _ in RATIOS
+        if a in rates and b in rates
+    }
     result = {
         "setup": {
             "recipe": str(args.recipe),
@@ -149,7 +177,9 @@ def run(args) -> dict:
         "median_samples_per_s": median,
         "ratios": ratios,
         "paired_ratios": paired,
+        "paired_intervals": intervals,
         "loadavg": list(os.getloadavg()),
+        "tracker_in_process": step_cost,
     }
     print_result(result, cfg.model.name)
     if args.json:
@@ -160,6 +190,7 @@ def run(args) -> dict:
 def print_result(result: dict, model_name: str) -> None:
     setup, rates, median = result["setup"], result["samples_per_s"], result["median_samples_per_s"]
     ratios, paired, load = result["ratios"], result["paired_ratios"], result["loadavg"]
+    intervals = result["paired_intervals"]
     print(
         f"rbvl bench train — {model_name}, batch {setup['batch']}, {setup['steps']} timed steps after "
         f"{setup['warmup']}, {setup['rounds']} rounds, {setup['workers']} loader worker(s), {setup['threads']} torch "
@@ -171,8 +202,12 @@ def print_result(result: dict, model_name: str) -> None:
     for a, b, goal in RATIOS:
         if f"{a}/{b}" in ratios:
             key = f"{a}/{b}"
-            target = "" if goal is None else f"; goal ≥ {goal:.2f}×"
-            print(f"  {a + ' / ' + b:<24} {ratios[key]:6.3f}×   (per round, median {paired[key]:.3f}×{target})")
+            interval = intervals[key]
+            spread = "" if interval is None else f" in [{interval[0]:.3f}, {interval[1]:.3f}] ({interval[2]:.0%})"
+            target = "" if goal is None else f"; goal ≥ {goal:.2f}×: {verdict(interval, goal)}"
+            print(f"  {a + ' / ' + b:<24} {ratios[key]:6.3f}×   (per round, median {paired[key]:.3f}×{spread}{target})")
+    if result.get("tracker_in_process"):
+        print_step_cost(result["tracker_in_process"], goal=TRACKER_GOAL)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The GradientTracker's own cost on a recipe's training step, timed within one process (`rbvl bench train`'s last
+part; `--tracker-rounds 0` skips it).
+
+The arms of `rbvl bench train` time whole training runs, which on a shared machine drift between rounds by far more
+than the few percent the tracker costs. Here one model (the recipe's, with its LoRA) trains on the same micro-batches,
+and blocks of `block` optimizer steps alternate with the tracker attached and removed. With it attached each
+micro-batch does what `rbvl train` does for R&B (set_domains, watch_loss, commit after the optimizer step); the forward,
+loss, backward, clip and AdamW step are `rbvl train`'s own (`causal_lm_token_loss`, `autocast_context`,
+`optimizer_step`). There is no loader, logging or Balance update inside a block: the figure is the per-micro-batch
+tracking alone (a Balance update's Gram matrix is timed by `rbvl bench balance`).
+
+Micro-batches: `batch` samples drawn at random from the whole manifest (each domain alike), sorted by domain as rbvl's
+loader sorts them, so a micro-batch holds several domains in segments of unequal lengths, as in training.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import torch
+
+from rbvl.balance import GradientTracker
+from rbvl.bench._timing import median_interval, verdict
+from rbvl.data.collate import Encoder
+from rbvl.evaluate import causal_lm_token_loss
+from rbvl.model import apply_lora, load_model
+from rbvl.model.families import head_patterns
+from rbvl.train.optim import autocast_context, build_optimizer, optimizer_step
+
+
+def tracker_step_cost(cfg, samples: list[dict], rounds: int, block: int = 6, batch: int | None = None) -> dict:
+    """Seconds per optimizer step with the tracker removed and attached, `rounds` alternating blocks of `block` steps
+    each (the side that goes first alternates too); returns the per-round figures, their medians, and the per-round
+    ratio untracked / tracked with its median and 90 % interval (`median_interval`)."""
+    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model, processor = load_model(cfg.model, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = apply_lora(model, cfg.lora).to(device)
+    model.train()
+    chat = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
+    batches = _micro_batches(chat, samples, batch or cfg.train.batch_size, block, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    autocast = autocast_context(cfg.train.precision, device)
+    n_domains = 1 + max(s["domain"] for s in samples)
+    tracker = GradientTracker(
+        model,
+        n_domains,
+        params=cfg.balance.params,
+        head_patterns=head_patterns(model) if cfg.balance.params == "head" else None,
+        sketch_dim=cfg.balance.sketch_dim,
+        seed=cfg.seed,
+        guard_nonfinite=cfg.train.precision == "fp16",
+    )
+
+    def steps(tracked: bool) -> float:
+        if tracked:
+            tracker.attach()
+        _sync(device)
+        start = time.perf_counter()
+        for inputs, info in batches:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+            labels = inputs.pop("labels")
+            n_tokens = info["label_tokens"].sum().clamp(min=1)
+            if tracked:
+                tracker.set_domains(info["domain_ids"], tokens=info["label_tokens"])
+            with autocast:
+                token_loss = causal_lm_token_loss(model(**inputs).logits, labels)
+                loss = token_loss.sum() / n_tokens.to(token_loss.device, non_blocking=True)
+            if tracked:
+                tracker.watch_loss(loss, n_tokens)
+            scaler.scale(loss).backward()
+            status = optimizer_step(optimizer, scheduler, scaler, params, cfg.optim.max_grad_norm)
+            if tracked:
+                tracker.commit(skip=status != "ok")
+        _sync(device)
+        seconds = (time.perf_counter() - start) / len(batches)
+        if tracked:
+            tracker.remove()
+            seen["tokens"] += float(tracker.tokens.sum())  # what the window took in: the tracked side tracked
+            tracker.reset()
+        return seconds
+
+    tracker.remove()
+    seen = {"tokens": 0.0}
+    for side in (False, True):  # one untimed block each: first-call costs (allocations, the grouped-product trial)
+        steps(side)
+    per_step: dict[str, list[float]] = {"untracked": [], "tracked": []}
+    for r in range(rounds):
+        for side in (False, True) if r % 2 == 0 else (True, False):
+            per_step["tracked" if side else "untracked"].append(steps(side))
+    ratios = [u / t for u, t in zip(per_step["untracked"], per_step["tracked"])]
+    return {
+        "device": str(device),
+        "block": block,
+        "rounds": rounds,
+        "step_s": per_step,
+        "median_step_s": {side: statistics.median(v) for side, v in per_step.items()},
+        "ratios": ratios,
+        "ratio": statistics.median(ratios),
+        "interval": median_interval(ratios),
+        "tracked_label_tokens": seen["tokens"],
+        "label_tokens_per_block": float(sum(info["label_tokens"].sum() for _, info in batches)),
+        "domains_per_batch": sorted({len(set(info["domain_ids"].tolist())) for _, info in batches}),
+    }
+
+
+def _micro_batches(chat: Encoder, samples: list[dict], size: int, count: int, seed: int) -> list:
+    """`count` encoded micro-batches of `size` samples drawn from all of `samples`, each sorted by domain."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        drawn = sorted(rng.sample(samples, min(size, len(samples))), key=lambda s: s["domain"])
+        inputs, info = chat(drawn, [s["domain"] for s in drawn])
+        if inputs is not None:
+            info["domain_ids"] = torch.as_tensor(info["domain_ids"])
+            info["label_tokens"] = torch.as_tensor(info["label_tokens"])
+            out.append((inputs, info))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_step_cost(result: dict, goal: float | None = None) -> None:
+    med, interval = result["median_step_s"], result["interval"]
+    spread = "" if interval is None else f" in [{interval[0]:.3f}, {interval[1]:.3f}] ({interval[2]:.0%})"
+    target = "" if goal is None else f"; goal ≥ {goal:.2f}×: {verdict(interval, goal)}"
+    print(
+        f"  the tracker within one process ({result['device']}, {result['rounds']} rounds of {result['block']} steps, "
+        f"{'/'.join(map(str, result['domains_per_batch']))} domains per micro-batch): untracked "
+        f"{med['untracked'] * 1e3:.2f} ms, tracked {med['tracked'] * 1e3:.2f} ms per step\n"
+        f"  untracked / tracked step      {result['ratio']:.3f}×   (per round, median{spread}{target})"
+    )
