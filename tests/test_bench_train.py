@@ -31,6 +31,7 @@ def test_bench_train_smoke(tmp_path):
     out = tmp_path / "bench.json"
     args = parser.parse_args(
         ["--steps", "2", "--warmup", "1", "--rounds", "1", "--batch", "4", "--workers", "0", "--json", str(out)]
+        + ["--tracker-rounds", "2", "--tracker-block", "1"]
     )
     result = bench_train.run(args)
     assert json.loads(out.read_text())["ratios"] == result["ratios"]
@@ -45,6 +46,7 @@ def test_bench_train_smoke(tmp_path):
         f"{a}/{b}": result["samples_per_s"][a][0] / result["samples_per_s"][b][0] for a, b in pairs
     }
     assert result["paired_intervals"] == {f"{a}/{b}": None for a, b in pairs}  # one round: no interval, no verdict
+    assert len(result["tracker_in_process"]["ratios"]) == 2  # the in-process part ran, on the bench's manifest
     assert result["setup"]["update_every"] == 2  # min(recipe's 60, --steps): an update inside the timed span
 
 

@@ -37,7 +37,8 @@ reported, not asserted (timings on a shared machine are noisy). Beside each per-
 90 % interval for it (`paired_intervals`: order statistics of the per-round ratios; five rounds at least), and for a
 ratio with a goal, whether that interval says the goal is met, not met, or not decided at this run's noise. On a shared
 2-core VM the per-round ratios of two identical loops spread by ±20 %, so 21 rounds still leave an interval about
-0.1 wide: a few percent is beyond this bench there (`rbvl bench balance` times the tracker within one process).
+0.1 wide: a few percent is beyond the arms there. So a last part (`--tracker-rounds`, rbvl/bench/step.py) times the
+tracker within one process: one model, the same micro-batches, blocks of steps with the tracker attached and removed.
 """
 
 from __future__ import annotations
