@@ -3,6 +3,8 @@ and weight gradients against per-domain autograd and against the two tracked lin
 cover (several adapters active, a bias on B, one side tracked, merged or disabled adapters, adapter_names) runs PEFT's
 own forward through the tracked linears, and still gives each domain its part."""
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -18,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import rbvl.balance.layers as layers
 import rbvl.balance.lora as lora
-from rbvl.balance import GradientTracker
+from rbvl.balance import GradientTracker, label_tokens
 
 
 @pytest.fixture
@@ -234,3 +236,37 @@ def test_under_torch_compile_peft_forward_runs_and_trains_as_eager():
     assert result["tracked_linears"] == 2 * len(PROJECTIONS)
     # at most one graph break per tracked linear (tracing the pair's function instead made 23 graphs here)
     assert result["graphs_tracked"] <= result["tracked_linears"] + 1, result
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_deep_copy_of_a_tracked_model_is_its_own_untracked_model(fused, monkeypatch):
+    """copy.deepcopy of a tracked model (an EMA copy, a reference model) computes with its own weights, as the same
+    model never tracked does, and leaves the tracker's window alone; the original keeps tracking exactly, and another
+    tracker can attach to the copy."""
+    monkeypatch.setattr(GradientTracker, "pair_lora", fused)
+    model = lora_llama(r=4)
+    tracker = GradientTracker(model, 4)
+    ids, labels, domains = batch(3, "sorted")
+    reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
+    model.zero_grad()
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    plain_twin = copy.deepcopy(twin)  # the copy's copy: never tracked, its forwards its class's own
+    assert not any("forward" in mod.__dict__ and hasattr(mod.forward, "tracker") for mod in twin.modules())
+    tracker.set_domains(domains, tokens=label_tokens(labels))
+    twin_loss = token_loss_sums(twin, ids, labels).sum()
+    twin_loss.backward()
+    assert tracker.sq.abs().sum() == 0 and all(s.abs().sum() == 0 for s in tracker.sums)  # nothing reached the window
+    torch.testing.assert_close(twin_loss, token_loss_sums(plain_twin, ids, labels).sum())
+    with torch.no_grad():
+        assert not torch.allclose(twin_loss, token_loss_sums(model, ids, labels).sum())  # not the original's weights
+
+    tracker.reset()  # the label tokens that set_domains counted above
+    tracked_micro_batch(model, tracker, ids, labels, domains)
+    torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-7)
+    tracker.remove()
+    GradientTracker(twin, 4).remove()  # the copy is free to be tracked on its own

@@ -8,6 +8,7 @@ caller passes the family's head patterns (`rbvl.model.families.head_patterns(mod
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
@@ -260,6 +261,30 @@ def weight_grad(tracker, index: int, groups: _Groups, delta, a, need_w: bool, w_
     if grad_w is None or not need_w:
         return None
     return grad_w if grad_w.dtype == w_dtype else grad_w.to(w_dtype)
+
+
+class Routed:
+    """What a tracked module's `forward` is while a GradientTracker is attached: `call`, the tracked forward, with the
+    `tracker` that set it (attach refuses a module another tracker holds; FSDP finds the trackers by it).
+
+    A deep copy of the module (`copy.deepcopy` of the model: an EMA copy, a reference model, a snapshot) gets the
+    module's own forward (`own`, what it had before attach; None: its class's), bound to the copy: the copy is not
+    tracked and computes with its own weights. A closure would be shared by the copy, and run the original module.
+    """
+
+    def __init__(self, tracker, module: nn.Module, own, call):
+        self.tracker, self.module, self.own, self.call = tracker, module, own, call
+
+    def __call__(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.module))  # deepcopy registers the module's copy before it copies the module's fields
+        if twin is None:  # this forward copied on its own, not as part of its module: it stays what it is
+            return self
+        if self.own is not None:
+            return copy.deepcopy(self.own, memo)  # a bound method binds to the copy
+        return type(twin).forward.__get__(twin)
 
 
 def _tracked_linear(tracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:

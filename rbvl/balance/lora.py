@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rbvl.balance.layers import _Groups, outside_autocast, weight_grad
+from rbvl.balance.layers import Routed, _Groups, outside_autocast, weight_grad
 
 
 def lora_pairs(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, str, int, int]]:
@@ -67,8 +67,7 @@ def lora_forward(tracker, layer: nn.Module, adapter: str, ia: int, ib: int):
         weights = lora_a.weight, lora_b.weight
         return _TrackedLoRA.apply(result, dropout(x), *weights, layer.scaling[adapter], tracker, ia, ib, groups)
 
-    forward.tracker = tracker
-    return forward
+    return Routed(tracker, layer, layer.__dict__.get("forward"), forward)
 
 
 class _TrackedLoRA(torch.autograd.Function):

@@ -22,6 +22,7 @@ from torch import nn
 from rbvl.balance.layers import (
     CROSS_ATTENTION,
     VISION_SIDE,
+    Routed,
     _cpu_ids,
     _Groups,
     _row_groups,
@@ -413,8 +414,7 @@ class GradientTracker(_Staging):
                 return _tracked_linear_eager(self, index, x, mod)
             return _tracked_linear(self, index, x, mod)
 
-        forward.tracker = self
-        return forward
+        return Routed(self, mod, mod.__dict__.get("forward"), forward)
 
     def _domains_for(self, batch_dim: int, index: int) -> _Groups:
         if self._sample_domains is None:
