@@ -3,6 +3,7 @@ original-label manifest writer, and the statistics against slow references."""
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -324,6 +325,10 @@ def test_headroom_and_captured_share_by_hand():
     assert out["share"]["none"]["n"] == 3 and out["share"]["none"]["share"] == pytest.approx(-0.01 / 0.58)
     noisy = headroom({0: 1.0, 1: 1.0}, {0: 0.9, 1: 1.1}, {}, paired)
     assert noisy["within_noise"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no all-NaN quantile warning
+        flat = headroom({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0}, {"same": {0: 1.0, 1: 0.9}}, paired)
+    assert flat["share"]["same"] == {"n": 2, "share": None, "low": None, "high": None}  # no headroom: no share, no NaN
 
 
 def test_mixture_section_by_hand_with_a_clean_control(tmp_path):

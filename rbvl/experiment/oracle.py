@@ -82,7 +82,10 @@ def headroom(stratified: dict[int, float], oracle: dict[int, float], mixers: dic
         share = float(gain.mean() / full.mean()) if full.mean() else None
         boot = rng.integers(0, len(common), size=(n_boot, len(common)))
         ratios = gain[boot].mean(1) / np.where(full[boot].mean(1) == 0, np.nan, full[boot].mean(1))
-        low, high = np.nanpercentile(ratios, [2.5, 97.5]).tolist() if len(common) > 1 else (None, None)
+        ratios = ratios[np.isfinite(ratios)]  # a resample whose oracle equals stratified has no share
+        low, high = (None, None)  # no interval from one seed, or when no resample has any headroom
+        if len(common) > 1 and ratios.size:
+            low, high = np.percentile(ratios, [2.5, 97.5]).tolist()
         out["share"][name] = {"n": len(common), "share": share, "low": low, "high": high}
     return out
 
