@@ -76,8 +76,9 @@ def median_interval(values: Sequence[float], level: float = 0.9) -> tuple[float,
     return best
 
 
-def verdict(interval: tuple[float, float, float] | None, goal: float) -> str:
-    """Whether a ratio's interval says it meets `goal` (at least): met, not met, or not decided by this run's noise."""
+def verdict(interval: tuple[float, float, float] | None, goal: float, more: str = "--rounds") -> str:
+    """Whether a ratio's interval says it meets `goal` (at least): met, not met, or not decided by this run's noise
+    (`more`: the option that adds rounds)."""
     if interval is None:
         return "too few rounds to decide"
     low, high, _ = interval
@@ -85,7 +86,7 @@ def verdict(interval: tuple[float, float, float] | None, goal: float) -> str:
         return "met"
     if high < goal:
         return "not met"
-    return "not decided at this noise (more --rounds narrow the interval)"
+    return f"not decided at this noise (more {more} narrow the interval)"
 
 
 def ratio_line(ratio: float, goal: float) -> str:

@@ -130,10 +130,10 @@ def _sync(device: torch.device) -> None:
 def print_step_cost(result: dict, goal: float | None = None) -> None:
     med, interval = result["median_step_s"], result["interval"]
     spread = "" if interval is None else f" in [{interval[0]:.3f}, {interval[1]:.3f}] ({interval[2]:.0%})"
-    target = "" if goal is None else f"; goal ≥ {goal:.2f}×: {verdict(interval, goal)}"
+    target = "" if goal is None else f"; goal ≥ {goal:.2f}×: {verdict(interval, goal, more='--tracker-rounds')}"
     print(
         f"  the tracker within one process ({result['device']}, {result['rounds']} rounds of {result['block']} steps, "
         f"{'/'.join(map(str, result['domains_per_batch']))} domains per micro-batch): untracked "
         f"{med['untracked'] * 1e3:.2f} ms, tracked {med['tracked'] * 1e3:.2f} ms per step\n"
-        f"  untracked / tracked step      {result['ratio']:.3f}×   (per round, median{spread}{target})"
+        f"  untracked / tracked step      {result['ratio']:.3f}×   (median of the {result['rounds']} rounds{spread}{target})"
     )
