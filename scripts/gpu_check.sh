@@ -58,7 +58,7 @@ part slice 100 $PY -m rbvl.cli bench balance --device cuda --autocast bf16 --sli
     --rounds 9 --windows 2 --no-peers --json "$OUT/slice.json"
 part full 150 $PY -m rbvl.cli bench balance --device cuda --autocast bf16 --slice-layers 32 --seq 1024 --batch 4 \
     --rounds 3 --windows 1 --no-peers --json "$OUT/full.json"
-part train 120 $PY -m rbvl.cli bench train --rounds 3 --arms stratified,rnb,balance_hf,trainer,rnb_linears \
+part train 120 $PY -m rbvl.cli bench train --rounds 3 --tracker-rounds 21 --arms stratified,rnb,balance_hf,trainer,rnb_linears \
     --json "$OUT/train.json"
 echo
 if ((${#failed[@]})); then

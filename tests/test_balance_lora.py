@@ -270,3 +270,37 @@ def test_a_deep_copy_of_a_tracked_model_is_its_own_untracked_model(fused, monkey
     torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-7)
     tracker.remove()
     GradientTracker(twin, 4).remove()  # the copy is free to be tracked on its own
+
+
+def test_a_deep_copy_of_a_tracked_model_is_freed_by_del():
+    """No reference cycle through the copy's forwards: the copy goes as soon as it is deleted, as an untracked
+    model's copy does (an EMA or reference model on a GPU holds its memory until then)."""
+    import gc
+    import weakref
+
+    model = lora_llama(r=4)
+    tracker = GradientTracker(model, 4)
+    gc.disable()
+    try:
+        twin = copy.deepcopy(model)
+        routed = [n for n, m in model.named_modules() if "forward" in m.__dict__]  # the layers the tracker routes
+        gone = [weakref.ref(m) for n, m in twin.named_modules() if n in routed]
+        ids, labels, _ = batch(3, "sorted")
+        token_loss_sums(twin, ids, labels).sum().backward()
+        del twin
+        assert len(gone) == len(tracker.modules) + len(tracker._lora) and all(ref() is None for ref in gone)
+    finally:
+        gc.enable()
+    tracker.remove()
+
+
+def test_an_own_forward_from_before_attach_comes_back_bound_to_the_copy():
+    model = lora_llama(r=4)
+    layer = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
+    layer.forward = type(layer).forward.__get__(layer)  # a bound method of its own, as some wrappers leave
+    tracker = GradientTracker(model, 4)
+    twin = copy.deepcopy(model)
+    twin_layer = next(m for n, m in twin.named_modules() if n.endswith("q_proj"))
+    assert twin_layer.forward.__self__ is twin_layer
+    tracker.remove()
+    assert layer.forward.__self__ is layer  # the original gets its own back too

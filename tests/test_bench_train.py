@@ -78,20 +78,21 @@ def test_verdict_reads_the_interval():
     assert verdict((0.98, 1.02, 0.93), 0.97) == "met"
     assert verdict((0.90, 0.96, 0.93), 0.97) == "not met"
     assert verdict((0.92, 1.02, 0.93), 0.97).startswith("not decided")
-    assert verdict(None, 0.97) == "too few rounds to decide"
+    assert verdict(None, 0.97) == "too few rounds to decide (5 at least: --rounds)"
 
 
-def test_tracker_step_cost_alternates_blocks_and_tracks_only_its_side(tmp_path):
+@pytest.mark.parametrize("params", ["lora", "head"])  # head: the projector's rows are images (image_domain_ids)
+def test_tracker_step_cost_alternates_blocks_and_tracks_only_its_side(params, tmp_path):
     """The in-process part: per round one untracked and one tracked block of the same micro-batches; the ratio is
-    untracked / tracked seconds per step; the tracked blocks (and only they) put every micro-batch into the window."""
+    untracked / tracked seconds per step; gradients reach the tracker's window in the tracked blocks only."""
     manifest = bench_train.write_bench_manifest(tmp_path / "shards", n_domains=3, n_train=6, n_eval=2)
-    cfg = load_config(bench_train.DEFAULT_RECIPE, [f"manifest={manifest}", f"output_dir={tmp_path / 'run'}"])
+    overrides = [f"manifest={manifest}", f"output_dir={tmp_path / 'run'}", f"balance.params={params}"]
+    cfg = load_config(bench_train.DEFAULT_RECIPE, overrides)
     result = tracker_step_cost(cfg, bench_train.load_samples(manifest), rounds=3, block=2, batch=6)
     steps = result["step_s"]
     assert len(steps["untracked"]) == len(steps["tracked"]) == 3
     assert result["ratios"] == [u / t for u, t in zip(steps["untracked"], steps["tracked"])]
     assert result["ratio"] == statistics.median(result["ratios"])
     assert result["interval"] is None  # three rounds are too few for a 90 % interval
-    # one untimed block per side first, then three timed ones: four tracked blocks of the same two micro-batches
-    assert result["tracked_label_tokens"] == 4 * result["label_tokens_per_block"] > 0
+    assert result["window_sq"]["tracked"] > 0 and result["window_sq"]["untracked"] == 0
     assert max(result["domains_per_batch"]) >= 2  # drawn from every domain, as rbvl's loader mixes them

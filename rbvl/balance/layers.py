@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -268,8 +269,11 @@ class Routed:
     `tracker` that set it (attach refuses a module another tracker holds; FSDP finds the trackers by it).
 
     A deep copy of the module (`copy.deepcopy` of the model: an EMA copy, a reference model, a snapshot) gets the
-    module's own forward (`own`, what it had before attach; None: its class's), bound to the copy: the copy is not
-    tracked and computes with its own weights. A closure would be shared by the copy, and run the original module.
+    module's own forward back, bound to the copy: `own` (what the module had before attach: a bound method binds to
+    the copy; a plain function stays shared, as deepcopy shares functions) or, where the module had none, its class's
+    (`ClassForward`). So the copy is not tracked, and computes with its own weights; a closure would be shared by the
+    copy and run the original module. A shallow `copy.copy` of a module shares its `Routed`, as it shares its weights:
+    that copy stays tracked, even after `remove()` (which restores the modules the tracker attached to).
     """
 
     def __init__(self, tracker, module: nn.Module, own, call):
@@ -283,8 +287,25 @@ class Routed:
         if twin is None:  # this forward copied on its own, not as part of its module: it stays what it is
             return self
         if self.own is not None:
-            return copy.deepcopy(self.own, memo)  # a bound method binds to the copy
-        return type(twin).forward.__get__(twin)
+            return copy.deepcopy(self.own, memo)
+        return ClassForward(twin)
+
+
+class ClassForward:
+    """A deep-copied tracked module's forward: its class's, looked up at every call, through a weak reference to the
+    module (a bound method in the module's own __dict__ would make a reference cycle, and the copy would outlive `del`
+    until the garbage collector's next full pass)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = weakref.ref(module)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module()
+        return type(module).forward(module, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.module()))
+        return self if twin is None else ClassForward(twin)
 
 
 def _tracked_linear(tracker, index: int, x: torch.Tensor, mod: nn.Linear) -> torch.Tensor:

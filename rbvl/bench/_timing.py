@@ -64,8 +64,9 @@ def paired_ratio(xs: Sequence[float], ys: Sequence[float]) -> float:
 def median_interval(values: Sequence[float], level: float = 0.9) -> tuple[float, float, float] | None:
     """A distribution-free interval for the median of what `values` sample (e.g. the per-round ratios): the j-th
     smallest and j-th largest value, for the largest j whose coverage, 1 − 2·P(Binomial(n, ½) < j), is still at least
-    `level`; returns (low, high, coverage), or None when even the smallest and largest cover less (too few rounds:
-    seven give 98 %, five 94 %, four 88 %)."""
+    `level`; returns (low, high, coverage), or None when even the smallest and largest cover less (four rounds or
+    fewer: the smallest and largest of four cover 88 %, of five 94 %, of seven 98 %). It describes this run's rounds:
+    two runs on a shared machine can land further apart than either interval is wide."""
     xs, n = sorted(values), len(values)
     best = None
     for j in range(1, n // 2 + 1):
@@ -77,10 +78,10 @@ def median_interval(values: Sequence[float], level: float = 0.9) -> tuple[float,
 
 
 def verdict(interval: tuple[float, float, float] | None, goal: float, more: str = "--rounds") -> str:
-    """Whether a ratio's interval says it meets `goal` (at least): met, not met, or not decided by this run's noise
-    (`more`: the option that adds rounds)."""
+    """Whether a ratio's interval says it meets `goal` (at least) in this run: met, not met, or not decided at this
+    run's noise (`more`: the option that adds rounds)."""
     if interval is None:
-        return "too few rounds to decide"
+        return f"too few rounds to decide (5 at least: {more})"
     low, high, _ = interval
     if low >= goal:
         return "met"

@@ -9,8 +9,10 @@ loss, backward, clip and AdamW step are `rbvl train`'s own (`causal_lm_token_los
 `optimizer_step`). There is no loader, logging or Balance update inside a block: the figure is the per-micro-batch
 tracking alone (a Balance update's Gram matrix is timed by `rbvl bench balance`).
 
-Micro-batches: `batch` samples drawn at random from the whole manifest (each domain alike), sorted by domain as rbvl's
-loader sorts them, so a micro-batch holds several domains in segments of unequal lengths, as in training.
+Micro-batches: `batch` samples drawn uniformly from the manifest's training samples (so each domain in proportion to
+its size), sorted by domain as rbvl's loader sorts them: a micro-batch holds several domains in segments of unequal
+lengths, as in training. The figure holds for this run; two runs on a shared machine can differ by more than either
+interval (docs/balance.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 import torch
 
 from rbvl.balance import GradientTracker
-from rbvl.bench._timing import median_interval, verdict
+from rbvl.bench._timing import alternate, median_interval, verdict
 from rbvl.data.collate import Encoder
 from rbvl.evaluate import causal_lm_token_loss
 from rbvl.model import apply_lora, load_model
@@ -31,10 +33,13 @@ from rbvl.train.optim import autocast_context, build_optimizer, optimizer_step
 
 
 def tracker_step_cost(cfg, samples: list[dict], rounds: int, block: int = 6, batch: int | None = None) -> dict:
-    """Seconds per optimizer step with the tracker removed and attached, `rounds` alternating blocks of `block` steps
-    each (the side that goes first alternates too); returns the per-round figures, their medians, and the per-round
-    ratio untracked / tracked with its median and 90 % interval (`median_interval`)."""
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    """Seconds per optimizer step with the tracker removed and attached: `rounds` rounds of one block of `block` steps
+    per side (the side that goes first alternates; one round before them untimed). Returns the per-round figures,
+    their medians, and the per-round ratio untracked / tracked with its median and 90 % interval (`median_interval`);
+    `window_sq`, Σ ‖s_ik‖² the tracker took in during each side's blocks (zero for the untracked side)."""
+    device = torch.device(
+        cfg.train.device if cfg.train.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     model, processor = load_model(cfg.model, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     model = apply_lora(model, cfg.lora).to(device)
@@ -45,18 +50,20 @@ def tracker_step_cost(cfg, samples: list[dict], rounds: int, block: int = 6, bat
     optimizer, scheduler = build_optimizer(params, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     autocast = autocast_context(cfg.train.precision, device)
-    n_domains = 1 + max(s["domain"] for s in samples)
     tracker = GradientTracker(
         model,
-        n_domains,
+        1 + max(s["domain"] for s in samples),
         params=cfg.balance.params,
         head_patterns=head_patterns(model) if cfg.balance.params == "head" else None,
         sketch_dim=cfg.balance.sketch_dim,
         seed=cfg.seed,
         guard_nonfinite=cfg.train.precision == "fp16",
     )
+    tracker.remove()
+    window_sq = {"untracked": 0.0, "tracked": 0.0}
 
-    def steps(tracked: bool) -> float:
+    def measure(side: str, _round: int) -> float:
+        tracked = side == "tracked"
         if tracked:
             tracker.attach()
         _sync(device)
@@ -65,8 +72,8 @@ def tracker_step_cost(cfg, samples: list[dict], rounds: int, block: int = 6, bat
             inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
             labels = inputs.pop("labels")
             n_tokens = info["label_tokens"].sum().clamp(min=1)
-            if tracked:
-                tracker.set_domains(info["domain_ids"], tokens=info["label_tokens"])
+            if tracked:  # what rbvl train's R&B mixer does before the forward pass
+                tracker.set_domains(info["domain_ids"], info["label_tokens"], info.get("image_domain_ids"))
             with autocast:
                 token_loss = causal_lm_token_loss(model(**inputs).logits, labels)
                 loss = token_loss.sum() / n_tokens.to(token_loss.device, non_blocking=True)
@@ -78,20 +85,12 @@ def tracker_step_cost(cfg, samples: list[dict], rounds: int, block: int = 6, bat
                 tracker.commit(skip=status != "ok")
         _sync(device)
         seconds = (time.perf_counter() - start) / len(batches)
-        if tracked:
-            tracker.remove()
-            seen["tokens"] += float(tracker.tokens.sum())  # what the window took in: the tracked side tracked
-            tracker.reset()
+        tracker.remove()
+        window_sq[side] += float(tracker.sq.sum())  # what reached the window in this block (outside the timed span)
+        tracker.reset()
         return seconds
 
-    tracker.remove()
-    seen = {"tokens": 0.0}
-    for side in (False, True):  # one untimed block each: first-call costs (allocations, the grouped-product trial)
-        steps(side)
-    per_step: dict[str, list[float]] = {"untracked": [], "tracked": []}
-    for r in range(rounds):
-        for side in (False, True) if r % 2 == 0 else (True, False):
-            per_step["tracked" if side else "untracked"].append(steps(side))
+    per_step = alternate(["untracked", "tracked"], rounds, measure, order="mirror", warmup=1)
     ratios = [u / t for u, t in zip(per_step["untracked"], per_step["tracked"])]
     return {
         "device": str(device),
@@ -102,8 +101,7 @@ def tracker_step_cost(cfg, samples: list[dict], rounds: int, block: int = 6, bat
         "ratios": ratios,
         "ratio": statistics.median(ratios),
         "interval": median_interval(ratios),
-        "tracked_label_tokens": seen["tokens"],
-        "label_tokens_per_block": float(sum(info["label_tokens"].sum() for _, info in batches)),
+        "window_sq": window_sq,
         "domains_per_batch": sorted({len(set(info["domain_ids"].tolist())) for _, info in batches}),
     }
 
@@ -112,22 +110,28 @@ def _micro_batches(chat: Encoder, samples: list[dict], size: int, count: int, se
     """`count` encoded micro-batches of `size` samples drawn from all of `samples`, each sorted by domain."""
     rng = random.Random(seed)
     out = []
-    while len(out) < count:
+    for _ in range(20 * count):
         drawn = sorted(rng.sample(samples, min(size, len(samples))), key=lambda s: s["domain"])
         inputs, info = chat(drawn, [s["domain"] for s in drawn])
         if inputs is not None:
-            info["domain_ids"] = torch.as_tensor(info["domain_ids"])
-            info["label_tokens"] = torch.as_tensor(info["label_tokens"])
-            out.append((inputs, info))
-    return out
+            ids = {k: torch.as_tensor(info[k]) for k in ("domain_ids", "label_tokens", "image_domain_ids") if k in info}
+            out.append((inputs, {**info, **ids}))
+            if len(out) == count:
+                return out
+    raise ValueError(
+        f"the encoder dropped every sample of {20 * count} micro-batches drawn for the in-process part: "
+        f"data.max_length={chat.max_length} is too short for these samples (data.overlong={chat.overlong})"
+    )
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a block's time is its steps' time."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def print_step_cost(result: dict, goal: float | None = None) -> None:
+    """The in-process part's two lines of `rbvl bench train`'s result."""
     med, interval = result["median_step_s"], result["interval"]
     spread = "" if interval is None else f" in [{interval[0]:.3f}, {interval[1]:.3f}] ({interval[2]:.0%})"
     target = "" if goal is None else f"; goal ≥ {goal:.2f}×: {verdict(interval, goal, more='--tracker-rounds')}"
