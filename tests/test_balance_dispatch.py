@@ -3,13 +3,15 @@ token-mean loss by plain autograd, whatever the number of domains present (1, 3,
 (sorted in equal segments: views; sorted unequal or interleaved: per-row products summed by domain); the weight
 gradient stays the plain one; no host sync in a micro-batch (CPU stand-ins here, `gpu`-marked tests on CUDA)."""
 
+import contextlib
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rbvl.balance import GradientTracker, label_tokens
+from rbvl.balance import GradientTracker, label_tokens, layers
 from rbvl.balance.layers import _grouped_mode
 from rbvl.balance.sketch import _sketch_domains
 from rbvl.train.metrics import WindowStats
@@ -214,28 +216,66 @@ def test_cuda_parts_match_per_domain_autograd(layout):
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["sorted", "interleaved"])
 @pytest.mark.parametrize("sketch_dim", [0, 256])
-def test_cuda_micro_batch_has_no_host_sync(sketch_dim, layout):
-    """set_domains, forward, watch_loss, backward and the loss stats of a micro-batch never wait on the device."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_micro_batch_has_no_host_sync(bf16, sketch_dim, layout):
+    """set_domains, forward, watch_loss, backward and the loss stats of a micro-batch never wait on the device, in
+    fp32 and under bf16 autocast (sorted rows: grouped products where the GPU has a grouped kernel, else one-hot)."""
     torch.manual_seed(0)  # a plain stack (a transformers model's own mask code may sync): the tracker's path alone
     model = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, VOCAB)).cuda()
     tracker = GradientTracker(model, 16, params=[r"^1$", r"^3$"], sketch_dim=sketch_dim)
     stats = WindowStats(16)
     ids, labels, domains = batch(3, layout)  # on the CPU, as the loader gives them
     tokens = label_tokens(labels)
-    tracked_micro_batch(model, tracker, ids.cuda(), labels.cuda(), domains)  # warm-up: allocator, caches
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    with autocast:
+        tracked_micro_batch(model, tracker, ids.cuda(), labels.cuda(), domains)  # warm-up: allocator, caches
     ids, labels = ids.pin_memory().to("cuda", non_blocking=True), labels.pin_memory().to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         tracker.set_domains(domains, tokens=tokens)
-        per_sample = token_loss_sums(model, ids, labels)
-        loss = per_sample.sum() / tokens.sum().to("cuda", non_blocking=True)
+        with autocast:
+            per_sample = token_loss_sums(model, ids, labels)
+            loss = per_sample.sum() / tokens.sum().to("cuda", non_blocking=True)
         tracker.watch_loss(loss, normalizer=tokens.sum())
         loss.backward()
         stats.add(per_sample.detach(), tokens, domains)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert tracker.tokens.sum() > 0
+
+
+@pytest.mark.parametrize("syncs", [{torch.float32}, {torch.float32, None}])
+def test_grouped_product_that_reads_the_host_is_refused(syncs, monkeypatch):
+    """On CUDA a grouped product runs without a host read only with bf16 in and out on sm90 / sm100; elsewhere PyTorch
+    loops over the groups after copying the offsets to the host. The trial product runs under CUDA's sync check and a
+    mode that syncs is refused: the other out dtype, or none (one-hot products). Simulated on the CPU: a guard that
+    marks the check, and a product that raises as the check does when its out dtype is in `syncs`."""
+    checking = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        checking.append(device)
+        yield
+        checking.pop()
+
+    product = torch.nn.functional.grouped_mm
+
+    def grouped(a, b, offs=None, out_dtype=None):
+        if checking and out_dtype in syncs:
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return product(a, b, offs=offs, out_dtype=out_dtype)
+
+    monkeypatch.setattr(layers, "_refuse_host_sync", guard)
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", grouped)
+    monkeypatch.setattr(layers, "_GROUPED", {})
+    assert _grouped_mode(torch.device("cpu"), torch.float32) == (None if None in syncs else "same")
+    model = lora_llama(r=4)  # rows of 16-byte units: sorted rows would take grouped products
+    tracker = GradientTracker(model, 16)
+    ids, labels, domains = batch(3, "sorted")
+    reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
+    tracked_micro_batch(model, tracker, ids, labels, domains)
+    torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["sorted", "interleaved"])

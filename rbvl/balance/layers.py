@@ -8,6 +8,7 @@ caller passes the family's head patterns (`rbvl.model.families.head_patterns(mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import weakref
@@ -366,7 +367,8 @@ def domain_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> torch
 
 
 # (device type, dtype) → how a grouped product runs there: the out_dtype it takes ("fp32": accumulates into fp32 parts;
-# "same": parts in the compute dtype, cast after), or None where it does not run (found by one small trial product)
+# "same": parts in the compute dtype, cast after), or None where it does not run, or runs only by reading the device
+# from the host (found by one small trial product)
 _GROUPED: dict[tuple[str, torch.dtype], str | None] = {}
 
 
@@ -389,7 +391,12 @@ def _grouped_parts(delta: torch.Tensor, a: torch.Tensor, groups: _Groups) -> tor
 
 def _grouped_mode(device: torch.device, dtype: torch.dtype) -> str | None:
     """How a grouped product runs on `device` in `dtype` (see _GROUPED), tried once; GradientTracker asks for its
-    device's dtypes when it is built, so the trial's host read never falls inside a training step."""
+    device's dtypes when it is built, so the trial's host read never falls inside a training step.
+
+    On CUDA only a product that never reads the device from the host counts: PyTorch's grouped kernel takes bf16 in
+    and bf16 out on sm90 / sm100; any other case (fp32 out, fp32 or fp16 in, another GPU) falls back to a loop that
+    copies the offsets to the host, a sync in every tracked layer's backward. The trial runs under CUDA's sync check,
+    so such a mode is refused and those layers take the one-hot product, which never syncs."""
     device = device if isinstance(device, torch.device) else torch.device(device)
     key = (device.type, dtype)
     if key in _GROUPED:  # every call but the first (each tracked layer's backward asks)
@@ -401,13 +408,28 @@ def _grouped_mode(device: torch.device, dtype: torch.dtype) -> str | None:
     offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
     for mode, out_dtype in (("fp32", torch.float32), ("same", None)):
         try:
-            parts = F.grouped_mm(a.t(), a, offs=offs, out_dtype=out_dtype)
+            with _refuse_host_sync(device):
+                parts = F.grouped_mm(a.t(), a, offs=offs, out_dtype=out_dtype)
         except (RuntimeError, NotImplementedError, TypeError):
             continue
         if parts.shape == (2, 8, 8) and bool((parts == 8).all()):  # a host read, once per process and key
             _GROUPED[key] = mode
             break
     return _GROUPED[key]
+
+
+@contextlib.contextmanager
+def _refuse_host_sync(device: torch.device):
+    """On CUDA: an operation inside that waits on the device raises (torch.cuda.set_sync_debug_mode("error"))."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
 
 
 def try_grouped_products(device) -> None:
