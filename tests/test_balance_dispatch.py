@@ -11,8 +11,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rbvl.balance import GradientTracker, label_tokens, layers
-from rbvl.balance.layers import _grouped_mode
+from rbvl.balance import GradientTracker, grouped, label_tokens, layers
+from rbvl.balance.grouped import _grouped_mode
 from rbvl.balance.sketch import _sketch_domains
 from rbvl.train.metrics import WindowStats
 
@@ -261,14 +261,14 @@ def test_grouped_product_that_reads_the_host_is_refused(syncs, monkeypatch):
 
     product = torch.nn.functional.grouped_mm
 
-    def grouped(a, b, offs=None, out_dtype=None):
+    def syncing_product(a, b, offs=None, out_dtype=None):
         if checking and out_dtype in syncs:
             raise RuntimeError("called a synchronizing CUDA operation")
         return product(a, b, offs=offs, out_dtype=out_dtype)
 
-    monkeypatch.setattr(layers, "_refuse_host_sync", guard)
-    monkeypatch.setattr(torch.nn.functional, "grouped_mm", grouped)
-    monkeypatch.setattr(layers, "_GROUPED", {})
+    monkeypatch.setattr(grouped, "_refuse_host_sync", guard)
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", syncing_product)
+    monkeypatch.setattr(grouped, "_GROUPED", {})
     assert _grouped_mode(torch.device("cpu"), torch.float32) == (None if None in syncs else "same")
     model = lora_llama(r=4)  # rows of 16-byte units: sorted rows would take grouped products
     tracker = GradientTracker(model, 16)
@@ -367,3 +367,23 @@ def test_backward_operations_do_not_grow_with_the_domains_present(sketch_dim):
     model = lora_llama()
     tracker = GradientTracker(model, 16, sketch_dim=sketch_dim)
     assert _backward_records(model, tracker, 3) == _backward_records(model, tracker, 16)
+
+
+def test_a_recurring_composition_reuses_its_grouping_and_stays_exact(monkeypatch):
+    """Micro-batches of one composition share a row grouping (made once); the window still adds every one of them:
+    twice the same micro-batch gives twice its tokens and squared norms, and the same token-mean gradients."""
+    model = lora_llama(r=4)
+    tracker = GradientTracker(model, 16)
+    ids, labels, domains = batch(3, "sorted")
+    reference, _ = per_domain_reference(model, tracker, ids, labels, domains)
+    tracked_micro_batch(model, tracker, ids, labels, domains)
+    once_tokens, once_sq, grouping = tracker.tokens.clone(), tracker.sq.clone(), tracker._groups["sample"]
+    tracked_micro_batch(model, tracker, ids, labels, domains)
+    assert tracker._groups["sample"] is grouping and grouping.stage is None
+    torch.testing.assert_close(tracker.tokens, 2 * once_tokens)
+    torch.testing.assert_close(tracker.sq, 2 * once_sq)
+    torch.testing.assert_close(tracker.domain_grads().double(), reference, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(layers._GroupCache, "MAX", 2)
+    for n in range(1, 6):  # other compositions: the cache stays within its bound
+        tracker.set_domains(torch.arange(n) % 3)
+        assert len(tracker._grouping) <= 2

@@ -48,11 +48,15 @@ class _Staging:
             return 4 * weight.numel()  # a multiply and an add (by the cached signs, into the layer's runs); ‖part‖²
         return 5 * weight.numel()  # the row and column signs applied (two multiplies), an add; ‖part‖²
 
-    def _flops_of(self, index: int) -> int:
-        """`_part_flops` of layer `index`, worked out once."""
+    def _flops_of(self, index: int | tuple[int, ...]) -> int:
+        """`_part_flops` of layer `index` (summed over the layers of a tuple), worked out once."""
         flops = self._flops_at.get(index)
         if flops is None:
-            flops = self._flops_at[index] = self._part_flops(index, self.modules[index][1].weight)
+            if isinstance(index, tuple):
+                flops = sum(self._flops_of(i) for i in index)
+            else:
+                flops = self._part_flops(index, self.modules[index][1].weight)
+            self._flops_at[index] = flops
         return flops
 
     def _stage(self, groups: _Groups) -> _Stage:
@@ -102,13 +106,18 @@ class _Staging:
         """Layer `index`'s parts (or domain j's part) into the staged norms and the window, now."""
         one = parts.dim() == 2
         self.extra_flops += (1 if one else groups.k) * self._flops_of(index)
+        self._norm_into(stage, index, parts, j)
+        self._add_to_window(stage, groups, (index,), (parts,), j)
+
+    @staticmethod
+    def _norm_into(stage: _Stage, index: int, parts: torch.Tensor, j: int | None) -> None:
+        """Layer `index`'s per-domain part norms (or domain j's) into its row of the staged norms."""
         out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
         if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
-            out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts, dim=(-2, -1))))
+            out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts.detach(), dim=(-2, -1))))
         else:
             stage.written.add(index)
-            torch.linalg.vector_norm(parts, dim=(-2, -1), out=out)
-        self._add_to_window(stage, groups, [index], [parts], j)
+            torch.linalg.vector_norm(parts.detach(), dim=(-2, -1), out=out)
 
     @torch.no_grad()
     def _flush(self, stage: _Stage, groups: _Groups) -> None:
@@ -119,12 +128,13 @@ class _Staging:
         indices, parts = zip(*stage.held, strict=True)
         stage.held, stage.held_elems = [], 0
         k = groups.k
-        self.extra_flops += k * sum(self._flops_of(index) for index in indices)
+        self.extra_flops += k * self._flops_of(indices)
         if k == 1:  # one multi-tensor norm
-            norms = torch.stack(torch._foreach_norm(list(parts))).double().view(len(parts), 1)
+            stage.sq += torch.stack(torch._foreach_norm(list(parts))).double().square_().sum()
         else:  # per layer, its k domains' norms in one operation
-            norms = torch.stack([torch.linalg.vector_norm(p, dim=(-2, -1)) for p in parts]).double()
-        stage.sq += norms.square_().sum(0)
+            stage.sq += (
+                torch.stack([torch.linalg.vector_norm(p, dim=(-2, -1)) for p in parts]).double().square_().sum(0)
+            )
         self._add_to_window(stage, groups, indices, parts, None)
 
     def _add_to_window(self, stage: _Stage, groups: _Groups, indices, parts, j: int | None) -> None:
@@ -147,17 +157,25 @@ class _Staging:
             for index, part in zip(indices, parts, strict=True):
                 add_rows(self._target[index], groups.index, part * scale)
             return
-        rows = [self._rows_view(index, lo, hi, one) for index in indices]  # one domain, or consecutive ones: views
-        if len(set(indices)) < len(indices):  # a layer run twice in the pass: its adds one after the other
+        rows, repeats = self._rows_of(indices, lo, hi, one)  # one domain, or consecutive ones: views
+        if isinstance(scale, torch.Tensor) and scale.device.type == "cpu":
+            scale = float(scale)  # on the CPU a read, not a sync: then one fused multiply-add per layer
+        if repeats:  # a layer run twice in the pass: its adds one after the other
             for row, part in zip(rows, parts, strict=True):
                 row.addcmul_(part, scale) if isinstance(scale, torch.Tensor) else row.add_(part, alpha=scale)
-            return
-        if not isinstance(scale, torch.Tensor):
+        elif not isinstance(scale, torch.Tensor):
             torch._foreach_add_(rows, list(parts), alpha=scale)
-        elif scale.device.type == "cpu":  # fused, no temporary
-            torch._foreach_addcmul_(rows, list(parts), [scale] * len(rows))
         else:  # two multi-tensor kernels (a multiply-add by a 0-dim tensor would take one kernel per layer)
             torch._foreach_add_(rows, torch._foreach_mul(list(parts), scale))
+
+    def _rows_of(self, indices: tuple[int, ...], lo: int, hi: int, one: bool) -> tuple[list[torch.Tensor], bool]:
+        """Layers `indices`' window rows lo..hi-1 (`_rows_view` each), and whether a layer comes twice; made once."""
+        key = (indices, lo, hi, one)
+        rows = self._row_views.get(key)
+        if rows is None:
+            views = [self._rows_view(index, lo, hi, one) for index in indices]
+            rows = self._row_views[key] = views, len(set(indices)) < len(indices)
+        return rows
 
     def _rows_view(self, index: int, lo: int, hi: int, one: bool) -> torch.Tensor:
         """Layer `index`'s window rows lo..hi-1 ((out, in) for one row): a view, made once."""

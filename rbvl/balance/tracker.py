@@ -19,17 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rbvl.balance.grouped import try_grouped_products
 from rbvl.balance.layers import (
     CROSS_ATTENTION,
     VISION_SIDE,
     Routed,
     _cpu_ids,
+    _GroupCache,
     _Groups,
     _row_groups,
     _tracked_linear,
     _tracked_linear_eager,
     select_modules,
-    try_grouped_products,
 )
 from rbvl.balance.lora import lora_forward, lora_pairs
 from rbvl.balance.sketch import FALLBACK_DIM, SIGN_CACHE_BYTES, SKETCH, _plan_sketches, _sketch_domains
@@ -102,10 +103,11 @@ class GradientTracker(_Staging):
         self._target = self._step_sums if guard_nonfinite else self.sums
         self._staging: dict[int, torch.Tensor] = {}  # slot → (k_max, N)
         self._stages: dict[tuple[int, int], _Stage] = {}  # (slot, k) → its buffers
+        self._grouping = _GroupCache()  # row groupings by micro-batch composition
         self._pending: list[_Groups] = []  # the row groupings this backward pass staged parts for
         self._queued = False  # whether `_end_backward` is queued to run when the backward pass ends
-        self._row_views: dict[tuple, torch.Tensor] = {}  # exact: (layer, lo, hi) → its window rows (a view)
-        self._flops_at: dict[int, int] = {}  # layer → extra FLOPs of one part
+        self._row_views: dict[tuple, object] = {}  # exact: (layer, lo, hi) → its window rows; (layers, ...): theirs
+        self._flops_at: dict[int | tuple, int] = {}  # layer (or layers) → extra FLOPs of one part (of one each)
         self._step_tokens = torch.zeros(n_domains, dtype=torch.float64)
         self._step_tokens_sq = torch.zeros(n_domains, dtype=torch.float64)
         self._step_sq = torch.zeros(n_domains, dtype=torch.float64, device=dev) if guard_nonfinite else None
@@ -145,15 +147,15 @@ class GradientTracker(_Staging):
             raise ValueError(f"domain ids must lie in [0, {self.m}), got {listed}")
         self._sample_domains = ids
         self._image_domains = None if image_domain_ids is None else _cpu_ids(image_domain_ids)
-        # Which rows belong to which domain, worked out once per micro-batch on the CPU for every tracked layer.
-        dev = self.sq.device
-        self._groups = {"sample": _row_groups(ids, dev), "image": _row_groups(self._image_domains, dev)}
+        images, dev = None if self._image_domains is None else self._image_domains.tolist(), self.sq.device
+        # Which rows belong to which domain, worked out on the CPU for every tracked layer (once per composition).
+        self._groups = {"sample": self._grouping.of(listed, dev), "image": self._grouping.of(images, dev)}
         self._scale = 1.0
-        units = torch.ones(len(ids), dtype=torch.float64) if tokens is None else torch.as_tensor(tokens).double().cpu()
         if self.enabled:  # T_ik: this micro-batch's tokens per domain
-            mb = torch.zeros(self.m, dtype=torch.float64).index_add_(0, ids, units.flatten())
+            units = None if tokens is None else torch.as_tensor(tokens).reshape(-1).double().cpu()
+            mb = torch.bincount(ids, weights=units, minlength=self.m).double()
             (self._step_tokens if self.guard else self.tokens).add_(mb)
-            (self._step_tokens_sq if self.guard else self.tokens_sq).add_(mb * mb)
+            (self._step_tokens_sq if self.guard else self.tokens_sq).addcmul_(mb, mb)
 
     def watch_loss(self, loss: torch.Tensor, normalizer) -> torch.Tensor:
         """Declare that `loss` = Σ_t ℓ_t / normalizer over this micro-batch's label tokens; returns `loss`.
