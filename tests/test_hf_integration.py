@@ -280,7 +280,8 @@ def test_trainer_under_accelerate_fsdp2_matches_ddp_and_resumes_exactly(tmp_path
 
 def test_zero3_is_refused_at_start(monkeypatch, tmp_path):
     """deepspeed is not installed here: the detection is patched. Stage 3 from TrainingArguments(deepspeed=...) is
-    refused before the Trainer is built, stage 3 from an accelerate config once it is; stage 2 passes."""
+    refused before the Trainer is built, stage 3 from an accelerate config once it is; stage 2 passes. So is one
+    process that sees several GPUs (the Trainer's nn.DataParallel)."""
     import transformers.integrations
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
@@ -300,6 +301,10 @@ def test_zero3_is_refused_at_start(monkeypatch, tmp_path):
         build()
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: False)
     assert build().tracker.modules, "ZeRO off: the tracker holds the adapters"
+    with monkeypatch.context() as patched:  # one process that sees two GPUs: the Trainer would use nn.DataParallel
+        patched.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+        with pytest.raises(ValueError, match=r"nn\.DataParallel.*torchrun --nproc_per_node=2"):
+            build()
 
     def accelerator(stage):
         return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))

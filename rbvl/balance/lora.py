@@ -86,9 +86,11 @@ class _TrackedLoRA(torch.autograd.Function):
         if torch.is_autocast_enabled(kind):  # autocast's casts, once: the backward reuses the saved copies
             dt = torch.get_autocast_dtype(kind)
             x, weight_a, weight_b = x.to(dt), weight_a.to(dt), weight_b.to(dt)
-        v = F.linear(x, weight_a)  # (…, r)
-        if scaling != 1:
-            v = v * scaling
+        if scaling == 1:
+            v = F.linear(x, weight_a)  # (…, r)
+        else:  # s · A x in the product itself (its alpha): no pass over v to scale it
+            x2 = x.reshape(-1, x.shape[-1])
+            v = torch.addmm(_zero(x2), x2, weight_a.t(), beta=0, alpha=scaling).view(*x.shape[:-1], -1)
         acc = base if base.dtype == v.dtype else base.to(v.dtype)  # PEFT: base + lora in the wider dtype
         out = torch.addmm(acc.reshape(-1, acc.shape[-1]), v.reshape(-1, v.shape[-1]), weight_b.t())
         out = out.view(base.shape)
@@ -109,8 +111,11 @@ class _TrackedLoRA(torch.autograd.Function):
         if need_base:
             grad_base = grad_out if grad_out.dtype == base_dtype else grad_out.to(base_dtype)
         delta = grad_out if grad_out.dtype == v.dtype else grad_out.to(v.dtype)  # B's output gradient
-        scaled_b = weight_b if ctx.scaling == 1 else weight_b * ctx.scaling
-        delta_a = torch.mm(delta.reshape(-1, delta.shape[-1]), scaled_b).view(v.shape)  # A's output gradient
+        delta2 = delta.reshape(-1, delta.shape[-1])
+        if ctx.scaling == 1:  # A's output gradient: δ (s · B), s in the product's alpha
+            delta_a = torch.mm(delta2, weight_b).view(v.shape)
+        else:
+            delta_a = torch.addmm(_zero(delta2), delta2, weight_b, beta=0, alpha=ctx.scaling).view(v.shape)
         grad_b = weight_grad(ctx.tracker, ctx.ib, ctx.groups, delta, v, need_b, b_dtype)
         grad_a = weight_grad(ctx.tracker, ctx.ia, ctx.groups, delta_a, x, need_a, a_dtype)
         grad_x = None
@@ -118,3 +123,16 @@ class _TrackedLoRA(torch.autograd.Function):
             grad_x = torch.mm(delta_a.reshape(-1, delta_a.shape[-1]), weight_a).view(x.shape)
             grad_x = grad_x if grad_x.dtype == x_dtype else grad_x.to(x_dtype)
         return grad_base, grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero in `like`'s dtype and device: the ignored input of an `addmm` with beta = 0 (a plain product with
+    alpha), made once per dtype and device."""
+    key = (like.dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}

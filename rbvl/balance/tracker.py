@@ -27,20 +27,20 @@ from rbvl.balance.layers import (
     _cpu_ids,
     _GroupCache,
     _Groups,
-    _row_groups,
     _tracked_linear,
     _tracked_linear_eager,
     select_modules,
 )
 from rbvl.balance.lora import lora_forward, lora_pairs
-from rbvl.balance.sketch import FALLBACK_DIM, SIGN_CACHE_BYTES, SKETCH, _plan_sketches, _sketch_domains
+from rbvl.balance.sketch import FALLBACK_DIM, SIGN_CACHE_BYTES, _plan_sketches, _sketch_domains
 from rbvl.balance.staging import _Stage, _Staging
 from rbvl.balance.update import GRAM_ESTIMATORS, shrink_gram, unbiased_diagonal
+from rbvl.balance.window import _Window
 
 log = logging.getLogger(__name__)
 
 
-class GradientTracker(_Staging):
+class GradientTracker(_Staging, _Window):
     """Accumulates each domain's gradient of the tracked linear layers' weights, read off the normal backward pass.
 
     Args:
@@ -141,6 +141,7 @@ class GradientTracker(_Staging):
                 row), for tracked layers whose batch dimension is images rather than samples.
         """
         self._end_backward()  # anything an interrupted backward pass left staged
+        self.follow_layers()  # the window where the layers are, if they moved since (a Trainer's FSDP, model.cuda())
         ids = _cpu_ids(domain_ids)  # on the CPU already in rbvl's loop
         listed = ids.tolist()
         if listed and (min(listed) < 0 or max(listed) >= self.m):
@@ -336,61 +337,6 @@ class GradientTracker(_Staging):
         """Bytes each `sync` all-reduces."""
         return sum(t.numel() * t.element_size() for t in self.sums) + 3 * self.m * 8
 
-    def state_dict(self) -> dict:
-        self._end_backward()
-        if any(bool(s.any()) for s in self._step_sums or []) or bool(self._step_tokens.any()):
-            raise RuntimeError("GradientTracker: commit() the step before saving the tracker")
-        return {
-            "sums": [s.cpu().clone() for s in self.sums],
-            "tokens": self.tokens.clone(),
-            "tokens_sq": self.tokens_sq.clone(),
-            "sq": self.sq.cpu().clone(),
-            "last_diag": self.last_diag.clone(),
-            "has_diag": self.has_diag.clone(),
-            "last": self.last.cpu().clone(),
-            "seen": self.seen.clone(),
-            "names": self.tracked_names,
-            "sketch_dim": self.sketch_dim,
-            "sketch": SKETCH,
-            "seed": self.seed,
-            "skipped_steps": self.skipped_steps,
-            "extra_flops": self.extra_flops,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if list(state["names"]) != self.tracked_names:
-            raise ValueError("tracker state was saved for other tracked layers")
-        if (state.get("sketch_dim", 0), state.get("seed", self.seed)) != (self.sketch_dim, self.seed):
-            raise ValueError(
-                f"tracker state was saved with sketch_dim={state.get('sketch_dim', 0)}, seed={state.get('seed')}; "
-                f"this tracker has sketch_dim={self.sketch_dim}, seed={self.seed}"
-            )
-        if state.get("sketch") != SKETCH and self._sketched_anywhere():
-            # saved under an older sketch layout: its window and last seen gradients cannot join this one's
-            log.warning(
-                "balance: the tracker state was saved under an older sketch layout; the window restarts and the "
-                "domains' last seen gradients are forgotten (p and the rest of the run resume)"
-            )
-            state = {**state, "sums": [torch.zeros_like(s) for s in self.sums], "last": torch.zeros_like(self.last)}
-            state.update(tokens=torch.zeros(self.m), tokens_sq=torch.zeros(self.m), sq=torch.zeros(self.m))
-            state.update(seen=torch.zeros(self.m, dtype=torch.bool))
-        for dst, src in zip(self.sums, state["sums"], strict=True):
-            dst.copy_(src)
-        self.last.copy_(state["last"])
-        self.tokens = state["tokens"].clone().double()
-        # Saved before the unbiased diagonal: the window so far counts as one micro-batch (T_i0 = T_i, s_i0 = its sum).
-        self.tokens_sq = state.get("tokens_sq", self.tokens**2).clone().double()
-        self.sq.copy_(state["sq"] if "sq" in state else sum((s.flatten(1).double() ** 2).sum(1) for s in self.sums))
-        self.last_diag = state.get("last_diag", torch.zeros(self.m)).clone().double()
-        self.has_diag = state.get("has_diag", torch.zeros(self.m)).clone().bool()
-        self.seen = state["seen"].clone().bool()
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.extra_flops = int(state.get("extra_flops", 0))
-
-    def _sketched_anywhere(self) -> bool:
-        """Whether the window or the last-seen store holds a compressing sketch (not the exact layout)."""
-        return any(plan is not None for plans in (self.sketches, self._fallback) if plans for plan in plans)
-
     # -- inside the backward pass -----------------------------------------------------------------------------------
 
     def _mean_grads(self) -> list[torch.Tensor]:
@@ -446,5 +392,6 @@ class GradientTracker(_Staging):
         """Row groups of a cross-attention layer whose rows are `per_sample` tiles of each sample, sample-major."""
         key = ("tiles", per_sample)
         if key not in self._groups:
-            self._groups[key] = _row_groups(self._sample_domains.repeat_interleave(per_sample), self.sq.device)
+            tiles = self._sample_domains.repeat_interleave(per_sample).tolist()
+            self._groups[key] = self._grouping.of(tiles, self.sq.device)
         return self._groups[key]

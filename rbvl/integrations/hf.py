@@ -80,6 +80,13 @@ class BalanceMixin:
     ):
         refuse_zero3()  # TrainingArguments(deepspeed=...) with stage 3: before the Trainer partitions anything
         training_args = kwargs.get("args")
+        if training_args is not None and training_args.n_gpu > 1:  # one process seeing several GPUs
+            raise ValueError(
+                f"BalanceTrainer does not run under nn.DataParallel, which the Trainer uses when one process sees "
+                f"{training_args.n_gpu} GPUs: its replicas would share the tracked layers and the tracker. Launch one "
+                f"process per GPU (torchrun --nproc_per_node={training_args.n_gpu} or accelerate launch), or make one "
+                f"GPU visible (CUDA_VISIBLE_DEVICES=0)"
+            )
         if training_args is not None and getattr(training_args, "remove_unused_columns", False):
             log.info(
                 "BalanceTrainer: remove_unused_columns=False so the '%s' column reaches the collator", domain_column
