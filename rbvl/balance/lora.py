@@ -74,9 +74,10 @@ class _TrackedLoRA(torch.autograd.Function):
     """base + s · B A x for one LoRA adapter (`base`: the base layer's output), whose backward hands A's and B's
     per-domain parts to the tracker.
 
-    The scaling goes on the rank-r side (v = s · A x, and s · B in the backward) and B's product accumulates straight
-    into `base` (one `addmm`), where PEFT multiplies and adds over the (tokens, out) output: two passes over it fewer
-    in the forward, one in the backward. Same maths; under autocast each product rounds once, as autocast's own do.
+    The scaling goes on the rank-r side, inside the products as their alpha (v = s · A x, and δ (s · B) in the
+    backward: no pass to scale either) and B's product accumulates straight into `base` (one `addmm`), where PEFT
+    multiplies and adds over the (tokens, out) output: two passes over it fewer in the forward, one in the backward.
+    Same maths; under autocast each product rounds once, as autocast's own do.
     """
 
     @staticmethod

@@ -106,18 +106,13 @@ class _Staging:
         """Layer `index`'s parts (or domain j's part) into the staged norms and the window, now."""
         one = parts.dim() == 2
         self.extra_flops += (1 if one else groups.k) * self._flops_of(index)
-        self._norm_into(stage, index, parts, j)
-        self._add_to_window(stage, groups, (index,), (parts,), j)
-
-    @staticmethod
-    def _norm_into(stage: _Stage, index: int, parts: torch.Tensor, j: int | None) -> None:
-        """Layer `index`'s per-domain part norms (or domain j's) into its row of the staged norms."""
         out = stage.rows[index] if j is None else stage.norms[index, j]  # (k,), or () for one part
         if index in stage.written:  # the layer ran twice in this pass (a reused module): its norms add up in squares
-            out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts.detach(), dim=(-2, -1))))
+            out.copy_(torch.hypot(out, torch.linalg.vector_norm(parts, dim=(-2, -1))))
         else:
             stage.written.add(index)
-            torch.linalg.vector_norm(parts.detach(), dim=(-2, -1), out=out)
+            torch.linalg.vector_norm(parts, dim=(-2, -1), out=out)
+        self._add_to_window(stage, groups, (index,), (parts,), j)
 
     @torch.no_grad()
     def _flush(self, stage: _Stage, groups: _Groups) -> None:
