@@ -32,6 +32,10 @@ if not torch.cuda.is_available():
 import peft, transformers
 print(f"gpu_check on {torch.cuda.get_device_name(0)}: torch {torch.__version__}, transformers "
       f"{transformers.__version__}, peft {peft.__version__}, Python {sys.version.split()[0]}")
+from rbvl.balance.grouped import _grouped_mode
+modes = {str(dt).removeprefix("torch."): _grouped_mode(torch.device("cuda"), dt)
+         for dt in (torch.bfloat16, torch.float16, torch.float32)}
+print("grouped products without a host sync (sorted rows; None: the one-hot product):", modes)
 PY
 
 failed=()
