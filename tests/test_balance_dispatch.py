@@ -389,24 +389,35 @@ def test_a_recurring_composition_reuses_its_grouping_and_stays_exact(monkeypatch
         assert len(tracker._grouping) <= 2
 
 
+@pytest.mark.parametrize("explicit", [False, True])
 @pytest.mark.parametrize("sketch_dim", [0, 256])
-def test_the_window_follows_the_layers_to_their_device(sketch_dim):
+def test_the_window_follows_the_layers_to_their_device(sketch_dim, explicit):
     """A tracker built while the layers lie on one device, which then move (here: built on the meta device and
     materialised on the CPU, as a deferred init does; on a GPU, a Trainer that places or shards the model after the
-    tracker is built), moves its window there at the next micro-batch and tracks there as a tracker built there does
-    (the sketch's hashing is seeded: the same)."""
+    tracker is built), moves its window there at the next micro-batch, or at `to(device)` between set_domains and the
+    forward pass (the micro-batch's row groupings move too), and tracks there as a tracker built there does (the
+    sketch's hashing is seeded: the same)."""
     direct_model = lora_llama(r=4)
     direct = GradientTracker(direct_model, 16, sketch_dim=sketch_dim)
     model = lora_llama(r=4).to("meta")
     tracker = GradientTracker(model, 16, sketch_dim=sketch_dim)
     assert tracker.sq.device.type == "meta"
+    ids, labels, domains = batch(3, "sorted")
+    tokens = label_tokens(labels)
+    if explicit:
+        tracker.set_domains(domains, tokens=tokens)  # still on the meta device
     model.to_empty(device="cpu")
     model.load_state_dict(direct_model.state_dict())
     for name, buffer in direct_model.named_buffers():  # the rotary tables too (not in the state dict)
         model.get_buffer(name).copy_(buffer)
-    ids, labels, domains = batch(3, "sorted")
-    for t, m in ((direct, direct_model), (tracker, model)):
-        tracked_micro_batch(m, t, ids, labels, domains)
+    tracked_micro_batch(direct_model, direct, ids, labels, domains)
+    if explicit:
+        tracker.to("cpu")
+        loss = token_loss_sums(model, ids, labels).sum() / tokens.sum()
+        tracker.watch_loss(loss, normalizer=tokens.sum())
+        loss.backward()
+    else:
+        tracked_micro_batch(model, tracker, ids, labels, domains)
     assert all(s.device.type == "cpu" for s in [*tracker.sums, tracker.sq, tracker.last])
     for mine, theirs in zip([*tracker.sums, tracker.sq], [*direct.sums, direct.sq], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)

@@ -137,8 +137,9 @@ class _Groups:
 
 def _to(t: torch.Tensor, device) -> torch.Tensor:
     """A small CPU tensor on `device`: as it is on the CPU; elsewhere through pinned memory, without blocking."""
-    if device is None or torch.device(device).type == "cpu":
-        return t
+    kind = None if device is None else torch.device(device).type
+    if kind in (None, "cpu", "meta"):
+        return t if kind != "meta" else t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 

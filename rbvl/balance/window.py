@@ -43,6 +43,8 @@ class _Window:
         else:
             self._fallback = self.sketches
         self._staging, self._stages, self._row_views, self._grouping = {}, {}, {}, _GroupCache()
+        groups = getattr(self, "_groups", {})  # the current micro-batch's row groupings, made again on `device`
+        self._groups = {key: self._grouping.of(g._ids, device) for key, g in groups.items()}
         self._scale = 1.0
         try_grouped_products(device)
         return self
