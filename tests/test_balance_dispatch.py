@@ -422,3 +422,40 @@ def test_the_window_follows_the_layers_to_their_device(sketch_dim, explicit):
     for mine, theirs in zip([*tracker.sums, tracker.sq], [*direct.sums, direct.sq], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(tracker.gram(), direct.gram())
+
+
+def test_the_window_moves_only_when_the_layers_move():
+    """Only a move of the layers moves the window: the meta device (shapes only: offload hooks, a dry run) never takes
+    it, and a window placed by `to` (where an FSDP2 step with CPU offload computes) stays while the layers' weights
+    rest where they were. Nothing loads into a window on the meta device."""
+    model = lora_llama(r=4)
+    tracker = GradientTracker(model, 16)
+    ids, labels, domains = batch(3, "sorted")
+    tracked_micro_batch(model, tracker, ids, labels, domains)
+    sums = [s.clone() for s in tracker.sums]
+    state = tracker.state_dict()
+    model.to("meta")
+    tracker.set_domains(domains)
+    assert tracker.sq.device.type == "cpu"
+    assert all(torch.equal(a, b) for a, b in zip(tracker.sums, sums, strict=True))
+    model.to_empty(device="cpu")  # back where the window is: nothing to move
+    tracker.set_domains(domains)
+    tracker.to("meta")  # placed by hand
+    tracker.set_domains(domains)  # the layers have not moved since: it stays
+    assert tracker.sq.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta device, where nothing can be loaded"):
+        tracker.load_state_dict(state)
+
+
+def test_a_failed_end_of_pass_leaves_no_grouping_staged(monkeypatch):
+    """Row groupings are cached across micro-batches: if adding one pass's parts fails, no grouping may keep its
+    stage (the next micro-batch of that composition would stage into it and never reach the window)."""
+    tracker = GradientTracker(lora_llama(r=4), 16)
+    groups = [tracker._grouping.of([0, 1], None), tracker._grouping.of([2, 2], None)]
+    for g in groups:  # two groupings staged in one pass
+        g.stage = object()
+    tracker._pending = list(groups)
+    monkeypatch.setattr(type(tracker), "_flush", lambda self, stage, g: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError):
+        tracker._end_backward()
+    assert all(g.stage is None for g in groups) and not tracker._pending

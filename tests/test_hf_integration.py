@@ -305,6 +305,8 @@ def test_zero3_is_refused_at_start(monkeypatch, tmp_path):
         patched.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
         with pytest.raises(ValueError, match=r"nn\.DataParallel.*torchrun --nproc_per_node=2"):
             build()
+        with pytest.raises(ValueError, match=r"nn\.DataParallel"):  # the arguments given by position
+            BalanceTrainer(model, args, train_dataset=length_examples(), data_collator=pad_collate, n_domains=3)
 
     def accelerator(stage):
         return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))

@@ -121,6 +121,8 @@ class _Groups:
         per row), the `offs` of a grouped product; made once per (per_row, device)."""
         key = (per_row, device)
         if key not in self._offsets:
+            if len(self._offsets) >= 8:  # a cached grouping meets many sequence lengths: keep the latest few
+                self._offsets.clear()
             ends = torch.tensor([e * per_row for e in self._ends], dtype=torch.int32)
             self._offsets[key] = _to(ends, device)
         return self._offsets[key]
@@ -138,8 +140,10 @@ class _Groups:
 def _to(t: torch.Tensor, device) -> torch.Tensor:
     """A small CPU tensor on `device`: as it is on the CPU; elsewhere through pinned memory, without blocking."""
     kind = None if device is None else torch.device(device).type
-    if kind in (None, "cpu", "meta"):
-        return t if kind != "meta" else t.to(device)
+    if kind in (None, "cpu"):
+        return t
+    if kind == "meta":
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 

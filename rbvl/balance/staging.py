@@ -21,6 +21,7 @@ STAGE_BUDGET = 2**24  # elements of parts a backward pass holds before flushing 
 # Parts of at least this many elements go into the window at once on these devices: on the CPU, reading a part back
 # from memory at the flush costs more than the Python the flush saves (elsewhere: held up to STAGE_BUDGET)
 HOLD_BELOW = {"cpu": 2**15}
+ROW_VIEWS_KEPT = 4096  # window-row views (and lists of them) cached before the cache starts over
 
 
 class _Staging:
@@ -168,6 +169,8 @@ class _Staging:
         key = (indices, lo, hi, one)
         rows = self._row_views.get(key)
         if rows is None:
+            if len(self._row_views) >= ROW_VIEWS_KEPT:  # layers that run in some passes only (conditional paths)
+                self._row_views.clear()
             views = [self._rows_view(index, lo, hi, one) for index in indices]
             rows = self._row_views[key] = views, len(set(indices)) < len(indices)
         return rows
@@ -189,10 +192,12 @@ class _Staging:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        stages = [groups.stage for groups in pending]
+        for groups in pending:  # first, so that a failure below leaves no cached grouping holding a stage
+            groups.stage = None
         scale = self._scale
         sq = self.sq if self._step_sq is None else self._step_sq
-        for groups in pending:
-            stage, groups.stage = groups.stage, None
+        for groups, stage in zip(pending, stages, strict=True):
             self._flush(stage, groups)
             if stage.written:  # the norms of the parts that went at once
                 stage.sq += stage.norms.double().square_().sum(0)

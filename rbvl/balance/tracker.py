@@ -104,6 +104,7 @@ class GradientTracker(_Staging, _Window):
         self._staging: dict[int, torch.Tensor] = {}  # slot → (k_max, N)
         self._stages: dict[tuple[int, int], _Stage] = {}  # (slot, k) → its buffers
         self._grouping = _GroupCache()  # row groupings by micro-batch composition
+        self._layers_at = dev  # where the tracked layers' weights were at the last set_domains (`follow_layers`)
         self._pending: list[_Groups] = []  # the row groupings this backward pass staged parts for
         self._queued = False  # whether `_end_backward` is queued to run when the backward pass ends
         self._row_views: dict[tuple, object] = {}  # exact: (layer, lo, hi) → its window rows; (layers, ...): theirs

@@ -18,16 +18,22 @@ class _Window:
     """Reads and writes the tracker's accumulators (`sums`, `sq`, `last`, ...) as a whole."""
 
     def follow_layers(self) -> None:
-        """Move the window to the tracked layers' device if they have moved since it was built (`set_domains` calls
-        it before every micro-batch): a Trainer that places or shards the model after the tracker was built (FSDP),
-        a model built on the meta device and materialised later, a user's `model.cuda()`."""
+        """Move the window where the tracked layers went, if they moved since the last call (`set_domains` calls it
+        before every micro-batch): a Trainer that places or shards the model after the tracker was built, a model
+        built on the meta device and materialised later, a user's `model.cuda()`. Only a move counts: layers whose
+        weights rest elsewhere than they compute (FSDP2's CPU offload) leave the window where `to` put it, and the
+        meta device (shapes only) never takes it."""
         device = self.modules[0][1].weight.device
-        if device != self.sq.device:
-            self.to(device)
+        if device != self._layers_at:
+            self._layers_at = device
+            if device.type != "meta":
+                self.to(device)
 
     def to(self, device) -> _Window:
         """The window, its buffers and its sketches on `device`, their contents kept (between backward passes)."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device == self.sq.device:
             return self
         self._end_backward()
@@ -71,6 +77,11 @@ class _Window:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if self.sq.is_meta:
+            raise RuntimeError(
+                "GradientTracker.load_state_dict: the window is on the meta device, where nothing can be loaded; "
+                "load it once the model is materialised, or move the window first (tracker.to(device))"
+            )
         if list(state["names"]) != self.tracked_names:
             raise ValueError("tracker state was saved for other tracked layers")
         if (state.get("sketch_dim", 0), state.get("seed", self.seed)) != (self.sketch_dim, self.seed):

@@ -80,13 +80,6 @@ class BalanceMixin:
     ):
         refuse_zero3()  # TrainingArguments(deepspeed=...) with stage 3: before the Trainer partitions anything
         training_args = kwargs.get("args")
-        if training_args is not None and training_args.n_gpu > 1:  # one process seeing several GPUs
-            raise ValueError(
-                f"BalanceTrainer does not run under nn.DataParallel, which the Trainer uses when one process sees "
-                f"{training_args.n_gpu} GPUs: its replicas would share the tracked layers and the tracker. Launch one "
-                f"process per GPU (torchrun --nproc_per_node={training_args.n_gpu} or accelerate launch), or make one "
-                f"GPU visible (CUDA_VISIBLE_DEVICES=0)"
-            )
         if training_args is not None and getattr(training_args, "remove_unused_columns", False):
             log.info(
                 "BalanceTrainer: remove_unused_columns=False so the '%s' column reaches the collator", domain_column
@@ -94,6 +87,13 @@ class BalanceMixin:
             training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
         refuse_zero3(self.accelerator)  # stage 3 from an `accelerate launch` config
+        if self.args.n_gpu > 1:  # one process that sees several GPUs (a model spread by device_map counts as one)
+            raise ValueError(
+                f"BalanceTrainer does not run under nn.DataParallel, which the Trainer uses when one process sees "
+                f"{self.args.n_gpu} GPUs: its replicas would share the tracked layers and the tracker. Launch one "
+                f"process per GPU (torchrun --nproc_per_node={self.args.n_gpu} or accelerate launch), or make one "
+                f"GPU visible (CUDA_VISIBLE_DEVICES=0)"
+            )
         if isinstance(balance, dict) or balance is None:
             balance = from_dict(BalanceConfig, balance or {}, prefix="balance.")
         self.balance_config: BalanceConfig = balance
@@ -302,6 +302,8 @@ class _BalanceCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # the window where the step computes: accelerate may have placed (FSDP) or offloaded the model since __init__
+        self.trainer.tracker.to(args.device)
         paths = self.trainer.paths
         if paths is not None:  # fully_shard has replaced the parameters with DTensors since __init__
             named = self.trainer.model.named_parameters()

@@ -39,6 +39,7 @@ class RnbMixer(Mixer):
             guard_nonfinite=ctx.fp16,
             head_patterns=ctx.head_patterns,
         )
+        tracker.to(ctx.device)  # where the step computes (FSDP2 with CPU offload keeps the sharded weights on the CPU)
         return cls(tracker, Balancer.from_config(n_domains, balance, target=target, schedule=ctx.schedule), ctx)
 
     @property
