@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> BalanceTrainer:
     )
     chat = Encoder(processor, max_length=128)
 
-    def collate(features: list[dict]) -> dict:
-        return chat(features, [f["domain"] for f in features])[0]  # model inputs only
+    def collate(features: list[dict]) -> dict | None:
+        inputs, info = chat(features, [f["domain"] for f in features])
+        # R&B: the encoder drops an over-long example; the domains of the rows it kept say which ids go with them
+        return None if inputs is None else {**inputs, "domain_ids": info["domain_ids"]}
 
     training_args = TrainingArguments(
         output_dir=args.output_dir,

@@ -128,6 +128,21 @@ def test_domain_grads_are_the_token_mean_loss_gradients(params):
     torch.testing.assert_close(G, gram(expected), rtol=1e-4, atol=1e-10)
 
 
+def test_a_loss_watch_loss_never_saw_is_warned_about_once(caplog):
+    """Without watch_loss the window silently held each micro-batch's gradient divided by its normaliser, its
+    grad-accumulation factor and its loss scale: a user of the raw API would never know."""
+    model = tiny_lora()
+    tracker = GradientTracker(model, M)
+    with caplog.at_level("WARNING", logger="rbvl.balance.staging"):
+        train_window(model, tracker, WINDOW)
+        assert "watch_loss" not in caplog.text
+        for ids, mask, lab, dom in WINDOW:
+            tracker.set_domains(dom, tokens=label_tokens(lab))
+            (token_losses(model, ids, mask, lab).sum() / label_tokens(lab).sum()).backward()
+        tracker.commit()
+    assert caplog.text.count("from a loss watch_loss never saw") == 1, caplog.text
+
+
 def test_answer_length_does_not_tilt_p():
     """Two domains, one with 5.5× longer answers: p from the tracker equals p from the token-mean reference."""
     model = tiny_lora(seed=3)

@@ -138,6 +138,106 @@ def test_collator_names_a_missing_domain_column():
         DomainCollator(lambda f: {}, "domain")([{"x": 1, "domain": 0}, {"x": 1}])
 
 
+def test_collator_that_drops_examples_or_packs_them():
+    """A collator that drops an example says which rows it kept (`domain_ids` in its batch, as rbvl's Encoder's info
+    has them); one that drops or packs without saying is an error, as is one that keeps nothing."""
+    feats = token_examples()
+
+    def drops_first(features, say):
+        batch = pad_collate(features[1:])
+        return {**batch, "domain_ids": torch.tensor([f["domain"] for f in features[1:]])} if say else batch
+
+    batch = DomainCollator(lambda f: drops_first(f, True), "domain", 3)(feats)
+    assert batch["domain_ids"].tolist() == [0, 1] and isinstance(batch["domain_ids"], np.ndarray)
+    assert batch["input_ids"].shape[0] == 2
+    with pytest.raises(ValueError, match=r"returned 2 row\(s\) for 3 examples.*'domain_ids'.*padding_free"):
+        DomainCollator(lambda f: drops_first(f, False), "domain", 3)(feats)
+    packed = lambda f: {"input_ids": torch.ones(1, 9, dtype=torch.long), "labels": torch.ones(1, 9, dtype=torch.long)}  # noqa: E731
+    with pytest.raises(ValueError, match=r"returned 1 row\(s\) for 3 examples"):
+        DomainCollator(packed, "domain", 3)(feats)
+    with pytest.raises(ValueError, match="returned no batch for 3 examples"):
+        DomainCollator(lambda f: None, "domain", 3)(feats)
+    with pytest.raises(ValueError, match=r"example 0 has domain id 2 in 'domain', outside 0..1 \(n_domains=2\)"):
+        DomainCollator(pad_collate, "domain", 2)(feats)
+    evals = [{k: v for k, v in f.items() if k != "domain"} for f in feats]  # an eval set needs no domain column
+    assert "domain_ids" not in DomainCollator(pad_collate, "domain", 3)(evals)
+
+
+def tiny_trainer(tmp_path, train_dataset, n_domains=3, **kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from rbvl.integrations.hf import BalanceTrainer
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=128)
+    )
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], save_strategy="no",
+        use_cpu=True, logging_steps=1,
+    )  # fmt: skip
+    return BalanceTrainer(
+        model=model, args=args, train_dataset=train_dataset, data_collator=pad_collate, n_domains=n_domains, **kw
+    )
+
+
+def relabel(rows, value, every=3):
+    return [{**r, "domain": value} if i % every == 0 else r for i, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize(
+    "make, n_domains, error, message",
+    [
+        (lambda rows: [{k: v for k, v in r.items() if k != "domain"} for r in rows], 3, KeyError,
+         "train example 0 has no 'domain' column"),
+        (lambda rows: relabel(rows, 3), 3, ValueError, r"train example 0 has domain id 3 in 'domain', outside 0..2 "
+         r"\(n_domains=3\); 8 of 24 are outside"),
+        (lambda rows: relabel(rows, -1), 3, ValueError, "train example 0 has domain id -1"),
+        (lambda rows: rows, 2, ValueError, r"train example 16 has domain id 2 in 'domain', outside 0..1"),
+        (lambda rows: relabel(rows, "mul"), 3, ValueError, "must be an integer 0..m-1, got 'mul' .*class_encode_column"),
+        (lambda rows: relabel(rows, 2.7), 3, ValueError, "must be an integer 0..m-1, got 2.7"),
+        (lambda rows: relabel(rows, True), 3, ValueError, "must be an integer 0..m-1, got True"),
+        (lambda rows: rows, "3", ValueError, "n_domains must be an int >= 1"),
+    ],
+)  # fmt: skip
+def test_trainer_refuses_bad_domain_ids_before_training(tmp_path, make, n_domains, error, message):
+    """Out-of-range ids were never drawn and the rest trained silently; names and fractions failed deep in numpy."""
+    with pytest.raises(error, match=message):
+        tiny_trainer(tmp_path, make(length_examples()), n_domains)
+
+
+def test_trainer_refuses_what_it_cannot_balance(tmp_path, caplog):
+    from datasets import Dataset
+
+    rows = length_examples()
+    ds = Dataset.from_list(rows)
+    with pytest.raises(KeyError, match=r"the train dataset has no 'cluster' column .*its columns: \['input_ids'"):
+        tiny_trainer(tmp_path, ds, domain_column="cluster")
+    assert tiny_trainer(tmp_path, ds)._train_domains.tolist() == [r["domain"] for r in rows]
+    with pytest.raises(ValueError, match="an iterable train dataset cannot be drawn by domain proportions"):
+        tiny_trainer(tmp_path, ds.to_iterable_dataset())
+    with pytest.raises(ValueError, match=r"target has 2 shares for 3 domains"):
+        tiny_trainer(tmp_path, rows, target=[0.5, 0.5])
+    with pytest.raises(ValueError, match=r"target shares must be finite and >= 0"):
+        tiny_trainer(tmp_path, rows, target=[1.5, -0.5, 0.0])
+    with pytest.raises(ValueError, match=r"target: a list of 3 shares, one per domain id in order, got dict"):
+        tiny_trainer(tmp_path, rows, target={"add": 0.5, "mul": 0.5})
+    with caplog.at_level("WARNING"):
+        tiny_trainer(tmp_path, rows, balance={"floor": 0.4})
+        assert "floor 0.4 >= 1/m (m = 3 domains) holds every share at 1/m" in caplog.text
+        tiny_trainer(tmp_path, rows, balance={"update_every": 50}).train()
+        assert "no Balance update falls in this run (2 steps; the first comes after step 50" in caplog.text
+
+
+def test_resume_with_other_domains_is_refused():
+    saved = ProportionSchedule(3, lag=1)
+    saved.publish([0.5, 0.3, 0.2], after_step=4)
+    with pytest.raises(ValueError, match="saved for 3 domains; this run has 2"):
+        ProportionSchedule(2, lag=1).load_state_dict(saved.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # g_i through the Trainer: the gradient of each domain's token-mean loss, whatever the normaliser
 # ---------------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,23 @@ def test_jsonl_bad_line_and_image_root(tmp_path):
     assert [(r.reason, r.source) for r in rejects] == [("bad_json", f"{path}:2")]
 
 
+def test_reject_details_say_what_the_row_lacks(tmp_path):
+    """A line that is JSON but no object says what it is; a column that is there but empty is named as empty."""
+    lines = [json.dumps({"id": "v", "question": "What?", "answer": None}), "[1, 2, 3]", '"a string line"', "7"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    records, rejects = split(read_records(str(path)))
+    assert not records
+    assert [r.detail for r in rejects] == [
+        "looked for a conversation (conversations|conversation|messages) or a prompt (prompt|question|instruction|"
+        "query|input) with a response (response|answer|output|completion|solution); the row has: id, question, "
+        "answer (empty)",
+        "expected an object (a record), got an array",
+        "expected an object (a record), got a string",
+        "expected an object (a record), got a number",
+    ]
+
+
 def test_webdataset_shards(tmp_path):
     with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:
         sink.write({"__key__": "k0", "png": png(), "txt": "a red square"})

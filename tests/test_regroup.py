@@ -153,6 +153,45 @@ def test_webdataset_input(tmp_path):
     assert manifest["eval_distribution"] == []
 
 
+def test_splits_without_ids_in_files_of_one_name(tmp_path, capsys):
+    """`save_to_disk` splits (train/data-00000-of-00001.arrow, test/data-00000-of-00001.arrow) and Parquet files of
+    one name in two folders, without an id column: the ids regroup gives their rows differ between the files, so no
+    eval row is taken for a train row and no train row for another file's."""
+    from datasets import Dataset
+
+    def rows(n, offset):
+        return Dataset.from_dict(
+            {
+                "question": [f"What is {i} + {i}?" for i in range(offset, offset + n)],
+                "answer": [str(2 * i) for i in range(offset, offset + n)],
+            }
+        )
+
+    rows(14, 0).save_to_disk(str(tmp_path / "hf" / "train"))
+    rows(6, 100).save_to_disk(str(tmp_path / "hf" / "test"))
+    out = tmp_path / "out"
+    splits = ["--input", str(tmp_path / "hf" / "train"), "--eval", str(tmp_path / "hf" / "test")]
+    assert run([*splits, "--k", "2", "--out", str(out), "--label-field", "topic"]) == 0
+    assert "--label-field topic: no training row has it, so the clusters are not compared" in capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == {"in": 14, "written": 14, "rejected": 0}
+    assert manifest["counts"]["eval"] == {"in": 6, "written": 6, "rejected": 0}, "no eval row taken for a train row"
+    assert set(read_shards(out, "train")) == {f"train-data-00000-of-00001-{i}" for i in range(14)}
+    assert set(read_shards(out, "eval")) == {f"test-data-00000-of-00001-{i}" for i in range(6)}
+
+    for folder, offset in (("a", 0), ("b", 7)):
+        (tmp_path / folder).mkdir()
+        rows(7, offset).to_parquet(str(tmp_path / folder / "data.parquet"))
+    out2 = tmp_path / "out2"
+    assert run(["--input", str(tmp_path / "*" / "data.parquet"), "--k", "2", "--out", str(out2)]) == 0
+    assert json.loads((out2 / "manifest.json").read_text())["counts"]["train"] == {
+        "in": 14,
+        "written": 14,
+        "rejected": 0,
+    }
+    assert len(read_shards(out2, "train")) == 14
+
+
 def test_bad_inputs_are_rejected_with_reasons(tmp_path):
     train, images = make_llava(tmp_path / "data", 12, "r")
     rows = json.loads(train.read_text())
@@ -180,6 +219,8 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path):
         ("train", "noplaceholder"): "image_placeholder_mismatch",
         ("eval", rows[2]["id"]): "duplicate_id",  # an eval record whose id is also in train
     }
+    broken = next(r["detail"] for r in rejects if r["id"] == "broken")
+    assert broken.startswith(f"{images / 'broken.png'}: cannot decode the ") and "BytesIO" not in broken
     manifest = json.loads((out / "manifest.json").read_text())
     for split, n_in in (("train", 17), ("eval", 2)):
         c = manifest["counts"][split]

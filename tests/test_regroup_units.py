@@ -156,6 +156,24 @@ def test_outdir_takes_a_leftover_gallery_as_its_own(tmp_path):
     assert (out / "photo.png").read_bytes() == b"user data"
 
 
+def test_a_lock_taken_by_a_relative_path_is_released(tmp_path, monkeypatch):
+    """`--out shards` / `output_dir=run`: the lock file goes when the run ends, by either release, and a cwd change
+    in between does not move it."""
+    from rbvl.runtime import runlock
+
+    monkeypatch.chdir(tmp_path)
+    lock = runlock.acquire("run", "test")
+    assert (tmp_path / "run" / ".rbvl.lock").exists()
+    assert runlock.acquire("run/../run", "test") is lock, "the same folder, however it is spelt"
+    monkeypatch.chdir(tmp_path / "run")
+    lock.release()
+    assert not (tmp_path / "run" / ".rbvl.lock").exists(), "released: no stale lock for the next run to take over"
+    monkeypatch.chdir(tmp_path)
+    runlock.acquire("shards", "test")
+    runlock.release("shards")
+    assert not (tmp_path / "shards" / ".rbvl.lock").exists()
+
+
 def test_a_best_k_at_the_edge_of_the_sweep_says_to_widen_it():
     from rbvl.regroup.cluster import sweep_edge
 

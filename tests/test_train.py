@@ -105,14 +105,19 @@ def test_resume_mid_window_is_exact(tmp_path, tiny_manifest, rule):
         )
 
 
-def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest):
+def test_refuses_to_overwrite_a_run(tmp_path, tiny_manifest, capsys):
     cfg = config(tmp_path, tiny_manifest, "max_steps=2", "train.save_every=0", "eval.every=0", "balance.update_every=2")
     train(cfg)
     with pytest.raises(Exception, match="already holds a run"):
         train(cfg)
     again = ("max_steps=2", "train.save_every=0", "eval.every=0", "balance.update_every=2", "resume=true")
+    capsys.readouterr()
     done = train(config(tmp_path, tiny_manifest, *again))
     assert done["eval"]["loss"] > 0, "resuming a finished run evaluates and returns"
+    said = capsys.readouterr().err
+    assert (
+        f"resumed from {tmp_path / 'run' / 'checkpoint-2'} at step 2, already at max_steps=2: nothing to train" in said
+    )
 
 
 def test_cli_train_stratified(tmp_path, tiny_manifest):

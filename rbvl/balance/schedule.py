@@ -11,7 +11,7 @@ import logging
 import torch
 
 from rbvl.balance.tracker import GradientTracker
-from rbvl.balance.update import diagnostics, update_proportions_with_info
+from rbvl.balance.update import checked_target, diagnostics, update_proportions_with_info
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,12 @@ class ProportionSchedule:
                 f"this run has lag {self.lag}: an exact resume needs the same loader settings"
             )
         n = len(state["p"])
+        width = {len(p) for p in state["p"]}
+        if width and width != {self.table.shape[1]}:
+            raise ValueError(
+                f"the proportion schedule was saved for {width.pop()} domains; this run has {self.table.shape[1]}: "
+                f"resume with the same domains (n_domains)"
+            )
         self.table[:n] = torch.tensor(state["p"], dtype=torch.float64)
         self.applies_from[:n] = torch.tensor(state["applies_from"], dtype=torch.long)
         self.count[0] = n
@@ -118,7 +124,11 @@ class Balancer:
         self.gram_ema, self.unstable_l1, self.pull = gram_ema, unstable_l1, pull
         self.gram_avg: torch.Tensor | None = None  # (m, m) Ḡ, the EMA of G across windows (gram_ema > 0)
         self.unstable_updates, self.warned_unstable = 0, False
-        self.target = None if target is None else [float(x) for x in target]
+        self.target = checked_target(target, n_domains)
+        if floor > 0 and floor * n_domains >= 1:
+            log.warning(
+                "balance: floor %g >= 1/m (m = %d domains) holds every share at 1/m: p stays uniform", floor, n_domains
+            )
         self.update_every, self.lam, self.warmup_steps = update_every, lam, warmup_steps
         self.floor, self.smoothing = floor, smoothing
         self.schedule = schedule if schedule is not None else ProportionSchedule(n_domains)

@@ -12,10 +12,14 @@ domains) is applied once per row grouping in `_end_backward`, an autograd final 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rbvl.balance.layers import _Groups, add_rows
 from rbvl.balance.sketch import _sketch_parts, run_targets
+
+log = logging.getLogger(__name__)
 
 STAGE_BUDGET = 2**24  # elements of parts a backward pass holds before flushing them (64 MiB in fp32)
 # Parts of at least this many elements go into the window at once on these devices: on the CPU, reading a part back
@@ -196,6 +200,13 @@ class _Staging:
         for groups in pending:  # first, so that a failure below leaves no cached grouping holding a stage
             groups.stage = None
         scale = self._scale
+        if isinstance(scale, float) and not self._warned_unwatched:  # watch_loss's hook never ran in this pass
+            self._warned_unwatched = True
+            log.warning(
+                "balance: a backward pass reached the tracked layers from a loss watch_loss never saw: the window "
+                "holds the gradient as backpropagated (divided by the loss's normaliser, grad accumulation and loss "
+                "scale), not each domain's Σ_t ∇ℓ_t; call tracker.watch_loss(loss, normalizer) before backward"
+            )
         sq = self.sq if self._step_sq is None else self._step_sq
         for groups, stage in zip(pending, stages, strict=True):
             self._flush(stage, groups)

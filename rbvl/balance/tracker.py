@@ -117,6 +117,7 @@ class GradientTracker(_Staging, _Window):
         # Σ_t ∇ℓ_t = scale × (gradient backpropagated this micro-batch): a 0-dim tensor on the device once watch_loss
         # has seen the loss's gradient, so reading it never syncs
         self._scale: float | torch.Tensor = 1.0
+        self._warned_unwatched = False  # a backward pass without watch_loss was warned about
         self.skipped_steps = 0
         self.extra_flops = 0  # FLOPs spent on tracking so far (accumulating parts, sketching, frozen layers)
         self._originals: list | None = None  # [(module, its own forward or None)] while attached

@@ -73,6 +73,27 @@ def update_proportions(G, q=None, lam: float = 3.0, **options):
     return update_proportions_with_info(G, q, lam, **options)[0]
 
 
+def checked_target(q, m: int) -> list[float] | None:
+    """The target mixture q as m floats (None stays None: uniform), or a ValueError saying what is wrong with it: one
+    share per domain id, each finite and ≥ 0 (they need not sum to 1; all zero means uniform)."""
+    if q is None:
+        return None
+    if isinstance(q, torch.Tensor):
+        q = q.detach().cpu().reshape(-1).tolist()
+    if isinstance(q, (str, bytes, dict)) or not hasattr(q, "__len__"):
+        raise ValueError(f"target: a list of {m} shares, one per domain id in order, got {type(q).__name__} {q!r}")
+    try:
+        values = [float(x) for x in q]
+    except (TypeError, ValueError):
+        raise ValueError(f"target: a list of {m} numbers, one share per domain id in order, got {q!r}") from None
+    if len(values) != m:
+        raise ValueError(f"target has {len(values)} shares for {m} domains (one per domain id 0..{m - 1})")
+    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(f"target shares must be finite and >= 0, got {values}")
+    return values
+
+
 def update_proportions_with_info(
     G,
     q=None,
@@ -117,6 +138,7 @@ def update_proportions_with_info(
         raise ValueError(f"pull must be in [0, 1], got {pull}")
     G = torch.as_tensor(G, dtype=torch.float64)
     m = G.shape[0]
+    q = checked_target(q, m)
     q = torch.full((m,), 1.0 / m, dtype=torch.float64) if q is None else torch.as_tensor(q, dtype=torch.float64)
     q = q / q.sum() if q.sum() > 0 else torch.full((m,), 1.0 / m, dtype=torch.float64)
     fallback = (
@@ -164,6 +186,7 @@ def diagnostics(G, q=None, plugin_diag=None) -> dict:
     norm is not positive), and with `plugin_diag` the estimator's noise, plug-in minus unbiased G_ii (`gram_noise`)."""
     G = torch.as_tensor(G, dtype=torch.float64)
     m = G.shape[0]
+    q = checked_target(q, m)
     q = torch.full((m,), 1.0 / m, dtype=torch.float64) if q is None else torch.as_tensor(q, dtype=torch.float64)
     q = q / q.sum() if q.sum() > 0 else torch.full((m,), 1.0 / m, dtype=torch.float64)
     norms = G.diagonal().clamp(min=0).sqrt()

@@ -51,12 +51,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule, label_tokens
 from rbvl.balance.layers import VISION_SIDE
 from rbvl.config import BalanceConfig, from_dict
+from rbvl.integrations.hf_data import DomainCollator, DomainSampler, domain_ids_of
 from rbvl.model.families import head_patterns
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,25 @@ class BalanceMixin:
                 f"process per GPU (torchrun --nproc_per_node={self.args.n_gpu} or accelerate launch), or make one "
                 f"GPU visible (CUDA_VISIBLE_DEVICES=0)"
             )
+        if isinstance(n_domains, bool) or not isinstance(n_domains, (int, np.integer)) or n_domains < 1:
+            raise ValueError(
+                f"BalanceTrainer: n_domains must be an int >= 1 (domain ids 0..n_domains-1), got {n_domains!r}"
+            )
+        n_domains = int(n_domains)
         if isinstance(balance, dict) or balance is None:
             balance = from_dict(BalanceConfig, balance or {}, prefix="balance.")
         self.balance_config: BalanceConfig = balance
         self.domain_column = domain_column
         self.n_domains = n_domains
+        self._train_domains = None  # each training example's domain id, checked now: a bad id fails before training
+        if self.train_dataset is not None:
+            if not hasattr(self.train_dataset, "__len__"):
+                raise ValueError(
+                    "BalanceTrainer: an iterable train dataset cannot be drawn by domain proportions here (its examples "
+                    "come in its own order); pass a map-style dataset (datasets.Dataset), or train with rbvl train, "
+                    "whose MixtureStream streams each domain"
+                )
+            self._train_domains = domain_ids_of(self.train_dataset, domain_column, n_domains)
         # Accelerate fetches one batch ahead of the step that uses it; workers × prefetch more may be in flight.
         ahead = self.args.dataloader_num_workers * (self.args.dataloader_prefetch_factor or 2)
         lag = 1 + math.ceil(ahead / self.args.gradient_accumulation_steps)
@@ -119,7 +133,7 @@ class BalanceMixin:
         if self.is_fsdp_enabled:
             broadcast_trainable(self.model, self.args.device)  # what DDP does as it wraps; FSDP2 shards each rank's own
         self.paths = self._same_forward_paths(dummy_images) if self.is_fsdp_enabled else None
-        self.data_collator = DomainCollator(self.data_collator, domain_column)
+        self.data_collator = DomainCollator(self.data_collator, domain_column, n_domains)
         self._balance_diagnostics: dict = {}  # the latest update's, for the next log line
         self.add_callback(_BalanceCallback(self))
 
@@ -131,14 +145,15 @@ class BalanceMixin:
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if dataset is None or not hasattr(dataset, "__len__"):
-            log.warning("BalanceTrainer: an iterable dataset cannot be reweighted here; use rbvl.data.MixtureStream")
+        if dataset is None or not hasattr(dataset, "__len__"):  # refused in __init__; the Trainer never asks for one
             return super()._get_train_sampler(train_dataset)
+        ids = self._train_domains
+        if dataset is not self.train_dataset or ids is None:
+            ids = domain_ids_of(dataset, self.domain_column, self.n_domains)
         unit = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
         return DomainSampler(
-            domain_ids_of(dataset, self.domain_column), self.balancer, unit, self.args.seed, self,
-            block=self.args.per_device_train_batch_size,
-        )  # fmt: skip
+            ids, self.balancer, unit, self.args.seed, self, block=self.args.per_device_train_batch_size
+        )
 
     # -- sharded models (FSDP2) ---------------------------------------------------------------------------------------
 
@@ -179,10 +194,12 @@ class BalanceMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         domain_ids = inputs.pop("domain_ids", None)
         image_domain_ids = inputs.pop("image_domain_ids", None)  # domain of each projector row, for params: head
-        if domain_ids is None:
-            raise KeyError(f"BalanceTrainer: the batch has no domain ids (is '{self.domain_column}' in each example?)")
         tokens = inputs.pop("label_tokens", None)  # (B,) counted by DomainCollator on the CPU
         training = model.training and torch.is_grad_enabled()  # evaluation passes through here too
+        if training and domain_ids is None:
+            raise KeyError(
+                f"BalanceTrainer: a training batch has no domain ids (is '{self.domain_column}' in each example?)"
+            )
         labels = inputs.get("labels")
         if training:
             if tokens is None and labels is not None:
@@ -245,7 +262,12 @@ class BalanceMixin:
             log.warning("BalanceTrainer: %s holds no Balance state; p restarts from uniform", resume_from_checkpoint)
             return
         with open(path) as f:
-            self.balancer.load_state_dict(json.load(f)["balancer"])
+            state = json.load(f)
+        self.balancer.load_state_dict(state["balancer"])
+        saved, now = state.get("config") or {}, asdict(self.balance_config)
+        changed = [f"{k}: {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+        if changed:  # the window and p so far were made under the saved settings
+            log.warning("BalanceTrainer: resuming with other Balance settings than saved (%s)", "; ".join(changed))
         mine = os.path.join(resume_from_checkpoint, TRACKER_STATE.format(self.args.process_index))
         if not os.path.exists(mine):
             raise FileNotFoundError(
@@ -304,6 +326,14 @@ class _BalanceCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # the window where the step computes: accelerate may have placed (FSDP) or offloaded the model since __init__
         self.trainer.tracker.to(args.device)
+        balancer = self.trainer.balancer
+        first = balancer.warmup_steps + balancer.update_every
+        if 0 < state.max_steps < first:
+            log.warning(
+                "BalanceTrainer: no Balance update falls in this run (%d steps; the first comes after step %d = "
+                "warmup_steps %d + update_every %d): p stays at its start",
+                state.max_steps, first, balancer.warmup_steps, balancer.update_every,
+            )  # fmt: skip
         paths = self.trainer.paths
         if paths is not None:  # fully_shard has replaced the parameters with DTensors since __init__
             named = self.trainer.model.named_parameters()
@@ -323,85 +353,6 @@ class _BalanceCallback(TrainerCallback):
             if info.get("degenerate"):
                 log.warning("balance update at step %d: %s", state.global_step, info["degenerate"])
         return control
-
-
-class DomainCollator:
-    """Wraps the user's collator: the examples go to it unchanged; the domain column is taken out of what it returns
-    (the model must not see it) and the ids, read from the examples, are added as `domain_ids`."""
-
-    def __init__(self, collator, column: str):
-        self.collator, self.column = collator, column
-
-    def __call__(self, features: list[dict]):
-        missing = [i for i, f in enumerate(features) if self.column not in f]
-        if missing:
-            raise KeyError(
-                f"training example {missing[0]} of the batch has no '{self.column}' column (the domain id); "
-                f"it has {sorted(features[missing[0]])}"
-            )
-        ids = [int(f[self.column]) for f in features]
-        batch = self.collator(features)
-        batch.pop(self.column, None)
-        # numpy, not tensors: the Trainer moves tensors to the GPU, and reading them back would stall every micro-batch
-        batch["domain_ids"] = np.asarray(ids, dtype=np.int64)
-        if isinstance(batch.get("labels"), torch.Tensor):
-            batch["label_tokens"] = label_tokens(batch["labels"]).numpy()
-        if isinstance(batch.get("image_domain_ids"), torch.Tensor):
-            batch["image_domain_ids"] = batch["image_domain_ids"].numpy()
-        return batch  # an `image_domain_ids` the user's collator returns (params: head on a VLM) rides along
-
-
-def domain_ids_of(dataset, column: str) -> np.ndarray:
-    if hasattr(dataset, "column_names") and column in dataset.column_names:  # datasets.Dataset: read one column
-        return np.asarray(dataset[column], dtype=np.int64)
-    return np.asarray([int(dataset[i][column]) for i in range(len(dataset))], dtype=np.int64)
-
-
-class DomainSampler(Sampler):
-    """Indices drawn by domain from the Balancer's p, step by step, replayable exactly (see the module docstring).
-
-    `unit` = examples per optimizer step over all ranks; an epoch is `len(self)` indices, a whole number of steps.
-    """
-
-    def __init__(self, domains: np.ndarray, balancer: Balancer, unit: int, seed: int, trainer=None, block: int = 0):
-        self.by_domain = [np.flatnonzero(domains == d) for d in range(balancer.m)]
-        empty = [d for d, idx in enumerate(self.by_domain) if len(idx) == 0]
-        if empty:
-            raise ValueError(f"no training example has domain id(s) {empty}; n_domains={balancer.m}")
-        self.balancer, self.unit, self.seed, self.trainer = balancer, unit, seed, trainer
-        self.block = block  # micro-batch size: each micro-batch's examples come sorted by domain (see __iter__)
-        self.steps_per_epoch = max(1, math.ceil(len(domains) / unit))
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch * self.unit
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        for k in range(self.steps_per_epoch):
-            step = self.epoch * self.steps_per_epoch + k + 1  # the optimizer step these examples train
-            self._check_not_ahead(step)
-            p = np.asarray(self.balancer.proportions_at(step), dtype=np.float64)
-            rng = np.random.default_rng([self.seed, step])
-            drawn = rng.choice(len(p), size=self.unit, p=p / p.sum())
-            if self.block:  # sorted within each micro-batch: the tracker splits the gradient with views, not copies
-                drawn = np.concatenate([np.sort(drawn[i : i + self.block]) for i in range(0, self.unit, self.block)])
-            for d in drawn:
-                pool = self.by_domain[d]
-                yield int(pool[rng.integers(len(pool))])
-
-    def _check_not_ahead(self, step: int) -> None:
-        """Every update that applies to `step` must already be made, or the draw would depend on timing."""
-        if self.trainer is None:
-            return
-        done = self.trainer.state.global_step
-        if done < step - self.balancer.schedule.lag - 1:
-            raise RuntimeError(
-                f"the data loader runs {step - 1 - done} steps ahead of training, more than Balance's lag "
-                f"({self.balancer.schedule.lag}); lower dataloader_num_workers or dataloader_prefetch_factor"
-            )
 
 
 class BalanceTrainer(BalanceMixin, Trainer):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +82,14 @@ def for_shard(data: bytes, ext: str | None = None) -> ShardImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - any decoder failure is a reject with its reason
-        raise ImageRejected(f"cannot decode the .{name} image: {type(e).__name__}: {_short(e)}") from None
+        raise ImageRejected(f"cannot decode the .{name} image: {type(e).__name__}: {short_error(e)}") from None
     check_aspect(im.size)  # from the header: before any pixel is decoded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()  # decode everything now: a truncated file fails here, not in a DataLoader worker
     except Exception as e:  # noqa: BLE001 - any decoder failure is a reject with its reason
-        raise ImageRejected(f"cannot decode the .{name} image: {type(e).__name__}: {_short(e)}") from None
+        raise ImageRejected(f"cannot decode the .{name} image: {type(e).__name__}: {short_error(e)}") from None
     fmt = im.format or name.upper()
     frames = getattr(im, "n_frames", 1)
     if fmt in SHARD_FORMATS and frames == 1 and im.mode in EIGHT_BIT_MODES:
@@ -106,7 +107,7 @@ def for_shard(data: bytes, ext: str | None = None) -> ShardImage:
     try:
         converted.save(buf, format="PNG")
     except Exception as e:  # noqa: BLE001 - a mode PNG cannot hold
-        raise ImageRejected(f"cannot re-encode the {fmt} image ({im.mode}) as PNG: {_short(e)}") from None
+        raise ImageRejected(f"cannot re-encode the {fmt} image ({im.mode}) as PNG: {short_error(e)}") from None
     return ShardImage(buf.getvalue(), "png", "; ".join(notes))
 
 
@@ -143,7 +144,7 @@ def to_8bit(im):
     try:  # e.g. 16-bit RGB TIFF, BGR;15, LAB, HSV
         return im.convert("RGBA" if "A" in mode else "RGB"), f"{mode} converted to RGB"
     except Exception as e:  # noqa: BLE001
-        raise ImageRejected(f"cannot convert a {mode} image to RGB: {_short(e)}") from None
+        raise ImageRejected(f"cannot convert a {mode} image to RGB: {short_error(e)}") from None
 
 
 def open_rgb(data: bytes):
@@ -165,5 +166,7 @@ def write_notes(out: Path, notes: list[dict]) -> int:
     return len(notes)
 
 
-def _short(e: Exception) -> str:
-    return " ".join(str(e).split())[:200]
+def short_error(e: Exception) -> str:
+    """The error's text on one line, without the in-memory buffer Pillow names where a file name would go."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
+    return " ".join(text.split())[:200]

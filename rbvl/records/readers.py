@@ -52,17 +52,24 @@ class ReadOptions:
     announce: Callable[[str], None] | None = None  # told, once per input, how it is read (when `format` is auto)
 
 
-def read_records(paths: str | Iterable[str], opts: ReadOptions | None = None) -> Iterator[Record | Reject]:
-    """Every record of `paths` as a Record or a Reject, in input order; ids are unique within one call."""
+def read_records(
+    paths: str | Iterable[str], opts: ReadOptions | None = None, tags: dict[str, str] | None = None
+) -> Iterator[Record | Reject]:
+    """Every record of `paths` as a Record or a Reject, in input order; ids are unique within one call.
+
+    A row without an id is named TAG-ROW, TAG being its file's `file_tags` entry (in `tags`, which a caller reading
+    several splits makes over all of their files, or else made over this call's files)."""
     opts = opts or ReadOptions()
     seen: set[str] = set()
     readers = {"webdataset": _read_webdataset, "parquet": _read_table, "arrow": _read_table}
-    for spec in [paths] if isinstance(paths, str) else list(paths):
-        files = expand_inputs([spec], opts.format)
+    specs = [paths] if isinstance(paths, str) else list(paths)
+    inputs = [(spec, expand_inputs([spec], opts.format)) for spec in specs]
+    tags = tags or file_tags([path for _, files in inputs for path, _ in files])
+    for spec, files in inputs:
         announce = _Announcer(spec, len(files), opts)
         for path, fmt in files:
             announce.fmt = fmt
-            for item in readers.get(fmt, _read_json)(path, fmt, opts, announce):
+            for item in readers.get(fmt, _read_json)(path, fmt, opts, announce, tags.get(path)):
                 if isinstance(item, Record):
                     if item.id in seen:
                         item = Reject(item.id, item.source or path, "duplicate_id", "id seen earlier")
@@ -116,6 +123,22 @@ def expand_inputs(paths: list[str], fmt: str | None) -> list[tuple[str, str]]:
     return out
 
 
+def file_tags(files: Iterable[str]) -> dict[str, str]:
+    """file → the name its rows without an id are given (TAG-ROW): the file's stem, or where several files share a
+    stem (`train/data-00000-of-00001.arrow` and `test/data-00000-of-00001.arrow`, `save_to_disk` splits), as many
+    of its folders' names before it as tell them apart (`train-data-00000-of-00001`)."""
+    files = list(dict.fromkeys(files))
+    parts = {f: Path(f).with_suffix("").absolute().parts[::-1] for f in files}  # stem first, then its folders
+    tags = {}
+    for f in files:
+        others = [parts[g] for g in files if g != f and parts[g][0] == parts[f][0]]
+        depth = 1
+        while depth < len(parts[f]) and any(o[:depth] == parts[f][:depth] for o in others):
+            depth += 1
+        tags[f] = "-".join(reversed(parts[f][:depth]))
+    return tags
+
+
 def detect_format(path: str) -> str:
     suffix = Path(path).suffix.lower()
     known = {".tar": "webdataset", ".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "jsonl"}
@@ -124,10 +147,10 @@ def detect_format(path: str) -> str:
     raise RecordsError(f"{path}: cannot tell the format from '{suffix}'; pass --format {'|'.join(FORMATS)}")
 
 
-def _read_json(path: str, fmt: str, opts: ReadOptions, on_row) -> Iterator[Record | Reject]:
+def _read_json(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | None) -> Iterator[Record | Reject]:
     """JSON / JSONL rows of any shape; images are relative to the image root (default: the file's folder)."""
     root = Path(opts.image_root) if opts.image_root else Path(path).parent
-    stem = Path(path).stem
+    stem = tag or Path(path).stem
     for i, (source, row) in enumerate(json_items(path)):
         if isinstance(row, Exception):
             yield Reject(None, source, "bad_json", str(row))
@@ -136,16 +159,16 @@ def _read_json(path: str, fmt: str, opts: ReadOptions, on_row) -> Iterator[Recor
         yield row_record(row, source, opts, root, f"{stem}-{i}")
 
 
-def _read_table(path: str, fmt: str, opts: ReadOptions, on_row) -> Iterator[Record | Reject]:
+def _read_table(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | None) -> Iterator[Record | Reject]:
     """Parquet or Arrow rows of any shape (Hugging Face `Image` columns included)."""
     root = Path(opts.image_root) if opts.image_root else Path(path).parent
-    stem = Path(path).stem
+    stem = tag or Path(path).stem
     for i, (source, row) in enumerate(tables.table_rows(path, fmt)):
         on_row(row)
         yield row_record(row, source, opts, root, f"{stem}-{i}")
 
 
-def _read_webdataset(path: str, fmt: str, opts: ReadOptions, on_row) -> Iterator[Record | Reject]:
+def _read_webdataset(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | None) -> Iterator[Record | Reject]:
     from webdataset import tariterators
 
     on_row(None)

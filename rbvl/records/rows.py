@@ -43,7 +43,8 @@ def row_record(row, source: str, opts, root: Path | None, default_id: str, image
     column named by `opts.id_field` is required. `images` = [(bytes, ext), ...] when the images came beside the row (a
     tar shard); otherwise they are read from the row's image column."""
     if not isinstance(row, dict):
-        return Reject(None, source, "malformed_conversation", "a record is a JSON object")
+        got = _JSON_TYPES.get(type(row), type(row).__name__)
+        return Reject(None, source, "malformed_conversation", f"expected an object (a record), got {got}")
     id_field = opts.id_field or "id"
     if opts.id_field and row.get(id_field) is None:
         return Reject(None, source, "missing_field", f"no '{id_field}'; the row has: {_keys(row)}")
@@ -232,8 +233,15 @@ def _looked_for(opts) -> str:
 
 
 def _keys(row: dict) -> str:
-    keys = [str(k) for k in row]
+    """The row's columns, each empty one (null, "", []) marked: a column that is there but empty is no help either."""
+    keys = [
+        f"{k} (empty)" if v is None or (isinstance(v, (str, list, dict)) and not v) else str(k) for k, v in row.items()
+    ]
     return ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else "") if keys else "no fields"
+
+
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

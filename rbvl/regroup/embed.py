@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,7 +258,7 @@ class _EmbedDataset(torch.utils.data.Dataset):
         except images.ImageRejected as e:
             item["error"] = images.tagged(e)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a crashed loader
-            item["error"] = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(e).__name__}: {e}")[:300]
+            item["error"] = f"cannot decode the image: {type(e).__name__}: {images.short_error(e)}"
         return item
 
     def _decode(self, data: bytes) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from rbvl import manifest as manifest_file
 from rbvl.records import ReadOptions, RecordSpool, Reject, Rejects, images, read_records
+from rbvl.records.readers import expand_inputs, file_tags
 from rbvl.regroup import cluster as C
 from rbvl.regroup import gallery, outdir, report
 from rbvl.regroup.embed import check_embedder_name, embed_records, load_embedder
@@ -48,15 +49,22 @@ def read_options(opts: RegroupOptions) -> ReadOptions:
 
 
 def read_split(
-    paths: list[str], opts: ReadOptions, spool: RecordSpool, rejects: Rejects, split: str, exclude: set | None = None
+    paths: list[str],
+    opts: ReadOptions,
+    spool: RecordSpool,
+    rejects: Rejects,
+    split: str,
+    exclude: set | None = None,
+    tags: dict[str, str] | None = None,
 ) -> tuple[int, set[str]]:
     """Append one split's records to `spool` and its rejects to `rejects`, in one streaming pass.
 
-    Records whose id is in `exclude` (eval ids also in train) are rejected as duplicates.
+    Records whose id is in `exclude` (eval ids also in train) are rejected as duplicates. `tags`: the names rows
+    without an id take from their file (`file_tags` over every split's files, so that no two splits make the same).
     Returns (items that came in, ids of the records kept).
     """
     n_in, ids = 0, set()
-    for item in read_records(paths, opts):
+    for item in read_records(paths, opts, tags):
         n_in += 1
         if isinstance(item, Reject):
             rejects.add(split, item)
@@ -82,20 +90,24 @@ def regroup(opts: RegroupOptions) -> dict:
     opts.validate()
     ks = C.parse_k(opts.k)
     check_embedder_name(opts.embedder)  # a typo fails before any reading
+    # every input found (a missing one fails before the output folder is made); rows without ids are named per file
+    tags = file_tags(f for f, _ in expand_inputs([*opts.input, *(opts.eval or [])], opts.format))
     rank, world = _distributed()
     final = Path(opts.out)  # outputs are staged in `out` and moved here at the end; the embedding cache lives here
     out = outdir.prepare(final, opts.overwrite) if rank == 0 else outdir.staging_path(final)
     _barrier(world)
     try:
         with fsfault.writing(out):  # a write that fails without naming its file names the staging folder
-            return _regroup(opts, ks, final, out, rank, world)
+            return _regroup(opts, ks, final, out, rank, world, tags)
     except BaseException:  # an error, a full disk, Ctrl-C: no partial output is left, the previous one stands
         if rank == 0:
             outdir.abandon(out, final)
         raise
 
 
-def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: int, world: int) -> dict:
+def _regroup(
+    opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: int, world: int, tags: dict[str, str]
+) -> dict:
     """The stages of `regroup`, writing into the staging folder `out` and committing it to `final` at the end."""
     timings: dict[str, float] = {}
 
@@ -104,9 +116,11 @@ def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: 
     spool = RecordSpool(final / outdir.CACHE / (f"records-{rank}.bin" if world > 1 else "records.bin"))
     rejects = Rejects()
     read_opts = read_options(opts)
-    n_in_train, train_ids = read_split(opts.input, read_opts, spool, rejects, "train")
+    n_in_train, train_ids = read_split(opts.input, read_opts, spool, rejects, "train", tags=tags)
     n_train = len(spool)
-    n_in_eval = read_split(opts.eval, read_opts, spool, rejects, "eval", exclude=train_ids)[0] if opts.eval else 0
+    n_in_eval = 0
+    if opts.eval:
+        n_in_eval = read_split(opts.eval, read_opts, spool, rejects, "eval", exclude=train_ids, tags=tags)[0]
     everything = spool.finish()
     del train_ids
     _warn_outside_root(rejects, opts)
@@ -159,6 +173,12 @@ def _regroup(opts: RegroupOptions, ks: list[int], final: Path, out: Path, rank: 
     eval_labels, eval_dist = C.assign(x_eval, cl.centroids) if len(evals) else (np.zeros(0, int), np.zeros(0))
     train_labels_src = [everything.labels[i] for i in train_rows]
     labels = C.label_metrics(x_train, cl.labels, train_labels_src, opts.seed, opts.silhouette_sample)
+    if opts.label_field and not labels:  # asked for by name: say why the comparison is missing
+        found = len({lab for lab in train_labels_src if lab is not None})
+        _warn(
+            f"--label-field {opts.label_field}: {'no training row has it' if not found else 'one value only'}, so the "
+            f"clusters are not compared with the source's labels (NMI)"
+        )
     timings["cluster_s"] = time.perf_counter() - t0
 
     # ---- write shards (each cluster in a seeded random order), rejects, centroids
@@ -223,7 +243,10 @@ def _embedded_rows(records, errors: dict[int, str], n_train: int, rejects: Rejec
     ok = np.ones(len(records), dtype=bool)
     for row, err in sorted(errors.items()):
         ok[row] = False
-        rejects.add("train" if row < n_train else "eval", records[row], *images.untagged(err))
+        reason, detail = images.untagged(err)
+        path = getattr(records[row], "image_path", None)  # an image read from disk: which file
+        detail = f"{path}: {detail}" if path and reason == "unreadable_image" and path not in detail else detail
+        rejects.add("train" if row < n_train else "eval", records[row], reason, detail)
     return np.flatnonzero(ok[:n_train]), n_train + np.flatnonzero(ok[n_train:])
 
 

@@ -34,7 +34,7 @@ class LockError(RuntimeError):
 
 class RunLock:
     def __init__(self, folder: Path, fd: int | None):
-        self.folder, self.fd = folder, fd
+        self.folder, self.fd = folder, fd  # the resolved folder: the key in _HELD, and a path cwd changes keep
         self.path = folder / LOCK_NAME
 
     def release(self) -> None:
@@ -86,7 +86,7 @@ def acquire(folder: str | Path, command: str = "rbvl") -> RunLock:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (text + "\n").encode(), 0)
     os.fsync(fd)
-    lock = RunLock(folder, fd)
+    lock = RunLock(Path(key), fd)
     _HELD[key] = lock
     return lock
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -88,7 +89,13 @@ def _train(cfg: RunConfig, stop: StopSignals, owned: contextlib.ExitStack) -> di
     )
     if resume_from is not None:
         ckpt.load(resume_from, state)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+        if dist.is_main:  # said, not logged: a resume that picked the wrong folder should be seen
+            left = (
+                f"training on to step {cfg.max_steps}"
+                if state.step < cfg.max_steps
+                else (f"already at max_steps={cfg.max_steps}: nothing to train (raise max_steps to go on); evaluating")
+            )
+            print(f"rbvl train: resumed from {resume_from} at step {state.step}, {left}", file=sys.stderr, flush=True)
     metrics = MetricsLogger.for_run(cfg, names, enabled=dist.is_main)  # metrics.jsonl + logging.report_to
     metrics.truncate_after(state.step)
     batches = iter(_loader(stream, cfg, dist))
