@@ -129,12 +129,18 @@ def test_webdataset_shards(tmp_path):
         )
         sink.write({"__key__": "k2", "png": png()})
         sink.write({"__key__": "img.v2", "png": png(), "txt": "a dotted id"})  # stored as img.v2.png, img.v2.txt
+        sink.write({"__key__": "k3", "png": png(), "txt": "  "})
+        sink.write({"__key__": "k0", "txt": "k0 again, apart from its first files"})
     records, rejects = split(read_records(str(tmp_path)))
     assert [r.id for r in records] == ["k0", "r1", "img.v2"]
     assert records[2].image == png() and records[2].conversation[1]["content"] == "a dotted id"
     assert records[0].image == png() and records[0].conversation[1]["content"] == "a red square"
     assert records[1].label == "greet"
-    assert [(r.id, r.reason) for r in rejects] == [("k2", "missing_field")]
+    assert [(r.id, r.reason, r.detail) for r in rejects] == [
+        ("k2", "missing_field", "no conversation, caption or .txt"),
+        ("k3", "missing_field", "the .txt caption is empty"),
+        ("k0", "duplicate_id", "key seen earlier in this shard (its files not together?)"),
+    ]
 
 
 def test_s1_preset_jsonl_and_parquet(tmp_path):

@@ -414,6 +414,7 @@ def test_yaml_config_and_flag_override(llava, tmp_path):
         (["--input", "{train}", "--out", "{out}", "--embedder", "clip:ViT-B-32"], "unknown embedder 'clip:ViT-B-32'"),
         (["--input", "{train}", "--out", "{out}", "--embedder", "open_clip:ViT-B-33"], "did you mean"),
         (["--input", "{train}", "--out", "{out}", "--k", "2,99"], "k=99 is larger than"),
+        (["--input", "{train}", "--out", "{out}", "--embedder", "hf:{tmp}/no-model"], "no folder"),
         (["--input", "{tmp}/nothing.json", "--out", "{out}"], "input not found"),
         (["--config", "{tmp}/bad.yaml"], "unknown key 'embeder'"),
     ],

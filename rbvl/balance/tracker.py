@@ -375,7 +375,8 @@ class GradientTracker(_Staging, _Window):
         if vision_side and self._image_domains is None:
             raise RuntimeError(
                 f"GradientTracker: {name} sees images, not samples: pass image_domain_ids (the domain of each of its "
-                f"{batch_dim} rows) to set_domains"
+                f"{batch_dim} rows) to set_domains (BalanceTrainer: your collator returns them as 'image_domain_ids', "
+                f"as rbvl.data.collate.Encoder's info has them)"
             )
         n = self._sample_domains.numel()
         if batch_dim == n:

@@ -172,8 +172,15 @@ def _read_webdataset(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | 
     from webdataset import tariterators
 
     on_row(None)
+    keys = set()
     for sample in _tar_samples(tariterators.tarfile_samples([{"url": path}]), path):
         key = sample["__key__"]
+        if key in keys:  # webdataset groups consecutive files: a key seen before is a sample whose files are apart
+            yield Reject(
+                key, f"{path}:{key}", "duplicate_id", "key seen earlier in this shard (its files not together?)"
+            )
+            continue
+        keys.add(key)
         files = [ext for ext in sample if not ext.startswith("__")]
         stems = {ext.rpartition(".")[0] for ext in files}
         if len(stems) == 1 and "" not in stems:  # webdataset splits "a.b.jpg" at the first dot: the id was "a.b"
@@ -199,7 +206,8 @@ def _read_webdataset(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | 
             if caption is None and "txt" in sample:
                 caption = sample["txt"].decode("utf-8", errors="replace").strip()
             if not caption:
-                yield Reject(row["id"], source, "missing_field", "no conversation, caption or .txt")
+                why = "the .txt caption is empty" if "txt" in sample else "no conversation, caption or .txt"
+                yield Reject(row["id"], source, "missing_field", why)
                 continue
             prompt = f"{IMAGE_TOKEN}\nDescribe the image." if image else "Continue."
             row["conversation"] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]

@@ -156,6 +156,9 @@ def parse_embedder_name(name: str) -> tuple[str, str, str | None]:
 def check_embedder_name(name: str) -> None:
     """Fail early, with a suggestion, on a malformed name or an unknown open_clip architecture."""
     kind, model_name, _ = parse_embedder_name(name)
+    if kind in ("hf", "sentence-transformers") and model_name.startswith(("/", "./", "../", "~")):
+        if not Path(model_name).expanduser().is_dir():  # a folder, not a hub id: say so before any hub lookup
+            raise RegroupError(f"embedder '{name}': no folder {model_name} (a local model folder or a hub id)")
     if kind == "open_clip" and not model_name.startswith("hf-hub:"):
         import open_clip
 

@@ -121,8 +121,8 @@ def write_summary(
         f"dim {manifest['embedder']['dim']}); chosen k = **{manifest['k']}**.",
         "",
         f"Train: {c['train']['in']} in, {c['train']['written']} written, {c['train']['rejected']} rejected. "
-        f"Eval: {c['eval']['in']} in, {c['eval']['written']} written, {c['eval']['rejected']} rejected "
-        "(every one in `rejects.jsonl`).",
+        f"Eval: {c['eval']['in']} in, {c['eval']['written']} written, {c['eval']['rejected']} rejected"
+        + (" (every one in `rejects.jsonl`)." if c["train"]["rejected"] + c["eval"]["rejected"] else "."),
         "",
         *_rejected_section(rejects),
         "## k sweep",
