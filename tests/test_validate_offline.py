@@ -32,13 +32,18 @@ def test_a_run_this_machine_can_start_is_ok_and_torch_free(tiny_manifest):
 
 
 def test_what_the_machine_lacks_is_one_line_each_without_torch(tmp_path, tiny_manifest):
-    last, err = _validate("recipes/demo_tiny_rnb.yaml", f"manifest={tmp_path / 'nope.json'}", "model.name=tiny-lava")
+    missing = "rbvl-test/not-cached-anywhere"
+    last, err = _validate("recipes/demo_tiny_rnb.yaml", f"manifest={tmp_path / 'nope.json'}", f"model.name={missing}")
     assert last == "exit 2 torch imported: False"
     errors = [line for line in err.splitlines() if ": error:" in line]
     assert len(errors) == 1, err
     err = errors[0]
     assert f"manifest={tmp_path / 'nope.json'}: manifest not found" in err
-    assert "model.name=tiny-lava: no such tiny model; did you mean tiny-llava?" in err
+    assert f"model.name={missing}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set" in err
+    # a tiny model's name mistyped is a config error, caught with the values (--config-only too)
+    last, err = _validate("--config-only", "recipes/demo_tiny_rnb.yaml", "model.name=tiny-lava")
+    assert last == "exit 2 torch imported: False"
+    assert "model.name: got 'tiny-lava', no such tiny model; did you mean tiny-llava?" in err
     shard = next(Path(tiny_manifest).parent.rglob("*.tar"))
     shard.unlink()
     cfg = load_config("recipes/demo_tiny_rnb.yaml", [f"manifest={tiny_manifest}"])

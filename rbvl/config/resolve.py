@@ -49,7 +49,7 @@ def model_problem(name: str) -> str | None:
     (or one that may be downloaded: HF_HUB_OFFLINE unset); else the line saying what is wrong."""
     if name in TINY_MODELS:
         return None
-    if name.startswith("tiny-"):
+    if name.startswith("tiny-") and not Path(name).expanduser().exists():  # a folder may be called tiny-…
         near = difflib.get_close_matches(name, TINY_MODELS, n=1)
         hint = f"; did you mean {near[0]}?" if near else f"; the tiny models: {', '.join(TINY_MODELS)}"
         return f"model.name={name}: no such tiny model{hint}"

@@ -105,6 +105,25 @@ def domain_ids_of(dataset, column: str, n_domains: int | None = None) -> np.ndar
 def checked_domain_ids(values, column: str, n_domains: int | None, what: str) -> np.ndarray:
     """`values` as int64 domain ids, or an error naming the first bad one (`what` i): not an integer (a name, a
     fraction, a bool), or outside 0..n_domains-1."""
+    if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iu":
+        ids = values.astype(np.int64, copy=False)
+    elif isinstance(values, list) and all(type(v) is int for v in values):  # a datasets int column: no bool, no name
+        ids = np.asarray(values, dtype=np.int64)
+    else:
+        ids = _one_by_one(values, column, what)
+    if n_domains is not None:
+        bad = np.flatnonzero((ids < 0) | (ids >= n_domains))
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(
+                f"{what} {i} has domain id {ids[i]} in '{column}', outside 0..{n_domains - 1} (n_domains={n_domains}); "
+                f"{len(bad)} of {len(ids)} are outside"
+            )
+    return ids
+
+
+def _one_by_one(values, column: str, what: str) -> np.ndarray:
+    """Values of mixed or non-integer types, each checked: the first that is no integer is an error naming it."""
     ids = np.empty(len(values), dtype=np.int64)
     for i, value in enumerate(values):
         if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -122,14 +141,6 @@ def checked_domain_ids(values, column: str, n_domains: int | None, what: str) ->
                 )
             )
         ids[i] = int(value)
-    if n_domains is not None:
-        bad = np.flatnonzero((ids < 0) | (ids >= n_domains))
-        if len(bad):
-            i = int(bad[0])
-            raise ValueError(
-                f"{what} {i} has domain id {ids[i]} in '{column}', outside 0..{n_domains - 1} (n_domains={n_domains}); "
-                f"{len(bad)} of {len(ids)} are outside"
-            )
     return ids
 
 
