@@ -157,8 +157,6 @@ def test_collator_that_drops_examples_or_packs_them():
         DomainCollator(packed, "domain", 3)(feats)
     with pytest.raises(ValueError, match="returned no batch for 3 examples"):
         DomainCollator(lambda f: None, "domain", 3)(feats)
-    with pytest.raises(ValueError, match=r"example 0 has domain id 2 in 'domain', outside 0..1 \(n_domains=2\)"):
-        DomainCollator(pad_collate, "domain", 2)(feats)
     evals = [{k: v for k, v in f.items() if k != "domain"} for f in feats]  # an eval set needs no domain column
     assert "domain_ids" not in DomainCollator(pad_collate, "domain", 3)(evals)
 
@@ -196,7 +194,7 @@ def relabel(rows, value, every=3):
          r"\(n_domains=3\); 8 of 24 are outside"),
         (lambda rows: relabel(rows, -1), 3, ValueError, "train example 0 has domain id -1"),
         (lambda rows: rows, 2, ValueError, r"train example 16 has domain id 2 in 'domain', outside 0..1"),
-        (lambda rows: relabel(rows, "mul"), 3, ValueError, "must be an integer 0..m-1, got 'mul' .*class_encode_column"),
+        (lambda rows: relabel(rows, "mul"), 3, ValueError, "must be an integer 0..m-1, got 'mul' .*in the order target lists them"),
         (lambda rows: relabel(rows, 2.7), 3, ValueError, "must be an integer 0..m-1, got 2.7"),
         (lambda rows: relabel(rows, True), 3, ValueError, "must be an integer 0..m-1, got True"),
         (lambda rows: rows, "3", ValueError, "n_domains must be an int >= 1"),
@@ -215,7 +213,7 @@ def test_trainer_refuses_what_it_cannot_balance(tmp_path, caplog):
     ds = Dataset.from_list(rows)
     with pytest.raises(KeyError, match=r"the train dataset has no 'cluster' column .*its columns: \['input_ids'"):
         tiny_trainer(tmp_path, ds, domain_column="cluster")
-    assert tiny_trainer(tmp_path, ds)._train_domains.tolist() == [r["domain"] for r in rows]
+    assert tiny_trainer(tmp_path, ds)._train_domains[1].tolist() == [r["domain"] for r in rows]
     with pytest.raises(ValueError, match="an iterable train dataset cannot be drawn by domain proportions"):
         tiny_trainer(tmp_path, ds.to_iterable_dataset())
     with pytest.raises(ValueError, match=r"target has 2 shares for 3 domains"):
@@ -229,6 +227,44 @@ def test_trainer_refuses_what_it_cannot_balance(tmp_path, caplog):
         assert "floor 0.4 >= 1/m (m = 3 domains) holds every share at 1/m" in caplog.text
         tiny_trainer(tmp_path, rows, balance={"update_every": 50}).train()
         assert "no Balance update falls in this run (2 steps; the first comes after step 50" in caplog.text
+
+
+def test_trainer_reads_ids_as_users_hold_them(tmp_path):
+    """A datasets int column in any format (read from Arrow), digit strings (a CSV), a dataset set after __init__, the
+    arguments given by position, an eval set whose ids are never used, a torch IterableDataset with a length."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from rbvl.integrations.hf import BalanceTrainer
+
+    rows = length_examples()
+    ids = [r["domain"] for r in rows]
+    for fmt in (None, "numpy", "torch"):
+        ds = Dataset.from_list(rows).with_format(fmt)
+        assert tiny_trainer(tmp_path, ds)._train_domains[1].tolist() == ids, fmt
+    assert tiny_trainer(tmp_path, relabel(rows, "1", every=1))._train_domains[1].tolist() == [1] * len(rows)
+
+    trainer = tiny_trainer(tmp_path, rows, eval_dataset=relabel(rows[:4], -1, every=1))
+    trainer.train_dataset = rows[::5]  # set after __init__ (5 rows, 3 domains): its own ids, not the cached ones
+    assert max(trainer._get_train_sampler()) < 5
+    assert trainer.evaluate()["eval_loss"] > 0, "an eval set's ids are never used: -1 is no error there"
+
+    positional = tiny_trainer(tmp_path, rows)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    assert args.remove_unused_columns
+    positional.tracker.remove()  # its model, tracked afresh by the next one
+    again = BalanceTrainer(positional.model, args, pad_collate, rows, n_domains=3)
+    assert not again.args.remove_unused_columns, "by position too: the domain column must reach the collator"
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows)
+
+        def __len__(self):
+            return len(rows)
+
+    with pytest.raises(ValueError, match="an iterable train dataset cannot be drawn by domain proportions"):
+        tiny_trainer(tmp_path, Stream())
 
 
 def test_resume_with_other_domains_is_refused():

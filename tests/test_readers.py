@@ -114,6 +114,21 @@ def test_reject_details_say_what_the_row_lacks(tmp_path):
     ]
 
 
+def test_file_tags_tell_files_of_one_stem_apart():
+    from rbvl.records.readers import file_tags
+
+    files = ["hf/train/data-0.arrow", "hf/test/data-0.arrow", "solo.jsonl", "a/b/x.parquet", "c/b/x.parquet",
+             "d/q.json", "d/q.jsonl", "../up.json", "/top.json", "/k/top.json"]  # fmt: skip
+    assert file_tags(files) == {
+        "hf/train/data-0.arrow": "train-data-0", "hf/test/data-0.arrow": "test-data-0", "solo.jsonl": "solo",
+        "a/b/x.parquet": "a-b-x", "c/b/x.parquet": "c-b-x", "d/q.json": "q-json", "d/q.jsonl": "q-jsonl",
+        "../up.json": "up", "/top.json": "top", "/k/top.json": "k-top",
+    }  # fmt: skip
+    many = [f"g{i % 7}/s{i}/part.tar" for i in range(3000)]  # LAION-like shard folders: linear, not quadratic
+    tags = file_tags(many)
+    assert len(set(tags.values())) == 3000 and tags["g3/s10/part.tar"] == "s10-part"
+
+
 def test_webdataset_shards(tmp_path):
     with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:
         sink.write({"__key__": "k0", "png": png(), "txt": "a red square"})

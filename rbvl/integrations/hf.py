@@ -104,15 +104,19 @@ class BalanceMixin:
         self.balance_config: BalanceConfig = balance
         self.domain_column = domain_column
         self.n_domains = n_domains
-        self._train_domains = None  # each training example's domain id, checked now: a bad id fails before training
+        self.args.remove_unused_columns = False  # also when the arguments came by position
+        self._train_domains = None  # (dataset, its examples' domain ids), checked now: a bad id fails before training
         if self.train_dataset is not None:
-            if not hasattr(self.train_dataset, "__len__"):
+            if not hasattr(self.train_dataset, "__len__") or isinstance(
+                self.train_dataset, torch.utils.data.IterableDataset
+            ):
                 raise ValueError(
                     "BalanceTrainer: an iterable train dataset cannot be drawn by domain proportions here (its examples "
                     "come in its own order); pass a map-style dataset (datasets.Dataset), or train with rbvl train, "
                     "whose MixtureStream streams each domain"
                 )
-            self._train_domains = domain_ids_of(self.train_dataset, domain_column, n_domains)
+            ids = domain_ids_of(self.train_dataset, domain_column, n_domains)
+            self._train_domains = self.train_dataset, ids
         # Accelerate fetches one batch ahead of the step that uses it; workers × prefetch more may be in flight.
         ahead = self.args.dataloader_num_workers * (self.args.dataloader_prefetch_factor or 2)
         lag = 1 + math.ceil(ahead / self.args.gradient_accumulation_steps)
@@ -147,8 +151,9 @@ class BalanceMixin:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if dataset is None or not hasattr(dataset, "__len__"):  # refused in __init__; the Trainer never asks for one
             return super()._get_train_sampler(train_dataset)
-        ids = self._train_domains
-        if dataset is not self.train_dataset or ids is None:
+        if self._train_domains is not None and self._train_domains[0] is dataset:
+            ids = self._train_domains[1]
+        else:  # a dataset set after __init__
             ids = domain_ids_of(dataset, self.domain_column, self.n_domains)
         unit = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
         return DomainSampler(
@@ -209,6 +214,13 @@ class BalanceMixin:
         if training and labels is not None:
             loss = out[0] if return_outputs else out
             self.tracker.watch_loss(loss, normalizer=self._loss_normalizer(tokens, num_items_in_batch))
+        elif training and not self.tracker._warned_unwatched:  # the tracker would advise a call the user never makes
+            self.tracker._warned_unwatched = True
+            log.warning(
+                "BalanceTrainer: a training batch has no 'labels', so Balance cannot count each domain's answer "
+                "tokens or read the loss's normaliser: the domains' gradients are not token means. Have the "
+                "collator return labels (-100 where no loss is taken)"
+            )
         return out
 
     def _loss_normalizer(self, tokens, num_items_in_batch):

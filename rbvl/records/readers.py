@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,16 +128,27 @@ def expand_inputs(paths: list[str], fmt: str | None) -> list[tuple[str, str]]:
 def file_tags(files: Iterable[str]) -> dict[str, str]:
     """file → the name its rows without an id are given (TAG-ROW): the file's stem, or where several files share a
     stem (`train/data-00000-of-00001.arrow` and `test/data-00000-of-00001.arrow`, `save_to_disk` splits), as many
-    of its folders' names before it as tell them apart (`train-data-00000-of-00001`)."""
-    files = list(dict.fromkeys(files))
-    parts = {f: Path(f).with_suffix("").absolute().parts[::-1] for f in files}  # stem first, then its folders
+    of its folders' names before it as tell them apart (`train-data-00000-of-00001`), and its suffix where they lie
+    in one folder (`x-json`, `x-jsonl`)."""
+    by_stem: dict[str, list[str]] = {}
+    for f in dict.fromkeys(files):
+        by_stem.setdefault(Path(f).stem, []).append(f)
     tags = {}
-    for f in files:
-        others = [parts[g] for g in files if g != f and parts[g][0] == parts[f][0]]
-        depth = 1
-        while depth < len(parts[f]) and any(o[:depth] == parts[f][:depth] for o in others):
-            depth += 1
-        tags[f] = "-".join(reversed(parts[f][:depth]))
+    for stem, group in by_stem.items():  # only files of one stem are compared: linear in the files
+        if len(group) == 1:
+            tags[group[0]] = stem
+            continue
+        folders = {f: Path(os.path.abspath(f)).parent.parts[1:][::-1] for f in group}  # nearest first, no root
+        shared = Counter(folder[:d] for folder in set(folders.values()) for d in range(len(folder) + 1))
+        per_folder = Counter(folders.values())
+        for f in group:
+            folder, depth = folders[f], 0
+            while depth < len(folder) and shared[folder[:depth]] > 1:  # another folder ends in these names too
+                depth += 1
+            tag = "-".join([*reversed(folder[:depth]), stem])
+            if per_folder[folder] > 1:  # another file of this stem in the same folder
+                tag = f"{tag}-{Path(f).suffix.lstrip('.')}"
+            tags[f] = tag
     return tags
 
 
