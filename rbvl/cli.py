@@ -55,13 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rbvl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show tracebacks")
     sub = parser.add_subparsers(metavar="COMMAND")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too (rbvl train X.yaml -v)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     for name, func, text in (
         ("train", cmd_train, "fine-tune a model with LoRA and a mixing strategy (R&B by default)"),
         ("validate", cmd_validate, "check a recipe (and overrides) without running it"),
     ):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("recipe", help="recipe YAML (see recipes/); validate takes several")
+        p = sub.add_parser(name, help=text, description=text, parents=[verbose])
+        p.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/); validate takes several")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. balance.lam=5")
         p.add_argument("--help-config", action="store_true", help="list every recipe key with its default and meaning")
         p.set_defaults(func=func)
@@ -69,24 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--config-only", action="store_true", help="check the values alone, not whether this machine has the manifest and model"
     )  # fmt: skip
 
-    p = sub.add_parser("eval", help="per-domain eval loss of a run's checkpoint")
+    p = sub.add_parser("eval", help="per-domain eval loss of a run's checkpoint", parents=[verbose])
     p.add_argument("run_dir", help="a run folder or one of its checkpoint-N folders")
+    p.add_argument("--checkpoint", type=int, metavar="N", help="RUN_DIR/checkpoint-N (default: the newest)")
     p.add_argument("--manifest", help="regroup manifest (default: the run's)")
     p.add_argument("--max-samples", type=int, default=0, help="per domain (0 = all)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="per-domain eval losses of runs, side by side")
+    p = sub.add_parser("compare", help="per-domain eval losses of runs, side by side", parents=[verbose])
     p.add_argument("run_dirs", nargs="+")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("export", help="merge a LoRA checkpoint into a standalone model + processor")
+    p = sub.add_parser("export", help="merge a LoRA checkpoint into a standalone model + processor", parents=[verbose])
     p.add_argument("checkpoint", help="RUN_DIR/checkpoint-N")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model into")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the merged folder to the Hugging Face Hub")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("gallery", help="(re)build the cluster gallery (gallery/index.html) of a regroup output")
+    p = sub.add_parser(
+        "gallery", help="(re)build the cluster gallery (gallery/index.html) of a regroup output", parents=[verbose]
+    )
     p.add_argument("shards", help="the regroup output folder (holding manifest.json)")
     p.add_argument("--nearest", type=int, default=12, help="cards per cluster nearest its centroid (default 12)")
     p.add_argument("--random", type=int, default=12, help="cards per cluster drawn at random (default 12)")
@@ -94,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the k sweep and projection PNGs")
     p.set_defaults(func=cmd_gallery)
 
-    p = sub.add_parser("experiment", help="run a grid of runs (domains × strategy × seed) and write its report")
+    p = sub.add_parser(
+        "experiment", help="run a grid of runs (domains × strategy × seed) and write its report", parents=[verbose]
+    )
     p.add_argument("experiment", help="EXPERIMENT.yaml (see experiments/)")
     p.add_argument("--out", help="report folder (default: the file's `out`)")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl, run nothing")
@@ -102,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the runs it would make (groups × seeds) and stop")
     p.set_defaults(func=cmd_experiment)
 
-    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side", parents=[verbose])
     bench_sub = bench.add_subparsers(metavar="WHAT")
     for name, (module, text) in BENCHMARKS.items():
         # The benchmark modules import torch and friends: build their options only when they run (rbvl/bench/).
-        p = bench_sub.add_parser(name, help=text, description=text, add_help=False)
+        p = bench_sub.add_parser(name, help=text, description=text, add_help=False, parents=[verbose])
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=cmd_bench, module=module, bench_name=name)
     for command in sub.choices.values():  # `rbvl train --version` too (each benchmark parses its own flags)
@@ -126,6 +133,8 @@ def cmd_validate(args) -> int:
 
     if args.help_config:
         return _print_config_help()
+    if args.recipe is None:
+        raise CliError("give a recipe: rbvl validate RECIPE.yaml [key=value ...]")
     recipes = [args.recipe] + [o for o in args.overrides if "=" not in o]
     overrides = [o for o in args.overrides if "=" in o]
     failed = 0
@@ -154,6 +163,8 @@ def cmd_train(args) -> int:
 
     if args.help_config:
         return _print_config_help()
+    if args.recipe is None:
+        raise CliError("give a recipe: rbvl train RECIPE.yaml [key=value ...] (recipes/ holds examples)")
     cfg = load_config(args.recipe, args.overrides)
     _note_empty_eval(cfg.manifest)
     from rbvl.train import train
@@ -189,7 +200,15 @@ def _note_empty_eval(manifest: str) -> None:
 def cmd_eval(args) -> int:
     from rbvl.evaluate import evaluate_run
 
-    evaluate_run(args.run_dir, manifest=args.manifest, max_samples=args.max_samples)
+    run_dir = args.run_dir
+    if args.checkpoint is not None:
+        from pathlib import Path
+
+        run_dir = Path(run_dir) / f"checkpoint-{args.checkpoint}"
+        if not run_dir.is_dir():
+            found = sorted(p.name for p in Path(args.run_dir).glob("checkpoint-*"))
+            raise CliError(f"--checkpoint {args.checkpoint}: no {run_dir} (the run has {', '.join(found) or 'none'})")
+    evaluate_run(run_dir, manifest=args.manifest, max_samples=args.max_samples)
     return 0
 
 
@@ -294,6 +313,7 @@ def _is_user_error(e: Exception) -> bool:
         ("rbvl.records", "RecordsError"),
         ("rbvl.train.checkpoint", "CheckpointError"),
         ("rbvl.data", "DataError"),
+        ("rbvl.balance.layers", "TrackingError"),
         ("rbvl.train.guard", "Preempted"),
         ("rbvl.train.guard", "Diverged"),
     ):

@@ -258,6 +258,8 @@ def test_cli_validate_one_clear_line(tmp_path):
         (("validate", str(RECIPES[0]), "max_steps=ten"), "max_steps: expected int"),
         (("validate", str(RECIPES[0]), "train.batch_size=0"), "train.batch_size: got 0"),
         (("train", str(RECIPES[0]), "train.batch_size=0"), "train.batch_size: got 0"),  # train and validate agree
+        (("validate", str(RECIPES[0]), "model.name=tiny-lava"), "did you mean tiny-llava?"),
+        (("train",), "give a recipe"),
     ]:
         r = run(*args)
         assert r.returncode != 0

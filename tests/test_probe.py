@@ -45,6 +45,16 @@ def _suggested(msg: str) -> int:
     return int(m.group(2)) + (m.group(1) == "above")
 
 
+def test_images_for_a_text_only_model_say_so(tiny):
+    """It guessed a too-short max_length; the cause was only in warnings above it."""
+    domains, _ = tiny
+    _, tokenizer = build("tiny-qwen2")
+    with pytest.raises(
+        DataError, match="its samples have images, and the model is a text-only LM; train a vision-language"
+    ):
+        probe_domains(domains, Encoder(tokenizer, max_length=512))
+
+
 def test_a_length_below_the_image_tokens_names_the_domains_and_a_length_that_works(tiny):
     domains, processor = tiny
     with pytest.raises(DataError) as err:

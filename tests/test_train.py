@@ -70,6 +70,12 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
 
     again = evaluate_run(run)
     assert again["loss_per_domain"] == pytest.approx(evals[-1]["loss_per_domain"], rel=1e-5)
+    from rbvl import cli
+
+    assert (
+        cli.main(["eval", str(run), "--checkpoint", "20", "-v"]) == 0
+    )  # the flag its help names; -v after the command
+    assert cli.main(["eval", str(run), "--checkpoint", "7"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -156,6 +162,14 @@ def test_cli_train_stratified(tmp_path, tiny_manifest):
         text=True,
     )
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "nope.json" in bad.stderr
+    cli = [sys.executable, "-m", "rbvl.cli", "train", "recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}"]
+    untracked = subprocess.run(
+        [*cli, f"output_dir={tmp_path / 'r3'}", "balance.params=xyz", "max_steps=120", "logging.progress=false"],
+        capture_output=True,
+        text=True,
+    )  # a pattern over module names that names none: one line, as a LoRA target that names none
+    assert untracked.returncode == 2 and "Traceback" not in untracked.stderr, untracked.stderr[-2000:]
+    assert "rbvl: error: balance.params: pattern 'xyz' matches no nn.Linear module of this model" in untracked.stderr
 
 
 def test_the_loops_window_is_the_token_mean_gradient_of_what_it_drew(tmp_path, tiny_manifest):

@@ -26,6 +26,10 @@ VISION_SIDE = r"(multi_modal_projector|vision_tower|vision_model|visual|mm_proje
 CROSS_ATTENTION = r"\.cross_attn\.(k_proj|v_proj)(\.|$)"
 
 
+class TrackingError(ValueError):
+    """`params` names no layer of this model (a one-line error in `rbvl train`)."""
+
+
 def select_modules(
     model: nn.Module, params: str | Sequence[str], head_patterns: Sequence[str] | None = None
 ) -> list[tuple[str, nn.Linear]]:
@@ -34,11 +38,11 @@ def select_modules(
     if params == "lora":
         found = [(n, mod) for n, mod in linears if re.search(r"\.lora_(A|B)\.[^.]+$", n)]
         if not found:
-            raise ValueError("params='lora' but the model has no LoRA adapters (wrap it with peft.get_peft_model)")
+            raise TrackingError("params='lora' but the model has no LoRA adapters (wrap it with peft.get_peft_model)")
         return found
     if params == "head":
         if head_patterns is None:
-            raise ValueError(
+            raise TrackingError(
                 "params='head' needs head_patterns= (the regexes of the LM head and the projector's last linear for "
                 "this model's family), e.g. GradientTracker(model, m, params='head', "
                 "head_patterns=rbvl.model.families.head_patterns(model))"
@@ -51,7 +55,7 @@ def select_modules(
             and (mod is head or any(re.search(p, n) for p in head_patterns))
         ]
         if not found:
-            raise ValueError(
+            raise TrackingError(
                 f"params='head' found no LM head or projector linear in this model (looked for {list(head_patterns)})"
             )
         return found
@@ -61,7 +65,10 @@ def select_modules(
     for pattern in params:
         hits = [(n, mod) for n, mod in linears if re.search(pattern, n)]
         if not hits:
-            raise ValueError(f"balance.params pattern {pattern!r} matches no nn.Linear module")
+            raise TrackingError(
+                f"balance.params: pattern {pattern!r} matches no nn.Linear module of this model (e.g. "
+                f"{', '.join(n for n, _ in linears[:3])}); a regex over module names, or lora / head"
+            )
         found += [h for h in hits if h not in found]
     return found
 

@@ -395,6 +395,11 @@ def follow_model(path, overrides: list[str], default_model: str) -> list[str]:
     model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
     if model.get("name", default_model) == given["model.name"]:
         return overrides
+    from rbvl.config.resolve import TINY_MODELS
+
+    name = str(given["model.name"])
+    if name.startswith("tiny-") and name not in TINY_MODELS and not Path(name).expanduser().exists():
+        return overrides  # a mistyped tiny model: its check says so, with nothing about its family before it
     dropped = [key for key in FAMILY_KEYS if key not in given and lora.get(key.split(".")[1]) is not None]
     for key in dropped:
         log.warning(

@@ -36,6 +36,7 @@ def probe_domains(domains: Domains, collate, train_weights=None, probe: int = PR
                 failed.append(f"{domain.name} ({split})")
                 for key in ("image_tokens", "answer_starts"):
                     seen[key] = max(seen.get(key, 0), stats.get(key, 0))
+                seen["text_lm"] = seen.get("text_lm") or stats.get("text_lm")
     if failed:
         names = ", ".join(failed[:6]) + (f" and {len(failed) - 6} more" if len(failed) > 6 else "")
         head = f"none of the first {probe} samples of {names} can be trained on"
@@ -69,6 +70,11 @@ def _probe(shards, d: int, collate, probe: int):
                 batch, info = collate([sample], [d])
                 if batch is not None and int(info["label_tokens"].sum()) > 0:
                     return None
+                family = getattr(collate, "family", None)
+                if getattr(family, "kind", None) == "text" and (
+                    sample.get("images") or sample.get("image") is not None
+                ):
+                    stats["text_lm"] = family.model_type  # a sample with an image, for a model that reads no image
                 stats["image_tokens"] = max(stats.get("image_tokens", 0), info.get("image_tokens", 0))
                 stats["answer_starts"] = max(stats.get("answer_starts", 0), _answer_start(collate, sample, d))
             if tried >= probe:
@@ -91,6 +97,12 @@ def _answer_start(collate, sample: dict, d: int) -> int:
 
 def needed_length(head: str, seen: dict, max_length: int | None) -> str:
     """`head`, then what the data needs: which `data.max_length` keeps the image tokens and the first answer token."""
+    if seen.get("text_lm"):
+        model = "the model" if seen["text_lm"] == "text" else seen["text_lm"]
+        return (
+            f"{head}: its samples have images, and {model} is a text-only LM; train a vision-language model.name "
+            f"on them, or regroup text-only data for this model"
+        )
     image, answer = seen.get("image_tokens", 0), seen.get("answer_starts", 0)
     why = []
     if image:
