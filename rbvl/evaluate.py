@@ -108,6 +108,8 @@ def compare_runs(run_dirs: list[str]) -> str:
     """
     finals, names, manifests = [], [], []
     for run in run_dirs:
+        if not Path(run).is_dir():
+            raise FileNotFoundError(f"{run}: no such run folder")
         evals = read_metrics(run, "eval")
         if not evals:
             raise FileNotFoundError(f"{run}: no eval results in metrics.jsonl (did the run finish?)")

@@ -132,6 +132,8 @@ def test_compare_lines_up_runs_over_different_domains_and_explains_its_marks(tmp
     assert table[6].startswith("* the lowest eval loss in its row; - the run has no such domain")
     assert table[7].startswith("p stability: median L1 change of p per update")
     assert table[-1] == "the runs read different manifests: each mixture loss weighs its own eval set by its own q"
+    with pytest.raises(FileNotFoundError, match="nope: no such run folder"):
+        compare_runs([str(tmp_path / "a"), str(tmp_path / "nope")])
 
 
 @pytest.mark.slow

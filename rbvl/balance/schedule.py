@@ -190,7 +190,8 @@ class Balancer:
             log.warning(
                 "balance: p moved by more than %.2f (L1) at each of the last %d updates (now %.2f): the mixture is "
                 "following noise. Lower balance.lam, or damp the update: balance.update=mirror (a step from the "
-                "previous p) or balance.gram_ema=0.8 (an average of G over windows)",
+                "previous p) or balance.gram_ema=0.8 (an average of G over windows); in BalanceTrainer, "
+                "balance={'update': 'mirror'} or {'gram_ema': 0.8}",
                 self.unstable_l1, self.unstable_updates, l1,
             )  # fmt: skip
 
