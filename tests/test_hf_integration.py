@@ -147,18 +147,18 @@ def test_collator_that_drops_examples_or_packs_them():
         batch = pad_collate(features[1:])
         return {**batch, "domain_ids": torch.tensor([f["domain"] for f in features[1:]])} if say else batch
 
-    batch = DomainCollator(lambda f: drops_first(f, True), "domain", 3)(feats)
+    batch = DomainCollator(lambda f: drops_first(f, True), "domain")(feats)
     assert batch["domain_ids"].tolist() == [0, 1] and isinstance(batch["domain_ids"], np.ndarray)
     assert batch["input_ids"].shape[0] == 2
     with pytest.raises(ValueError, match=r"returned 2 row\(s\) for 3 examples.*'domain_ids'.*padding_free"):
-        DomainCollator(lambda f: drops_first(f, False), "domain", 3)(feats)
+        DomainCollator(lambda f: drops_first(f, False), "domain")(feats)
     packed = lambda f: {"input_ids": torch.ones(1, 9, dtype=torch.long), "labels": torch.ones(1, 9, dtype=torch.long)}  # noqa: E731
     with pytest.raises(ValueError, match=r"returned 1 row\(s\) for 3 examples"):
-        DomainCollator(packed, "domain", 3)(feats)
+        DomainCollator(packed, "domain")(feats)
     with pytest.raises(ValueError, match="returned no batch for 3 examples"):
-        DomainCollator(lambda f: None, "domain", 3)(feats)
+        DomainCollator(lambda f: None, "domain")(feats)
     evals = [{k: v for k, v in f.items() if k != "domain"} for f in feats]  # an eval set needs no domain column
-    assert "domain_ids" not in DomainCollator(pad_collate, "domain", 3)(evals)
+    assert "domain_ids" not in DomainCollator(pad_collate, "domain")(evals)
 
 
 def tiny_trainer(tmp_path, train_dataset, n_domains=3, **kw):

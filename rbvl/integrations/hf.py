@@ -137,7 +137,7 @@ class BalanceMixin:
         if self.is_fsdp_enabled:
             broadcast_trainable(self.model, self.args.device)  # what DDP does as it wraps; FSDP2 shards each rank's own
         self.paths = self._same_forward_paths(dummy_images) if self.is_fsdp_enabled else None
-        self.data_collator = DomainCollator(self.data_collator, domain_column, n_domains)
+        self.data_collator = DomainCollator(self.data_collator, domain_column)
         self._balance_diagnostics: dict = {}  # the latest update's, for the next log line
         self.add_callback(_BalanceCallback(self))
 

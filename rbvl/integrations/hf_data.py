@@ -27,8 +27,8 @@ class DomainCollator:
     do not match its examples (packing, TRL's padding_free) is an error. Examples without the column at all (an eval
     set) pass without ids: only a training step needs them (`compute_loss`)."""
 
-    def __init__(self, collator, column: str, n_domains: int | None = None):
-        self.collator, self.column, self.n_domains = collator, column, n_domains
+    def __init__(self, collator, column: str):
+        self.collator, self.column = collator, column
 
     def __call__(self, features: list[dict]):
         have = [isinstance(f, Mapping) and self.column in f for f in features]
