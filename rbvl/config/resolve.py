@@ -18,6 +18,17 @@ TINY_MODELS = (
 )  # fmt: skip
 
 
+def model_name_problem(value: str) -> str | None:
+    """A hub id, a folder, or one of the tiny models: a `tiny-` name that is neither a tiny model nor a folder is a
+    typo, caught here (offline, before any model code runs)."""
+    if not str(value).strip():
+        return "expected a non-empty string"
+    if str(value).startswith("tiny-") and value not in TINY_MODELS and not Path(value).expanduser().exists():
+        near = difflib.get_close_matches(str(value), TINY_MODELS, n=1)
+        return "no such tiny model" + (f"; did you mean {near[0]}?" if near else f" ({', '.join(TINY_MODELS)})")
+    return None
+
+
 def offline_problems(cfg) -> list[str]:
     """One line per thing `rbvl train` would not find: the manifest or its shards, the model."""
     problems = []

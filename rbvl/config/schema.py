@@ -8,7 +8,6 @@ validated `RunConfig`.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, ClassVar
 
 from rbvl.config import help as _help
 from rbvl.config.engine import Checked, ConfigError, follow_model, load, option
+from rbvl.config.resolve import model_name_problem
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Field checks
@@ -36,19 +36,6 @@ def _regex_or_names(value: str | list[str]) -> str | None:
 
 def _nonempty(value: str) -> str | None:
     return "expected a non-empty string" if not str(value).strip() else None
-
-
-def _model_name(value: str) -> str | None:
-    """A hub id, a folder, or one of the tiny models: a `tiny-` name that is neither a tiny model nor a folder is a
-    typo, caught here (offline, before any model code runs)."""
-    from rbvl.config.resolve import TINY_MODELS
-
-    if not str(value).strip():
-        return "expected a non-empty string"
-    if str(value).startswith("tiny-") and value not in TINY_MODELS and not Path(value).expanduser().exists():
-        near = difflib.get_close_matches(str(value), TINY_MODELS, n=1)
-        return "no such tiny model" + (f"; did you mean {near[0]}?" if near else f" ({', '.join(TINY_MODELS)})")
-    return None
 
 
 def _device(value: str) -> str | None:
@@ -95,7 +82,7 @@ def _weights(value: dict[str, float]) -> str | None:
 class ModelConfig(Checked):
     KEY: ClassVar[str] = "model."
 
-    name: str = option("tiny-llava", check=_model_name, allowed="a hub id, a folder, or tiny-llava")
+    name: str = option("tiny-llava", check=model_name_problem, allowed="a hub id, a folder, or tiny-llava")
     """A hub id (`llava-hf/llava-1.5-7b-hf`), a local `save_pretrained` folder, or `tiny-llava` (built offline)."""
     dtype: str = option("float32", choices=("float32", "bfloat16", "float16"))
     """Weights dtype: float32, bfloat16 or float16."""
