@@ -132,6 +132,7 @@ BAD_VALUES = [
     ("optim.warmup_steps=-1", "optim.warmup_steps: got -1"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio: got 2.0, expected a number in [0, 1]"),
     ("optim.max_grad_norm=-1", "optim.max_grad_norm: got -1.0"),
+    ("optim.fused=sometimes", "optim.fused: expected bool"),
     ("train.precision=fp8", "train.precision: 'fp8' is not one of auto, fp32, bf16, fp16"),
     ("train.save_every=-1", "train.save_every: got -1"),
     ("train.device=gpu", "train.device: got 'gpu', expected auto, cpu, mps, cuda or cuda:N"),

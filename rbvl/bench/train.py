@@ -62,6 +62,7 @@ from rbvl.data.synthetic import write_tiny_manifest
 from rbvl.model import apply_lora, load_model
 from rbvl.train import train
 from rbvl.train.metrics import read_metrics
+from rbvl.train.optim import fused_adamw
 
 ARMS = ("stratified", "rnb", "balance_hf", "trainer", "rnb_linears")
 DEFAULT_ARMS = ARMS[:4]
@@ -283,6 +284,7 @@ def time_trainer(cfg, samples: list[dict], balance: bool, warmup: int) -> float:
         adam_beta1=cfg.optim.betas[0],
         adam_beta2=cfg.optim.betas[1],
         max_grad_norm=cfg.optim.max_grad_norm,
+        optim="adamw_torch_fused" if cfg.optim.fused and fused_adamw(model.parameters()) else "adamw_torch",
         warmup_steps=cfg.optim.warmup_steps,
         lr_scheduler_type="cosine",
         logging_steps=cfg.train.log_every,

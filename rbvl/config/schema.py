@@ -322,6 +322,9 @@ class OptimConfig(Checked):
     """The learning rate at max_steps, as a fraction of lr."""
     max_grad_norm: float = option(1.0, ge=0.0)
     """Gradient clipping (0 = off)."""
+    fused: bool = True
+    """AdamW's fused kernel (one per step, not a Python loop over the parameters) where torch has it for the
+    parameters' device (CPU, CUDA); false: torch's default AdamW (for-each on a GPU, a loop on the CPU)."""
 
 
 @dataclass
