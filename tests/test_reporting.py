@@ -213,3 +213,26 @@ def test_plots_show_what_there_is_and_write_no_empty_picture(tmp_path):
     written = sorted(p.name for p in plot_run(tmp_path, names))
     assert written == ["eval_loss.png", "gram.png", "proportions.png", "train_loss.png"]
     assert all((tmp_path / name).stat().st_size > 5_000 for name in written)
+
+
+def test_per_domain_values_reach_the_reporters_when_some_domain_has_none(tmp_path):
+    """With many domains and small batches, some domain is missing from most train rows: the others still reach
+    TensorBoard (and wandb, MLflow), one line per domain, and a domain without a value is left out, not zero."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    names = ["a", "b", "c"]
+    log = MetricsLogger(tmp_path, names, report_to=["tensorboard"])
+    log.log("train", 2, loss=2.0, loss_per_domain=[2.1, None, 1.9], alignment=[0.5, None, -0.25])
+    log.log("train", 4, loss=1.5, loss_per_domain=[None, None, None])
+    log.close()
+    seen = {}
+    for run in sorted((tmp_path / "tensorboard").rglob("events.out.tfevents.*")):
+        events = EventAccumulator(str(run.parent)).Reload()
+        for tag in events.Tags()["scalars"]:
+            seen[f"{run.parent.name}:{tag}"] = [(e.step, e.value) for e in events.Scalars(tag)]
+    per_domain = {k: v for k, v in seen.items() if "loss_per_domain" in k}
+    assert per_domain == {
+        "train_loss_per_domain_a:train/loss_per_domain": [(2, pytest.approx(2.1))],
+        "train_loss_per_domain_c:train/loss_per_domain": [(2, pytest.approx(1.9))],
+    }
+    assert [v for k, v in seen.items() if "alignment_c" in k] == [[(2, -0.25)]]

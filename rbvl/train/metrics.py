@@ -56,8 +56,16 @@ class MetricsLogger:
         for key, value in row.items():
             if key in ("kind", "step"):
                 continue
-            if isinstance(value, list) and len(value) == len(self.names) and all(_is_num(v) for v in value):
-                grouped[key] = dict(zip(self.names, value))
+            if (
+                isinstance(value, list)
+                and len(value) == len(self.names)
+                and all(_is_num(v) or v is None for v in value)
+            ):
+                # per domain; a domain with no value at this step (none of its samples drawn since the last row) is
+                # left out, the others are reported
+                per_domain = {name: v for name, v in zip(self.names, value, strict=True) if v is not None}
+                if per_domain:
+                    grouped[key] = per_domain
             elif _is_num(value):
                 flat[key] = value
         for reporter in self.reporters:
