@@ -184,6 +184,30 @@ def test_s1_preset_jsonl_and_parquet(tmp_path):
     assert records[0].text == "What is 0+1?\nAdd one.\nDone."
 
 
+def test_s1_columns_can_be_named_and_the_banner_says_what_the_rows_have(tmp_path):
+    """--prompt-field / --response-field name an S1 file's question and answer columns; a trajectory column that is
+    not there (a typo) is said in the reading banner, as is `solution` standing in for a missing `attempt`."""
+    rows = [{"problem": "What is 2+2?", "thinking_trajectories": ["Two and two."], "final": "4", "solution": "four"}]
+    (tmp_path / "s1.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    said = []
+    opts = ReadOptions(preset="s1", prompt_field="problem", response_field="final", announce=said.append)
+    records, rejects = split(read_records(str(tmp_path / "s1.jsonl"), opts))
+    assert not rejects and records[0].conversation == [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "Two and two.\n\n4"},
+    ]
+    assert "(`problem` → `thinking_trajectories` + `final`)" in said[0]
+    _, rejects = split(read_records(str(tmp_path / "s1.jsonl"), ReadOptions(preset="s1")))
+    assert rejects[0].detail.startswith("looked for question + thinking_trajectories and/or attempt|solution")
+
+    typo = {"question": "What is 2+2?", "thinking_trajectory": ["Two and two."], "solution": "4"}
+    (tmp_path / "typo.jsonl").write_text(json.dumps(typo) + "\n")
+    said.clear()
+    records, _ = split(read_records(str(tmp_path / "typo.jsonl"), ReadOptions(preset="s1", announce=said.append)))
+    assert records[0].conversation[1]["content"] == "4"
+    assert "its first row has no `thinking_trajectories`; no `attempt`" in said[0]
+
+
 def test_fatal_inputs_are_one_line(tmp_path):
     with pytest.raises(RecordsError, match="no input matches"):
         list(read_records(str(tmp_path / "nothing*.json")))

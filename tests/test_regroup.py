@@ -414,7 +414,13 @@ def test_yaml_config_and_flag_override(llava, tmp_path):
         (["--input", "{train}", "--out", "{out}", "--embedder", "clip:ViT-B-32"], "unknown embedder 'clip:ViT-B-32'"),
         (["--input", "{train}", "--out", "{out}", "--embedder", "open_clip:ViT-B-33"], "did you mean"),
         (["--input", "{train}", "--out", "{out}", "--k", "2,99"], "k=99 is larger than"),
-        (["--input", "{train}", "--out", "{out}", "--embedder", "hf:{tmp}/no-model"], "no folder"),
+        (["--input", "{train}", "--out", "{out}", "--embedder", "hf:{tmp}/no-model"], "no-model is no such folder"),
+        (["--input", "{train}", "--out", "{out}", "--embedder", "hf:{tmp}/bad.yaml"], "is a file, not a folder"),
+        (
+            ["--input", "{train}", "--out", "{out}", "--embedder", "sentence-transformers:{tmp}/package"],
+            "holds no modules.json or config.json, so it is not a sentence-transformers model; its subfolder model/",
+        ),
+        (["--input", "{train}", "--out", "{out}", "--text-fields", "questoin"], "--text-fields questoin: no train"),
         (["--input", "{tmp}/nothing.json", "--out", "{out}"], "input not found"),
         (["--config", "{tmp}/bad.yaml"], "unknown key 'embeder'"),
     ],
@@ -422,6 +428,8 @@ def test_yaml_config_and_flag_override(llava, tmp_path):
 def test_fatal_errors_are_one_line(llava, tmp_path, capsys, args, message):
     train, _, images = llava
     (tmp_path / "bad.yaml").write_text("embeder: open_clip:rbvl-tiny\n")
+    (tmp_path / "package" / "model").mkdir(parents=True)  # a package that keeps its model one folder down
+    (tmp_path / "package" / "model" / "modules.json").write_text("[]")
     fill = {"train": str(train), "out": str(tmp_path / "out"), "tmp": str(tmp_path)}
     argv = [a.format(**fill) for a in args] + ["--image-root", str(images), "--no-progress"]
     assert main(argv) != 0

@@ -13,7 +13,8 @@ Row shapes, detected by column name (or named by `ReadOptions.conversation_field
   pair          prompt / question / instruction (+ input) → response / answer / output / completion / solution
                 (Alpaca and prompt/response JSONL, text-only Parquet); with an image column (VQA-style: image,
                 question, answer) one `<image>` per image goes before the prompt
-  s1            S1-59k reasoning traces: question, thinking_trajectories, attempt
+  s1            S1-59k reasoning traces: question → thinking_trajectories + attempt (`prompt_field` and
+                `response_field` name other question and answer columns; without `attempt`, `solution`)
 
 A row with none of these is a `missing_field` reject whose detail lists the columns looked for and those the row has,
 so a person sees at once which flag to pass.
@@ -29,6 +30,7 @@ CONVERSATION_FIELDS = ("conversations", "conversation", "messages")
 IMAGE_FIELDS = ("images", "image")
 PROMPT_FIELDS = ("prompt", "question", "instruction", "query", "input")
 RESPONSE_FIELDS = ("response", "answer", "output", "completion", "solution")
+TRAJECTORY_FIELD = "thinking_trajectories"  # S1: the reasoning before the attempt
 
 # What each preset embeds and which column is the original label.
 PRESETS = {
@@ -74,7 +76,11 @@ def describe_row(row, opts) -> str:
     if field is not None:
         return f"chat turns in `{field}`, {images}"
     if _is_s1(row, opts):
-        return "S1 reasoning traces (`question`, `thinking_trajectories`, `attempt`)"
+        question, trajectory, answer = _s1_fields(row, opts)
+        parts = " + ".join(f"`{f}`" for f in (trajectory, answer) if f) or "no answer column"
+        missing = [f"no `{TRAJECTORY_FIELD}`" if not trajectory else "", "no `attempt`" if answer == "solution" else ""]
+        missing = "; ".join(m for m in missing if m)
+        return f"S1 reasoning traces (`{question}` → {parts})" + (f"; its first row has {missing}" if missing else "")
     prompt, response = _pair_fields(row, opts)
     if prompt and response:
         return f"prompt/response pairs (`{prompt}` → `{response}`), {images}"
@@ -187,6 +193,20 @@ def _is_s1(row: dict, opts) -> bool:
     return (opts.preset or ("s1" if "thinking_trajectories" in row else "text")) == "s1"
 
 
+def _s1_fields(row: dict, opts) -> tuple[str, str | None, str | None]:
+    """An S1 row's question column (`--prompt-field`, default `question`), its trajectory column if it has one, and
+    its final-answer column (`--response-field`; default `attempt`, else `solution`) if it has one."""
+    question = opts.prompt_field or "question"
+    trajectory = TRAJECTORY_FIELD if row.get(TRAJECTORY_FIELD) else None
+    answers = [opts.response_field] if opts.response_field else ["attempt", "solution"]
+    return question, trajectory, next((f for f in answers if row.get(f)), None)
+
+
+def _s1_looked_for(opts) -> str:
+    answers = opts.response_field or "attempt|solution"
+    return f"{opts.prompt_field or 'question'} + {TRAJECTORY_FIELD} and/or {answers}"
+
+
 def _pair_fields(row: dict, opts) -> tuple[str | None, str | None]:
     prompts = [opts.prompt_field] if opts.prompt_field else PROMPT_FIELDS
     responses = [opts.response_field] if opts.response_field else RESPONSE_FIELDS
@@ -199,17 +219,18 @@ def _pair_record(row: dict, rid: str, source: str, opts, root: Path | None) -> R
     preset = "s1" if _is_s1(row, opts) else "text"
     trajectory = ""
     if preset == "s1":
-        question = row.get("question")
-        trajectory = row.get("thinking_trajectories") or []
+        question_field, trajectory_field, answer_field = _s1_fields(row, opts)
+        question = row.get(question_field)
+        trajectory = row.get(trajectory_field) if trajectory_field else []
         trajectory = "\n".join(trajectory) if isinstance(trajectory, list) else str(trajectory)
-        answer = "\n\n".join(x for x in (trajectory, row.get("attempt") or row.get("solution") or "") if x)
+        answer = "\n\n".join(x for x in (trajectory, row.get(answer_field) if answer_field else "") if x)
     else:
         prompt, response = _pair_fields(row, opts)
         question, answer = row.get(prompt) if prompt else None, row.get(response) if response else None
         if question and prompt == "instruction" and row.get("input"):  # Alpaca: the input goes under the instruction
             question = f"{question}\n\n{row['input']}"
     if not question or not answer:
-        looked = "question + thinking_trajectories/attempt" if preset == "s1" else _looked_for(opts)
+        looked = _s1_looked_for(opts) if preset == "s1" else _looked_for(opts)
         return Reject(rid, source, "missing_field", f"looked for {looked}; the row has: {_keys(row)}")
     conversation = [{"role": "user", "content": str(question)}, {"role": "assistant", "content": str(answer)}]
     values = _image_values(row, opts)[0]

@@ -156,9 +156,10 @@ def parse_embedder_name(name: str) -> tuple[str, str, str | None]:
 def check_embedder_name(name: str) -> None:
     """Fail early, with a suggestion, on a malformed name or an unknown open_clip architecture."""
     kind, model_name, _ = parse_embedder_name(name)
-    if kind in ("hf", "sentence-transformers") and model_name.startswith(("/", "./", "../", "~")):
-        if not Path(model_name).expanduser().is_dir():  # a folder, not a hub id: say so before any hub lookup
-            raise RegroupError(f"embedder '{name}': no folder {model_name} (a local model folder or a hub id)")
+    if kind in ("hf", "sentence-transformers") and (
+        model_name.startswith(("/", "./", "../", "~")) or Path(model_name).is_dir()
+    ):
+        _check_model_folder(name, kind, Path(model_name).expanduser())
     if kind == "open_clip" and not model_name.startswith("hf-hub:"):
         import open_clip
 
@@ -168,6 +169,23 @@ def check_embedder_name(name: str) -> None:
             close = difflib.get_close_matches(model_name, known, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; e.g. {TINY}, ViT-B-32"
             raise RegroupError(f"unknown open_clip model '{model_name}' in embedder '{name}'{hint}")
+
+
+MODEL_FILES = {"hf": ("config.json",), "sentence-transformers": ("modules.json", "config.json")}
+
+
+def _check_model_folder(name: str, kind: str, folder: Path) -> None:
+    """A local hf / sentence-transformers model: a folder with the file its loader starts from, else one line naming
+    what is missing and the subfolders that have it (a package's folder often keeps the model one level down)."""
+    if not folder.is_dir():  # a folder, not a hub id: say so before any hub lookup
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise RegroupError(f"embedder '{name}': {folder} is {what} (a local model folder or a hub id)")
+    wanted = MODEL_FILES[kind]
+    if any((folder / f).is_file() for f in wanted):
+        return
+    inside = sorted(d.name for d in folder.iterdir() if d.is_dir() and any((d / f).is_file() for f in wanted))
+    hint = f"; its subfolder {', '.join(f'{d}/' for d in inside)} has one" if inside else ""
+    raise RegroupError(f"embedder '{name}': {folder} holds no {' or '.join(wanted)}, so it is not a {kind} model{hint}")
 
 
 def register_tiny_config() -> None:
@@ -184,6 +202,8 @@ def load_embedder(name: str, combine: str = "mean", seed: int = 0, device: str =
         raise RegroupError(f"unknown combine '{combine}': choose one of {', '.join(COMBINES)}")
     kind, model_name, pretrained = parse_embedder_name(name)
     torch.manual_seed(seed)
+    if kind != "open_clip":
+        check_embedder_name(name)  # a local folder that is not a model: one line (open_clip checks its own below)
     if kind == "open_clip":
         return _load_open_clip(name, model_name, pretrained, combine, device)
     if kind == "hf":
@@ -192,7 +212,7 @@ def load_embedder(name: str, combine: str = "mean", seed: int = 0, device: str =
         try:
             tok = AutoTokenizer.from_pretrained(model_name)
             model = AutoModel.from_pretrained(model_name).eval().to(device)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # a missing file; a folder whose files do not make a model
             raise RegroupError(f"cannot load hf model '{model_name}': {str(e).splitlines()[0]}") from None
         dim = model.config.hidden_size
         return Embedder(name, kind, dim, "text", False, model, "mean-pooled last hidden state, L2", tokenizer=tok)
@@ -200,7 +220,7 @@ def load_embedder(name: str, combine: str = "mean", seed: int = 0, device: str =
 
     try:
         model = SentenceTransformer(model_name, device=device).eval()
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a missing file; a folder whose files do not make a model
         raise RegroupError(
             f"cannot load sentence-transformers model '{model_name}': {str(e).splitlines()[0]}"
         ) from None

@@ -63,7 +63,7 @@ def read_split(
     without an id take from their file (`file_tags` over every split's files, so that no two splits make the same).
     Returns (items that came in, ids of the records kept).
     """
-    n_in, ids = 0, set()
+    n_in, ids, textless = 0, set(), 0
     for item in read_records(paths, opts, tags):
         n_in += 1
         if isinstance(item, Reject):
@@ -73,6 +73,17 @@ def read_split(
         else:
             spool.append(item)
             ids.add(item.id)
+            textless += not item.text
+    if opts.text_fields and textless:  # named columns (a typo, or the wrong ones) would embed as empty text
+        fields = ",".join(opts.text_fields)
+        if textless == len(ids):
+            raise RegroupError(
+                f"--text-fields {fields}: no {split} record has text in {'it' if len(opts.text_fields) == 1 else 'them'}"
+                f" (in {', '.join(map(str, paths))}): name the columns that hold the text to embed"
+            )
+        _warn(
+            f"--text-fields {fields}: {textless} of {len(ids)} {split} records have no text there; they embed as empty text"
+        )
     return n_in, ids
 
 
