@@ -86,7 +86,7 @@ def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: 
     if not (path / ckpt.STATE).exists():
         found = ckpt.latest(path)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {path}")
+            raise FileNotFoundError(f"no checkpoint in {path}" if path.is_dir() else f"no run folder {path}")
         path = found
     cfg = load_config(path / "config.yaml", [f"eval.max_samples={max_samples}"])
     model, processor = load_model(cfg.model, seed=cfg.seed)

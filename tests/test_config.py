@@ -77,6 +77,17 @@ def test_yaml_errors(tmp_path):
         load_config(write(tmp_path, "balance:\n  lr: 3\n"))
 
 
+def test_a_mistake_in_the_recipe_file_names_the_file_one_on_the_command_line_does_not(tmp_path):
+    recipe = write(tmp_path, "balance:\n  update_evey: 3\n")
+    for overrides in ([], ["max_steps=5"]):
+        with pytest.raises(ConfigError) as e:
+            load_config(recipe, overrides)
+        assert str(e.value).startswith(f"{recipe}: unknown key 'balance.update_evey' (did you mean")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "max_steps: 5\n"), ["balance.lamda=3"])
+    assert str(e.value).startswith("unknown key 'balance.lamda'")
+
+
 def test_dump_round_trip(tmp_path):
     cfg = load_config(None, ["balance.lam=5", "mixing.weights={a: 1}", "mixing.strategy=manual"])
     dump_config(cfg, tmp_path / "config.yaml")

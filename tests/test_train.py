@@ -35,7 +35,7 @@ def config(tmp_path, manifest, *overrides):
     )
 
 
-def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
+def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest, capsys):
     summary = train(config(tmp_path, tiny_manifest))
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "proportions.png", "eval_loss.png", "gram.png", "base_model"):
@@ -76,6 +76,8 @@ def test_rnb_run_folder_holds_everything(tmp_path, tiny_manifest):
         cli.main(["eval", str(run), "--checkpoint", "20", "-v"]) == 0
     )  # the flag its help names; -v after the command
     assert cli.main(["eval", str(run), "--checkpoint", "7"]) == 2
+    assert cli.main(["eval", str(tmp_path / "runn")]) == 2
+    assert f"no run folder {tmp_path / 'runn'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,11 @@ def test_model_names(tmp_path, monkeypatch):
     assert "did you mean tiny-qwen2-vl?" in model_problem("tiny-qwen2vl")
     (tmp_path / "empty").mkdir()
     assert "holds no config.json" in model_problem(str(tmp_path / "empty"))
+    assert "no such folder" in model_problem(str(tmp_path / "smolm2"))
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"GGUF")
+    assert "a file, not a save_pretrained folder (a GGUF file: convert" in model_problem(
+        str(tmp_path / "model.Q4_1.gguf")
+    )
     (tmp_path / "empty" / "config.json").write_text("{}")
     assert model_problem(str(tmp_path / "empty")) is None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

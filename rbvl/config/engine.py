@@ -163,7 +163,23 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
-    return from_dict(cls, tree)
+    try:
+        return from_dict(cls, tree)
+    except ConfigError as e:
+        if path and overrides and _same_error(cls, read_yaml(path, what), e):
+            raise ConfigError(f"{path}: {e}") from None  # the file's own mistake: name the file
+        if path and not overrides:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def _same_error(cls: type, tree: dict, error: ConfigError) -> bool:
+    """Whether `tree` alone (a file, without the command line's overrides) fails as `error` says."""
+    try:
+        from_dict(cls, tree)
+    except ConfigError as own:
+        return str(own) == str(error)
+    return False
 
 
 def read_yaml(path: str | Path, what: str = "recipe") -> dict:

@@ -66,6 +66,11 @@ def model_problem(name: str) -> str | None:
         return f"model.name={name}: no such tiny model{hint}"
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
+        if not path.exists():
+            return f"model.name={name}: no such folder (a save_pretrained folder or a hub id is expected)"
+        if path.is_file():
+            gguf = " (a GGUF file: convert it to a transformers folder first)" if path.suffix == ".gguf" else ""
+            return f"model.name={name}: a file, not a save_pretrained folder{gguf}"
         if not (path / "config.json").is_file():
             return f"model.name={name}: the folder holds no config.json (a save_pretrained folder is expected)"
         return None
