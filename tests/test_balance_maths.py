@@ -395,7 +395,17 @@ def test_degenerate_cases():
     assert p.tolist() == pytest.approx(prev)
     G = torch.tensor([[1.0, 0.0, 0.2], [0.0, 0.0, 0.0], [0.2, 0.0, 1.0]])  # domain 1 unseen
     p, info = update_proportions_with_info(G, None, 3.0)
-    assert info["unseen"] == [1] and 0 < p[1] < 1 and abs(p.sum() - 1) < 1e-9
+    assert info["unseen"] == [1] and p[1] == pytest.approx(1 / 3) and abs(p.sum() - 1) < 1e-9
+    # a domain never seen keeps its share (it has no score, not a score of 0); the seen divide the rest by the rule
+    G = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.5, 2.0, 0.0, 0.0], [0.0, 0.0, 1.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    prev = [0.1, 0.2, 0.3, 0.4]
+    for update in ("replace", "mirror"):
+        p, info = update_proportions_with_info(G, None, 3.0, prev=prev, update=update)
+        seen_only, _ = update_proportions_with_info(
+            G[:3, :3], [0.25] * 3, 3.0, prev=[1 / 6, 2 / 6, 3 / 6], update=update
+        )
+        assert info["unseen"] == [3] and p[3] == pytest.approx(0.4)
+        assert (p[:3] / 0.6).tolist() == pytest.approx(seen_only.tolist())
     p, info = update_proportions_with_info(torch.tensor([[float("nan"), 0.0], [0.0, 1.0]]), None, 3.0)
     assert info["degenerate"] and torch.isfinite(p).all()
     # the target only on a domain whose gradient is orthogonal to everything seen: G q = 0

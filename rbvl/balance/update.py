@@ -128,8 +128,10 @@ def update_proportions_with_info(
       any m (their spread about their mean is at most λ; the paper's λ = 3 at m = 64 is λ = 0.375 here).
 
     Degenerate cases keep p finite and on the simplex: a non-finite G or ‖G q‖ = 0 (nothing of the target was
-    seen) keeps `prev` (uniform when None) and says so; a domain never seen has a zero row in G, so its score is 0
-    and it keeps a defined share. `floor` makes p ← floor + (1 − m · floor) · p, so every p_i ≥ floor; `smoothing` s
+    seen) keeps `prev` (uniform when None) and says so. A domain never seen has a zero row in G: its score would be 0
+    for want of data, not for its gradient, and the softmax would cut its share against domains with positive scores
+    (and so draw it still less). It keeps its share of `prev` (uniform when None) instead; the rule divides the rest
+    among the domains seen. `floor` makes p ← floor + (1 − m · floor) · p, so every p_i ≥ floor; `smoothing` s
     gives (1 − s) · p_new + s · prev. Both are off by default, as in the paper.
     """
     if update not in UPDATES or temperature not in TEMPERATURES:
@@ -158,7 +160,7 @@ def update_proportions_with_info(
         log.warning("balance: ‖G q‖ = 0, p keeps its previous value")
         return fallback.clone(), info
     if unseen:
-        log.info("balance: domains %s have never been seen (score 0)", unseen)
+        log.info("balance: domains %s have never been seen: they keep their share", unseen)
     c = math.sqrt(m) if temperature == "sqrt_m" else 1.0
     if update == "mirror":
         logits = fallback.log() + c * (eta or lam) * gq / norm  # log p_prev + η u
@@ -172,6 +174,12 @@ def update_proportions_with_info(
     else:
         logits = c * lam * gq / norm
     p = torch.softmax(logits, dim=0)
+    if 0 < len(unseen) < m:  # no data, no move: the unseen keep their share, the seen divide the rest as the rule says
+        kept = torch.zeros(m, dtype=torch.bool)
+        kept[unseen] = True
+        p = torch.where(
+            kept, fallback / fallback.sum(), p / p[~kept].sum() * (1 - fallback[kept].sum() / fallback.sum())
+        )
     if smoothing > 0 and prev is not None:
         p = (1 - smoothing) * p + smoothing * torch.as_tensor(prev, dtype=torch.float64)
     if floor > 0:  # p_i ≥ floor for every i: a floor's worth of uniform mass, the rest as computed
