@@ -85,3 +85,16 @@ def test_update_readme_writes_the_block_from_results(tmp_path):
     assert "k = 2, 3, 4" in text and "Pearson r" in text
     update_readme(readme, out)
     assert readme.read_text() == text  # same results, same block
+
+
+def test_a_readme_without_the_block_fails_before_any_run(tmp_path, capsys):
+    from rbvl.cli import main
+
+    spec = tmp_path / "toy.yaml"
+    spec.write_text(yaml.safe_dump({"name": "toy", "recipe": "recipes/demo_tiny_rnb.yaml", "data": {"k": 3}}))
+    (tmp_path / "README.md").write_text("# x\n")
+    out = tmp_path / "out"
+    assert main(["experiment", str(spec), "--out", str(out), "--readme", str(tmp_path / "README.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rbvl: error: --readme") and "no results block for out" in err[-1]
+    assert not out.exists()  # nothing ran

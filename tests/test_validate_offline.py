@@ -95,7 +95,7 @@ def test_the_recipes_module_names_follow_another_model_unless_given(caplog):
     with caplog.at_level("WARNING"):
         cfg = load_config(recipe, ["model.name=tiny-qwen2-vl"])
     assert cfg.lora.modules_to_save is None and cfg.lora.target_modules is None, "the new family's defaults"
-    assert "model.name=tiny-qwen2-vl: lora.modules_to_save follows its family" in caplog.text
+    assert "model.name=tiny-qwen2-vl: lora.modules_to_save follows its family, not the recipe's ['multi_modal_projector'" in caplog.text  # fmt: skip
     kept = load_config(recipe, ["model.name=tiny-qwen2-vl", "lora.modules_to_save=[merger]"])
     assert kept.lora.modules_to_save == ["merger"], "set on the command line: kept"
     same = load_config(recipe, ["model.name=tiny-llava"])

@@ -419,7 +419,7 @@ def follow_model(path, overrides: list[str], default_model: str) -> list[str]:
     dropped = [key for key in FAMILY_KEYS if key not in given and lora.get(key.split(".")[1]) is not None]
     for key in dropped:
         log.warning(
-            "model.name=%s: %s follows its family (the recipe's value was written for %s); set %s=... to keep one",
-            given["model.name"], key, model.get("name", default_model), key,
+            "model.name=%s: %s follows its family, not the recipe's %r (written for %s); set %s=... to keep one",
+            given["model.name"], key, lora[key.split(".")[1]], model.get("name", default_model), key,
         )  # fmt: skip
     return overrides + [f"{key}=null" for key in dropped]

@@ -274,7 +274,8 @@ class BalanceConfig(Checked):
     smoothing: float = option(0.0, ge=0.0, lt=1.0)
     """s in p ← (1−s)·p_new + s·p_old (0 = off: as the paper, p comes from the current window alone)."""
     sketch_dim: int = option(0, ge=0)
-    """Numbers of the seeded count sketch each domain's gradient is kept in (0 = exact: m × tracked params)."""
+    """Numbers of the seeded sketch each domain's gradient is kept in (0 = exact: m × tracked params); docs/balance.md,
+    'Memory'."""
     gram: str = option("plugin", choices=("unbiased", "plugin", "shrunk"))
     """How G is estimated from a window. `unbiased`: G_ii from the U-statistic over micro-batches
     (‖Σ_k s_ik‖² − Σ_k ‖s_ik‖²) / (T_i² − Σ_k T_ik²), whose mean is ‖g_i‖²; `plugin`: ĝ_i · ĝ_j, the paper's, whose
@@ -396,7 +397,8 @@ class LoggingConfig(Checked):
     tensorboard: bool = True
     """False drops `tensorboard` from report_to."""
     plots: bool = True
-    """Write proportions.png, eval_loss.png and gram.png at the end of the run."""
+    """Write train_loss.png and eval_loss.png at the end of the run, and with Balance updates proportions.png and
+    gram.png."""
     progress: bool = True
     """Show a tqdm progress bar."""
 

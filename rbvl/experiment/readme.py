@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from rbvl.config import ConfigError
 from rbvl.experiment.regime import regime
 from rbvl.experiment.report import METRIC, fmt, resolve_group, summarise_experiment
 from rbvl.experiment.spec import ExperimentSpec, load_experiment, read_results
@@ -107,16 +108,24 @@ def blocks_in(readme: str) -> list[str]:
     return re.findall(r"<!-- results:(\S+) -->", readme)
 
 
-def update_readme(readme: Path, out: Path) -> None:
-    """Replace the README's results block for `out` (it must hold the two marker lines) with a fresh one."""
+def check_readme(readme: Path, out: Path) -> tuple[str, str, str]:
+    """(the README's text, the two marker lines of `out`'s results block); a ConfigError (one line) when the file or
+    the block is not there. `rbvl experiment --readme` asks before it trains, so the mistake costs no run."""
     readme = Path(readme)
     if not readme.is_file():
-        raise ValueError(f"--readme {readme}: no such file")
+        raise ConfigError(f"--readme {readme}: no such file")
     text = readme.read_text()
     rel = Path(os.path.relpath(out, readme.parent)).as_posix()
     begin, end = BLOCK_BEGIN.format(path=rel), BLOCK_END.format(path=rel)
     if begin not in text or end not in text:
-        raise ValueError(f"{readme}: no results block for {rel}; add the lines `{begin}` and `{end}` where it goes")
+        raise ConfigError(f"--readme {readme}: no results block for {rel}; add the lines `{begin}` and `{end}` where it goes")  # fmt: skip
+    return text, begin, end
+
+
+def update_readme(readme: Path, out: Path) -> None:
+    """Replace the README's results block for `out` (it must hold the two marker lines) with a fresh one."""
+    readme = Path(readme)
+    text, begin, end = check_readme(readme, out)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(head + readme_block(out, readme.parent) + tail)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from rbvl import manifest as manifest_file
 from rbvl.config import ConfigError, load_config, to_dict
 from rbvl.experiment.oracle import ORACLE, SEARCH, search, weights_override
-from rbvl.experiment.readme import update_readme
+from rbvl.experiment.readme import check_readme, update_readme
 from rbvl.experiment.report import METRIC, write_report
 from rbvl.experiment.spec import (
     Cell,
@@ -195,6 +195,8 @@ def run_experiment(
         print(plan(spec, cells, done & {c.id for c in cells}), file=sys.stderr)
     if dry_run:
         return out_dir / "report.md"
+    if readme:
+        check_readme(Path(readme), out_dir)  # before any run: a README without the block fails now, not hours later
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "experiment.yaml").write_text(Path(path).read_text())
     if not report_only and todo:
