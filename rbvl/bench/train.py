@@ -284,7 +284,9 @@ def time_trainer(cfg, samples: list[dict], balance: bool, warmup: int) -> float:
         adam_beta1=cfg.optim.betas[0],
         adam_beta2=cfg.optim.betas[1],
         max_grad_norm=cfg.optim.max_grad_norm,
-        optim="adamw_torch_fused" if cfg.optim.fused and fused_adamw(model.parameters()) else "adamw_torch",
+        optim="adamw_torch_fused"
+        if cfg.optim.fused and fused_adamw([p for p in model.parameters() if p.requires_grad])
+        else "adamw_torch",
         warmup_steps=cfg.optim.warmup_steps,
         lr_scheduler_type="cosine",
         logging_steps=cfg.train.log_every,
