@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -189,7 +190,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
         modules_to_save=list(save) or None,
     )
     try:
-        return get_peft_model(model, peft_config)
+        with warnings.catch_warnings():  # PEFT reads a property transformers deprecates: a FutureWarning in every run
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, peft_config)
     except ValueError as e:
         raise ModelError(f"lora.target_modules={target!r} does not fit this model: {e}") from None
 
