@@ -86,8 +86,8 @@ class Embedder:
             batch["tokens"] = self.tokenizer(texts) if self.combine != "image" or not all(has_image) else None
         elif self.kind == "hf":
             batch["tokens"] = dict(self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
-        else:
-            batch["tokens"] = self.model.tokenize(texts)
+        else:  # sentence-transformers: `preprocess` since 6 (its `tokenize` warns), `tokenize` before
+            batch["tokens"] = (getattr(self.model, "preprocess", None) or self.model.tokenize)(texts)
         return batch
 
     # ---- in the main process
