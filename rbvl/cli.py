@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[:2])
         args.rest = argv[2:]  # the benchmark parses its own options
     else:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _extra_arguments(parser, args, extra)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -48,6 +50,18 @@ def main(argv: list[str] | None = None) -> int:
             print(e if code else f"rbvl: error: {_one_line(e)}", file=sys.stderr)
             return code or 2
         raise
+
+
+def _extra_arguments(parser: argparse.ArgumentParser, args, extra: list[str]) -> None:
+    """Arguments the parser left over. `key=value` after an option (`rbvl validate R.yaml --config-only k=v`) join
+    the overrides; anything else is argparse's error (exit 2), with a hint where a recipe key came as a flag."""
+    takes_overrides = getattr(args, "overrides", None) is not None
+    if takes_overrides and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+        return
+    flag = next((e for e in extra if e.startswith("--")), None)
+    hint = f" (recipe keys go as key=value: {flag[2:].partition('=')[0]}=...)" if flag and takes_overrides else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
 def build_parser() -> argparse.ArgumentParser:

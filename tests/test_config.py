@@ -48,6 +48,7 @@ def test_override_values_are_yaml(tmp_path):
     [
         (["balance.lamda=3"], "unknown key 'balance.lamda' (did you mean 'balance.lam'?)"),
         (["max_step=3"], "unknown key 'max_step' (did you mean 'max_steps'?)"),
+        (["lr=1e-3"], "unknown key 'lr' (did you mean 'optim.lr'?)"),
         (["lora.r=eight"], "lora.r: expected int, got 'eight'"),
         (["resume=maybe"], "resume: got 'maybe', expected true, false or force"),
         (
@@ -296,3 +297,17 @@ def test_parallel_keys_give_one_line():
     cfg = load_config(None, ["train.parallel=fsdp", "mixing.strategy=dga", "max_steps=10", "balance.update_every=5"])
     with pytest.raises(ConfigError, match="mixing.strategy: got dga with train.parallel=fsdp, expected rnb, odm"):
         check_runnable(cfg)
+
+
+def test_overrides_after_an_option_count_and_a_recipe_key_given_as_a_flag_is_pointed_out(capsys):
+    from rbvl.cli import main
+
+    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "--config-only", "max_steps=200", "optim.lr=1e-3"]) == 0
+    assert main(["validate", "recipes/demo_tiny_rnb.yaml", "--config-only", "lr=1e-3"]) == 2
+    assert "unknown key 'lr' (did you mean 'optim.lr'?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["validate", "--config-only", "recipes/demo_tiny_rnb.yaml", "--max_steps", "3"])
+    assert e.value.code == 2
+    assert (
+        "unrecognized arguments: --max_steps 3 (recipe keys go as key=value: max_steps=...)" in capsys.readouterr().err
+    )

@@ -152,7 +152,7 @@ def test_webdataset_shards(tmp_path):
     assert records[0].image == png() and records[0].conversation[1]["content"] == "a red square"
     assert records[1].label == "greet"
     assert [(r.id, r.reason, r.detail) for r in rejects] == [
-        ("k2", "missing_field", "no conversation, caption or .txt"),
+        ("k2", "missing_field", "no conversation, caption or .txt, nor a prompt with a response"),
         ("k3", "missing_field", "the .txt caption is empty"),
         ("k0", "duplicate_id", "key seen earlier in this shard (its files not together?)"),
     ]
@@ -288,3 +288,33 @@ def test_records_never_import_torch_or_training_code():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_webdataset_json_may_hold_a_prompt_response_row_and_placeholders_need_images(tmp_path):
+    """A tar sample's .json in any row shape: a VQA-style question/answer beside its image reads as one record with
+    `<image>` before the question; a pair row whose text holds `<image>` with no image is rejected (as a
+    conversation's is), in a tar and in a JSON file alike; a row with no usable columns names what it has."""
+    with wds.TarWriter(str(tmp_path / "s-000000.tar")) as sink:
+        sink.write(
+            {"__key__": "q0", "png": png(), "json": {"question": "What colour?", "answer": "blue", "domain": "c"}}
+        )
+        sink.write({"__key__": "q1", "json": {"question": "Two <image>\n<image> here?", "answer": "no"}})
+        sink.write({"__key__": "q2", "json": {"foo": 1}})
+    records, rejects = split(read_records(str(tmp_path / "s-000000.tar")))
+    assert [r.id for r in records] == ["q0"] and records[0].label == "c" and records[0].image_ext == "png"
+    assert records[0].conversation[0] == {"role": "user", "content": "<image>\nWhat colour?"}
+    assert [(r.id, r.reason) for r in rejects] == [("q1", "image_placeholder_mismatch"), ("q2", "missing_field")]
+    assert rejects[0].detail == "2 '<image>' for 0 image(s)" and rejects[1].detail.endswith("the .json has: foo")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"id": "p", "prompt": "<image> What?", "response": "x"}) + "\n")
+    _, rejects = split(read_records(str(tmp_path / "pairs.jsonl")))
+    assert [(r.id, r.reason) for r in rejects] == [("p", "image_placeholder_mismatch")]
+
+
+def test_an_image_column_of_another_name_is_pointed_out(tmp_path):
+    rows = [{"img": {"bytes": png(), "path": None}, "question": "What?", "answer": "red"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "vqa.parquet")
+    said = []
+    records, _ = split(read_records(str(tmp_path / "vqa.parquet"), ReadOptions(announce=said.append)))
+    assert records[0].image is None and "`img` holds images: pass --image-field img" in said[0]
+    records, _ = split(read_records(str(tmp_path / "vqa.parquet"), ReadOptions(image_field="img")))
+    assert records[0].image is not None

@@ -438,3 +438,12 @@ def test_fatal_errors_are_one_line(llava, tmp_path, capsys, args, message):
     assert message in err[0]
     if "embeder" in message:
         assert "did you mean 'embedder'" in err[0]
+
+
+def test_an_image_root_that_is_not_there_is_said_before_reading(llava, tmp_path, capsys):
+    train, _, _ = llava
+    argv = ["--input", str(train), "--out", str(tmp_path / "out"), "--image-root", str(tmp_path / "imgs")]
+    assert main([*argv, "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rbvl-regroup: error: --image-root {tmp_path / 'imgs'}: no such folder"]
+    assert not (tmp_path / "out").exists()

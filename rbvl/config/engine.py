@@ -237,7 +237,7 @@ def from_dict(cls: type, tree: dict, prefix: str = ""):
             if key in removed:
                 log.warning("ignoring '%s': the key was removed (%s)", name, removed[key])
                 continue
-            raise ConfigError(f"unknown key '{name}'{_suggest(str(key), fields, prefix)}")
+            raise ConfigError(f"unknown key '{name}'{_suggest(str(key), fields, prefix, hints)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value if value is not None else {}, prefix=f"{name}.")
@@ -382,7 +382,17 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(origin, type) and isinstance(value, origin) and not (origin is int and isinstance(value, bool))
 
 
-def _suggest(key: str, fields: dict, prefix: str) -> str:
+def _suggest(key: str, fields: dict, prefix: str, hints: dict | None = None) -> str:
+    """The nearest key here; a key of a section below named without its section (`lr` for `optim.lr`) first."""
+    below = [
+        f"{name}.{leaf.name}"
+        for name, hint in (hints or {}).items()
+        if dataclasses.is_dataclass(hint)
+        for leaf in dataclasses.fields(hint)
+        if leaf.init and leaf.name == key
+    ]
+    if below:
+        return f" (did you mean '{prefix}{below[0]}'?)"
     close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid keys here: {', '.join(fields)}"
 

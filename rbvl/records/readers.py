@@ -29,7 +29,7 @@ from pathlib import Path
 from rbvl.records import tables
 from rbvl.records.jsonfiles import json_items
 from rbvl.records.record import IMAGE_TOKEN, Record, RecordsError, Reject
-from rbvl.records.rows import conversation_field, describe_row, row_record
+from rbvl.records.rows import conversation_field, describe_row, pair_row, row_keys, row_record
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 FORMATS = ("llava", "jsonl", "parquet", "arrow", "webdataset")
@@ -211,15 +211,21 @@ def _read_webdataset(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | 
                 continue
         else:
             row = {}
+        columns = row_keys(row)  # before the id is filled in: what the file itself holds
         row.setdefault("id", key)
         if isinstance(row.get("images"), list) and row["images"] and all(e in sample for e in row["images"]):
             images = [(sample[e], e.rpartition(".")[2]) for e in row["images"]]  # an rbvl multi-image sample
-        if conversation_field(row, opts) is None:
+        if conversation_field(row, opts) is None and not pair_row(row, opts):  # a caption (or .txt) sample
             caption = row.get("caption") or row.get("text")
             if caption is None and "txt" in sample:
                 caption = sample["txt"].decode("utf-8", errors="replace").strip()
             if not caption:
-                why = "the .txt caption is empty" if "txt" in sample else "no conversation, caption or .txt"
+                why = (
+                    "the .txt caption is empty"
+                    if "txt" in sample
+                    else "no conversation, caption or .txt, nor a prompt with a response"
+                )
+                why += f"; the .json has: {columns}" if "json" in sample else ""
                 yield Reject(row["id"], source, "missing_field", why)
                 continue
             prompt = f"{IMAGE_TOKEN}\nDescribe the image." if image else "Continue."

@@ -49,14 +49,19 @@ def row_record(row, source: str, opts, root: Path | None, default_id: str, image
         return Reject(None, source, "malformed_conversation", f"expected an object (a record), got {got}")
     id_field = opts.id_field or "id"
     if opts.id_field and row.get(id_field) is None:
-        return Reject(None, source, "missing_field", f"no '{id_field}'; the row has: {_keys(row)}")
+        return Reject(None, source, "missing_field", f"no '{id_field}'; the row has: {row_keys(row)}")
     rid = str(row[id_field]) if row.get(id_field) is not None else default_id
     field = conversation_field(row, opts)
     if field is not None:
         return _chat_record(row, field, rid, source, opts, root, images)
     if opts.conversation_field:
-        return Reject(rid, source, "missing_field", f"no '{opts.conversation_field}'; the row has: {_keys(row)}")
-    return _pair_record(row, rid, source, opts, root)
+        return Reject(rid, source, "missing_field", f"no '{opts.conversation_field}'; the row has: {row_keys(row)}")
+    return _pair_record(row, rid, source, opts, root, images)
+
+
+def pair_row(row: dict, opts) -> bool:
+    """Whether `row` reads as a prompt/response pair or an S1 trace (no conversation column needed)."""
+    return _is_s1(row, opts) or all(_pair_fields(row, opts))
 
 
 def conversation_field(row: dict, opts) -> str | None:
@@ -72,6 +77,9 @@ def describe_row(row, opts) -> str:
     _, image_field = _image_values(row, opts)
     looked = "`, `".join([opts.image_field] if opts.image_field else IMAGE_FIELDS)
     images = f"images in `{image_field}`" if image_field else f"no images in its first row (looked for `{looked}`)"
+    if not image_field:
+        like = [k for k, v in row.items() if _image_like(v)]
+        images += f"; `{like[0]}` holds images: pass --image-field {like[0]}" if like else ""
     field = conversation_field(row, opts)
     if field is not None:
         return f"chat turns in `{field}`, {images}"
@@ -84,7 +92,7 @@ def describe_row(row, opts) -> str:
     prompt, response = _pair_fields(row, opts)
     if prompt and response:
         return f"prompt/response pairs (`{prompt}` → `{response}`), {images}"
-    return f"rows with none of the known columns (they have: {_keys(row)})"
+    return f"rows with none of the known columns (they have: {row_keys(row)})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,6 +149,18 @@ def _image_values(row: dict, opts) -> tuple[list, str | None]:
         items = value if isinstance(value, list) else [value]
         return [x for x in items if not _empty(x)], name
     return [], None
+
+
+def _image_like(value) -> bool:
+    """Whether a column's value looks like images: image bytes, a Hugging Face `Image` value ({"bytes", "path"})
+    holding them, or a list of those."""
+    value = value[0] if isinstance(value, list) and value else value
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray)):
+        return False
+    head = bytes(value[:12])
+    return head.startswith((b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM")) or (head[:4] == b"RIFF" and head[8:] == b"WEBP")
 
 
 def _empty(value) -> bool:
@@ -213,9 +233,11 @@ def _pair_fields(row: dict, opts) -> tuple[str | None, str | None]:
     return next((f for f in prompts if row.get(f)), None), next((f for f in responses if row.get(f)), None)
 
 
-def _pair_record(row: dict, rid: str, source: str, opts, root: Path | None) -> Record | Reject:
+def _pair_record(row: dict, rid: str, source: str, opts, root: Path | None, images=None) -> Record | Reject:
     """A prompt/response or S1 row → Record. An image column beside the prompt (VQA-style: image, question,
-    answer) puts one `<image>` per image before the prompt, as LLaVA writes it."""
+    answer), or images beside the row (a tar shard), put one `<image>` per image before the prompt, as LLaVA writes
+    it. Text that holds `<image>` itself must hold one per image: a row with placeholders and no image is rejected,
+    as a conversation's is."""
     preset = "s1" if _is_s1(row, opts) else "text"
     trajectory = ""
     if preset == "s1":
@@ -231,9 +253,12 @@ def _pair_record(row: dict, rid: str, source: str, opts, root: Path | None) -> R
             question = f"{question}\n\n{row['input']}"
     if not question or not answer:
         looked = _s1_looked_for(opts) if preset == "s1" else _looked_for(opts)
-        return Reject(rid, source, "missing_field", f"looked for {looked}; the row has: {_keys(row)}")
+        return Reject(rid, source, "missing_field", f"looked for {looked}; the row has: {row_keys(row)}")
     conversation = [{"role": "user", "content": str(question)}, {"role": "assistant", "content": str(answer)}]
-    values = _image_values(row, opts)[0]
+    values = list(images) if images is not None else _image_values(row, opts)[0]
+    if not values and any(IMAGE_TOKEN in turn["content"] for turn in conversation):
+        n = sum(turn["content"].count(IMAGE_TOKEN) for turn in conversation)
+        return Reject(rid, source, "image_placeholder_mismatch", f"{n} '<image>' for 0 image(s)")
     if values and IMAGE_TOKEN not in conversation[0]["content"]:
         conversation[0]["content"] = f"{IMAGE_TOKEN}\n" * len(values) + conversation[0]["content"]
     if values:
@@ -253,7 +278,7 @@ def _looked_for(opts) -> str:
     return f"a conversation ({'|'.join(CONVERSATION_FIELDS)}) or a prompt ({prompts}) with a response ({responses})"
 
 
-def _keys(row: dict) -> str:
+def row_keys(row: dict) -> str:
     """The row's columns, each empty one (null, "", []) marked: a column that is there but empty is no help either."""
     keys = [
         f"{k} (empty)" if v is None or (isinstance(v, (str, list, dict)) and not v) else str(k) for k, v in row.items()

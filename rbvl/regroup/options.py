@@ -123,6 +123,8 @@ class RegroupOptions(Checked):
         for p in [*self.input, *self.eval]:
             if not Path(p).exists() and not any(c in p for c in "*?[{") and not is_dataset_name(p):
                 raise RegroupError(f"input not found: {p}")
+        if self.image_root and not Path(self.image_root).is_dir():
+            raise RegroupError(f"--image-root {self.image_root}: no such folder")
 
 
 def load_options(
