@@ -49,6 +49,13 @@ def test_example_moves_p_and_resumes_exactly(tmp_path, name):
     assert resumed.balancer.schedule.history() == full.balancer.schedule.history()
     assert resumed.proportions == full.proportions
 
+    # a checkpoint two processes wrote (a part of the window each), resumed by one: refused, not half the window
+    (tmp_path / "two").mkdir()
+    shutil.copytree(ckpt, tmp_path / "two" / "checkpoint-15")
+    shutil.copy(ckpt / TRACKER_STATE.format(0), tmp_path / "two" / "checkpoint-15" / TRACKER_STATE.format(1))
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\), this run has 1: .* --nproc_per_node=2"):
+        main(["--output-dir", str(tmp_path / "two"), "--max-steps", "30", "--save-steps", "15", "--resume"])
+
 
 def test_sampler_draws_by_p_and_replays():
     domains = np.array([0] * 50 + [1] * 30 + [2] * 20)

@@ -69,4 +69,6 @@ def test_two_processes_give_the_same_clusters(tmp_path):
     m1, groups1 = membership(tmp_path / "one")
     assert m1["k"] == m2["k"] and groups1 == groups2
     assert m2["counts"] == m1["counts"]
+    embedded = [line for out in (two.stdout, one.stdout) for line in out.splitlines() if "embedded" in line]
+    assert embedded[0].split(";")[0] == embedded[1].split(";")[0], "the summary counts every rank's share"
     assert m2["eval_distribution"] == pytest.approx(m1["eval_distribution"])

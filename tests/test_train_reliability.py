@@ -272,6 +272,10 @@ def test_resume_checks_what_it_resumes(tmp_path, tiny_manifest):
     longer = ("max_steps=4", "train.save_every=2", "resume=true")
     with pytest.raises(CheckpointError, match=r"written by another run: balance.update_every 2 → 1; .*resume=force"):
         train(_config(tmp_path, tiny_manifest, *longer, "balance.update_every=1"))
+    with pytest.raises(CheckpointError) as e:  # the stream resumes per loader worker: force is not offered
+        train(_config(tmp_path, tiny_manifest, *longer, "balance.update_every=2", "data.num_workers=1"))
+    assert "data.num_workers 0 → 1; resume with the same settings (data.num_workers cannot change" in str(e.value)
+    assert "resume=force" not in str(e.value)
     other = write_tiny_manifest(tmp_path / "other", n_train=30)  # another regroup output, the same k
     with pytest.raises(CheckpointError, match=r"another run: manifest=.*other.* \(other content\); .*resume=force"):
         train(_config(tmp_path, other, *longer, "balance.update_every=2"))

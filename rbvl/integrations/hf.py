@@ -41,6 +41,7 @@ Each train example carries its domain id (an int column, `domain` by default). W
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -280,12 +281,15 @@ class BalanceMixin:
         changed = [f"{k}: {saved[k]!r} → {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
         if changed:  # the window and p so far were made under the saved settings
             log.warning("BalanceTrainer: resuming with other Balance settings than saved (%s)", "; ".join(changed))
-        mine = os.path.join(resume_from_checkpoint, TRACKER_STATE.format(self.args.process_index))
-        if not os.path.exists(mine):
-            raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no Balance window for rank {self.args.process_index} ({mine}); "
-                "an exact resume needs the same number of processes"
+        # each process saved its part of the window: another number of processes would drop parts or lack them
+        saved_ranks = len(glob.glob(os.path.join(resume_from_checkpoint, TRACKER_STATE.replace("{:03d}", "[0-9]*"))))
+        if saved_ranks != self.args.world_size:
+            raise ValueError(
+                f"BalanceTrainer: {resume_from_checkpoint} was written by {saved_ranks} process(es), this run has "
+                f"{self.args.world_size}: an exact resume needs the same number (each holds its part of the Balance "
+                f"window); launch it as it was, e.g. torchrun --nproc_per_node={saved_ranks}"
             )
+        mine = os.path.join(resume_from_checkpoint, TRACKER_STATE.format(self.args.process_index))
         self.tracker.load_state_dict(torch.load(mine, weights_only=True))
 
 

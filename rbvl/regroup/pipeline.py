@@ -12,6 +12,7 @@ disk (OUT/.cache/records*.bin, removed at the end); one `Rejects` collector gath
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -336,15 +337,19 @@ def _embed_across_ranks(records: list, out: Path, rank: int, world: int, progres
     parts = [(bounds[r], bounds[r + 1], out / ".cache" / f"part-{r:03d}-of-{world:03d}") for r in range(world)]
     lo, hi, cache = parts[rank]
     _, _, mine = embed_records(records[lo:hi], cache_dir=cache, progress=progress and rank == 0, **embed)
+    counts = {"embedded": mine["embedded"], "reused": mine["reused"]}
+    Path(f"{cache}.counts.json").write_text(json.dumps(counts))  # what this rank did, for rank 0's summary
     _barrier(world)
     if rank != 0:
         return None, None, mine
     pieces, errors = [], {}
+    stats = {"embedded": 0, "reused": 0, "ranks": world}  # every rank's share, summed
     for lo, hi, cache in parts:
         emb, errs, _ = embed_records(records[lo:hi], cache_dir=cache, progress=False, **embed)
         pieces.append(np.asarray(emb))
         errors.update({lo + row: msg for row, msg in errs.items()})
-    stats = {"embedded": mine["embedded"], "reused": mine["reused"], "ranks": world}  # rank 0's own share
+        for key, n in json.loads(Path(f"{cache}.counts.json").read_text()).items():
+            stats[key] += n
     return np.concatenate(pieces), errors, stats
 
 

@@ -109,6 +109,7 @@ def _claim(cfg, dist, run_dir: Path) -> Path | None:
 
 # what decides which samples a run draws and how p moves: a resume that changes them is not the same run
 SAME_RUN_KEYS = ("seed", "train.batch_size", "train.grad_accum")
+LAYOUT_KEYS = ("data.num_workers",)  # the stream's saved position is per loader worker: not even resume=force
 SAME_RUN_SECTIONS = ("data.", "mixing.", "balance.")
 
 
@@ -156,10 +157,13 @@ def check_same_run(path: Path, saved: dict, cfg, n_domains: int) -> None:
     if before["manifest"] != now["manifest"]:
         changed.insert(0, f"manifest={cfg.manifest} (other content)")
     if changed:
-        raise CheckpointError(
-            f"{path} was written by another run: {'; '.join(changed)}; resume with the same settings, or pass "
-            "resume=force to resume anyway"
-        )
+        layout = [k for k in LAYOUT_KEYS if any(c.startswith(f"{k} ") for c in changed)]
+        way = "resume with the same settings"
+        if layout:  # the stream resumes per loader worker: force cannot help here
+            way += f" ({', '.join(layout)} cannot change on a resume: the data stream resumes loader by loader)"
+        if len(layout) < len(changed):
+            way += ", or pass resume=force to resume anyway" + (" with the others" if layout else "")
+        raise CheckpointError(f"{path} was written by another run: {'; '.join(changed)}; {way}")
 
 
 def _default_of(cfg, key: str):
@@ -325,7 +329,7 @@ def load(path: str | Path, state: TrainState) -> dict:
     if extra["world_size"] != dist.world_size:
         raise CheckpointError(
             f"{path} was written by {extra['world_size']} rank(s), this run has {dist.world_size}: "
-            "an exact resume needs the same world size"
+            f"an exact resume needs the same world size (torchrun --nproc_per_node={extra['world_size']})"
         )
     check_same_run(path, extra, state.cfg, state.schedule.m)
     rank_file = path / RANK_STATE.format(dist.rank)
