@@ -259,6 +259,18 @@ def test_two_ranks_stop_at_the_same_step_when_one_gets_sigterm_and_resume_exactl
         rows_a = [(r["step"], r[key]) for r in a if r["kind"] == kind]
         assert rows_a and rows_a == [(r["step"], r[key]) for r in b if r["kind"] == kind], (kind, key)
 
+    # a folder another live run holds: every rank stops for rank 0's reason (rank 1 once said "already holds a run")
+    from rbvl.runtime import runlock
+
+    runlock.acquire(tmp_path / "a", "a test")
+    try:
+        locked = torchrun(tmp_path / "a")
+    finally:
+        runlock.release(tmp_path / "a")
+    errors = [line for line in locked.stderr.splitlines() if line.startswith("rbvl: error:")]
+    assert locked.returncode != 0 and len(errors) == 2, locked.stderr[-3000:]
+    assert all("is in use by another run" in line for line in errors), errors
+
 
 @pytest.mark.slow
 def test_resume_checks_what_it_resumes(tmp_path, tiny_manifest):

@@ -93,8 +93,18 @@ def open_run(cfg, dist) -> Path | None:
 
 
 def _claim(cfg, dist, run_dir: Path) -> Path | None:
+    refused = None
     if dist.is_main:  # one run per output_dir: a second one is refused while this one lives (released at exit)
-        runlock.acquire(run_dir, "rbvl train")
+        try:
+            runlock.acquire(run_dir, "rbvl train")
+        except Exception as e:  # noqa: BLE001 - the other ranks learn of any failure here, then it is raised
+            refused = e
+    if dist.enabled:  # every rank stops for rank 0's reason, not for one of its own (a locked folder holds a run)
+        reason = dist.all_gather_object(None if refused is None else str(refused))[0]
+        if reason is not None and refused is None:
+            refused = runlock.LockError(reason)
+    if refused is not None:
+        raise refused
     found = latest(run_dir)
     if cfg.resume and found is None:
         log.warning("resume=true but %s holds no checkpoint: starting from scratch", run_dir)
