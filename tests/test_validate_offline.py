@@ -26,8 +26,17 @@ def _validate(*args):
     return r.stdout.strip().splitlines()[-1], r.stderr.strip()
 
 
-def test_a_run_this_machine_can_start_is_ok_and_torch_free(tiny_manifest):
+def test_a_run_this_machine_can_start_is_ok_and_torch_free(tiny_manifest, tmp_path):
     last, err = _validate("recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}")
+    assert last == "exit 0 torch imported: False", err
+    # an output_dir that already holds a run: rbvl train would refuse it without resume=true, so validate says so
+    (tmp_path / "run" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.pt").write_bytes(b"")
+    last, err = _validate("recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}", f"output_dir={tmp_path / 'run'}")
+    assert last == "exit 2 torch imported: False" and "already holds a run; pass resume=true" in err, err
+    last, err = _validate(
+        "recipes/demo_tiny_rnb.yaml", f"manifest={tiny_manifest}", f"output_dir={tmp_path / 'run'}", "resume=true"
+    )
     assert last == "exit 0 torch imported: False", err
 
 

@@ -1,5 +1,5 @@
 """What `rbvl validate` checks beyond the values themselves, offline and without torch: does the manifest read and
-do its shards exist, and does `model.name` resolve to something this machine has?
+do its shards exist, does `model.name` resolve to something this machine has, and would `output_dir` be refused?
 
     problems = offline_problems(cfg)     # [] when `rbvl train` would find both
 """
@@ -30,14 +30,29 @@ def model_name_problem(value: str) -> str | None:
 
 
 def offline_problems(cfg) -> list[str]:
-    """One line per thing `rbvl train` would not find: the manifest or its shards, the model."""
+    """One line per thing `rbvl train` would not find or would refuse: the manifest or its shards, the model, an
+    output_dir that holds a run without resume."""
     problems = []
     if cfg.manifest:
         problems += _manifest_problems(cfg.manifest)
     problem = model_problem(cfg.model.name)
     if problem:
         problems.append(problem)
+    problem = run_problem(cfg)
+    if problem:
+        problems.append(problem)
     return problems
+
+
+def run_problem(cfg) -> str | None:
+    """The line `rbvl train` would stop with when output_dir already holds a run (a checkpoint-N folder with its
+    trainer state, as rbvl.train.checkpoint.latest counts them) and resume is not asked for; else None."""
+    out = Path(cfg.output_dir)
+    if cfg.resume or not out.is_dir():
+        return None
+    if not any(out.glob("checkpoint-*/trainer_state.pt")):
+        return None
+    return f"output_dir={out} already holds a run; pass resume=true, or choose another output_dir"
 
 
 def _manifest_problems(path: str) -> list[str]:
