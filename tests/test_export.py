@@ -54,7 +54,11 @@ def test_merged_logits_equal_adapter_logits(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert again.returncode != 0 and "not empty" in again.stderr and again.stderr.count("\n") == 1
+    assert (
+        again.returncode != 0
+        and "not empty: export into a new or empty folder" in again.stderr
+        and again.stderr.count("\n") == 1
+    )
 
 
 def test_push_to_hub_uploads_the_merged_folder_and_a_failure_is_one_line(tmp_path, monkeypatch, capsys):

@@ -36,7 +36,9 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
     if not (checkpoint / "adapter_config.json").exists():
         raise CheckpointError(f"{checkpoint} holds no LoRA adapter (adapter_config.json); is it RUN_DIR/checkpoint-N?")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out} exists and is not empty")
+        raise CheckpointError(
+            f"{out} exists and is not empty: export into a new or empty folder (nothing is overwritten)"
+        )
     adapter = check_adapter(checkpoint)
     cfg = load_config(checkpoint / "config.yaml")
     base, processor = load_model(cfg.model, seed=cfg.seed)
