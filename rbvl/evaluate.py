@@ -16,7 +16,8 @@ from rbvl.train.metrics import mixture_summary, read_metrics
 
 @torch.no_grad()
 def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None) -> dict:
-    """Token-averaged loss per domain, and Σ_d q_d · loss_d (q = target, uniform when None).
+    """Token-averaged loss per domain, and Σ_d q_d · loss_d (q = target, uniform when None); with the eval samples
+    the collator truncated or dropped (data.max_length, data.overlong).
 
     Under DDP each rank takes every world_size-th batch of each domain and the sums are all-reduced. Under FSDP
     (`dist.sharded`) every forward is a collective, so a rank left with fewer batches of a domain runs its last one
@@ -31,8 +32,11 @@ def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None)
     m = len(domains.names)
     sums = torch.zeros(2, m, dtype=torch.float64, device=device)  # (loss sum, tokens) per domain
     lockstep = dist is not None and getattr(dist, "sharded", False)
+    counts = {"truncated": 0, "dropped": 0}  # every rank collates every batch: the same counts on each
     for d in range(m):
-        batches = iter_eval_batches(domains, d, eval_cfg.batch_size, collator, max_samples=eval_cfg.max_samples)
+        batches = iter_eval_batches(
+            domains, d, eval_cfg.batch_size, collator, max_samples=eval_cfg.max_samples, counts=counts
+        )
         n_batches, spare, ran = 0, None, 0
         for i, batch in enumerate(batches):
             n_batches, spare = i + 1, spare if spare is not None else batch
@@ -56,7 +60,12 @@ def evaluate_domains(model, domains, collator, eval_cfg, dist=None, target=None)
     weights = q * seen
     values = torch.tensor([x if x is not None else 0.0 for x in per_domain], dtype=torch.float64)
     mixture = (weights * values).sum() / weights.sum() if weights.sum() > 0 else torch.tensor(float("nan"))
-    return {"loss": mixture.item(), "loss_per_domain": per_domain, "tokens_per_domain": tokens.tolist()}
+    return {
+        "loss": mixture.item(),
+        "loss_per_domain": per_domain,
+        "tokens_per_domain": tokens.tolist(),
+        **counts,  # eval samples cut to data.max_length (truncated) or left out (dropped, data.overlong=drop)
+    }
 
 
 def causal_lm_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

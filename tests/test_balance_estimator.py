@@ -268,3 +268,20 @@ def test_a_dropped_step_does_not_reach_the_diagonal():
     assert feed(guarded, window[:2], skip=True) is False  # the optimizer skipped it
     feed(guarded, window[3:])
     torch.testing.assert_close(guarded.gram(), clean.gram())
+
+
+def test_the_balancer_keeps_the_share_of_a_domain_no_window_has_drawn():
+    """Domain 2 is not drawn in the first window: it keeps its share (1/3) while 0 and 1 divide the rest; once drawn,
+    it is scored like the others, and a later window that misses it uses its last seen gradient (stale, not unseen)."""
+    from rbvl.balance import Balancer
+
+    gen = torch.Generator().manual_seed(0)
+    g = 0.3 * torch.randn(3, OUT, IN, generator=gen, dtype=torch.float64)
+    tracker, balancer = toy_tracker(3), Balancer(3, update_every=1, lam=3.0)
+    feed(tracker, [{0: (10, 10 * g[0]), 1: (10, 10 * g[1])}])
+    first = balancer.step(1, tracker)
+    assert first["stale"] == [2] and first["p"][2] == pytest.approx(1 / 3)
+    assert first["p"][0] != pytest.approx(first["p"][1])  # the rule moved the others
+    feed(tracker, [{0: (10, 10 * g[0]), 2: (10, 10 * g[2])}])
+    second = balancer.step(2, tracker)
+    assert second["stale"] == [1] and second["p"][2] != pytest.approx(first["p"][2])

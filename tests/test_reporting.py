@@ -148,8 +148,12 @@ def test_truncation_shows_in_the_summary_and_at_the_end_of_rbvl_train(tmp_path, 
     rows = read_metrics(tmp_path / "run", "train")
     truncated = sum(r["truncated"] for r in rows)
     assert truncated > 0, "data.max_length=36 cuts the longer answers"
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert f"rbvl train: of 16 samples drawn (this rank), {truncated} were truncated to data.max_length=36" in err
+    (final,) = read_metrics(tmp_path / "run", "eval")  # the eval set is cut by the same max_length, and says so
+    assert final["truncated"] > 0 and final["dropped"] == 0
+    assert f"({final['truncated']} truncated to data.max_length)" in captured.out + err
 
 
 def test_experiment_says_its_plan_before_it_runs_and_plan_runs_nothing(tmp_path, capsys):

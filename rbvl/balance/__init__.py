@@ -54,7 +54,7 @@ is the paper's. The Balancer's update options (mirror, an EMA of G, an m-aware t
 diagnostics are described in docs/balance.md.
 
 A domain with no samples in a window keeps its last seen gradient in G (stale, but the best estimate there is): its
-column still counts in G q, and its score stays defined. A domain never seen keeps its share of p. `tracker.stale()` names
+column still counts in G q, and its score stays defined. A domain no window has drawn yet keeps its share of p. `tracker.stale()` names
 such domains, and `Balancer.step` returns them for the logs.
 
 Files: tracker.py (GradientTracker), staging.py (what its backward pass stages and folds into the window), layers.py

@@ -166,9 +166,10 @@ class Balancer:
             return False
         return (step - self.warmup_steps) % self.update_every == 0
 
-    def update(self, G: torch.Tensor) -> tuple[list[float], dict]:
+    def update(self, G: torch.Tensor, never_seen=None) -> tuple[list[float], dict]:
         """(m, m) the window's G → the new p (not yet published) and a dict for the logs (`gram`, `eigenvalues`,
-        `degenerate`). With `gram_ema` it folds G into Ḡ (a finite G only) and the update reads Ḡ."""
+        `degenerate`). With `gram_ema` it folds G into Ḡ (a finite G only) and the update reads Ḡ. `never_seen`:
+        domains no window has drawn yet; they keep their share (`update_proportions_with_info`)."""
         finite = bool(torch.isfinite(G).all())
         used = G
         if self.gram_ema > 0 and finite:
@@ -178,7 +179,7 @@ class Balancer:
         p, info = update_proportions_with_info(
             used, self.target, self.lam, prev=self.proportions, floor=self.floor, smoothing=self.smoothing,
             update=self.rule, eta=self.eta, temperature=self.temperature, pull=self.pull,
-            anchor=self.schedule.table[0],
+            anchor=self.schedule.table[0], never_seen=never_seen,
         )  # fmt: skip
         info.update(gram=G.tolist(), eigenvalues=torch.linalg.eigvalsh(G).tolist() if finite else None)
         return p.tolist(), info
@@ -218,9 +219,10 @@ class Balancer:
             return None
         tracker.sync()  # sum every rank's window: all ranks now hold the same sums
         stale, tokens = tracker.stale(), tracker.tokens.tolist()
+        never_seen = [i for i in stale if not tracker.seen[i]]  # no window has drawn them: no score, their share stays
         G, est = tracker.gram(self.gram, with_info=True)  # (m, m) g_i · g_j, token-mean domain gradients of the window
         p_before = self.proportions
-        p, info = self.update(G)  # p = softmax(λ · G q / ‖G q‖)
+        p, info = self.update(G, never_seen)  # p = softmax(λ · G q / ‖G q‖)
         tracker.reset()
         unbiased = G.clone()
         unbiased.diagonal().copy_(torch.tensor(est["unbiased_diag"], dtype=torch.float64))

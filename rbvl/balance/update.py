@@ -107,6 +107,7 @@ def update_proportions_with_info(
     temperature: str = "fixed",
     pull: float = 0.0,
     anchor=None,
+    never_seen=None,
 ):
     """`update_proportions`, plus a dict for logging: ‖G q‖, the domains with no gradient, why an update was skipped.
 
@@ -128,10 +129,11 @@ def update_proportions_with_info(
       any m (their spread about their mean is at most λ; the paper's λ = 3 at m = 64 is λ = 0.375 here).
 
     Degenerate cases keep p finite and on the simplex: a non-finite G or ‖G q‖ = 0 (nothing of the target was
-    seen) keeps `prev` (uniform when None) and says so. A domain never seen has a zero row in G: its score would be 0
-    for want of data, not for its gradient, and the softmax would cut its share against domains with positive scores
-    (and so draw it still less). It keeps its share of `prev` (uniform when None) instead; the rule divides the rest
-    among the domains seen. `floor` makes p ← floor + (1 − m · floor) · p, so every p_i ≥ floor; `smoothing` s
+    seen) keeps `prev` (uniform when None) and says so. A domain with a zero row in G scores 0 (`unseen` in the
+    info). Where that is for want of data, the caller names it in `never_seen` (the Balancer does: no token of it in
+    any window so far), and it keeps its share of `prev` (uniform when None) while the rule divides the rest among
+    the others: a score of 0 would cut its share against positive scores, and so draw it still less, for no reason in
+    its gradient. (A zero row for a domain that was seen, e.g. the shrunk G of a domain that is all noise, is a score.) `floor` makes p ← floor + (1 − m · floor) · p, so every p_i ≥ floor; `smoothing` s
     gives (1 − s) · p_new + s · prev. Both are off by default, as in the paper.
     """
     if update not in UPDATES or temperature not in TEMPERATURES:
@@ -159,8 +161,9 @@ def update_proportions_with_info(
         info["degenerate"] = "G q = 0 (no gradient aligned with the target in this window)"
         log.warning("balance: ‖G q‖ = 0, p keeps its previous value")
         return fallback.clone(), info
-    if unseen:
-        log.info("balance: domains %s have never been seen: they keep their share", unseen)
+    never_seen = sorted(set(never_seen or ()))
+    if never_seen:
+        log.info("balance: domains %s have never been drawn: they keep their share", never_seen)
     c = math.sqrt(m) if temperature == "sqrt_m" else 1.0
     if update == "mirror":
         logits = fallback.log() + c * (eta or lam) * gq / norm  # log p_prev + η u
@@ -174,9 +177,9 @@ def update_proportions_with_info(
     else:
         logits = c * lam * gq / norm
     p = torch.softmax(logits, dim=0)
-    if 0 < len(unseen) < m:  # no data, no move: the unseen keep their share, the seen divide the rest as the rule says
+    if 0 < len(never_seen) < m:  # no data, no move: they keep their share, the others divide the rest by the rule
         kept = torch.zeros(m, dtype=torch.bool)
-        kept[unseen] = True
+        kept[never_seen] = True
         p = torch.where(
             kept, fallback / fallback.sum(), p / p[~kept].sum() * (1 - fallback[kept].sum() / fallback.sum())
         )

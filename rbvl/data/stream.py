@@ -202,8 +202,9 @@ class _Starved:
         return needed_length(head, self.seen, self.max_length)
 
 
-def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_samples: int = 0):
-    """Domain d's eval shards, in order, once, as collated batches.
+def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_samples: int = 0, counts=None):
+    """Domain d's eval shards, in order, once, as collated batches (`counts`, a dict: the collator's "truncated" and
+    "dropped" samples are added to it).
 
     Never silently short: a shard that breaks, holds fewer samples than the manifest lists, or a sample that does not
     decode raises DataError naming the shard (and the sample), since eval counts are part of the manifest.
@@ -225,7 +226,7 @@ def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_sa
                 except Exception as e:  # noqa: BLE001 - bad JSON, a broken image: named, never skipped
                     raise DataError(f"eval shard {shard}: sample {raw['__key__']}: {type(e).__name__}: {e}") from None
                 if len(samples) == batch_size:
-                    batch, _ = collate(samples, [d] * len(samples))
+                    batch = _collated(collate, samples, d, counts)
                     samples = []
                     if batch is not None:
                         yield batch
@@ -238,6 +239,14 @@ def iter_eval_batches(domains: Domains, d: int, batch_size: int, collate, max_sa
         if size is not None and got != size:
             raise DataError(f"eval shard {shard}: read {got} samples, the manifest lists {size} (truncated?)")
     if samples:
-        batch, _ = collate(samples, [d] * len(samples))
+        batch = _collated(collate, samples, d, counts)
         if batch is not None:
             yield batch
+
+
+def _collated(collate, samples: list, d: int, counts: dict | None):
+    batch, info = collate(samples, [d] * len(samples))
+    if counts is not None:
+        for key in ("truncated", "dropped"):
+            counts[key] = counts.get(key, 0) + int(info.get(key, 0))
+    return batch

@@ -221,4 +221,6 @@ class WindowStats:
 def format_eval(step: int, names: list[str], result: dict) -> str:
     # a domain with no label token left (data.max_length) shows as n/a rather than vanishing from the line
     parts = [f"{n}={v:.3f}" if v is not None else f"{n}=n/a" for n, v in zip(names, result["loss_per_domain"])]
-    return f"eval @ {step}: mixture {result['loss']:.4f} | " + " ".join(parts)
+    cut = [f"{result[k]} {k}" for k in ("truncated", "dropped") if result.get(k)]
+    cut = f" ({', '.join(cut)} to data.max_length)" if cut else ""
+    return f"eval @ {step}: mixture {result['loss']:.4f} | " + " ".join(parts) + cut
