@@ -325,7 +325,7 @@ class OptimConfig(Checked):
     """Gradient clipping (0 = off)."""
     fused: bool = True
     """AdamW's fused kernel (one per step, not a Python loop over the parameters) where torch has it for the
-    parameters' device (CPU, CUDA); false: torch's default AdamW (for-each on a GPU, a loop on the CPU)."""
+    parameters' device (CPU, CUDA), as transformers' Trainer uses by default; false: torch's default AdamW."""
 
 
 @dataclass
