@@ -210,7 +210,7 @@ def _sniff(data: bytes, name: str | None) -> str:
 
 
 def _is_s1(row: dict, opts) -> bool:
-    return (opts.preset or ("s1" if "thinking_trajectories" in row else "text")) == "s1"
+    return (opts.preset or ("s1" if TRAJECTORY_FIELD in row else "text")) == "s1"
 
 
 def _s1_fields(row: dict, opts) -> tuple[str, str | None, str | None]:
