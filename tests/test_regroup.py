@@ -436,6 +436,7 @@ def test_fatal_errors_are_one_line(llava, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rbvl-regroup: error:"), err
     assert message in err[0]
+    assert not (tmp_path / "out" / ".cache").exists(), "a failed run leaves no empty cache folder behind"
     if "embeder" in message:
         assert "did you mean 'embedder'" in err[0]
 

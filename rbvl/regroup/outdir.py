@@ -15,6 +15,7 @@ One regroup at a time per OUT (`rbvl.runtime.runlock`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -124,11 +125,15 @@ def commit(staging: Path, out: Path, manifest: dict) -> Path:
 
 
 def abandon(staging: Path, out: Path) -> None:
-    """After a failed run: remove its staging folder and read spool (ours), release OUT. The cache stays."""
+    """After a failed run: remove its staging folder and read spool (ours), release OUT. The embedding cache stays
+    (a rerun continues it); a cache folder the run left empty goes."""
     if (staging / MARK).exists():
         shutil.rmtree(staging, ignore_errors=True)
-    for spool in (Path(out) / CACHE).glob("records*.bin"):
+    cache = Path(out) / CACHE
+    for spool in cache.glob("records*.bin"):
         spool.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty (an embedding cache to continue), or not there
+        cache.rmdir()
     (Path(out) / (MANIFEST + ".tmp")).unlink(missing_ok=True)
     runlock.release(out)
 
