@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -48,7 +48,7 @@ from rbvl.bench.memory import meta_dtype, per_rank_memory, print_memory
 from rbvl.config import load_config
 from rbvl.model import apply_lora, load_model
 from rbvl.model.families import head_patterns, is_text_only_config
-from rbvl.model.load import DTYPES
+from rbvl.model.load import DTYPES, peft_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "configs"
 GIB = 2**30
@@ -301,7 +301,7 @@ def slice_model(cfg, n_layers: int, device="cpu", base_dtype: torch.dtype | None
         lora_dropout=0.0,
         target_modules=_projections(cfg.lora.target_modules),
     )
-    model = get_peft_model(model, lora)
+    model = peft_model(model, lora)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

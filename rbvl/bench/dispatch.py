@@ -23,10 +23,11 @@ from __future__ import annotations
 import time
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rbvl.balance import GradientTracker, label_tokens
+from rbvl.model.load import peft_model
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAMPLES, SEQ, VOCAB = 16, 8, 128
@@ -49,7 +50,7 @@ def tiny_model(layers: int):
         num_key_value_heads=2,
         vocab_size=VOCAB,
     )
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=PROJECTIONS))
+    model = peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=PROJECTIONS))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

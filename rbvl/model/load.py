@@ -163,7 +163,6 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
     `target_modules` / `modules_to_save` left None come from the model's family (rbvl/model/families.py): the language
     model's attention projections, and the projector."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     if not cfg.enabled:
         return model
@@ -190,11 +189,19 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
         modules_to_save=list(save) or None,
     )
     try:
-        with warnings.catch_warnings():  # PEFT reads a property transformers deprecates: a FutureWarning in every run
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            return get_peft_model(model, peft_config)
+        return peft_model(model, peft_config)
     except ValueError as e:
         raise ModelError(f"lora.target_modules={target!r} does not fit this model: {e}") from None
+
+
+def peft_model(model: nn.Module, peft_config):
+    """PEFT's `get_peft_model`, without the FutureWarning it prints in every run (it reads a property transformers
+    deprecates, `is_gradient_checkpointing`)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def trainable_summary(model: nn.Module) -> str:
