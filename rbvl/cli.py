@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - known errors become one line; anything else keeps its traceback
         if _is_user_error(e) and not args.verbose:
             code = getattr(e, "exit_code", None)  # a preempted run: its own line, exit 128 + the signal's number
-            print(e if code else f"rbvl: error: {_one_line(e)}", file=sys.stderr)
+            if not (code and os.environ.get("RANK", "0") != "0"):  # every rank stops at the same step: rank 0 says so
+                print(e if code else f"rbvl: error: {_one_line(e)}", file=sys.stderr)
             return code or 2
         raise
 
