@@ -133,8 +133,10 @@ class BalanceMixin:
             seed=self.args.seed,
             guard_nonfinite=bool(self.args.fp16),
         )
-        if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate shards on accelerators only
-            log.warning("BalanceTrainer: fsdp was asked for but accelerate runs %s", self.accelerator.distributed_type)
+        if self.args.fsdp and not self.is_fsdp_enabled and self.args.process_index == 0:  # accelerate: GPUs only
+            kind = self.accelerator.distributed_type
+            runs = "DDP (a whole model on each rank)" if "MULTI" in str(kind) else "one unsharded process"
+            log.warning("BalanceTrainer: fsdp was asked for, but accelerate shards on GPUs only: %s runs instead", runs)
         if self.is_fsdp_enabled:
             broadcast_trainable(self.model, self.args.device)  # what DDP does as it wraps; FSDP2 shards each rank's own
         self.paths = self._same_forward_paths(dummy_images) if self.is_fsdp_enabled else None
