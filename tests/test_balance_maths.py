@@ -529,3 +529,14 @@ def test_balance_imports_torch_alone():
     rbvl = [n for n in modules if n.startswith("rbvl.") and not n.startswith("rbvl.balance")]
     assert rbvl == [], rbvl
     assert not [n for n in modules if n == "transformers" or n.startswith("transformers.")]
+
+
+def test_tracker_refuses_what_it_cannot_count():
+    """n_domains that is no count, and token counts that do not match the ids, fail where they are given, not as a
+    torch.bincount error."""
+    model = tiny_lora()
+    with pytest.raises(ValueError, match=r"n_domains must be an int >= 1 .*got 0"):
+        GradientTracker(model, 0)
+    tracker = GradientTracker(model, M)
+    with pytest.raises(ValueError, match=r"set_domains: 3 token counts for 4 domain ids"):
+        tracker.set_domains(torch.tensor([0, 1, 2, 0]), tokens=torch.tensor([3, 4, 5]))

@@ -234,3 +234,36 @@ def test_paper_is_one_key_whatever_the_others_say_and_the_resolved_config_shows_
     assert to_dict(run)["balance"]["update"] == "replace" and to_dict(run)["balance"]["gram"] == "plugin"
     with pytest.raises(ValueError, match="balance.paper"):
         load_config(None, ["balance.paper=maybe"])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Balancer(3, update_every=0).due(1), "Balancer: update_every: got 0, expected an int >= 1"),
+        (lambda: Balancer(3, gram="foo"), "Balancer: gram: 'foo' is not one of unbiased, plugin, shrunk"),
+        (lambda: Balancer(3, lam=-3), "Balancer: lam: got -3.0, expected a number >= 0"),
+        (lambda: Balancer(0), "Balancer: n_domains must be an int >= 1, got 0"),
+        (lambda: Balancer(3, schedule=ProportionSchedule(2)), "the schedule has 2 domains, n_domains is 3"),
+        (lambda: Balancer(3, target=[0, 0, 0]), "target shares are all 0"),
+        (lambda: ProportionSchedule(3, initial=[0.5, 0.5]), r"initial: 2 shares for 3 domains"),
+        (lambda: ProportionSchedule(3, initial=[0.7, -0.2, 0.5]), r"finite, >= 0 and not all 0"),
+        (lambda: ProportionSchedule(3).publish([0.5, 0.5], 1), r"publish after step 1: 2 shares for 3 domains"),
+        (lambda: update_proportions(torch.eye(3), lam=-1), r"lam and eta must be >= 0, got lam=-1"),
+        (lambda: update_proportions(torch.ones(3, 2)), r"G must be a square \(m, m\) matrix .*\(3, 2\)"),
+    ],
+)  # fmt: skip
+def test_the_raw_api_says_what_is_wrong_at_once(make, message):
+    """The plain-loop classes check what BalanceTrainer's balance= keys check: a typo fails where it is made, not at
+    the first update or deep in torch, and a negative λ cannot silently turn the rule around."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_the_schedule_holds_p_on_the_simplex_in_step_order():
+    schedule = ProportionSchedule(3, initial=[1, 1, 2])  # ratios: divided by their sum
+    assert schedule.current() == [0.25, 0.25, 0.5] and schedule.at(1).tolist() == [0.25, 0.25, 0.5]
+    schedule.publish([2.0, 1.0, 1.0], after_step=10)
+    assert schedule.current() == [0.5, 0.25, 0.25]
+    with pytest.raises(ValueError, match=r"would apply from step 3, before the last one published \(from step 11\)"):
+        schedule.publish([0.0, 1.0, 0.0], after_step=2)
+    assert schedule.at(12).tolist() == [0.5, 0.25, 0.25]

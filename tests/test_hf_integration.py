@@ -164,6 +164,12 @@ def test_collator_that_drops_examples_or_packs_them():
         DomainCollator(packed, "domain")(feats)
     with pytest.raises(ValueError, match="returned no batch for 3 examples"):
         DomainCollator(lambda f: None, "domain")(feats)
+    two_ids = lambda f: {**pad_collate(f), "domain_ids": torch.tensor([0, 1])}  # noqa: E731
+    with pytest.raises(ValueError, match=r"returned 2 'domain_ids' for the 3 row\(s\) of its batch: one per row"):
+        DomainCollator(two_ids, "domain")(feats)
+    out_of_range = lambda f: {**pad_collate(f), "domain_ids": torch.full((3,), 7)}  # noqa: E731
+    with pytest.raises(ValueError, match=r"the collator's batch: row 0 has domain id 7 .*outside 0..2"):
+        DomainCollator(out_of_range, "domain", n_domains=3)(feats)
     evals = [{k: v for k, v in f.items() if k != "domain"} for f in feats]  # an eval set needs no domain column
     assert "domain_ids" not in DomainCollator(pad_collate, "domain")(evals)
 
@@ -234,6 +240,66 @@ def test_trainer_refuses_what_it_cannot_balance(tmp_path, caplog):
         assert "floor 0.4 >= 1/m (m = 3 domains) holds every share at 1/m" in caplog.text
         tiny_trainer(tmp_path, rows, balance={"update_every": 50}).train()
         assert "no Balance update falls in this run (2 steps; the first comes after step 50" in caplog.text
+
+
+def test_trainer_names_misuse_in_one_line(tmp_path):
+    """A misspelled argument, the mixin after the Trainer in the bases, TRL's packing: each said plainly, where the
+    Trainer would say 'unexpected keyword argument' or blame the dataset's columns."""
+    from transformers import Trainer
+
+    from rbvl.integrations.hf import BalanceMixin, refuse_packing
+
+    rows = length_examples()
+    with pytest.raises(TypeError, match=r"unexpected argument 'domain_colum'; did you mean 'domain_column'\?"):
+        tiny_trainer(tmp_path, rows, domain_colum="domain")
+    with pytest.raises(TypeError, match=r"class Mine: put BalanceMixin first .*class Mine\(BalanceMixin, Trainer\)"):
+
+        class Mine(Trainer, BalanceMixin):
+            pass
+
+    class Fine(BalanceMixin, Trainer):
+        pass
+
+    for name in ("packing", "padding_free"):
+        with pytest.raises(ValueError, match=rf"{name}=True is not supported: .*set {name}=False"):
+            refuse_packing(SimpleNamespace(**{name: True}))
+    refuse_packing(SimpleNamespace(packing=False))
+
+
+def test_trainer_takes_the_domains_given_instead_of_reading_every_example(tmp_path):
+    """`train_domains=`: a torch Dataset whose items are costly (they decode images) is not read at start."""
+    rows = length_examples()
+
+    class Costly(torch.utils.data.Dataset):
+        reads = 0
+
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            Costly.reads += 1
+            return rows[i]
+
+    ids = [r["domain"] for r in rows]
+    trainer = tiny_trainer(tmp_path, Costly(), train_domains=ids)
+    assert Costly.reads == 0 and trainer._train_domains[1].tolist() == ids
+    trainer.train()
+    assert Costly.reads <= 3 * 4 < len(rows), "only what two steps draw is read (and one batch fetched ahead)"
+    with pytest.raises(ValueError, match="train_domains has 3 domain ids for the 24 train examples"):
+        tiny_trainer(tmp_path, Costly(), train_domains=[0, 1, 2])
+    with pytest.raises(ValueError, match="train example 0 has domain id 5 in 'train_domains', outside 0..2"):
+        tiny_trainer(tmp_path, Costly(), train_domains=[5] * len(rows))
+
+
+def test_a_second_train_call_starts_balance_over(tmp_path):
+    """train() again without resuming is a new run: p from the start, an empty window, as a fresh trainer's."""
+    rows = length_examples()
+    first = tiny_trainer(tmp_path, rows, balance={"update_every": 1})
+    first.train()
+    assert len(first.balancer.schedule.history()) == 3  # the initial p and one per step
+    first.train()
+    history = first.balancer.schedule.history()
+    assert len(history) == 3 and history[0][1] == [1 / 3] * 3
 
 
 def test_trainer_reads_ids_as_users_hold_them(tmp_path):

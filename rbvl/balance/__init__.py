@@ -15,7 +15,7 @@ This package imports torch alone, so any training loop can use it:
         tracker.commit()                                     # the step joins the window (dropped if it overflowed)
         if step % K == 0:
             tracker.sync()                                   # sum every rank's window (DDP)
-            G = tracker.gram()                               # (m, m): g_i · g_j, G_ii without sampling bias
+            G = tracker.gram("plugin")                       # (m, m): ĝ_i · ĝ_j, the paper's (as rbvl train)
             p = update_proportions(G, q, lam=3.0)            # softmax(λ · G q / ‖G q‖)
             tracker.reset()
             schedule.publish(p, after_step=step)             # applies from step + 1 + lag

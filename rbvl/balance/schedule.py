@@ -25,19 +25,41 @@ class ProportionSchedule:
     """
 
     def __init__(self, n_domains: int, initial=None, lag: int = 0, capacity: int = 4096):
+        _check_int("ProportionSchedule: n_domains", n_domains, 1)
+        _check_int("ProportionSchedule: lag", lag, 0)
+        _check_int("ProportionSchedule: capacity", capacity, 1)
         self.m, self.lag, self.capacity = n_domains, lag, capacity
         self.table = torch.zeros(capacity + 1, n_domains, dtype=torch.float64).share_memory_()  # (updates, m)
         self.applies_from = torch.zeros(capacity + 1, dtype=torch.long).share_memory_()  # (updates,) step
         self.count = torch.ones(1, dtype=torch.long).share_memory_()
-        self.table[0] = torch.as_tensor(initial if initial is not None else [1.0 / n_domains] * n_domains)
+        uniform = [1.0 / n_domains] * n_domains
+        self.table[0] = self._checked(initial if initial is not None else uniform, "initial")
+
+    def _checked(self, p, what: str) -> torch.Tensor:
+        """p as (m,) float64 on the simplex: m finite shares >= 0, not all 0, divided by their sum; else a ValueError."""
+        try:
+            t = torch.as_tensor(p, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"ProportionSchedule {what}: a list of {self.m} shares, got {p!r}") from None
+        if t.numel() != self.m:
+            raise ValueError(f"ProportionSchedule {what}: {t.numel()} shares for {self.m} domains, got {t.tolist()}")
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or not t.sum() > 0:
+            raise ValueError(f"ProportionSchedule {what}: shares must be finite, >= 0 and not all 0, got {t.tolist()}")
+        return t / t.sum()
 
     def publish(self, p, after_step: int) -> int:
-        """Make `p` apply from optimizer step `after_step + 1 + lag`; returns that step."""
+        """Make `p` (m shares >= 0, divided by their sum) apply from optimizer step `after_step + 1 + lag`; returns
+        that step. Steps only go forward: a p published after an earlier step than the last one's is an error."""
         n = int(self.count.item())
         if n > self.capacity:
             raise RuntimeError(f"more than {self.capacity} proportion updates; raise ProportionSchedule capacity")
         start = int(after_step) + 1 + self.lag
-        self.table[n] = torch.as_tensor(p, dtype=torch.float64)
+        if n > 1 and start < int(self.applies_from[n - 1]):
+            raise ValueError(
+                f"ProportionSchedule.publish: a p after step {after_step} would apply from step {start}, before the "
+                f"last one published (from step {int(self.applies_from[n - 1])}): publish in step order"
+            )
+        self.table[n] = self._checked(p, f"publish after step {after_step}")
         self.applies_from[n] = start
         self.count[0] = n + 1  # written last: a reader never sees a half-written row
         return start
@@ -118,8 +140,13 @@ class Balancer:
         unstable_l1: float = 0.5,
         pull: float = 0.0,
     ):
+        _check_options(
+            n_domains, unstable_l1, schedule, update_every=update_every, lam=lam, warmup_steps=warmup_steps,
+            floor=floor, smoothing=smoothing, gram=gram, update=update, eta=eta, gram_ema=gram_ema,
+            temperature=temperature, pull=pull,
+        )  # fmt: skip
         self.m = n_domains
-        self.gram = gram  # "unbiased" | "plugin": the estimator of G (GradientTracker.gram)
+        self.gram = gram  # "unbiased" | "plugin" | "shrunk": the estimator of G (GradientTracker.gram)
         self.rule, self.eta, self.temperature = update, eta, temperature
         self.gram_ema, self.unstable_l1, self.pull = gram_ema, unstable_l1, pull
         self.gram_avg: torch.Tensor | None = None  # (m, m) Ḡ, the EMA of G across windows (gram_ema > 0)
@@ -152,6 +179,11 @@ class Balancer:
             temperature=getattr(config, "temperature", "fixed"),
             pull=getattr(config, "pull", 0.0),
         )
+
+    def restart(self) -> None:
+        """Back to the start of a run: the initial p only, nothing carried across windows."""
+        self.schedule.count[0] = 1
+        self.gram_avg, self.unstable_updates, self.warned_unstable = None, 0, False
 
     @property
     def proportions(self) -> list[float]:
@@ -214,6 +246,8 @@ class Balancer:
             `gram_noise` (plug-in minus unbiased G_ii); `gram_fallback` (domains whose G_ii could not be de-biased:
             "previous" or "plugin"), `p_l1_change` (Σ|p − p_before|) and, with `gram_ema`, `gram_ema` (Ḡ).
         """
+        if getattr(tracker, "m", self.m) != self.m:
+            raise ValueError(f"Balancer.step: the tracker has {tracker.m} domains, this Balancer {self.m}")
         tracker.commit(skip=skip)
         if not self.due(step, tracker):
             return None
@@ -265,3 +299,25 @@ class Balancer:
         self.gram_avg = None if avg is None else torch.tensor(avg, dtype=torch.float64)
         self.unstable_updates = int(state.get("unstable_updates", 0))
         self.warned_unstable = bool(state.get("warned_unstable", False))
+
+
+def _check_int(what: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
+
+
+def _check_options(n_domains, unstable_l1, schedule, **options) -> None:
+    """The Balancer's options, checked as `balance:` keys are (rbvl.config.BalanceConfig): a mistake fails here, not
+    at the first update, and a negative λ cannot turn the rule around."""
+    from rbvl.config import ConfigError
+    from rbvl.config.schema import BalanceConfig
+
+    _check_int("Balancer: n_domains", n_domains, 1)
+    try:
+        BalanceConfig(**options)
+    except ConfigError as e:
+        raise ValueError(f"Balancer: {str(e).removeprefix(BalanceConfig.KEY)}") from None
+    if isinstance(unstable_l1, bool) or not isinstance(unstable_l1, (int, float)) or not unstable_l1 >= 0:
+        raise ValueError(f"Balancer: unstable_l1 must be a number >= 0, got {unstable_l1!r}")
+    if schedule is not None and schedule.m != n_domains:
+        raise ValueError(f"Balancer: the schedule has {schedule.m} domains, n_domains is {n_domains}")

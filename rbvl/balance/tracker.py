@@ -74,6 +74,10 @@ class GradientTracker(_Staging, _Window):
         seed: int = 0,
         guard_nonfinite: bool = False,
     ):
+        if isinstance(n_domains, bool) or not isinstance(n_domains, int) or n_domains < 1:
+            raise ValueError(
+                f"GradientTracker: n_domains must be an int >= 1 (domain ids 0..n_domains-1), got {n_domains!r}"
+            )
         self.m = n_domains
         self.enabled = True
         self.modules = select_modules(model, params, head_patterns)  # [(name, nn.Linear)]
@@ -156,6 +160,11 @@ class GradientTracker(_Staging, _Window):
         self._scale = 1.0
         if self.enabled:  # T_ik: this micro-batch's tokens per domain
             units = None if tokens is None else torch.as_tensor(tokens).reshape(-1).double().cpu()
+            if units is not None and units.numel() != ids.numel():
+                raise ValueError(
+                    f"set_domains: {units.numel()} token counts for {ids.numel()} domain ids (one per sample: "
+                    f"label_tokens(labels))"
+                )
             mb = torch.bincount(ids, weights=units, minlength=self.m).double()
             (self._step_tokens if self.guard else self.tokens).add_(mb)
             (self._step_tokens_sq if self.guard else self.tokens_sq).addcmul_(mb, mb)

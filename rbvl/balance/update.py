@@ -75,7 +75,7 @@ def update_proportions(G, q=None, lam: float = 3.0, **options):
 
 def checked_target(q, m: int) -> list[float] | None:
     """The target mixture q as m floats (None stays None: uniform), or a ValueError saying what is wrong with it: one
-    share per domain id, each finite and ≥ 0 (they need not sum to 1; all zero means uniform)."""
+    share per domain id, each finite and ≥ 0, not all zero (they need not sum to 1)."""
     if q is None:
         return None
     if isinstance(q, torch.Tensor):
@@ -91,6 +91,8 @@ def checked_target(q, m: int) -> list[float] | None:
     bad = [v for v in values if not math.isfinite(v) or v < 0]
     if bad:
         raise ValueError(f"target shares must be finite and >= 0, got {values}")
+    if not any(values):  # an empty eval set's counts, say: no mixture to aim at
+        raise ValueError(f"target shares are all 0: give some domain a share (target=None is uniform), got {values}")
     return values
 
 
@@ -140,7 +142,13 @@ def update_proportions_with_info(
         raise ValueError(f"update must be one of {UPDATES} and temperature one of {TEMPERATURES}")
     if not 0.0 <= pull <= 1.0:
         raise ValueError(f"pull must be in [0, 1], got {pull}")
+    if not (lam >= 0 and eta >= 0):  # a negative step would turn the rule around: weight to the domains that hurt
+        raise ValueError(f"lam and eta must be >= 0, got lam={lam}, eta={eta}")
     G = torch.as_tensor(G, dtype=torch.float64)
+    if G.dim() != 2 or G.shape[0] != G.shape[1] or G.shape[0] == 0:
+        raise ValueError(
+            f"G must be a square (m, m) matrix of the domains' gradient dot products, got {tuple(G.shape)}"
+        )
     m = G.shape[0]
     q = checked_target(q, m)
     q = torch.full((m,), 1.0 / m, dtype=torch.float64) if q is None else torch.as_tensor(q, dtype=torch.float64)

@@ -55,6 +55,19 @@ class _Window:
         try_grouped_products(device)
         return self
 
+    def restart(self) -> None:
+        """Forget everything, as a new tracker would: the window, each domain's last seen gradient, the counters (a
+        new run on the same tracker: BalanceTrainer.train() called again without resuming)."""
+        self._end_backward()
+        step = [*(self._step_sums or []), self._step_tokens, self._step_tokens_sq]
+        for s in [*self.sums, self.sq, self.tokens, self.tokens_sq, self.last, *step]:
+            s.zero_()
+        if self._step_sq is not None:
+            self._step_sq.zero_()
+        for s in (self.last_diag, self.has_diag, self.seen):
+            s.zero_()
+        self.skipped_steps = 0
+
     def state_dict(self) -> dict:
         self._end_backward()
         if any(bool(s.any()) for s in self._step_sums or []) or bool(self._step_tokens.any()):

@@ -41,7 +41,9 @@ Each train example carries its domain id (an int column, `domain` by default). W
 
 from __future__ import annotations
 
+import difflib
 import glob
+import inspect
 import json
 import logging
 import math
@@ -57,7 +59,7 @@ from transformers import Trainer, TrainerCallback
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule, label_tokens
 from rbvl.balance.layers import VISION_SIDE
 from rbvl.config import BalanceConfig, from_dict
-from rbvl.integrations.hf_data import DomainCollator, DomainSampler, domain_ids_of
+from rbvl.integrations.hf_data import DomainCollator, DomainSampler, domain_ids_of, given_domain_ids
 from rbvl.model.families import head_patterns
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,25 @@ TRACKER_STATE = "rbvl_tracker-rank{:03d}.pt"
 
 
 class BalanceMixin:
-    """Adds R&B Balance to a `transformers.Trainer` subclass (put it first in the bases)."""
+    """Adds R&B Balance to a `transformers.Trainer` subclass (put it first in the bases).
+
+    `train_domains`: each train example's domain id, in the dataset's order, where reading `domain_column` from
+    every example would cost a pass over the data (a torch Dataset whose items decode images); by default the ids
+    are read from the column (a `datasets.Dataset` reads only that column)."""
+
+    OWN_ARGUMENTS = ("n_domains", "domain_column", "target", "balance", "dummy_images", "train_domains")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        before = mro[1 : mro.index(BalanceMixin)] if BalanceMixin in mro else ()
+        trainer = next((k for k in before if issubclass(k, Trainer)), None)
+        if trainer is not None:  # the Trainer's __init__ would run first and refuse n_domains=
+            bases = ", ".join(b.__name__ for b in cls.__bases__ if b is not BalanceMixin)
+            raise TypeError(
+                f"class {cls.__name__}: put BalanceMixin first in the bases, before {trainer.__name__}: "
+                f"class {cls.__name__}(BalanceMixin, {bases})"
+            )
 
     def __init__(
         self,
@@ -77,10 +97,13 @@ class BalanceMixin:
         target=None,
         balance=None,
         dummy_images=None,
+        train_domains=None,
         **kwargs,
     ):
         refuse_zero3()  # TrainingArguments(deepspeed=...) with stage 3: before the Trainer partitions anything
+        self._check_arguments(kwargs)
         training_args = kwargs.get("args")
+        refuse_packing(training_args)
         if training_args is not None and getattr(training_args, "remove_unused_columns", False):
             log.info(
                 "BalanceTrainer: remove_unused_columns=False so the '%s' column reaches the collator", domain_column
@@ -116,7 +139,10 @@ class BalanceMixin:
                     "come in its own order); pass a map-style dataset (datasets.Dataset), or train with rbvl train, "
                     "whose MixtureStream streams each domain"
                 )
-            ids = domain_ids_of(self.train_dataset, domain_column, n_domains)
+            if train_domains is None:
+                ids = domain_ids_of(self.train_dataset, domain_column, n_domains)
+            else:
+                ids = given_domain_ids(train_domains, len(self.train_dataset), n_domains)
             self._train_domains = self.train_dataset, ids
         # Accelerate fetches one batch ahead of the step that uses it; workers × prefetch more may be in flight.
         ahead = self.args.dataloader_num_workers * (self.args.dataloader_prefetch_factor or 2)
@@ -140,9 +166,25 @@ class BalanceMixin:
         if self.is_fsdp_enabled:
             broadcast_trainable(self.model, self.args.device)  # what DDP does as it wraps; FSDP2 shards each rank's own
         self.paths = self._same_forward_paths(dummy_images) if self.is_fsdp_enabled else None
-        self.data_collator = DomainCollator(self.data_collator, domain_column)
+        self.data_collator = DomainCollator(self.data_collator, domain_column, n_domains)
         self._balance_diagnostics: dict = {}  # the latest update's, for the next log line
         self.add_callback(_BalanceCallback(self))
+
+    def _check_arguments(self, kwargs: dict) -> None:
+        """An argument the Trainer below does not take (a typo of one of Balance's, say) named with a suggestion,
+        where its signature lists what it takes."""
+        try:
+            params = inspect.signature(super().__init__).parameters
+        except (TypeError, ValueError):
+            return
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            known = [*self.OWN_ARGUMENTS, *params]
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{type(self).__name__}: unexpected argument {unknown[0]!r}{hint}")
 
     @property
     def proportions(self) -> list[float]:
@@ -189,7 +231,10 @@ class BalanceMixin:
         dataset = self.train_dataset
         if dataset is None or not hasattr(dataset, "__len__"):
             return None
-        domains = domain_ids_of(dataset, self.domain_column)
+        if self._train_domains is not None and self._train_domains[0] is dataset:
+            domains = self._train_domains[1]
+        else:
+            domains = domain_ids_of(dataset, self.domain_column)
         firsts = [int(np.flatnonzero(domains == d)[0]) for d in range(self.n_domains) if (domains == d).any()]
         for i in dict.fromkeys(firsts + list(range(min(tries, len(dataset))))):
             batch = self.data_collator([dataset[i]])
@@ -323,6 +368,16 @@ def broadcast_trainable(model: torch.nn.Module, device) -> None:
                 p.copy_(value.view_as(p).to(p.device))
 
 
+def refuse_packing(args) -> None:
+    """TRL's packing and padding_free put several examples, of any domains, in one row: Balance needs each row's."""
+    for name in ("packing", "padding_free"):
+        if getattr(args, name, False):
+            raise ValueError(
+                f"BalanceTrainer: {name}=True is not supported: it puts several examples, of different domains, in "
+                f"one row, and Balance needs each row's domain; set {name}=False"
+            )
+
+
 def refuse_zero3(accelerator=None) -> None:
     """DeepSpeed ZeRO-3 partitions every weight outside its module's forward: one line that points to FSDP2, at the
     start, rather than a run whose tracked linears read partitions (or ranks that wait on each other)."""
@@ -345,6 +400,9 @@ class _BalanceCallback(TrainerCallback):
         # the window where the step computes: accelerate may have placed (FSDP) or offloaded the model since __init__
         self.trainer.tracker.to(args.device)
         balancer = self.trainer.balancer
+        if state.global_step == 0:  # a new run, not a resume: a second train() starts Balance over too
+            balancer.restart()
+            self.trainer.tracker.restart()
         first = balancer.warmup_steps + balancer.update_every
         if 0 < state.max_steps < first:
             log.warning(

@@ -27,8 +27,8 @@ class DomainCollator:
     do not match its examples (packing, TRL's padding_free) is an error. Examples without the column at all (an eval
     set) pass without ids: only a training step needs them (`compute_loss`)."""
 
-    def __init__(self, collator, column: str):
-        self.collator, self.column = collator, column
+    def __init__(self, collator, column: str, n_domains: int | None = None):
+        self.collator, self.column, self.n_domains = collator, column, n_domains
 
     def __call__(self, features: list[dict]):
         have = [isinstance(f, Mapping) and self.column in f for f in features]
@@ -52,8 +52,15 @@ class DomainCollator:
         own = batch.pop("domain_ids", None)  # the collator's own: the domains of the rows it kept
         if own is not None:
             own = own.cpu().numpy() if isinstance(own, torch.Tensor) else own
-            ids = checked_domain_ids(list(np.asarray(own).reshape(-1)), "domain_ids", None, "row")
+            ids = checked_domain_ids(
+                list(np.asarray(own).reshape(-1)), "domain_ids", self.n_domains, "the collator's batch: row"
+            )
         rows = _rows(batch)
+        if own is not None and rows is not None and rows != len(ids):
+            raise ValueError(
+                f"the data collator returned {len(ids)} 'domain_ids' for the {rows} row(s) of its batch: one per row, "
+                f"the domain of each row it kept"
+            )
         if ids is not None and rows is not None and rows != len(ids):
             raise ValueError(
                 f"the data collator returned {rows} row(s) for {len(ids)} examples: Balance needs each row's domain. "
@@ -100,6 +107,16 @@ def domain_ids_of(dataset, column: str, n_domains: int | None = None) -> np.ndar
                 raise KeyError(f"train example {i} has no '{column}' column (its domain id); it has {keys}")
             values.append(example[column])
     return checked_domain_ids(values, column, n_domains, "train example")
+
+
+def given_domain_ids(values, n_examples: int, n_domains: int) -> np.ndarray:
+    """`train_domains=` as checked ids: one per train example."""
+    if isinstance(values, torch.Tensor):
+        values = values.cpu().numpy()
+    values = values if isinstance(values, np.ndarray) else list(values)
+    if len(values) != n_examples:
+        raise ValueError(f"train_domains has {len(values)} domain ids for the {n_examples} train examples: one each")
+    return checked_domain_ids(values, "train_domains", n_domains, "train example")
 
 
 def _column(dataset, column: str):
