@@ -301,7 +301,13 @@ class Balancer:
         self.warned_unstable = bool(state.get("warned_unstable", False))
 
 
+def _scalar(value) -> bool:
+    """A numpy or 0-dim torch number (`.item()` gives the Python one)."""
+    return (isinstance(value, torch.Tensor) and value.dim() == 0) or type(value).__module__ == "numpy"
+
+
 def _check_int(what: str, value, low: int) -> None:
+    value = value.item() if _scalar(value) else value
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
 
@@ -313,8 +319,9 @@ def _check_options(n_domains, unstable_l1, schedule, **options) -> None:
     from rbvl.config.schema import BalanceConfig
 
     _check_int("Balancer: n_domains", n_domains, 1)
+    scalars = {k: v.item() if _scalar(v) else v for k, v in options.items()}  # numpy / 0-dim torch numbers count
     try:
-        BalanceConfig(**options)
+        BalanceConfig(**scalars)
     except ConfigError as e:
         raise ValueError(f"Balancer: {str(e).removeprefix(BalanceConfig.KEY)}") from None
     if isinstance(unstable_l1, bool) or not isinstance(unstable_l1, (int, float)) or not unstable_l1 >= 0:

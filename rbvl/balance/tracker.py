@@ -12,6 +12,7 @@ window's label tokens (so g_i is domain i's token-mean loss gradient) and, for t
 from __future__ import annotations
 
 import logging
+import operator
 import re
 from collections.abc import Sequence
 
@@ -74,11 +75,12 @@ class GradientTracker(_Staging, _Window):
         seed: int = 0,
         guard_nonfinite: bool = False,
     ):
-        if isinstance(n_domains, bool) or not isinstance(n_domains, int) or n_domains < 1:
+        m = None if isinstance(n_domains, bool) or not hasattr(n_domains, "__index__") else operator.index(n_domains)
+        if m is None or m < 1:
             raise ValueError(
                 f"GradientTracker: n_domains must be an int >= 1 (domain ids 0..n_domains-1), got {n_domains!r}"
             )
-        self.m = n_domains
+        self.m = n_domains = m
         self.enabled = True
         self.modules = select_modules(model, params, head_patterns)  # [(name, nn.Linear)]
         self._vision_side = [re.search(VISION_SIDE, name) is not None for name, _ in self.modules]
