@@ -95,6 +95,11 @@ def test_jsonl_bad_line_and_image_root(tmp_path):
     records, rejects = split(read_records(str(path), ReadOptions(image_root=str(tmp_path / "imgs"))))
     assert [r.id for r in records] == ["a", "b"]
     assert [(r.reason, r.source) for r in rejects] == [("bad_json", f"{path}:2")]
+    path.write_text('{"id": "a", "q": \n{"id": "b", "q": "x\ty"}\n')  # the position is within the line
+    assert [r.detail for r in read_records(str(path))] == [
+        "Expecting value at the end of the line",
+        "Invalid control character at column 20",
+    ]
 
 
 def test_reject_details_say_what_the_row_lacks(tmp_path):
@@ -318,3 +323,33 @@ def test_an_image_column_of_another_name_is_pointed_out(tmp_path):
     assert records[0].image is None and "`img` holds images: pass --image-field img" in said[0]
     records, _ = split(read_records(str(tmp_path / "vqa.parquet"), ReadOptions(image_field="img")))
     assert records[0].image is not None
+
+
+def test_answers_are_text_numbers_read_as_text_and_empty_answers_are_rejected(tmp_path):
+    """One rule in every shape: a number is its text (S1 attempt 42, a LLaVA gpt value 7, answer 7); a list or object
+    where text goes is rejected, not trained on as its Python repr (an S1 trajectory holding one crashed the run);
+    an answer that is empty or blank is rejected, as `"response": ""` was, whatever the shape."""
+    s1 = {"question": "Q?", "thinking_trajectories": ["Think.", 3], "attempt": 42, "source_type": "s"}
+    lines = [
+        {"id": "s1-num", **s1},
+        {"id": "s1-obj", **s1, "thinking_trajectories": ["Think.", {"x": 1}]},
+        {"id": "llava-num", "conversations": turns("How many?", 7)},
+        {"id": "llava-blank", "conversations": turns("How many?", "  ")},
+        {"id": "msg-empty", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+        {"id": "pair-num", "question": "2+5?", "answer": 7},
+        {"id": "pair-list", "question": "Letters?", "answer": ["a", "b"]},
+        {"id": "pair-obj", "question": "Map?", "response": {"x": 1}},
+        {"id": "pair-blank", "prompt": "Say it", "response": "   "},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    records, rejects = split(read_records(str(path)))
+    answers = {r.id: r.conversation[-1]["content"] for r in records}
+    assert answers == {"s1-num": "Think.\n3\n\n42", "llava-num": "7", "pair-num": "7"}
+    reasons = {r.id: (r.reason, r.detail) for r in rejects}
+    assert reasons["s1-obj"] == ("malformed_conversation", "S1 text is an object, not text: {'x': 1}")
+    assert reasons["pair-list"] == ("malformed_conversation", "'answer' is an array, not text: ['a', 'b']")
+    assert reasons["pair-obj"][1].startswith("'response' is an object, not text")
+    assert reasons["llava-blank"][0] == reasons["msg-empty"][0] == "empty_conversation"
+    assert reasons["pair-blank"][0] == "missing_field"
+    assert len(records) + len(rejects) == len(lines)

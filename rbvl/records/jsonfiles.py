@@ -52,8 +52,12 @@ def json_items(path: str) -> Iterator[tuple[str, object]]:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            line = line.rstrip(b"\r\n")  # so an error's position is within the line, not past its end
             try:
                 yield f"{path}:{n}", json.loads(line)  # bytes: bad UTF-8 is a ValueError like bad JSON
+            except json.JSONDecodeError as e:
+                at = "at the end of the line" if e.pos >= len(e.doc) else f"at column {e.colno}"
+                yield f"{path}:{n}", ValueError(f"{e.msg.removesuffix(' at')} {at}")
             except ValueError as e:
                 yield f"{path}:{n}", e
 

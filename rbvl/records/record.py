@@ -119,12 +119,16 @@ def normalise_conversation(turns) -> tuple[list[dict], tuple[str, str] | None]:
         return [], ("malformed_conversation", "the first turn is not the user's")
     if "assistant" not in speakers:
         return [], ("malformed_conversation", "no assistant turn")
+    if all(not t["content"].strip() for t in out if t["role"] == "assistant"):
+        return [], ("empty_conversation", "every assistant turn is empty: no answer to learn")
     return out, None
 
 
 def _content_text(content):
     """A turn's content as one string: content parts joined by newlines, an image part as `<image>`; a string as it
     is; anything else unchanged (the caller names its type)."""
+    if isinstance(content, (int, float)) and not isinstance(content, bool):  # a number answer: its text, as JSON has it
+        return str(content)
     if not isinstance(content, list):
         return content
     pieces = []

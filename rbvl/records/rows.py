@@ -244,14 +244,26 @@ def _pair_record(row: dict, rid: str, source: str, opts, root: Path | None, imag
         question_field, trajectory_field, answer_field = _s1_fields(row, opts)
         question = row.get(question_field)
         trajectory = row.get(trajectory_field) if trajectory_field else []
-        trajectory = "\n".join(trajectory) if isinstance(trajectory, list) else str(trajectory)
-        answer = "\n\n".join(x for x in (trajectory, row.get(answer_field) if answer_field else "") if x)
+        steps = trajectory if isinstance(trajectory, list) else [trajectory]
+        values = [*steps, question, row.get(answer_field) if answer_field else ""]
+        texts = [_text_of(x) for x in values]
+        if any(t is None for t in texts):
+            bad = next(x for x, t in zip(values, texts, strict=True) if t is None)
+            return Reject(rid, source, "malformed_conversation", f"S1 text is {_json_type(bad)}, not text: {bad!r:.60}")
+        trajectory = "\n".join(t for t in texts[: len(steps)] if t)
+        question = texts[len(steps)]
+        answer = "\n\n".join(x for x in (trajectory, texts[-1]) if x)
     else:
         prompt, response = _pair_fields(row, opts)
         question, answer = row.get(prompt) if prompt else None, row.get(response) if response else None
+        for field, value in ((prompt, question), (response, answer)):
+            if value is not None and _text_of(value) is None:
+                why = f"'{field}' is {_json_type(value)}, not text: {value!r:.60}"
+                return Reject(rid, source, "malformed_conversation", why)
+        question, answer = _text_of(question), _text_of(answer)
         if question and prompt == "instruction" and row.get("input"):  # Alpaca: the input goes under the instruction
             question = f"{question}\n\n{row['input']}"
-    if not question or not answer:
+    if not question or not answer or not answer.strip():
         looked = _s1_looked_for(opts) if preset == "s1" else _looked_for(opts)
         return Reject(rid, source, "missing_field", f"looked for {looked}; the row has: {row_keys(row)}")
     conversation = [{"role": "user", "content": str(question)}, {"role": "assistant", "content": str(answer)}]
@@ -268,6 +280,20 @@ def _pair_record(row: dict, rid: str, source: str, opts, root: Path | None, imag
         text = f"{text}\n{trajectory}"
     label = _label(row, opts, PRESETS[preset]["label_field"], preset)
     return Record(rid, conversation, label=label, text=text, meta={"format": preset}, source=source)
+
+
+def _text_of(value) -> str | None:
+    """A prompt's or answer's text: a string as it is, a number as JSON writes it; None for anything else (a list, an
+    object, true/false), which the caller rejects rather than embed and train on its Python repr."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None if value is not None else ""
+
+
+def _json_type(value) -> str:
+    return _JSON_TYPES.get(type(value), "an object")
 
 
 def _looked_for(opts) -> str:
