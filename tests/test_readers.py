@@ -155,6 +155,7 @@ def test_webdataset_shards(tmp_path):
     assert [r.id for r in records] == ["k0", "r1", "img.v2"]
     assert records[2].image == png() and records[2].conversation[1]["content"] == "a dotted id"
     assert records[0].image == png() and records[0].conversation[1]["content"] == "a red square"
+    assert [r.text for r in records] == ["a red square", "Say hi", "a dotted id"], "a caption is what gets embedded"
     assert records[1].label == "greet"
     assert [(r.id, r.reason, r.detail) for r in rejects] == [
         ("k2", "missing_field", "no conversation, caption or .txt, nor a prompt with a response"),

@@ -215,6 +215,7 @@ def _read_webdataset(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | 
         row.setdefault("id", key)
         if isinstance(row.get("images"), list) and row["images"] and all(e in sample for e in row["images"]):
             images = [(sample[e], e.rpartition(".")[2]) for e in row["images"]]  # an rbvl multi-image sample
+        caption = None
         if conversation_field(row, opts) is None and not pair_row(row, opts):  # a caption (or .txt) sample
             caption = row.get("caption") or row.get("text")
             if caption is None and "txt" in sample:
@@ -232,7 +233,10 @@ def _read_webdataset(path: str, fmt: str, opts: ReadOptions, on_row, tag: str | 
             row["conversation"] = [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
         if "label" in row and "domain" not in row:
             row["domain"] = row["label"]
-        yield row_record(row, source, opts, None, key, images=images)
+        record = row_record(row, source, opts, None, key, images=images)
+        if caption is not None and isinstance(record, Record) and not opts.text_fields:
+            record.text = str(caption)  # the caption is the sample's text (CLIP's pair), not the fixed prompt
+        yield record
 
 
 def _tar_samples(samples: Iterator[dict], path: str) -> Iterator[dict]:
