@@ -413,7 +413,10 @@ def test_yaml_config_and_flag_override(llava, tmp_path):
         ([], "no input"),
         (["--input", "{train}", "--out", "{out}", "--embedder", "clip:ViT-B-32"], "unknown embedder 'clip:ViT-B-32'"),
         (["--input", "{train}", "--out", "{out}", "--embedder", "open_clip:ViT-B-33"], "did you mean"),
-        (["--input", "{train}", "--out", "{out}", "--k", "2,99"], "k=99 is larger than"),
+        (
+            ["--input", "{train}", "--out", "{out}", "--k", "2,99"],
+            "k=99 is larger than the number of usable train records (36; 0 rejected); use --k 2",
+        ),
         (["--input", "{train}", "--out", "{out}", "--embedder", "hf:{tmp}/no-model"], "no-model is no such folder"),
         (["--input", "{train}", "--out", "{out}", "--embedder", "hf:{tmp}/bad.yaml"], "is a file, not a folder"),
         (

@@ -77,7 +77,9 @@ def cluster(
     n = len(x)
     too_big = [k for k in ks if k > n]
     if too_big:
-        raise RegroupError(f"k={too_big[0]} is larger than the number of usable train records ({n})")
+        raise RegroupError(
+            f"k={too_big[0]} is larger than the number of usable train records ({n}); use {k_that_fits(ks, n)}"
+        )
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_distinct(x, ks)
     sweep, fits = [], {}
@@ -139,12 +141,17 @@ def check_distinct(x: np.ndarray, ks: list[int]) -> None:
     bad = [k for k in ks if k > d]
     if not bad:
         return
-    valid = [k for k in ks if k <= d]
-    use = f"--k {','.join(map(str, valid))}" if valid else f"--k {d} or less" if d > 1 else "--k 1 (one domain)"
+    use = k_that_fits(ks, d)
     raise RegroupError(
         f"k={bad[0]} needs at least {bad[0]} distinct embeddings, but the {len(x)} usable train records have only "
         f"{d} (duplicate or near-identical records?); use {use}"
     )
+
+
+def k_that_fits(ks: list[int], n: int) -> str:
+    """The --k to use where only n clusters can be told apart: the asked values that fit, else n or less."""
+    valid = [k for k in ks if k <= n]
+    return f"--k {','.join(map(str, valid))}" if valid else f"--k {n} or less" if n > 1 else "--k 1 (one domain)"
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:

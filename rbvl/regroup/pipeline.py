@@ -144,7 +144,8 @@ def _regroup(
         if not n_train:
             raise RegroupError(f"no usable train records in {', '.join(opts.input)} ({why.headline()}){hints}")
         raise RegroupError(
-            f"k={max(ks)} is larger than the number of usable train records ({n_train}; {why.headline()}){hints}"
+            f"k={max(ks)} is larger than the number of usable train records ({n_train}; {why.headline()}); "
+            f"use {C.k_that_fits(ks, n_train)}{hints}"
         )
     timings["read_s"] = time.perf_counter() - t0
 
