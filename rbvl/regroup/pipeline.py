@@ -272,7 +272,7 @@ def _warn_outside_root(rejects: Rejects, opts: RegroupOptions) -> None:
     """One warning when image paths pointed outside the image root (a dataset with absolute paths rejects them all)."""
     n = sum(rejects.by_reason(split).get("image_outside_root", 0) for split in ("train", "eval"))
     if n:
-        root = opts.image_root or "the JSON file's folder"
+        root = opts.image_root or "each input file's folder"
         print(
             f"rbvl-regroup: warning: {n} records rejected as image_outside_root: their image paths resolve outside "
             f"the image root ({root}); set --image-root to the folder that holds them, or pass --allow-outside-root",
