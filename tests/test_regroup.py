@@ -451,3 +451,38 @@ def test_an_image_root_that_is_not_there_is_said_before_reading(llava, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"rbvl-regroup: error: --image-root {tmp_path / 'imgs'}: no such folder"]
     assert not (tmp_path / "out").exists()
+
+
+def test_open_clip_weights_that_cannot_be_fetched_are_one_line_with_the_way_out(
+    llava, tmp_path, capsys, monkeypatch, caplog
+):
+    """open_clip logs its download failure on the root logger, then raises it: the user saw it twice, and the hub
+    client's paragraph, with no word of how to run offline. The tiny model's 'no pretrained weights' is not said."""
+    import logging
+
+    import open_clip
+
+    train, _, images = llava
+    real = open_clip.create_model_and_transforms
+
+    def offline(model_name, pretrained=None, **kw):
+        if pretrained:
+            logging.error("Failed to download weights for tag '%s': ...", pretrained)
+            raise RuntimeError(f"Failed to download weights for tag '{pretrained}': Failed to download file (x.bin)")
+        logging.warning("No pretrained weights loaded for model '%s'.", model_name)
+        return real(model_name, pretrained=None, **kw)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    argv = ["--input", str(train), "--image-root", str(images), "--k", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--embedder", "open_clip:rbvl-tiny/some_tag"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "rbvl-regroup: error: cannot load open_clip 'open_clip:rbvl-tiny/some_tag': Failed to download weights for "
+        "tag 'some_tag'; open_clip fetches 'some_tag' from the Hugging Face hub: offline, put the weights in the hub "
+        "cache (HF_HUB_CACHE) or name the file, open_clip:rbvl-tiny/PATH/TO/WEIGHTS.bin (open_clip:rbvl-tiny runs the "
+        "pipeline with no weights)"
+    )
+    assert main([*argv, "--out", str(tmp_path / "b"), "--embedder", "open_clip:rbvl-tiny"]) == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert not any("Failed to download" in m or "No pretrained weights" in m for m in logged), logged
+    assert logging.root.manager.disable == logging.NOTSET, "logging is as it was"

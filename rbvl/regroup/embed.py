@@ -25,6 +25,7 @@ import difflib
 import hashlib
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,10 +234,24 @@ def _load_open_clip(name: str, model_name: str, pretrained: str | None, combine:
     import open_clip
 
     check_embedder_name(name)
-    try:
+    before = logging.root.manager.disable
+    logging.disable(logging.ERROR)  # open_clip logs to the root logger what it then raises, or that a tiny model
+    try:  # has no pretrained weights (it has none by design)
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     except RuntimeError as e:
-        raise RegroupError(f"cannot load open_clip '{name}': {str(e).splitlines()[0]}") from None
+        problem = str(e).splitlines()[0]
+        if problem.startswith("Failed to download weights"):  # then the hub client's paragraph: one clause is enough
+            problem = problem.split(": ", 1)[0]
+        hint = ""
+        if pretrained and not Path(pretrained).exists():
+            hint = (
+                f"; open_clip fetches '{pretrained}' from the Hugging Face hub: offline, put the weights in the hub "
+                f"cache (HF_HUB_CACHE) or name the file, open_clip:{model_name}/PATH/TO/WEIGHTS.bin "
+                f"(open_clip:{TINY} runs the pipeline with no weights)"
+            )
+        raise RegroupError(f"cannot load open_clip '{name}': {problem}{hint}") from None
+    finally:
+        logging.disable(before)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name)
     d = model.text_projection.shape[1] if getattr(model, "text_projection", None) is not None else None
