@@ -354,3 +354,22 @@ def test_answers_are_text_numbers_read_as_text_and_empty_answers_are_rejected(tm
     assert reasons["llava-blank"][0] == reasons["msg-empty"][0] == "empty_conversation"
     assert reasons["pair-blank"][0] == "missing_field"
     assert len(records) + len(rejects) == len(lines)
+
+
+def test_a_duplicate_id_says_where_the_first_one_was(tmp_path):
+    """Shards whose keys restart at 000000 lost every later shard's samples as 'id seen earlier', with no word of
+    where; a repeat within one file says so too."""
+    for n in range(2):
+        with wds.TarWriter(str(tmp_path / f"rk-{n:03d}.tar")) as sink:
+            for i in range(2):
+                sink.write({"__key__": f"{i:06d}", "png": png(), "txt": f"shard {n} sample {i}"})
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"id": "a", "question": "Q", "answer": "A"}) + "\n" * 1 for _ in range(2))
+    )
+    records, rejects = split(read_records([str(tmp_path / "rk-000.tar"), str(tmp_path / "rk-001.tar")]))
+    assert [r.id for r in records] == ["000000", "000001"]
+    assert {r.detail for r in rejects} == {
+        f"id seen earlier in {tmp_path / 'rk-000.tar'} (tar keys must be unique across shards)"
+    }
+    records, rejects = split(read_records(str(tmp_path / "d.jsonl")))
+    assert [r.detail for r in rejects] == ["id seen earlier in this file"]

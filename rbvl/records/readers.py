@@ -62,7 +62,8 @@ def read_records(
     A row without an id is named TAG-ROW, TAG being its file's `file_tags` entry (in `tags`, which a caller reading
     several splits makes over all of their files, or else made over this call's files)."""
     opts = opts or ReadOptions()
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # id → the file it came from (its position in `names`)
+    names: list[str] = []
     readers = {"webdataset": _read_webdataset, "parquet": _read_table, "arrow": _read_table}
     specs = [paths] if isinstance(paths, str) else list(paths)
     inputs = [(spec, expand_inputs([spec], opts.format)) for spec in specs]
@@ -71,12 +72,19 @@ def read_records(
         announce = _Announcer(spec, len(files), opts)
         for path, fmt in files:
             announce.fmt = fmt
+            names.append(path)
+            here = len(names) - 1
             for item in readers.get(fmt, _read_json)(path, fmt, opts, announce, tags.get(path)):
                 if isinstance(item, Record):
-                    if item.id in seen:
-                        item = Reject(item.id, item.source or path, "duplicate_id", "id seen earlier")
+                    first = seen.get(item.id)
+                    if first is None:
+                        seen[item.id] = here
                     else:
-                        seen.add(item.id)
+                        where = "in this file" if first == here else f"in {names[first]}"
+                        hint = (
+                            " (tar keys must be unique across shards)" if fmt == "webdataset" and first != here else ""
+                        )
+                        item = Reject(item.id, item.source or path, "duplicate_id", f"id seen earlier {where}{hint}")
                 yield item
 
 
