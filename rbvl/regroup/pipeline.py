@@ -274,7 +274,7 @@ def _warn_outside_root(rejects: Rejects, opts: RegroupOptions) -> None:
     if n:
         root = opts.image_root or "each input file's folder"
         print(
-            f"rbvl-regroup: warning: {n} records rejected as image_outside_root: their image paths resolve outside "
+            f"rbvl-regroup: warning: {n} record{'s' if n != 1 else ''} rejected as image_outside_root: their image paths resolve outside "
             f"the image root ({root}); set --image-root to the folder that holds them, or pass --allow-outside-root",
             file=sys.stderr,
         )

@@ -221,6 +221,7 @@ def _plots(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray, label
     else:
         ax.bar(range(k), np.bincount(clusters, minlength=k))
     ax.set_xlabel("cluster")
+    ax.set_xticks(range(0, k, max(1, k // 16)))  # whole clusters (matplotlib puts ticks at halves for a few bars)
     ax.set_ylabel("train records")
     ax.set_title("cluster sizes")
     fig.tight_layout()
@@ -233,7 +234,9 @@ def _plots(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray, label
         rows = rng.choice(len(x), size=min(len(x), 20_000), replace=False) if len(x) > 20_000 else np.arange(len(x))
         xy = PCA(n_components=2, random_state=0).fit_transform(x[rows])  # (n, 2)
         fig, ax = plt.subplots(figsize=(5, 4.5))
-        ax.scatter(xy[:, 0], xy[:, 1], c=clusters[rows], s=4, cmap="tab20")
+        dots = ax.scatter(xy[:, 0], xy[:, 1], c=clusters[rows], s=4, cmap="tab20")
+        if len(set(clusters[rows].tolist())) <= 20:  # one colour per cluster: say which
+            ax.legend(*dots.legend_elements(), title="cluster", fontsize=6, title_fontsize=7, loc="best")
         ax.set_title("PCA of the embeddings, coloured by cluster")
         fig.tight_layout()
         fig.savefig(out / "projection.png", dpi=100)
@@ -248,7 +251,9 @@ def print_summary(manifest: dict, stats: dict, out: Path, rejects: list[Rejected
     import sys
 
     c = manifest["counts"]
-    print(f"rbvl-regroup: {manifest['embedder']['name']} → k = {manifest['k']} clusters in {out}")
+    print(
+        f"rbvl-regroup: {manifest['embedder']['name']} → k = {manifest['k']} cluster{'s' if manifest['k'] != 1 else ''} in {out}"
+    )
     why = {r.split: r for r in rejects}
     for split in ("train", "eval"):
         if c[split]["in"]:
