@@ -226,8 +226,8 @@ def test_forgotten_image_root_gives_counts_per_reason_examples_and_a_hint(tmp_pa
     assert regroup(["--input", str(train), "--eval", str(evals), "--out", str(out), *TINY]) == 0
     got = capsys.readouterr()
     assert "train: 28 in = 8 written + 20 rejected" in got.out
-    assert f"rejected: missing_image 20 (e.g. r8: {train.parent / 'r8.png'})" in got.out
-    assert f"rejected: missing_image 4 (e.g. e2: {evals.parent / 'e2.png'})" in got.out  # eval too
+    assert f"rejected: missing_image 20 (e.g. r8: {train.parent / 'r8.png'}: no such file)" in got.out
+    assert f"rejected: missing_image 4 (e.g. e2: {evals.parent / 'e2.png'}: no such file)" in got.out  # eval too
     assert "20 of 28 train records name an image file that is not there" in got.err
     assert "did you pass --image-root?" in got.err
 

@@ -373,3 +373,22 @@ def test_a_duplicate_id_says_where_the_first_one_was(tmp_path):
     }
     records, rejects = split(read_records(str(tmp_path / "d.jsonl")))
     assert [r.detail for r in rejects] == ["id seen earlier in this file"]
+
+
+def test_image_rejects_say_what_the_path_is(tmp_path):
+    """A folder, a path with a trailing space (invisible when printed plain), a number where a path goes."""
+    (tmp_path / "sub dir").mkdir()
+    (tmp_path / "a.png").write_bytes(png())
+    rows = [
+        {"id": "folder", "image": "sub dir", "conversations": turns("What?", "A", True)},
+        {"id": "space", "image": "a.png ", "conversations": turns("What?", "A", True)},
+        {"id": "number", "image": 12, "conversations": turns("What?", "A", True)},
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    _, rejects = split(read_records(str(path)))
+    assert [(r.reason, r.detail) for r in rejects] == [
+        ("missing_image", f"{tmp_path / 'sub dir'}: is a folder, not an image file"),
+        ("missing_image", f"{str(tmp_path / 'a.png ')!r}: no such file"),
+        ("unreadable_image", "the image entry is a number, 12; expected a path or bytes"),
+    ]

@@ -181,11 +181,13 @@ def _image_ref(value, root: Path | None, opts) -> dict | tuple[str, str]:
         return {"data": bytes(value), "ext": _sniff(bytes(value), None)}
     name = value.get("path") if isinstance(value, dict) else value
     if not isinstance(name, str):
-        return "unreadable_image", f"an image entry of type {type(value).__name__} (expected a path or bytes)"
+        got = _JSON_TYPES.get(type(name), type(name).__name__)
+        return "unreadable_image", f"the image entry is {got}, {name!r:.40}; expected a path or bytes"
     root = root or Path(".")
     file = Path(name) if Path(name).is_absolute() else root / name
     if not file.is_file():
-        return "missing_image", str(file)
+        what = "is a folder, not an image file" if file.is_dir() else "no such file"
+        return "missing_image", f"{str(file)!r}: {what}" if name != name.strip() else f"{file}: {what}"
     resolved = file.resolve()
     if not opts.allow_outside_root and not resolved.is_relative_to(root.resolve()):
         return "image_outside_root", f"{name} resolves to {resolved}, outside {root}"
