@@ -68,3 +68,34 @@ def test_peer_moves_p_and_resumes_exactly(tmp_path, tiny_manifest, strategy):
     a = [(r["step"], r["loss_per_domain"]) for r in read_metrics(tmp_path / "a", "train") if r["step"] > 4]
     b = [(r["step"], r["loss_per_domain"]) for r in read_metrics(tmp_path / "b", "train") if r["step"] > 4]
     assert a == b
+
+
+def test_doremi_refuses_a_reference_of_another_model_or_other_domains(tmp_path, tiny_manifest):
+    """A reference run of another model (or another tiny model's seed) trained on: its adapter went onto this run's
+    base with PEFT's missing-keys warning only, the excess loss was ~1e-7 and p stayed uniform."""
+    import json
+    from pathlib import Path
+
+    from rbvl.config import ConfigError
+    from rbvl.config.engine import dump_config
+    from rbvl.mixing.context import reference_config
+
+    recipe = "recipes/demo_tiny_rnb.yaml"
+    cfg = load_config(recipe, [f"manifest={tiny_manifest}", f"output_dir={tmp_path / 'run'}", "seed=3"])
+    checkpoint = tmp_path / "ref" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+
+    def reference(*overrides):
+        dump_config(load_config(recipe, [f"manifest={tiny_manifest}", f"output_dir={tmp_path / 'ref'}", *overrides]),
+                    checkpoint / "config.yaml")  # fmt: skip
+        return reference_config(checkpoint, cfg)
+
+    assert reference("seed=5").seed == 5, "the reference's own base: a tiny model is built from its seed"
+    with pytest.raises(ConfigError, match=r"trained model.name=tiny-qwen2-vl, this run tiny-llava: .*same model"):
+        reference("model.name=tiny-qwen2-vl")
+    other = json.loads(Path(tiny_manifest).read_text())
+    for c in other["clusters"]:
+        c["name"] = f"other_{c['name']}"
+    (Path(tiny_manifest).parent / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"trained on domains \['other_.*must see the same domains"):
+        reference(f"manifest={Path(tiny_manifest).parent / 'other.json'}")

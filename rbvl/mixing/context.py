@@ -109,13 +109,43 @@ def load_reference(run_dir: str, cfg, device) -> torch.nn.Module:
     path = ckpt.latest(run_dir)
     if path is None:
         raise FileNotFoundError(f"mixing.reference: {run_dir} holds no checkpoint (train the reference run first)")
-    model, _ = load_model(cfg.model, seed=cfg.seed)
+    ref = reference_config(Path(path), cfg)
+    model, _ = load_model(
+        ref.model, seed=ref.seed
+    )  # the base the reference trained (a tiny one is built from its seed)
     if (Path(path) / "adapter_config.json").exists():
         model = PeftModel.from_pretrained(model, path)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def reference_config(checkpoint: Path, cfg):
+    """The reference run's config (from its checkpoint), checked against this run: DoReMi's excess loss compares the
+    two models token by token on this run's domains, so they must be the same model, on the same domains."""
+    from rbvl.config import ConfigError, load_config
+    from rbvl.manifest import ManifestError, read
+
+    if not (checkpoint / "config.yaml").exists():
+        raise ConfigError(f"mixing.reference: {checkpoint} has no config.yaml: is it an rbvl train run?")
+    ref = load_config(checkpoint / "config.yaml")
+    if ref.model.name != cfg.model.name:
+        raise ConfigError(
+            f"mixing.reference: {checkpoint.parent} trained model.name={ref.model.name}, this run {cfg.model.name}: "
+            f"DoReMi's reference must be the same model (train it with mixing.strategy=stratified on this recipe)"
+        )
+    try:
+        names = [[c.get("name") for c in read(m)["clusters"]] for m in (ref.manifest, cfg.manifest)]
+    except ManifestError:  # the reference's manifest moved since: nothing to compare
+        return ref
+    if names[0] != names[1]:
+        raise ConfigError(
+            f"mixing.reference: {checkpoint.parent} trained on domains {names[0][:6]}"
+            f"{' ...' if len(names[0]) > 6 else ''}, this run's manifest has {names[1][:6]}"
+            f"{' ...' if len(names[1]) > 6 else ''}: DoReMi's reference must see the same domains"
+        )
+    return ref
 
 
 def build_mix_context(
