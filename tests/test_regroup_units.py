@@ -187,3 +187,35 @@ def test_a_best_k_at_the_edge_of_the_sweep_says_to_widen_it():
     assert sweep_edge(sweep[:2], 8) is None, "two k are no sweep to widen"
     two = [{"k": k, "silhouette": s} for k, s in ((2, 0.5), (3, 0.2), (4, 0.1))]
     assert sweep_edge(two, 2) is None, "k = 2 is as small as a split goes"
+
+
+def test_a_killed_runs_forked_workers_do_not_hold_its_folder(tmp_path):
+    """kill -9 of a run with DataLoader workers, then an immediate resume: the workers (forked, so sharing the lock's
+    open file) outlive it for seconds and the resume was refused as 'in use by another run'."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from rbvl.runtime import runlock
+
+    script = textwrap.dedent(f"""
+        import multiprocessing as mp, os, sys, time
+        from rbvl.runtime import runlock
+        runlock.acquire({str(tmp_path / "run")!r}, "test")
+        worker = mp.get_context("fork").Process(target=time.sleep, args=(20,))
+        worker.start()
+        print(worker.pid, flush=True)
+        os._exit(0)  # the run dies at once, as under kill -9; its worker lives on
+    """)
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path.cwd())
+    worker = int(run.stdout.readline())
+    assert run.wait(timeout=60) == 0  # the run is gone; its worker (holding the pipe too) is not
+    try:
+        lock = runlock.acquire(tmp_path / "run", "resume")  # at once, while the orphaned worker still runs
+        lock.release()
+    finally:
+        import os
+        import signal
+
+        os.kill(worker, signal.SIGKILL)
+        run.stdout.close()

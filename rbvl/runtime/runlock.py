@@ -8,7 +8,8 @@ The lock is `FOLDER/.rbvl.lock`, opened and held with `fcntl.flock`, so the kern
 (a SIGKILL, a crash): a lock file left behind is stale, detected by taking the flock, and taken over with a
 warning. Its text (JSON: pid, host, command, started) is what the refusal shows. On a file system without flock the
 PID is checked instead (same host only; a lock from another host is then trusted until removed by hand).
-A process that already holds a folder's lock gets the same lock again (in-process reruns, tests).
+A process that already holds a folder's lock gets the same lock again (in-process reruns, tests). A forked child
+(a DataLoader worker) drops its copy of the lock at fork, so workers outliving a killed run do not hold its folder.
 """
 
 from __future__ import annotations
@@ -89,6 +90,24 @@ def acquire(folder: str | Path, command: str = "rbvl") -> RunLock:
     lock = RunLock(Path(key), fd)
     _HELD[key] = lock
     return lock
+
+
+def _forget_in_child() -> None:
+    """In a forked child (a DataLoader worker): close its copy of each lock's descriptor. A flock belongs to the open
+    file, which fork shares, so a worker left running for seconds after its run was killed kept the folder locked and
+    an immediate resume was refused; the child never holds the run's lock itself."""
+    for lock in _HELD.values():
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def release(folder: str | Path) -> None:
