@@ -117,6 +117,30 @@ def test_unknown_key_names_it(tmp_path):
         load_experiment(experiment_file(tmp_path, role="dev"))
 
 
+def test_every_cell_is_checked_before_any_run_and_int_keys_are_read(tmp_path, capsys):
+    """A typo in a later cell's strategy or overrides passed --plan and stopped the grid after the earlier cells
+    had trained; `regrouped: {4: path}` (YAML reads 4 as an int) was ignored and regrouping then failed."""
+    from rbvl.config import ConfigError
+
+    bad_strategy = [{"domains": "original", "strategy": "stratified"}, {"domains": "regrouped", "strategy": "rbn"}]
+    bad_override = [{"domains": "regrouped", "strategy": "rnb", "overrides": ["max_step=10"]}]
+    for cells, message in ((bad_strategy, r"cell regrouped-k3/rbn: mixing.strategy: 'rbn' is not one of"),
+                           (bad_override, r"cell regrouped-k3/rnb: unknown key 'max_step'")):  # fmt: skip
+        path = experiment_file(tmp_path, cells=cells)
+        for dry_run in (True, False):
+            with pytest.raises(ConfigError, match=message):
+                run_experiment(path, dry_run=dry_run, progress=False)
+        assert not (tmp_path / "out" / "runs").exists(), "no cell ran"
+    path = experiment_file(tmp_path)
+    tree = yaml.safe_load(open(path))
+    tree["data"]["regrouped"] = {3: tree["data"]["regrouped"]["3"]}
+    open(path, "w").write(yaml.safe_dump(tree))
+    spec, _ = load_experiment(path)
+    assert spec.data.regrouped == {"3": tree["data"]["regrouped"][3]}
+    with pytest.raises(ConfigError, match=r"unknown key 'seed' \(did you mean 'seeds'\?\)"):
+        load_experiment(experiment_file(tmp_path, seed=[0]))
+
+
 def test_label_manifest_groups_by_label(tmp_path):
     from PIL import Image
 

@@ -383,7 +383,11 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _suggest(key: str, fields: dict, prefix: str, hints: dict | None = None) -> str:
-    """The nearest key here; a key of a section below named without its section (`lr` for `optim.lr`) first."""
+    """The nearest key here when one is very close (`seed` for `seeds`); else a key of a section below named without
+    its section (`lr` for `optim.lr`); else the nearest key here."""
+    near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.85)
+    if near:
+        return f" (did you mean '{prefix}{near[0]}'?)"
     below = [
         f"{name}.{leaf.name}"
         for name, hint in (hints or {}).items()

@@ -15,7 +15,9 @@ def regime(row: dict) -> str | None:
                  f"{base.get('batch_size', '?')} on {len(base.get('families') or [])} reasoning-gym families that no "
                  f"setting uses, eval loss {_fmt(base.get('eval_loss'))})")  # fmt: skip
     elif name.startswith("tiny-"):
-        start = f"{name} from random weights (init_seed {model.get('init_seed', '?')})"
+        seed = model.get("init_seed", "?")
+        seed = cfg.get("seed", "?") if isinstance(seed, int) and seed < 0 else seed  # -1: the run's seed
+        start = f"{name} from random weights (init_seed {seed})"
     else:
         start = name
     if lora.get("enabled", True):

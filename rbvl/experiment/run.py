@@ -189,6 +189,7 @@ def run_experiment(
     spec, cell_specs = load_experiment(path)
     out_dir = Path(out or spec.out)
     cells = expand(spec, cell_specs)
+    check_cells(spec, cells)  # a typo in the 20th cell fails now, with --plan too, not after 19 runs
     done = {r["cell"] for r in read_results(out_dir)}
     todo = [c for c in cells if c.id not in done]
     if _rank() == 0 and not report_only:
@@ -207,16 +208,16 @@ def run_experiment(
             unit="run",
             disable=not progress,
         )
-        for n, cell in enumerate(todo):
-            bar.set_postfix_str(cell.id)
-            row = run_cell(spec, cell, out_dir)
-            if _rank() == 0:
-                append_result(out_dir, row)
-                if n == 0 and len(todo) > 1:  # the first run prices the rest
-                    eta = row["wall_s"] * (len(todo) - 1)
-                    bar.write(f"first run took {row['wall_s']:.0f} s: about {eta / 60:.0f} min for the other {len(todo) - 1}")  # fmt: skip
-            bar.update(1)
-        bar.close()
+        with bar:  # closed (its line ended) before an error is printed, so the error is a line of its own in a log
+            for n, cell in enumerate(todo):
+                bar.set_postfix_str(cell.id)
+                row = run_cell(spec, cell, out_dir)
+                if _rank() == 0:
+                    append_result(out_dir, row)
+                    if n == 0 and len(todo) > 1:  # the first run prices the rest
+                        eta = row["wall_s"] * (len(todo) - 1)
+                        bar.write(f"first run took {row['wall_s']:.0f} s: about {eta / 60:.0f} min for the other {len(todo) - 1}")  # fmt: skip
+                bar.update(1)
     if spec.oracle.domains and not report_only:
         run_oracle(spec, out_dir)
     if _rank() != 0:
@@ -270,6 +271,25 @@ def _same_weights(row: dict, names: list[str], p) -> bool:
     """Whether a finished oracle run trained mixture p (its weights as `weights_override` wrote them)."""
     ran = (row.get("config") or {}).get("mixing", {}).get("weights") or {}
     return all(abs(float(ran.get(n, 0.0)) - float(f"{w:.4f}")) < 1e-6 for n, w in zip(names, p))
+
+
+def check_cells(spec: ExperimentSpec, cells: list[Cell]) -> None:
+    """Every cell's run config, resolved as `run_cell` will (the manifest and run folder stand in): a ConfigError
+    naming the cell for a strategy or override the recipe does not take."""
+    seen = set()
+    for cell in cells:
+        extra = [*spec.strategy_overrides.get(cell.strategy, []), *cell.overrides]
+        key = (cell.strategy, tuple(extra))
+        if key in seen:
+            continue
+        seen.add(key)
+        overrides = [*spec.overrides, *extra, f"seed={cell.seed}", f"mixing.strategy={cell.strategy}"]
+        if cell.strategy == "doremi":
+            overrides.append("mixing.reference=the-stratified-cell")
+        try:
+            load_config(spec.recipe, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"cell {cell.group}: {e}") from None
 
 
 def run_cell(spec: ExperimentSpec, cell: Cell, out: Path) -> dict:

@@ -165,6 +165,9 @@ def load_experiment(path: str | Path) -> tuple[ExperimentSpec, list[CellSpec]]:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = tree.get("data") if isinstance(tree, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("regrouped"), dict):  # `4: path` as YAML reads it: an int key
+        data["regrouped"] = {str(k): v for k, v in data["regrouped"].items()}
     spec = from_dict(ExperimentSpec, tree)
     cells = [from_dict(CellSpec, c, prefix=f"cells[{i}].") for i, c in enumerate(spec.cells)]
     if spec.oracle.domains not in ("", "original", "regrouped"):
