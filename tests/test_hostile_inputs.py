@@ -194,6 +194,23 @@ def test_bad_config_value_train_and_validate_agree(tmp_path, shards, override, m
     assert not out.exists(), "a refused config touches nothing"
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["mixing.strategy=manual", "mixing.weights={cluster_009: 1}"], "mixing.weights names unknown domain 'cluster_009'"),
+        (["mixing.strategy=manual", "mixing.weights={7: 1}"], "mixing.weights names unknown domain '7'"),
+        (["lora.enabled=false"], "balance.params: got lora with lora.enabled=false, expected head or regexes"),
+    ],
+)  # fmt: skip
+def test_what_train_refuses_validate_refuses(tmp_path, shards, overrides, message):
+    """`rbvl validate` passed these, then `rbvl train` stopped on them (a domain the manifest lacks; R&B tracking
+    LoRA adapters that lora.enabled=false never makes)."""
+    v = rbvl("validate", RECIPE, *overrides, f"manifest={shards}", f"output_dir={tmp_path / 'run'}")
+    error_line(v, "config (validate)", f"rbvl validate demo_tiny_rnb.yaml {' '.join(overrides)}", message, code=2)
+    t = rbvl("train", RECIPE, *overrides, f"manifest={shards}", f"output_dir={tmp_path / 'run'}", *TINY_TRAIN)
+    error_line(t, "config (train)", f"rbvl train demo_tiny_rnb.yaml {' '.join(overrides)}", message)
+
+
 def test_every_numeric_notation_validates():
     notations = ["optim.lr=1e-3", "optim.lr=1E-3", "balance.lam=.5", "max_steps=1_000", "resume=yes", "eval.every=0"]
     r = rbvl("validate", "--config-only", RECIPE, *notations)

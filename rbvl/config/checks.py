@@ -25,6 +25,11 @@ def check_runnable(cfg) -> None:
                 f"update of p would come at step {first} > max_steps={cfg.max_steps}, so Balance would never run; "
                 f"{fix} (or max_steps >= {first})"
             )
+    if cfg.mixing.strategy == "rnb" and not cfg.lora.enabled and cfg.balance.params == "lora":
+        raise ConfigError(
+            "balance.params: got lora with lora.enabled=false, expected head or regexes: there are no LoRA adapters "
+            "to track; set balance.params=head (the LM head and projector, the paper's choice) or name the layers"
+        )
     _check_peer_updates(cfg)
     if cfg.train.parallel == "fsdp" and cfg.model.quantization:
         raise ConfigError(

@@ -34,7 +34,7 @@ def offline_problems(cfg) -> list[str]:
     output_dir that holds a run without resume."""
     problems = []
     if cfg.manifest:
-        problems += _manifest_problems(cfg.manifest)
+        problems += _manifest_problems(cfg.manifest, cfg.mixing)
     problem = model_problem(cfg.model.name)
     if problem:
         problems.append(problem)
@@ -55,19 +55,28 @@ def run_problem(cfg) -> str | None:
     return f"output_dir={out} already holds a run; pass resume=true, or choose another output_dir"
 
 
-def _manifest_problems(path: str) -> list[str]:
+def _manifest_problems(path: str, mixing=None) -> list[str]:
     from rbvl import manifest as manifest_file
 
     try:
         manifest = manifest_file.read(path)
     except manifest_file.ManifestError as e:
         return [f"manifest={path}: {e}"]
+    names = [str(c.get("name")) for c in manifest["clusters"]]
+    if mixing is not None and mixing.strategy == "manual":  # as rbvl.mixing.static reads them: a name or an index
+        unknown = [str(k) for k in mixing.weights or {} if str(k) not in names and not _index_of(str(k), names)]
+        if unknown:  # the words rbvl train stops with
+            return [f"mixing.weights names unknown domain '{unknown[0]}' (domains: {', '.join(names)})"]
     root = Path(path) if Path(path).is_dir() else Path(path).parent
     listed = [f for c in manifest["clusters"] for f in [*c.get("train_shards", []), *c.get("eval_shards", [])]]
     missing = [f for f in listed if not (root / f).is_file()]
     if missing:
         return [f"manifest={path}: {len(missing)} of its {len(listed)} shards are missing (e.g. {root / missing[0]})"]
     return []
+
+
+def _index_of(key: str, names: list[str]) -> bool:
+    return key.isdigit() and int(key) < len(names)
 
 
 def model_problem(name: str) -> str | None:
