@@ -109,3 +109,8 @@ def test_the_recipes_module_names_follow_another_model_unless_given(caplog):
     assert kept.lora.modules_to_save == ["merger"], "set on the command line: kept"
     same = load_config(recipe, ["model.name=tiny-llava"])
     assert same.lora.modules_to_save == load_config(recipe, []).lora.modules_to_save, "the recipe's own model"
+    seven_b = "recipes/llava15_7b_lora_rnb.yaml"  # a model of the recipe's family: its modules are this one's too
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tiny = load_config(seven_b, ["model.name=tiny-llava"])
+    assert tiny.lora.target_modules == load_config(seven_b, []).lora.target_modules and "follows" not in caplog.text

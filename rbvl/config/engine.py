@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import logging
 import math
 import types
@@ -412,6 +413,20 @@ def _type_name(hint: Any) -> str:
 
 
 FAMILY_KEYS = ("lora.target_modules", "lora.modules_to_save")
+CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"  # offline configs of the recipes' hub models
+
+
+def _model_type(name: str) -> str | None:
+    """The model_type of `name` where it is known without loading anything: a tiny model (`tiny-qwen2.5-vl`:
+    qwen2_5_vl), a folder's config.json, or a config rbvl ships for a recipe's hub model; else None."""
+    if name.startswith("tiny-"):
+        return name.removeprefix("tiny-").replace("-", "_").replace(".", "_")
+    for config in (Path(name).expanduser() / "config.json", CONFIGS / f"{name.replace('/', '--')}.json"):
+        try:
+            return json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def follow_model(path, overrides: list[str], default_model: str) -> list[str]:
@@ -424,6 +439,9 @@ def follow_model(path, overrides: list[str], default_model: str) -> list[str]:
     lora = recipe.get("lora") if isinstance(recipe.get("lora"), dict) else {}
     model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
     if model.get("name", default_model) == given["model.name"]:
+        return overrides
+    was, now = _model_type(str(model.get("name", default_model))), _model_type(str(given["model.name"]))
+    if was is not None and was == now:  # a model of the same family (tiny-llava for llava-1.5-7b): the same modules
         return overrides
     from rbvl.config.resolve import TINY_MODELS
 
