@@ -83,12 +83,11 @@ def causal_lm_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: int = 0) -> dict:
     """Load a run's newest checkpoint (or the checkpoint folder given) and print its per-domain eval loss."""
-    from peft import PeftModel
-
     from rbvl.config import load_config
     from rbvl.data import load_domains
     from rbvl.data.collate import Encoder
     from rbvl.model import load_model
+    from rbvl.model.load import load_adapter
     from rbvl.train import checkpoint as ckpt
 
     path = Path(run_dir)
@@ -100,7 +99,7 @@ def evaluate_run(run_dir: str | Path, manifest: str | None = None, max_samples: 
     cfg = load_config(path / "config.yaml", [f"eval.max_samples={max_samples}"])
     model, processor = load_model(cfg.model, seed=cfg.seed)
     if (path / "adapter_config.json").exists():
-        model = PeftModel.from_pretrained(model, path)
+        model = load_adapter(model, path)
     domains = load_domains(manifest or cfg.manifest)
     collator = Encoder(processor, max_length=cfg.data.max_length, overlong=cfg.data.overlong)
     result = evaluate_domains(model, domains, collator, cfg.eval, target=domains.eval_distribution)

@@ -124,3 +124,27 @@ def test_adapter_save_reload_gives_identical_logits_and_generates(tmp_path):
     gen_inputs = proc(text=[prompt], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
     out = reloaded.generate(**gen_inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == gen_inputs["input_ids"].shape[1] + 4 or out.shape[1] <= gen_inputs["input_ids"].shape[1] + 4
+
+
+def test_loading_training_and_reloading_print_no_deprecation_of_transformers(tmp_path):
+    """Every run with gradient checkpointing, and every eval and export (PEFT's adapter load), printed a transformers
+    FutureWarning the user could do nothing about; checkpointing still recomputes (same gradients as without)."""
+    import warnings
+
+    from rbvl.model.load import load_adapter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        grads = []
+        for checkpointing in (False, True):
+            base, processor = load_model(ModelConfig(gradient_checkpointing=checkpointing), seed=0)
+            torch.manual_seed(0)  # the same adapters
+            model = apply_lora(base, LoraConfig(r=4, lora_dropout=0.0))
+            model.train()
+            model(**batch(processor)).loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+        assert any(getattr(m, "gradient_checkpointing", False) for m in base.modules()), "it is on"
+        model.save_pretrained(tmp_path / "adapter")
+        load_adapter(load_model(ModelConfig(), seed=0)[0], tmp_path / "adapter")
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

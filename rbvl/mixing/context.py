@@ -104,7 +104,7 @@ def per_sample_loss(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_reference(run_dir: str, cfg, device) -> torch.nn.Module:
     """A frozen model from `run_dir`'s newest checkpoint (base + adapter), for DoReMi's excess loss."""
-    from peft import PeftModel  # only DoReMi needs it
+    from rbvl.model.load import load_adapter
 
     path = ckpt.latest(run_dir)
     if path is None:
@@ -114,7 +114,7 @@ def load_reference(run_dir: str, cfg, device) -> torch.nn.Module:
         ref.model, seed=ref.seed
     )  # the base the reference trained (a tiny one is built from its seed)
     if (Path(path) / "adapter_config.json").exists():
-        model = PeftModel.from_pretrained(model, path)
+        model = load_adapter(model, path)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

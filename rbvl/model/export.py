@@ -27,10 +27,9 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
         CheckpointError: no adapter, a damaged adapter file, or an OUT that is not empty.
         OSError: a file-system fault while writing (its file name says where); no partial OUT is left.
     """
-    from peft import PeftModel
-
     from rbvl.config import load_config
     from rbvl.model import load_model
+    from rbvl.model.load import load_adapter
 
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / "adapter_config.json").exists():
@@ -43,7 +42,7 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
     cfg = load_config(checkpoint / "config.yaml")
     base, processor = load_model(cfg.model, seed=cfg.seed)
     try:
-        model = PeftModel.from_pretrained(base, checkpoint)
+        model = load_adapter(base, checkpoint)
     except Exception as e:  # noqa: BLE001 - safetensors, torch and PEFT raise several types for a bad adapter
         raise CheckpointError(f"{adapter}: cannot load the adapter: {_short(e)}") from None
     merged = model.merge_and_unload()

@@ -72,7 +72,11 @@ def load_model(cfg: ModelConfig, seed: int = 0):
         for p in vision_tower(model).parameters():
             p.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers' new name; the old one warns
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # a frozen base gives checkpointed blocks no input that needs grad
     return model, processor
 
@@ -125,11 +129,12 @@ def prepare_model(cfg, run_dir: Path, rank: int = 0, device: torch.device | str 
     if cfg.model.quantization:  # norms and head in fp32, input grads on: PEFT's QLoRA preparation
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with quiet_peft():
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     torch.manual_seed(cfg.seed)
     model = apply_lora(model, cfg.lora)
     torch.manual_seed(cfg.seed + rank)
@@ -194,14 +199,30 @@ def apply_lora(model: nn.Module, cfg: LoraConfig):
         raise ModelError(f"lora.target_modules={target!r} does not fit this model: {e}") from None
 
 
-def peft_model(model: nn.Module, peft_config):
-    """PEFT's `get_peft_model`, without the FutureWarning it prints in every run (it reads a property transformers
-    deprecates, `is_gradient_checkpointing`)."""
-    from peft import get_peft_model
-
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT calls what transformers deprecates (`is_gradient_checkpointing`, `gradient_checkpointing_enable`): a
+    FutureWarning in every run, eval and export that the user can do nothing about."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "`gradient_checkpointing_enable` is deprecated", FutureWarning)
+        yield
+
+
+def peft_model(model: nn.Module, peft_config):
+    """PEFT's `get_peft_model` (`quiet_peft`)."""
+    from peft import get_peft_model
+
+    with quiet_peft():
         return get_peft_model(model, peft_config)
+
+
+def load_adapter(model: nn.Module, path, **kwargs):
+    """PEFT's `PeftModel.from_pretrained(model, path)` (`quiet_peft`)."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, path, **kwargs)
 
 
 def trainable_summary(model: nn.Module) -> str:
