@@ -90,3 +90,33 @@ def test_push_to_hub_uploads_the_merged_folder_and_a_failure_is_one_line(tmp_pat
     assert code == 2
     assert err.startswith("rbvl: error: --push-to-hub me/tiny-rnb: PermissionError: 401 Unauthorized")
     assert (tmp_path / "again" / "config.json").exists(), "the local folder is kept"
+
+
+def test_a_run_folder_exports_its_newest_checkpoint_and_a_full_fine_tune_is_copied(tmp_path):
+    """`rbvl export RUN_DIR` was refused while `rbvl eval RUN_DIR` took the newest checkpoint; a lora.enabled=false
+    checkpoint was called 'no LoRA adapter ... is it RUN_DIR/checkpoint-N?' although it is one, and a model already."""
+    from rbvl.model.export import export_merged
+    from rbvl.train.checkpoint import STATE
+
+    run = tmp_path / "run"
+    model, processor = fake_checkpoint(run / "checkpoint-7")
+    (run / "checkpoint-7" / STATE).write_bytes(b"")  # what makes it a finished checkpoint for `latest`
+    (run / "checkpoint-3").mkdir()  # an older one, and one without its state (unfinished) are passed over
+    export_merged(run, tmp_path / "merged")
+    inputs = batch(processor)
+    inputs.pop("labels")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+    full = tmp_path / "full" / "checkpoint-2"  # lora.enabled=false: the checkpoint is the model
+    merged.save_pretrained(full)
+    processor.save_pretrained(full)
+    (full / "config.yaml").write_text("seed: 0\n")
+    (full / STATE).write_bytes(b"")
+    export_merged(full, tmp_path / "copied")
+    names = {p.name for p in (tmp_path / "copied").iterdir()}
+    assert "config.json" in names and "config.yaml" not in names and STATE not in names
+    copied = AutoModelForImageTextToText.from_pretrained(tmp_path / "copied").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(copied(**inputs).logits, merged(**inputs).logits, rtol=0, atol=0)

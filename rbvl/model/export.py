@@ -1,6 +1,6 @@
 """Merge a LoRA checkpoint into its base model and save a standalone model + processor.
 
-rbvl export runs/demo_tiny_rnb/checkpoint-300 --merge exported/demo
+rbvl export runs/demo_tiny_rnb/checkpoint-300 --merge exported/demo   # or the run folder: its newest checkpoint
 # then, without rbvl or PEFT:
 AutoModelForImageTextToText.from_pretrained("exported/demo"); AutoProcessor.from_pretrained("exported/demo")
 
@@ -30,14 +30,25 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
     from rbvl.config import load_config
     from rbvl.model import load_model
     from rbvl.model.load import load_adapter
+    from rbvl.train import checkpoint as ckpt
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if not (checkpoint / "adapter_config.json").exists():
-        raise CheckpointError(f"{checkpoint} holds no LoRA adapter (adapter_config.json); is it RUN_DIR/checkpoint-N?")
+    full = (checkpoint / "config.json").exists() and any(checkpoint.glob("model*.safetensors"))
+    if not (checkpoint / "adapter_config.json").exists() and not full:
+        newest = ckpt.latest(checkpoint)  # a run folder: its newest checkpoint, as `rbvl eval RUN_DIR` takes
+        if newest is None:
+            raise CheckpointError(
+                f"{checkpoint} holds no LoRA adapter (adapter_config.json) nor a model, and no checkpoint-N; is it "
+                f"RUN_DIR or RUN_DIR/checkpoint-N?"
+            )
+        print(f"rbvl export: {checkpoint} is a run folder: exporting its newest checkpoint, {newest.name}")
+        return export_merged(newest, out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(
             f"{out} exists and is not empty: export into a new or empty folder (nothing is overwritten)"
         )
+    if not (checkpoint / "adapter_config.json").exists():  # lora.enabled=false: the model itself, nothing to merge
+        return _write_out(out, lambda tmp: _copy_model(checkpoint, tmp))
     adapter = check_adapter(checkpoint)
     cfg = load_config(checkpoint / "config.yaml")
     base, processor = load_model(cfg.model, seed=cfg.seed)
@@ -46,13 +57,30 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
     except Exception as e:  # noqa: BLE001 - safetensors, torch and PEFT raise several types for a bad adapter
         raise CheckpointError(f"{adapter}: cannot load the adapter: {_short(e)}") from None
     merged = model.merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    return _write_out(out, write)
+
+
+def _copy_model(checkpoint: Path, tmp: Path) -> None:
+    """A full fine-tune's checkpoint is a transformers folder already: its files, without rbvl's own (the run's
+    config.yaml, the trainer and rank states)."""
+    for f in sorted(checkpoint.iterdir()):
+        if f.is_file() and f.name != "config.yaml" and f.suffix != ".pt":
+            shutil.copy2(f, tmp / f.name)
+
+
+def _write_out(out: Path, write) -> Path:
+    """`write(tmp)` into a temporary folder beside OUT, which becomes OUT only when complete."""
     tmp = out.parent / f".{out.name}.tmp-export"
     try:
         with fsfault.writing(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            merged.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
+            write(tmp)
         with fsfault.writing(out):
             if out.is_dir():
                 out.rmdir()  # empty (checked above): the finished folder takes its place
