@@ -180,6 +180,7 @@ BAD_CONFIG = [
     ("lora.target_modules=(q_proj", "lora.target_modules: got '(q_proj', not a valid regex"),
     ("train.device=gpu0", "train.device: got 'gpu0'"),
     ("train=3", "train: expected a section"),
+    ("mixing.weights={cluster_0:1}", "mixing.weights: got the key 'cluster_0:1' with no value; YAML needs a space"),
 ]
 
 

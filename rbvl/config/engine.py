@@ -330,6 +330,12 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected {_type_name(hint)}, got {value!r}")
         key_t, val_t = args or (Any, Any)
+        for k, v in value.items():
+            if v is None and ":" in str(k):  # {a:1}: YAML reads one key 'a:1' with no value
+                a, _, b = str(k).partition(":")
+                raise ConfigError(
+                    f"{name}: got the key {k!r} with no value; YAML needs a space after ':': {{{a}: {b}}}"
+                )
         return {str(k) if key_t is str else k: coerce(f"{name}.{k}", v, val_t) for k, v in value.items()}
     if hint is bool:
         return parse_bool(name, value)

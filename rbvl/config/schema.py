@@ -82,8 +82,9 @@ def _weights(value: dict[str, float]) -> str | None:
 class ModelConfig(Checked):
     KEY: ClassVar[str] = "model."
 
-    name: str = option("tiny-llava", check=model_name_problem, allowed="a hub id, a folder, or tiny-llava")
-    """A hub id (`llava-hf/llava-1.5-7b-hf`), a local `save_pretrained` folder, or `tiny-llava` (built offline)."""
+    name: str = option("tiny-llava", check=model_name_problem, allowed="a hub id, a folder, or a tiny-* model")
+    """A hub id (`llava-hf/llava-1.5-7b-hf`), a local `save_pretrained` folder, or a tiny model built offline, one per
+    family: tiny-llava, tiny-llava-next, tiny-qwen2-vl, tiny-idefics3, tiny-llama, ... (README, model families)."""
     dtype: str = option("float32", choices=("float32", "bfloat16", "float16"))
     """Weights dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
