@@ -76,7 +76,11 @@ def describe_row(row, opts) -> str:
         return "rows that are not objects"
     _, image_field = _image_values(row, opts)
     looked = "`, `".join([opts.image_field] if opts.image_field else IMAGE_FIELDS)
-    images = f"images in `{image_field}`" if image_field else f"no images in its first row (looked for `{looked}`)"
+    images = (
+        f"images in `{image_field}`"
+        if image_field
+        else f"no image in its first row (later rows with `{looked}` bring theirs)"
+    )
     if not image_field:
         like = [k for k, v in row.items() if _image_like(v)]
         images += f"; `{like[0]}` holds images: pass --image-field {like[0]}" if like else ""
