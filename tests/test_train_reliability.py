@@ -345,3 +345,23 @@ def test_cli_shows_divergence_and_preemption_as_one_line(monkeypatch, capsys):
         assert cli.main(["train", "recipes/demo_tiny_rnb.yaml", "manifest=nowhere.json"]) == code
         assert capsys.readouterr().err == ("" if code != 2 else err)
         monkeypatch.delenv("RANK")
+
+
+def test_a_second_signal_stops_at_once_and_says_no_checkpoint_was_written():
+    """The second SIGTERM ended the run silently (exit 143 and nothing else): the user could not tell that this
+    step has no checkpoint, and what resume=true would continue from."""
+    script = (
+        "import os, signal, time\n"
+        "from rbvl.train.guard import StopSignals\n"
+        "with StopSignals() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.1)\n"
+        "    assert stop.signum == signal.SIGTERM\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "print('not stopped')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGTERM, (r.returncode, r.stdout, r.stderr)  # the signal's own end: 143 in a shell
+    assert "rbvl train: stopped at once by a second SIGTERM: no checkpoint of this step was written" in r.stderr
+    assert "not stopped" not in r.stdout

@@ -13,7 +13,9 @@ checkpoint and stops. A second signal of the same kind gets the default behaviou
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 
 import torch
@@ -59,7 +61,21 @@ class StopSignals:
         if not self.signum:
             self.signum = signum
             log.warning("%s: finishing this step, then writing a checkpoint", signal.Signals(signum).name)
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # the same signal again stops at once
+        signal.signal(signum, self._stop_now)  # the same signal again stops at once
+
+    def _stop_now(self, signum, frame) -> None:
+        """A second signal of a kind: say what is left (no checkpoint of this step), then stop as the signal would."""
+        sys.stderr.write(
+            f"\nrbvl train: stopped at once by a second {signal.Signals(signum).name}: no checkpoint of this step was "
+            f"written; resume=true continues from the newest complete checkpoint-N\n"
+        )
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):  # Python's own (KeyboardInterrupt for Ctrl-C), or the caller's
+            signal.signal(signum, previous)
+            previous(signum, frame)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # the signal's own end: exit code 128 + signum
 
     def poll(self, dist) -> int:
         """The signal that stops the run at this step boundary (0: none). Under torchrun one all-reduce of a flag per
