@@ -171,6 +171,8 @@ def test_every_format_round_trips_through_regroup_and_a_training_step(tmp_path):
     assert rejected == unreadable, "exactly the files Pillow cannot open are rejected"
     notes = [json.loads(line) for line in (out / "image_notes.jsonl").read_text().splitlines()]
     assert manifest["image_notes"]["count"] == len(notes) > 0
+    said = f"{len(notes)} images changed to fit the shards (re-encoded, e.g. 16-bit or BMP; rescaled; cut to one frame)"
+    assert said in (out / "summary.md").read_text(), "summary.md says so, as the terminal does"
 
     samples = []
     for tar in sorted(out.glob("train/cluster_*/*.tar")):

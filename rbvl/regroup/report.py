@@ -124,6 +124,7 @@ def write_summary(
         f"Eval: {c['eval']['in']} in, {c['eval']['written']} written, {c['eval']['rejected']} rejected"
         + (" (every one in `rejects.jsonl`)." if c["train"]["rejected"] + c["eval"]["rejected"] else "."),
         "",
+        *_notes_line(manifest),
         *_rejected_section(rejects),
         "## k sweep",
         "",
@@ -245,6 +246,19 @@ def _plots(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray, label
     return names
 
 
+def _notes_line(manifest: dict) -> list[str]:
+    """The images regroup changed to fit the shards, counted, and where each is listed; nothing when none were."""
+    notes = manifest.get("image_notes") or {}
+    n = notes.get("count") or 0
+    if not n:
+        return []
+    return [
+        f"{n} image{'s' if n != 1 else ''} changed to fit the shards (re-encoded, e.g. 16-bit or BMP; rescaled; cut to "
+        f"one frame), each in {notes.get('file')}",
+        "",
+    ]
+
+
 def print_summary(manifest: dict, stats: dict, out: Path, rejects: list[Rejected] = ()) -> None:
     """A few lines for the terminal: counts (rejects per reason, with an example), k, sweep, cluster sizes, where
     things are; hints for likely mistakes go to stderr as warnings."""
@@ -270,6 +284,8 @@ def print_summary(manifest: dict, stats: dict, out: Path, rejects: list[Rejected
             f"  embedded {stats.get('embedded', 0)} (cached {stats.get('reused', 0)}); "
             + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in stats.items() if k.endswith("_s"))
         )
+    for line in _notes_line(manifest)[:1]:
+        print(f"  {line}")
     print(f"  see {out / 'summary.md'}")
     for hint in [h for r in rejects for h in r.hints]:
         print(f"rbvl-regroup: warning: {hint}", file=sys.stderr)
