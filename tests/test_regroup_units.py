@@ -219,3 +219,17 @@ def test_a_killed_runs_forked_workers_do_not_hold_its_folder(tmp_path):
 
         os.kill(worker, signal.SIGKILL)
         run.stdout.close()
+
+
+def test_no_progress_quiets_transformers_loading_bars_and_restores_them():
+    """--no-progress still showed a sentence-transformers model's 'Loading weights' bar (transformers' own)."""
+    from transformers.utils import logging as hf_logging
+
+    from rbvl.regroup.pipeline import _quiet_loading
+
+    assert hf_logging.is_progress_bar_enabled()
+    with _quiet_loading(True):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled()
+    with _quiet_loading(False):
+        assert hf_logging.is_progress_bar_enabled()

@@ -11,6 +11,7 @@ disk (OUT/.cache/records*.bin, removed at the end); one `Rejects` collector gath
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sys
@@ -151,7 +152,8 @@ def _regroup(
 
     # ---- embed (train rows, then eval rows, one cache)
     t0 = time.perf_counter()
-    embedder = load_embedder(opts.embedder, opts.combine, opts.seed, opts.device)
+    with _quiet_loading(not opts.progress):  # --no-progress: no loading bars of transformers either
+        embedder = load_embedder(opts.embedder, opts.combine, opts.seed, opts.device)
     embed = dict(
         embedder=embedder,
         batch_size=opts.batch_size,
@@ -261,6 +263,23 @@ def _embedded_rows(records, errors: dict[int, str], n_train: int, rejects: Rejec
         detail = f"{path}: {detail}" if path and reason == "unreadable_image" and path not in detail else detail
         rejects.add("train" if row < n_train else "eval", records[row], reason, detail)
     return np.flatnonzero(ok[:n_train]), n_train + np.flatnonzero(ok[n_train:])
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool):
+    """transformers' progress bars (a sentence-transformers model's 'Loading weights') off while `quiet`."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _warn(line: str | None) -> None:
