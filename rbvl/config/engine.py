@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 import logging
 import math
 import types
@@ -419,20 +418,6 @@ def _type_name(hint: Any) -> str:
 
 
 FAMILY_KEYS = ("lora.target_modules", "lora.modules_to_save")
-CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"  # offline configs of the recipes' hub models
-
-
-def _model_type(name: str) -> str | None:
-    """The model_type of `name` where it is known without loading anything: a tiny model (`tiny-qwen2.5-vl`:
-    qwen2_5_vl), a folder's config.json, or a config rbvl ships for a recipe's hub model; else None."""
-    if name.startswith("tiny-"):
-        return name.removeprefix("tiny-").replace("-", "_").replace(".", "_")
-    for config in (Path(name).expanduser() / "config.json", CONFIGS / f"{name.replace('/', '--')}.json"):
-        try:
-            return json.loads(config.read_text()).get("model_type")
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def follow_model(path, overrides: list[str], default_model: str) -> list[str]:
@@ -446,11 +431,11 @@ def follow_model(path, overrides: list[str], default_model: str) -> list[str]:
     model = recipe.get("model") if isinstance(recipe.get("model"), dict) else {}
     if model.get("name", default_model) == given["model.name"]:
         return overrides
-    was, now = _model_type(str(model.get("name", default_model))), _model_type(str(given["model.name"]))
+    from rbvl.config.resolve import TINY_MODELS, model_type
+
+    was, now = model_type(str(model.get("name", default_model))), model_type(str(given["model.name"]))
     if was is not None and was == now:  # a model of the same family (tiny-llava for llava-1.5-7b): the same modules
         return overrides
-    from rbvl.config.resolve import TINY_MODELS
-
     name = str(given["model.name"])
     if name.startswith("tiny-") and name not in TINY_MODELS and not Path(name).expanduser().exists():
         return overrides  # a mistyped tiny model: its check says so, with nothing about its family before it

@@ -7,6 +7,7 @@ do its shards exist, does `model.name` resolve to something this machine has, an
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 
@@ -105,3 +106,19 @@ def model_problem(name: str) -> str | None:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return f"model.name={name}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set (download it first, or name a local folder)"  # fmt: skip
     return None  # not cached, but the hub is allowed: `rbvl train` downloads it
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"  # offline configs of the recipes' hub models
+
+
+def model_type(name: str) -> str | None:
+    """The model_type of `name` where it is known without loading anything: a tiny model (`tiny-qwen2.5-vl`:
+    qwen2_5_vl), a folder's config.json, or a config rbvl ships for a recipe's hub model; else None."""
+    if name.startswith("tiny-"):
+        return name.removeprefix("tiny-").replace("-", "_").replace(".", "_")
+    for config in (Path(name).expanduser() / "config.json", CONFIGS / f"{name.replace('/', '--')}.json"):
+        try:
+            return json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError):
+            continue
+    return None
