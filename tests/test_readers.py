@@ -341,12 +341,19 @@ def test_answers_are_text_numbers_read_as_text_and_empty_answers_are_rejected(tm
         {"id": "pair-list", "question": "Letters?", "answer": ["a", "b"]},
         {"id": "pair-obj", "question": "Map?", "response": {"x": 1}},
         {"id": "pair-blank", "prompt": "Say it", "response": "   "},
+        {"id": "pair-bool", "question": "Is it red?", "answer": True},
+        {
+            "id": "llava-lines",
+            "conversations": [{"from": "human", "value": "Two lines?"}, {"from": "gpt", "value": ["a", "b"]}],
+        },
     ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     records, rejects = split(read_records(str(path)))
     answers = {r.id: r.conversation[-1]["content"] for r in records}
-    assert answers == {"s1-num": "Think.\n3\n\n42", "llava-num": "7", "pair-num": "7"}
+    assert answers == {
+        "s1-num": "Think.\n3\n\n42", "llava-num": "7", "pair-num": "7", "pair-bool": "true", "llava-lines": "a\nb",
+    }  # fmt: skip
     reasons = {r.id: (r.reason, r.detail) for r in rejects}
     assert reasons["s1-obj"] == ("malformed_conversation", "S1 text is an object, not text: {'x': 1}")
     assert reasons["pair-list"] == ("malformed_conversation", "'answer' is an array, not text: ['a', 'b']")

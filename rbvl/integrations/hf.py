@@ -59,7 +59,13 @@ from transformers import Trainer, TrainerCallback
 from rbvl.balance import Balancer, GradientTracker, ProportionSchedule, label_tokens
 from rbvl.balance.layers import VISION_SIDE
 from rbvl.config import BalanceConfig, from_dict
-from rbvl.integrations.hf_data import DomainCollator, DomainSampler, domain_ids_of, given_domain_ids
+from rbvl.integrations.hf_data import (
+    DomainCollator,
+    DomainSampler,
+    domain_ids_of,
+    given_domain_ids,
+    refuse_packing,
+)
 from rbvl.model.families import head_patterns
 
 log = logging.getLogger(__name__)
@@ -79,9 +85,8 @@ class BalanceMixin:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        mro = cls.__mro__
-        before = mro[1 : mro.index(BalanceMixin)] if BalanceMixin in mro else ()
-        trainer = next((k for k in before if issubclass(k, Trainer)), None)
+        before = cls.__mro__[1 : cls.__mro__.index(BalanceMixin)] if BalanceMixin in cls.__mro__ else ()
+        trainer = next((k for k in before if issubclass(k, Trainer) and not issubclass(k, BalanceMixin)), None)
         if trainer is not None:  # the Trainer's __init__ would run first and refuse n_domains=
             bases = ", ".join(b.__name__ for b in cls.__bases__ if b is not BalanceMixin)
             raise TypeError(
@@ -110,6 +115,7 @@ class BalanceMixin:
             )
             training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
+        refuse_packing(self.args)  # also when the arguments came by position
         refuse_zero3(self.accelerator)  # stage 3 from an `accelerate launch` config
         if self.args.n_gpu > 1:  # one process that sees several GPUs (a model spread by device_map counts as one)
             raise ValueError(
@@ -166,7 +172,7 @@ class BalanceMixin:
         if self.is_fsdp_enabled:
             broadcast_trainable(self.model, self.args.device)  # what DDP does as it wraps; FSDP2 shards each rank's own
         self.paths = self._same_forward_paths(dummy_images) if self.is_fsdp_enabled else None
-        self.data_collator = DomainCollator(self.data_collator, domain_column, n_domains)
+        self.data_collator = DomainCollator(self.data_collator, domain_column)
         self._balance_diagnostics: dict = {}  # the latest update's, for the next log line
         self.add_callback(_BalanceCallback(self))
 
@@ -257,6 +263,12 @@ class BalanceMixin:
         if training:
             if tokens is None and labels is not None:
                 tokens = label_tokens(labels)
+            bad = [int(d) for d in np.asarray(domain_ids).reshape(-1) if not 0 <= int(d) < self.n_domains]
+            if bad:  # the dataset's ids were checked when built: these are a collator's own
+                raise ValueError(
+                    f"BalanceTrainer: the collator's 'domain_ids' hold {bad[0]}, outside 0..{self.n_domains - 1} "
+                    f"(n_domains={self.n_domains})"
+                )
             self.tracker.set_domains(domain_ids, tokens=tokens, image_domain_ids=image_domain_ids)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if training and labels is not None:
@@ -366,16 +378,6 @@ def broadcast_trainable(model: torch.nn.Module, device) -> None:
         with torch.no_grad():
             for p, value in zip(group, flat.split([p.numel() for p in group])):
                 p.copy_(value.view_as(p).to(p.device))
-
-
-def refuse_packing(args) -> None:
-    """TRL's packing and padding_free put several examples, of any domains, in one row: Balance needs each row's."""
-    for name in ("packing", "padding_free"):
-        if getattr(args, name, False):
-            raise ValueError(
-                f"BalanceTrainer: {name}=True is not supported: it puts several examples, of different domains, in "
-                f"one row, and Balance needs each row's domain; set {name}=False"
-            )
 
 
 def refuse_zero3(accelerator=None) -> None:

@@ -27,8 +27,8 @@ class DomainCollator:
     do not match its examples (packing, TRL's padding_free) is an error. Examples without the column at all (an eval
     set) pass without ids: only a training step needs them (`compute_loss`)."""
 
-    def __init__(self, collator, column: str, n_domains: int | None = None):
-        self.collator, self.column, self.n_domains = collator, column, n_domains
+    def __init__(self, collator, column: str):
+        self.collator, self.column = collator, column
 
     def __call__(self, features: list[dict]):
         have = [isinstance(f, Mapping) and self.column in f for f in features]
@@ -52,9 +52,8 @@ class DomainCollator:
         own = batch.pop("domain_ids", None)  # the collator's own: the domains of the rows it kept
         if own is not None:
             own = own.cpu().numpy() if isinstance(own, torch.Tensor) else own
-            ids = checked_domain_ids(
-                list(np.asarray(own).reshape(-1)), "domain_ids", self.n_domains, "the collator's batch: row"
-            )
+            # types only, as for the examples' ids: an eval set may hold other domains (training checks the range)
+            ids = checked_domain_ids(list(np.asarray(own).reshape(-1)), "domain_ids", None, "the collator's batch: row")
         rows = _rows(batch)
         if own is not None and rows is not None and rows != len(ids):
             raise ValueError(
@@ -86,6 +85,16 @@ def _rows(batch) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return value.shape[0]
     return None
+
+
+def refuse_packing(args) -> None:
+    """TRL's packing and padding_free put several examples, of any domains, in one row: Balance needs each row's."""
+    for name in ("packing", "padding_free"):
+        if getattr(args, name, False):
+            raise ValueError(
+                f"BalanceTrainer: {name}=True is not supported: it puts several examples, of different domains, in "
+                f"one row, and Balance needs each row's domain; set {name}=False"
+            )
 
 
 def domain_ids_of(dataset, column: str, n_domains: int | None = None) -> np.ndarray:

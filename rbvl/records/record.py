@@ -127,7 +127,9 @@ def normalise_conversation(turns) -> tuple[list[dict], tuple[str, str] | None]:
 def _content_text(content):
     """A turn's content as one string: content parts joined by newlines, an image part as `<image>`; a string as it
     is; anything else unchanged (the caller names its type)."""
-    if isinstance(content, (int, float)) and not isinstance(content, bool):  # a number answer: its text, as JSON has it
+    if isinstance(content, bool):  # true / false, as JSON writes them (a yes/no answer)
+        return "true" if content else "false"
+    if isinstance(content, (int, float)):  # a number answer: its text, as JSON has it
         return str(content)
     if not isinstance(content, list):
         return content
@@ -138,6 +140,8 @@ def _content_text(content):
             pieces.append(IMAGE_TOKEN)
         elif kind == "text" and isinstance(part.get("text"), str):
             pieces.append(part["text"])
+        elif isinstance(part, str):  # a list of plain strings: lines of the turn
+            pieces.append(part)
         else:
             return part  # not a part we know: malformed
     return "\n".join(pieces)

@@ -289,11 +289,13 @@ def _pair_record(row: dict, rid: str, source: str, opts, root: Path | None, imag
 
 
 def _text_of(value) -> str | None:
-    """A prompt's or answer's text: a string as it is, a number as JSON writes it; None for anything else (a list, an
-    object, true/false), which the caller rejects rather than embed and train on its Python repr."""
+    """A prompt's or answer's text: a string as it is, a number or true / false as JSON writes it; None for a list or
+    an object, which the caller rejects rather than embed and train on its Python repr."""
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool):  # true / false, as JSON writes them (a yes/no answer)
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
         return str(value)
     return None if value is not None else ""
 
