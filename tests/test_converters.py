@@ -185,4 +185,4 @@ def test_base_is_pretrained_on_families_no_setting_uses_and_loads_as_a_model(tmp
     row = {"config": {"model": {"name": "tiny-llava", "init_seed": 0}, "lora": {"enabled": False}, "max_steps": 9}}
     assert regime(row) == "tiny-llava from random weights (init_seed 0); every weight trained; 9 steps of ?."
     row["config"].update(seed=4, model={"name": "tiny-llava", "init_seed": -1})  # -1: the run's seed, said as such
-    assert regime(row).startswith("tiny-llava from random weights (init_seed 4);")
+    assert regime(row).startswith("tiny-llava from random weights (init_seed = each run's seed);")

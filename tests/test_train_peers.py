@@ -99,3 +99,31 @@ def test_doremi_refuses_a_reference_of_another_model_or_other_domains(tmp_path, 
     (Path(tiny_manifest).parent / "other.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match=r"trained on domains \['other_.*must see the same domains"):
         reference(f"manifest={Path(tiny_manifest).parent / 'other.json'}")
+
+
+def test_doremi_reference_of_a_full_fine_tune_is_its_trained_model(tmp_path, tiny_manifest):
+    """lora.enabled=false: the reference checkpoint holds the trained model, not an adapter; it was replaced by the
+    untrained base, and the excess loss measured against a model that never trained."""
+    import torch
+
+    from rbvl.config.engine import dump_config
+    from rbvl.mixing.context import load_reference
+    from rbvl.model import load_model
+    from rbvl.train.checkpoint import STATE
+
+    recipe = "recipes/demo_tiny_rnb.yaml"
+    ref_cfg = load_config(recipe, [f"manifest={tiny_manifest}", f"output_dir={tmp_path / 'ref'}", "lora.enabled=false"])
+    trained, processor = load_model(ref_cfg.model, seed=ref_cfg.seed)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    checkpoint = tmp_path / "ref" / "checkpoint-2"
+    trained.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    dump_config(ref_cfg, checkpoint / "config.yaml")
+    (checkpoint / STATE).write_bytes(b"")
+    cfg = load_config(recipe, [f"manifest={tiny_manifest}", f"output_dir={tmp_path / 'run'}", "mixing.strategy=doremi",
+                               f"mixing.reference={tmp_path / 'ref'}"])  # fmt: skip
+    reference = load_reference(str(tmp_path / "ref"), cfg, "cpu")
+    for (name, got), want in zip(reference.named_parameters(), trained.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)

@@ -28,7 +28,7 @@ class ProportionSchedule:
         _check_int("ProportionSchedule: n_domains", n_domains, 1)
         _check_int("ProportionSchedule: lag", lag, 0)
         _check_int("ProportionSchedule: capacity", capacity, 1)
-        self.m, self.lag, self.capacity = n_domains, lag, capacity
+        self.m, self.lag, self.capacity = n_domains, lag, capacity = int(n_domains), int(lag), int(capacity)
         self.table = torch.zeros(capacity + 1, n_domains, dtype=torch.float64).share_memory_()  # (updates, m)
         self.applies_from = torch.zeros(capacity + 1, dtype=torch.long).share_memory_()  # (updates,) step
         self.count = torch.ones(1, dtype=torch.long).share_memory_()
@@ -145,7 +145,7 @@ class Balancer:
             floor=floor, smoothing=smoothing, gram=gram, update=update, eta=eta, gram_ema=gram_ema,
             temperature=temperature, pull=pull,
         )  # fmt: skip
-        self.m = n_domains
+        self.m = n_domains = int(n_domains)
         self.gram = gram  # "unbiased" | "plugin" | "shrunk": the estimator of G (GradientTracker.gram)
         self.rule, self.eta, self.temperature = update, eta, temperature
         self.gram_ema, self.unstable_l1, self.pull = gram_ema, unstable_l1, pull

@@ -16,7 +16,7 @@ def regime(row: dict) -> str | None:
                  f"setting uses, eval loss {_fmt(base.get('eval_loss'))})")  # fmt: skip
     elif name.startswith("tiny-"):
         seed = model.get("init_seed", "?")
-        seed = cfg.get("seed", "?") if isinstance(seed, int) and seed < 0 else seed  # -1: the run's seed
+        seed = "= each run's seed" if isinstance(seed, int) and seed < 0 else seed  # -1: every seed its own base
         start = f"{name} from random weights (init_seed {seed})"
     else:
         start = name

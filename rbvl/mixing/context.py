@@ -10,6 +10,7 @@ resumed run draws the same batches.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +111,9 @@ def load_reference(run_dir: str, cfg, device) -> torch.nn.Module:
     if path is None:
         raise FileNotFoundError(f"mixing.reference: {run_dir} holds no checkpoint (train the reference run first)")
     ref = reference_config(Path(path), cfg)
-    model, _ = load_model(
-        ref.model, seed=ref.seed
-    )  # the base the reference trained (a tiny one is built from its seed)
+    full = (Path(path) / "config.json").exists() and not (Path(path) / "adapter_config.json").exists()
+    # lora.enabled=false: the checkpoint is the trained model; else the base it trained (a tiny one from its seed)
+    model, _ = load_model(dataclasses.replace(ref.model, name=str(path)) if full else ref.model, seed=ref.seed)
     if (Path(path) / "adapter_config.json").exists():
         model = load_adapter(model, path)
     model.to(device).eval()
@@ -130,7 +131,7 @@ def reference_config(checkpoint: Path, cfg):
     if not (checkpoint / "config.yaml").exists():
         raise ConfigError(f"mixing.reference: {checkpoint} has no config.yaml: is it an rbvl train run?")
     ref = load_config(checkpoint / "config.yaml")
-    if ref.model.name != cfg.model.name:
+    if _same_model_name(ref.model.name) != _same_model_name(cfg.model.name):
         raise ConfigError(
             f"mixing.reference: {checkpoint.parent} trained model.name={ref.model.name}, this run {cfg.model.name}: "
             f"DoReMi's reference must be the same model (train it with mixing.strategy=stratified on this recipe)"
@@ -146,6 +147,12 @@ def reference_config(checkpoint: Path, cfg):
             f"{' ...' if len(names[1]) > 6 else ''}: DoReMi's reference must see the same domains"
         )
     return ref
+
+
+def _same_model_name(name: str) -> str:
+    """A model name as comparable: a local folder by its resolved path (`./m` and `m` are one model)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
 
 
 def build_mix_context(

@@ -21,10 +21,12 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
-    """PEFT's `merge_and_unload` folds the adapters (and the modules_to_save copies) into the base weights.
+    """PEFT's `merge_and_unload` folds the adapters (and the modules_to_save copies) into the base weights. A run
+    folder exports its newest checkpoint; a full fine-tune's checkpoint (no adapter) is copied as it is.
 
     Raises:
-        CheckpointError: no adapter, a damaged adapter file, or an OUT that is not empty.
+        CheckpointError: neither an adapter nor a model (nor a checkpoint-N), a damaged adapter file, or an OUT that
+            is not empty.
         OSError: a file-system fault while writing (its file name says where); no partial OUT is left.
     """
     from rbvl.config import load_config
@@ -33,7 +35,8 @@ def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
     from rbvl.train import checkpoint as ckpt
 
     checkpoint, out = Path(checkpoint), Path(out)
-    full = (checkpoint / "config.json").exists() and any(checkpoint.glob("model*.safetensors"))
+    weights = [*checkpoint.glob("model*.safetensors"), *checkpoint.glob("pytorch_model*.bin")]
+    full = (checkpoint / "config.json").exists() and bool(weights)
     if not (checkpoint / "adapter_config.json").exists() and not full:
         newest = ckpt.latest(checkpoint)  # a run folder: its newest checkpoint, as `rbvl eval RUN_DIR` takes
         if newest is None:
@@ -69,7 +72,7 @@ def _copy_model(checkpoint: Path, tmp: Path) -> None:
     """A full fine-tune's checkpoint is a transformers folder already: its files, without rbvl's own (the run's
     config.yaml, the trainer and rank states)."""
     for f in sorted(checkpoint.iterdir()):
-        if f.is_file() and f.name != "config.yaml" and f.suffix != ".pt":
+        if f.is_file() and f.name not in ("config.yaml", "rbvl_state.json") and f.suffix != ".pt":
             shutil.copy2(f, tmp / f.name)
 
 

@@ -237,7 +237,7 @@ def _plots(out: Path, manifest: dict, x: np.ndarray, clusters: np.ndarray, label
         fig, ax = plt.subplots(figsize=(5, 4.5))
         dots = ax.scatter(xy[:, 0], xy[:, 1], c=clusters[rows], s=4, cmap="tab20")
         if len(set(clusters[rows].tolist())) <= 20:  # one colour per cluster: say which
-            ax.legend(*dots.legend_elements(), title="cluster", fontsize=6, title_fontsize=7, loc="best")
+            ax.legend(*dots.legend_elements(num=None), title="cluster", fontsize=6, title_fontsize=7, loc="best")
         ax.set_title("PCA of the embeddings, coloured by cluster")
         fig.tight_layout()
         fig.savefig(out / "projection.png", dpi=100)

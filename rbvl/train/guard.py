@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 
 import torch
@@ -64,12 +63,16 @@ class StopSignals:
         signal.signal(signum, self._stop_now)  # the same signal again stops at once
 
     def _stop_now(self, signum, frame) -> None:
-        """A second signal of a kind: say what is left (no checkpoint of this step), then stop as the signal would."""
-        sys.stderr.write(
-            f"\nrbvl train: stopped at once by a second {signal.Signals(signum).name}: no checkpoint of this step was "
-            f"written; resume=true continues from the newest complete checkpoint-N\n"
-        )
+        """A second signal of a kind: say what is left (no checkpoint of this step), then stop as the signal would
+        (an ignored one stays ignored). os.write: a print could land inside a progress bar's own write."""
         previous = self._previous.get(signum, signal.SIG_DFL)
+        if previous == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_IGN)
+            return
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 says it, as for the first
+            name = signal.Signals(signum).name
+            line = f"\nrbvl train: stopped at once by a second {name}: no checkpoint of this step was written; "
+            os.write(2, (line + "resume=true continues from the newest complete checkpoint-N\n").encode())
         if callable(previous):  # Python's own (KeyboardInterrupt for Ctrl-C), or the caller's
             signal.signal(signum, previous)
             previous(signum, frame)
