@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="merge a LoRA checkpoint into a standalone model + processor", parents=[verbose])
-    p.add_argument("checkpoint", help="RUN_DIR/checkpoint-N")
+    p.add_argument("checkpoint", help="RUN_DIR/checkpoint-N, or RUN_DIR for its newest (a full fine-tune's is copied)")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder to write the merged model into")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the merged folder to the Hugging Face Hub")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
