@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if _is_user_error(e) and not args.verbose:
             code = getattr(e, "exit_code", None)  # a preempted run: its own line, exit 128 + the signal's number
             if not (code and os.environ.get("RANK", "0") != "0"):  # every rank stops at the same step: rank 0 says so
-                print(e if code else f"rbvl: error: {_one_line(e)}", file=sys.stderr)
+                # one write: under torchrun every rank says it, and two writes (text, newline) interleave
+                line = str(e) if code else f"rbvl: error: {_one_line(e)}"
+                sys.stderr.write(line + "\n")
             return code or 2
         raise
 
