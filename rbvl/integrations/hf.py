@@ -32,11 +32,10 @@ Each train example carries its domain id (an int column, `domain` by default). W
   inside their forward, as in `rbvl train` (rbvl/runtime/sharding.py). Rank 0's trainable parameters are broadcast
   before accelerate shards the model, as DDP does when it wraps one (`broadcast_trainable`): accelerate shards each
   rank's own tensors, and adapters built from the unseeded global RNG differ between ranks. Every rank must run the
-  same modules: a rank
-  whose micro-batch has no image runs the vision tower on a dummy image times zero (`SameForwardPaths`); the dummy is
-  one collated training example that has an image (or `dummy_images=`), and an optimizer step that saw no image on
-  any rank drops the vision side's zero gradients, as DDP leaves them. DeepSpeed ZeRO-3 is refused at the start
-  (its partitioned weights are not what the tracked linears read); ZeRO-1/2 keep whole weights and need nothing.
+  same modules: a rank whose micro-batch has no image runs the vision tower on a dummy image times zero
+  (`SameForwardPaths`); the dummy is one collated training example that has an image (or `dummy_images=`), and an
+  optimizer step that saw no image on any rank drops the vision side's zero gradients, as DDP leaves them. ZeRO-3
+  is refused at the start (its partitioned weights are not what the tracked linears read); ZeRO-1/2 need nothing.
 """
 
 from __future__ import annotations
@@ -77,9 +76,8 @@ TRACKER_STATE = "rbvl_tracker-rank{:03d}.pt"
 class BalanceMixin:
     """Adds R&B Balance to a `transformers.Trainer` subclass (put it first in the bases).
 
-    `train_domains`: each train example's domain id, in the dataset's order, where reading `domain_column` from
-    every example would cost a pass over the data (a torch Dataset whose items decode images); by default the ids
-    are read from the column (a `datasets.Dataset` reads only that column)."""
+    `train_domains`: each train example's domain id, in order, where reading `domain_column` from every example costs
+    a pass over the data (a torch Dataset whose items decode images); a `datasets.Dataset` reads only the column."""
 
     OWN_ARGUMENTS = ("n_domains", "domain_column", "target", "balance", "dummy_images", "train_domains")
 
@@ -111,7 +109,7 @@ class BalanceMixin:
         refuse_packing(training_args)
         if training_args is not None and getattr(training_args, "remove_unused_columns", False):
             log.info(
-                "BalanceTrainer: remove_unused_columns=False so the '%s' column reaches the collator", domain_column
+                "BalanceTrainer: remove_unused_columns=False: the '%s' column must reach the collator", domain_column
             )
             training_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
@@ -177,8 +175,7 @@ class BalanceMixin:
         self.add_callback(_BalanceCallback(self))
 
     def _check_arguments(self, kwargs: dict) -> None:
-        """An argument the Trainer below does not take (a typo of one of Balance's, say) named with a suggestion,
-        where its signature lists what it takes."""
+        """An argument the Trainer below does not take (a typo of one of Balance's, say): named, with a suggestion."""
         try:
             params = inspect.signature(super().__init__).parameters
         except (TypeError, ValueError):
@@ -263,13 +260,16 @@ class BalanceMixin:
         if training:
             if tokens is None and labels is not None:
                 tokens = label_tokens(labels)
-            bad = [int(d) for d in np.asarray(domain_ids).reshape(-1) if not 0 <= int(d) < self.n_domains]
-            if bad:  # the dataset's ids were checked when built: these are a collator's own
+            try:  # the tracker checks the range; the dataset's ids were checked when built: a bad one is a collator's
+                self.tracker.set_domains(domain_ids, tokens=tokens, image_domain_ids=image_domain_ids)
+            except ValueError:
+                bad = [int(d) for d in np.asarray(domain_ids).reshape(-1) if not 0 <= int(d) < self.n_domains]
+                if not bad:  # another mistake (token counts): as the tracker says it
+                    raise
                 raise ValueError(
                     f"BalanceTrainer: the collator's 'domain_ids' hold {bad[0]}, outside 0..{self.n_domains - 1} "
                     f"(n_domains={self.n_domains})"
-                )
-            self.tracker.set_domains(domain_ids, tokens=tokens, image_domain_ids=image_domain_ids)
+                ) from None
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if training and labels is not None:
             loss = out[0] if return_outputs else out
