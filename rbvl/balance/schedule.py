@@ -11,7 +11,7 @@ import logging
 import torch
 
 from rbvl.balance.tracker import GradientTracker
-from rbvl.balance.update import checked_target, diagnostics, update_proportions_with_info
+from rbvl.balance.update import checked_count, checked_target, diagnostics, update_proportions_with_info
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +25,12 @@ class ProportionSchedule:
     """
 
     def __init__(self, n_domains: int, initial=None, lag: int = 0, capacity: int = 4096):
-        _check_int("ProportionSchedule: n_domains", n_domains, 1)
-        _check_int("ProportionSchedule: lag", lag, 0)
-        _check_int("ProportionSchedule: capacity", capacity, 1)
-        self.m, self.lag, self.capacity = n_domains, lag, capacity = int(n_domains), int(lag), int(capacity)
+        n_domains = checked_count("ProportionSchedule: n_domains", n_domains, 1)
+        lag, capacity = (
+            checked_count("ProportionSchedule: lag", lag, 0),
+            checked_count("ProportionSchedule: capacity", capacity, 1),
+        )
+        self.m, self.lag, self.capacity = n_domains, lag, capacity
         self.table = torch.zeros(capacity + 1, n_domains, dtype=torch.float64).share_memory_()  # (updates, m)
         self.applies_from = torch.zeros(capacity + 1, dtype=torch.long).share_memory_()  # (updates,) step
         self.count = torch.ones(1, dtype=torch.long).share_memory_()
@@ -145,7 +147,7 @@ class Balancer:
             floor=floor, smoothing=smoothing, gram=gram, update=update, eta=eta, gram_ema=gram_ema,
             temperature=temperature, pull=pull,
         )  # fmt: skip
-        self.m = n_domains = int(n_domains)
+        self.m = n_domains = checked_count("Balancer: n_domains", n_domains, 1)
         self.gram = gram  # "unbiased" | "plugin" | "shrunk": the estimator of G (GradientTracker.gram)
         self.rule, self.eta, self.temperature = update, eta, temperature
         self.gram_ema, self.unstable_l1, self.pull = gram_ema, unstable_l1, pull
@@ -301,25 +303,13 @@ class Balancer:
         self.warned_unstable = bool(state.get("warned_unstable", False))
 
 
-def _scalar(value) -> bool:
-    """A numpy or 0-dim torch number (`.item()` gives the Python one)."""
-    return (isinstance(value, torch.Tensor) and value.dim() == 0) or type(value).__module__ == "numpy"
-
-
-def _check_int(what: str, value, low: int) -> None:
-    value = value.item() if _scalar(value) else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
-
-
 def _check_options(n_domains, unstable_l1, schedule, **options) -> None:
     """The Balancer's options, checked as `balance:` keys are (rbvl.config.BalanceConfig): a mistake fails here, not
     at the first update, and a negative λ cannot turn the rule around."""
     from rbvl.config import ConfigError
     from rbvl.config.schema import BalanceConfig
 
-    _check_int("Balancer: n_domains", n_domains, 1)
-    scalars = {k: v.item() if _scalar(v) else v for k, v in options.items()}  # numpy / 0-dim torch numbers count
+    scalars = {k: v.item() if hasattr(v, "item") else v for k, v in options.items()}  # numpy / 0-dim torch numbers
     try:
         BalanceConfig(**scalars)
     except ConfigError as e:

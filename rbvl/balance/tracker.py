@@ -12,7 +12,6 @@ window's label tokens (so g_i is domain i's token-mean loss gradient) and, for t
 from __future__ import annotations
 
 import logging
-import operator
 import re
 from collections.abc import Sequence
 
@@ -35,7 +34,7 @@ from rbvl.balance.layers import (
 from rbvl.balance.lora import lora_forward, lora_pairs
 from rbvl.balance.sketch import FALLBACK_DIM, SIGN_CACHE_BYTES, _plan_sketches, _sketch_domains
 from rbvl.balance.staging import _Stage, _Staging
-from rbvl.balance.update import GRAM_ESTIMATORS, shrink_gram, unbiased_diagonal
+from rbvl.balance.update import GRAM_ESTIMATORS, checked_count, shrink_gram, unbiased_diagonal
 from rbvl.balance.window import _Window
 
 log = logging.getLogger(__name__)
@@ -75,12 +74,7 @@ class GradientTracker(_Staging, _Window):
         seed: int = 0,
         guard_nonfinite: bool = False,
     ):
-        m = None if isinstance(n_domains, bool) or not hasattr(n_domains, "__index__") else operator.index(n_domains)
-        if m is None or m < 1:
-            raise ValueError(
-                f"GradientTracker: n_domains must be an int >= 1 (domain ids 0..n_domains-1), got {n_domains!r}"
-            )
-        self.m = n_domains = m
+        self.m = n_domains = checked_count("GradientTracker: n_domains", n_domains, 1, " (domain ids 0..n_domains-1)")
         self.enabled = True
         self.modules = select_modules(model, params, head_patterns)  # [(name, nn.Linear)]
         self._vision_side = [re.search(VISION_SIDE, name) is not None for name, _ in self.modules]

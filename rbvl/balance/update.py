@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 import torch
 
@@ -66,6 +67,15 @@ def shrink_gram(plugin_gram: torch.Tensor, unbiased_diag: torch.Tensor) -> torch
     c = torch.where(plugin > 0, unbiased_diag.to(plugin) / plugin.clamp(min=torch.finfo(plugin.dtype).tiny), 1.0)
     c = c.clamp(0.0, 1.0)
     return plugin_gram * c[:, None] * c[None, :]
+
+
+def checked_count(what: str, value, low: int, note: str = "") -> int:
+    """`value` as an int >= `low` (a numpy or 0-dim torch integer counts; a bool or a float does not), or a
+    ValueError naming `what` (and `note`, what the count means)."""
+    is_int = not isinstance(value, bool) and hasattr(value, "__index__")
+    if not is_int or operator.index(value) < low:
+        raise ValueError(f"{what} must be an int >= {low}{note}, got {value!r}")
+    return operator.index(value)
 
 
 def update_proportions(G, q=None, lam: float = 3.0, **options):
